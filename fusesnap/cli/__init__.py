@@ -1,0 +1,1 @@
+"""The `fusesnap` command line: one module per group of subcommands."""

@@ -1,0 +1,87 @@
+"""Entry point of `fusesnap`: global options, logging, error reporting, dispatch.
+
+Each command module exposes `register(subparsers)`, adding subparsers whose
+`func(args) -> int | None` does the work. Errors derived from FusesnapError
+become a one-line message on stderr and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..errors import FusesnapError
+from ..paths import default_root
+
+# Modules that contribute subcommands, in --help order.
+COMMAND_MODULES = (
+    "fusesnap.cli.layers",
+    "fusesnap.cli.snapshots",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fusesnap",
+        description=(
+            "Rootless container layer store and FUSE union filesystem. "
+            "Imports layer tars (plain, gzip, zstd) into a content-addressed store "
+            "keyed by chainID, exports them byte for byte, and mounts chains of "
+            "layers with a writable upper without root or kernel overlayfs."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"fusesnap {__version__}")
+    parser.add_argument(
+        "--root",
+        type=Path,
+        default=None,
+        help="store root (default: $FUSESNAP_ROOT or $XDG_DATA_HOME/fusesnap)",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    parser.add_argument("--json", action="store_true", help="machine-readable JSON output")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def emit_json(obj: Any) -> None:
+    json.dump(obj, sys.stdout, indent=2, sort_keys=True, default=str)
+    sys.stdout.write("\n")
+
+
+def setup_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="fusesnap: %(levelname)s: %(message)s", stream=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    if args.root is None:
+        args.root = default_root()
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        rc = args.func(args)
+    except FusesnapError as e:
+        print(f"fusesnap: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("fusesnap: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 141
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Plain helpers shared by tests: console scripts, unprivileged users, mounts."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TEST_USER = "fusesnap-test"
+
+
+def script(name: str) -> str:
+    """Absolute path of a console script installed next to the running interpreter."""
+    p = Path(sys.executable).parent / name
+    if p.exists():
+        return str(p)
+    found = shutil.which(name)
+    if not found:
+        raise RuntimeError(f"console script {name!r} not installed (run scripts/setup)")
+    return found
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0
+
+
+def ensure_test_user() -> pwd.struct_passwd:
+    """Create the unprivileged test user if needed and make /dev/fuse usable by it."""
+    try:
+        pw = pwd.getpwnam(TEST_USER)
+    except KeyError:
+        home = f"/var/tmp/{TEST_USER}-home"
+        subprocess.run(
+            ["useradd", "--system", "--create-home", "--home-dir", home, "--shell", "/bin/sh", TEST_USER],
+            check=True,
+        )
+        pw = pwd.getpwnam(TEST_USER)
+    os.makedirs(pw.pw_dir, exist_ok=True)
+    os.chown(pw.pw_dir, pw.pw_uid, pw.pw_gid)
+    if os.path.exists("/dev/fuse"):
+        os.chmod("/dev/fuse", 0o666)
+    return pw
+
+
+def user_env(pw: pwd.struct_passwd, **extra: str) -> dict[str, str]:
+    env = {
+        "HOME": pw.pw_dir,
+        "USER": pw.pw_name,
+        "LOGNAME": pw.pw_name,
+        "PATH": f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
+        "LANG": "C.UTF-8",
+    }
+    env.update(extra)
+    return env
+
+
+def run_as(pw: pwd.struct_passwd, cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    """Run cmd as the unprivileged user (real uid/gid switch, no supplementary groups)."""
+    env = kw.pop("env", None) or user_env(pw)
+    kw.setdefault("capture_output", True)
+    return subprocess.run(cmd, user=pw.pw_uid, group=pw.pw_gid, extra_groups=[], env=env, **kw)
+
+
+def is_mounted(path: str | os.PathLike) -> bool:
+    target = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            mp = line.split()[4].encode().decode("unicode_escape")
+            if mp == target:
+                return True
+    return False
+
+
+def unmount(path: str | os.PathLike, timeout: float = 10.0) -> None:
+    """Unmount a FUSE (or any) mount and wait until it is gone."""
+    path = str(path)
+    if not is_mounted(path):
+        return
+    for cmd in (["fusermount3", "-u", path], ["umount", path], ["umount", "-l", path]):
+        subprocess.run(cmd, capture_output=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not is_mounted(path):
+                return
+            time.sleep(0.02)
+    raise RuntimeError(f"could not unmount {path}")
+
+
+def wait_mounted(path: str | os.PathLike, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if is_mounted(path):
+            return
+        time.sleep(0.02)
+    raise RuntimeError(f"{path} did not get mounted")
