@@ -1,0 +1,231 @@
+"""Deterministic OCI changeset tars: what `commit` stores and `diff` prints.
+
+The same upper always gives the same bytes: members sorted by path (a
+directory before its contents, names compared as bytes), PAX headers only
+where USTAR cannot hold a value, empty user/group names, whole-second mtimes
+taken from the files, and a plain two-block end of archive (no record padding).
+
+Whiteouts come out as empty regular files `.wh.NAME` and opaque directories
+as a `.wh..wh..opq` member right after the directory; both carry mode 0,
+owner 0:0 and the mtime of the directory holding them, so nothing in the tar
+depends on when the deletion happened. Hard links inside the upper become tar
+links to the first path (in tar order) of the same inode.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterable, Iterator
+
+from ..errors import InvalidInput
+from ..layerentry import Kind
+from . import upperview
+
+BLOCK = 512
+WHITEOUT_PREFIX = b".wh."
+OPAQUE_MARKER = b".wh..wh..opq"
+CHUNK = 1 << 20
+
+_TYPEFLAGS: dict[str, bytes] = {
+    "reg": tarfile.REGTYPE,
+    "dir": tarfile.DIRTYPE,
+    "sym": tarfile.SYMTYPE,
+    "hard": tarfile.LNKTYPE,
+    "chr": tarfile.CHRTYPE,
+    "blk": tarfile.BLKTYPE,
+    "fifo": tarfile.FIFOTYPE,
+}
+
+
+@dataclass
+class Member:
+    """One tar member to write. `source` supplies a regular file's content."""
+
+    path: bytes
+    kind: Kind
+    mode: int
+    uid: int = 0
+    gid: int = 0
+    mtime: int = 0
+    size: int = 0
+    linkname: bytes = b""
+    devmajor: int = 0
+    devminor: int = 0
+    xattrs: dict[bytes, bytes] = field(default_factory=dict)
+    source: Path | None = None
+
+
+def _s(b: bytes) -> str:
+    return b.decode("utf-8", "surrogateescape")
+
+
+def encode_header(m: Member) -> bytes:
+    """The header block(s) of one member, PAX where needed, fixed everywhere else."""
+    ti = tarfile.TarInfo(_s(m.path))
+    ti.type = _TYPEFLAGS[m.kind]
+    ti.mode = m.mode & 0o7777
+    ti.uid, ti.gid = m.uid, m.gid
+    ti.uname = ti.gname = ""
+    ti.mtime = int(m.mtime)
+    ti.size = m.size if m.kind == "reg" else 0
+    ti.linkname = _s(m.linkname)
+    ti.devmajor, ti.devminor = (m.devmajor, m.devminor) if m.kind in ("chr", "blk") else (0, 0)
+    if m.xattrs:
+        ti.pax_headers = {
+            "SCHILY.xattr." + _s(k): _s(v) for k, v in sorted(m.xattrs.items())
+        }
+    return ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
+def tar_chunks(members: Iterable[Member]) -> Iterator[bytes]:
+    """Header, content and padding of each member, then the end-of-archive blocks."""
+    for m in members:
+        yield encode_header(m)
+        if m.kind == "reg" and m.size:
+            if m.source is None:
+                raise InvalidInput(f"no content for {_s(m.path)!r}")
+            left = m.size
+            with open(m.source, "rb") as f:
+                while left:
+                    chunk = f.read(min(CHUNK, left))
+                    if not chunk:
+                        raise InvalidInput(f"{m.source} shrank while it was being written to the tar")
+                    left -= len(chunk)
+                    yield chunk
+            pad = -m.size % BLOCK
+            if pad:
+                yield b"\0" * pad
+    yield b"\0" * (2 * BLOCK)
+
+
+class ChunkReader(io.RawIOBase):
+    """A read-only binary stream over an iterator of byte chunks (feeds import_tar lazily)."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._it = chunks
+        self._buf = b""
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:  # type: ignore[override]
+        n = len(b)
+        while len(self._buf) - self._pos < n:
+            try:
+                nxt = next(self._it)
+            except StopIteration:
+                break
+            self._buf = self._buf[self._pos :] + nxt
+            self._pos = 0
+        avail = self._buf[self._pos : self._pos + n]
+        b[: len(avail)] = avail
+        self._pos += len(avail)
+        return len(avail)
+
+
+# -- the upper dir as a changeset --------------------------------------------------------
+
+
+def _sorted_names(dirpath: Path) -> list[bytes]:
+    return sorted(os.listdir(os.fsencode(dirpath)))
+
+
+@dataclass
+class UpperChangeset:
+    """The members of an upper directory, plus where each regular member's content lives."""
+
+    upper: Path
+    members: list[Member]
+    sources: dict[bytes, Path]
+
+    def chunks(self) -> Iterator[bytes]:
+        return tar_chunks(self.members)
+
+    def donor(self, path: bytes) -> str | None:
+        """Host file equal to member `path` (the store may move it instead of writing a copy)."""
+        p = self.sources.get(path.rstrip(b"/"))
+        return str(p) if p is not None else None
+
+    def write(self, dst: BinaryIO) -> None:
+        for chunk in self.chunks():
+            dst.write(chunk)
+
+
+def _whiteout(path: bytes, mtime: int) -> Member:
+    return Member(path=path, kind="reg", mode=0, uid=0, gid=0, mtime=mtime)
+
+
+def scan_upper(upper: Path) -> UpperChangeset:
+    """Walk an upper dir (docs/ARCHITECTURE.md format) into sorted OCI changeset members."""
+    upper = Path(upper)
+    members: list[Member] = []
+    sources: dict[bytes, Path] = {}
+    first_link: dict[tuple[int, int], bytes] = {}
+
+    def walk(rel: bytes, host: Path, dir_mtime: int) -> None:
+        names = _sorted_names(host)
+        out: list[tuple[bytes, Path, os.stat_result]] = []
+        for name in names:
+            hp = host / os.fsdecode(name)
+            st = os.lstat(hp)
+            out.append((name, hp, st))
+        emitted: set[bytes] = set()
+        entries: list[tuple[bytes, Callable[[], None]]] = []
+        for name, hp, st in out:
+            member_rel = rel + name if not rel else rel + b"/" + name
+            if name == OPAQUE_MARKER:
+                continue  # re-emitted right after the directory entry
+            target = upperview.whiteout_target(hp, name, st)
+            if target is not None:
+                wh_name = WHITEOUT_PREFIX + target
+                wpath = wh_name if not rel else rel + b"/" + wh_name
+                if wpath in emitted:
+                    continue
+                emitted.add(wpath)
+                entries.append((wh_name, lambda wpath=wpath: members.append(_whiteout(wpath, dir_mtime))))
+                continue
+            if stat.S_ISSOCK(st.st_mode):
+                continue  # sockets have no tar representation
+            entries.append((name, lambda p=member_rel, hp=hp, st=st: emit(p, hp, st)))
+        # Sort by the name that ends up in the tar so order never depends on the marker form.
+        for _, fn in sorted(entries, key=lambda e: e[0]):
+            fn()
+
+    def emit(path: bytes, hp: Path, st: os.stat_result) -> None:
+        ps = upperview.presented(hp, st)
+        mtime = int(st.st_mtime)
+        xattrs = upperview.visible_xattrs(hp, ps.kind)
+        m = Member(path=path, kind=ps.kind, mode=ps.mode, uid=ps.uid, gid=ps.gid, mtime=mtime, xattrs=xattrs)
+        if ps.kind == "dir":
+            members.append(m)
+            if upperview.is_opaque(hp):
+                members.append(_whiteout(path + b"/" + OPAQUE_MARKER, mtime))
+            walk(path, hp, mtime)
+            return
+        if ps.kind == "reg":
+            key = (st.st_dev, st.st_ino)
+            if st.st_nlink > 1 and key in first_link:
+                m.kind = "hard"
+                m.linkname = first_link[key]
+                m.xattrs = {}
+            else:
+                if st.st_nlink > 1:
+                    first_link[key] = path
+                m.size = st.st_size
+                m.source = hp
+                sources[path] = hp
+        elif ps.kind == "sym":
+            m.linkname = os.readlink(os.fsencode(hp))
+        elif ps.kind in ("chr", "blk"):
+            m.devmajor, m.devminor = ps.devmajor, ps.devminor
+        members.append(m)
+
+    root_st = os.stat(upper)
+    walk(b"", upper, int(root_st.st_mtime))
+    return UpperChangeset(upper, members, sources)
