@@ -1,0 +1,1 @@
+"""containerd-style snapshotter over the layer store, mounted through the FUSE filesystem."""
