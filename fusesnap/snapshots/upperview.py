@@ -93,7 +93,7 @@ def presented(path: Path, st: os.stat_result) -> Presented:
     except (ValueError, IndexError):
         return p  # unreadable override: the host stat is the best we have
     p.uid, p.gid = uid, gid
-    if mode & stat.S_IFMT:
+    if stat.S_IFMT(mode):
         p.kind = _kind_of(mode)
     p.mode = stat.S_IMODE(mode)
     if len(parts) > 3:
