@@ -1,0 +1,159 @@
+#!/usr/bin/env python3
+"""fusesnap benchmark: the same lowers mounted by every target, measured side by side.
+
+Builds its workloads once (cached under --cache), mounts them with each target
+(plain directory, kernel overlayfs, fuse-overlayfs, fusesnap-overlay, fusesnap's
+store-backed mount), runs every workload --runs times with the targets
+alternating inside each repetition, and prints a markdown table of medians with
+ratios to the plain directory and to fuse-overlayfs. Stdlib only.
+
+    scripts/bench.py                      # full run, 7 repetitions
+    scripts/bench.py --quick              # 3 repetitions
+    scripts/bench.py --only walk-warm,readdir-cold --targets plain,fuse-overlayfs
+    scripts/bench.py --build-only         # just build the cached workloads
+    scripts/bench.py --list               # workload names
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchlib.build import DEFAULT_CACHE, SCALES, build, describe  # noqa: E402
+from benchlib.report import as_json, table  # noqa: E402
+from benchlib.runner import Options, Runner, log  # noqa: E402
+from benchlib.sysutil import BenchError, is_root, rmtree  # noqa: E402
+from benchlib.targets import ALL_TARGETS, find_program, make_targets  # noqa: E402
+from benchlib.workloads import WORKLOADS, titles_for, walk  # noqa: E402
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", type=int, default=None, help="repetitions per workload and target (default 7)")
+    p.add_argument("--quick", action="store_true", help="a short run: 3 repetitions")
+    p.add_argument("--only", default="", help="comma-separated workload names (see --list)")
+    p.add_argument("--targets", default=",".join(ALL_TARGETS), help=f"comma-separated, from {', '.join(ALL_TARGETS)}")
+    p.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
+                   help="also write JSON results to FILE (stdout when no FILE)")
+    p.add_argument("--cache", type=Path, default=None, help=f"workload cache (default {DEFAULT_CACHE})")
+    p.add_argument("--scale", choices=sorted(SCALES), default="full", help="workload sizes (tiny: for tests)")
+    p.add_argument("--mirror", default=None, help="Debian mirror for debootstrap (default: from /etc/apt)")
+    p.add_argument("--fusesnap-bin", type=Path, default=None, help="directory holding fusesnap and fusesnap-overlay")
+    p.add_argument("--timeout", type=float, default=None, help="seconds before a step counts as hung (default 900)")
+    p.add_argument("--no-drop-caches", action="store_true", help="cold steps without dropping caches (tests)")
+    p.add_argument("--build-only", action="store_true", help="build the workloads and exit")
+    p.add_argument("--list", action="store_true", help="list workloads and exit")
+    args = p.parse_args(argv)
+    if args.runs is None:
+        args.runs = 3 if args.quick else 7
+    if args.runs < 1:
+        p.error("--runs must be at least 1")
+    args.cache = args.cache or (DEFAULT_CACHE if args.scale == "full" else DEFAULT_CACHE.with_name(f"fusesnap-bench-{args.scale}"))
+    names = {w.name for w in WORKLOADS}
+    args.only = [x for x in args.only.split(",") if x]
+    bad = [x for x in args.only if x not in names]
+    if bad:
+        p.error(f"unknown workload {', '.join(bad)} (known: {', '.join(w.name for w in WORKLOADS)})")
+    args.targets = [x for x in args.targets.split(",") if x]
+    bad = [x for x in args.targets if x not in ALL_TARGETS]
+    if bad or not args.targets:
+        p.error(f"unknown target {', '.join(bad) or '(none)'} (known: {', '.join(ALL_TARGETS)})")
+    return args
+
+
+def version_of(cmd: list[str]) -> str:
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return "n/a"
+    for line in (p.stdout + p.stderr).splitlines():
+        if "version" in line.lower() or line.startswith(Path(cmd[0]).name):
+            return line.strip()
+    return (p.stdout + p.stderr).strip().splitlines()[0] if (p.stdout + p.stderr).strip() else "n/a"
+
+
+def machine(args: argparse.Namespace) -> dict[str, object]:
+    mem = 0
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            mem = int(line.split()[1]) * 1024
+    fusesnap = find_program("fusesnap", args.fusesnap_bin)
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "nproc": os.cpu_count(),
+        "ram_gib": round(mem / (1 << 30), 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "fuse-overlayfs": version_of(["fuse-overlayfs", "--version"]),
+        "fusesnap": version_of([fusesnap, "--version"]) if fusesnap else "n/a",
+        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.list:
+        for w in WORKLOADS:
+            print(f"{w.name:18} {w.title}")
+        return 0
+    try:
+        ws = build(args.cache, SCALES[args.scale], args.mirror)
+    except BenchError as e:
+        print(f"bench: error: building workloads: {e}", file=sys.stderr)
+        return 1
+    except PermissionError as e:
+        print(f"bench: error: building workloads needs root: {e}", file=sys.stderr)
+        return 1
+    if args.build_only:
+        log(f"workloads ready in {args.cache}")
+        return 0
+    drop = is_root() and not args.no_drop_caches
+    if not drop:
+        log("cold steps run WITHOUT dropping caches (" + ("--no-drop-caches" if is_root() else "not root") + ")")
+
+    workloads = [w for w in WORKLOADS if not args.only or w.name in args.only]
+    titles = titles_for(ws)
+    n, size = walk(Path(ws.stacks["rootfs"].flat))
+    expect = {"rootfs_entries": n, "rootfs_bytes": size}
+    scratch = args.cache / "run"
+    rmtree(scratch)
+    scratch.mkdir(parents=True)
+    os.chmod(scratch, 0o755)
+    targets = make_targets(args.targets, args.fusesnap_bin, scratch / "store")
+    for t in targets:
+        why = t.unavailable()
+        if why:
+            log(f"target {t.name}: n/a: {why}")
+    timeout = args.timeout or (900.0 if args.scale == "full" else 120.0)
+    runner = Runner(ws, targets, Options(args.runs, drop, timeout, scratch), expect)
+    try:
+        results = runner.run(workloads)
+    finally:
+        rmtree(scratch)
+    meta = machine(args)
+    meta.update({"runs": args.runs, "scale": args.scale, "caches_dropped": drop, "workset": describe(ws)})
+    md = table(workloads, titles, results, args.targets)
+    print(f"\nfusesnap benchmark, {meta['date']}: medians of {args.runs} runs "
+          f"({'cold = caches dropped before the step' if drop else 'caches NOT dropped'}); "
+          "ratios are cost ratios (> 1.0 = slower or bigger than the reference; ↑ = higher is better)\n")
+    print(md)
+    if args.json:
+        data = json.dumps(as_json(workloads, titles, results, args.targets, meta), indent=1)
+        if args.json == "-":
+            print(data)
+        else:
+            Path(args.json).write_text(data + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

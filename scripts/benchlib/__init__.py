@@ -1,0 +1,1 @@
+"""Machinery of scripts/bench.py: workload building, targets, steps, report (stdlib only)."""
