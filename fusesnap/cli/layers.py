@@ -1,9 +1,182 @@
-"""`fusesnap` subcommands (to be filled in)."""
+"""`fusesnap` layer commands: import, export, layers, inspect, rm, gc, fsck."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+from typing import Any
+
+from ..errors import FusesnapError, InvalidInput
+
+
+def _store(args: argparse.Namespace) -> Any:
+    from ..store.layerstore import LayerStore
+
+    return LayerStore(args.root)
+
+
+def _emit(args: argparse.Namespace, obj: Any) -> None:
+    from .main import emit_json
+
+    emit_json(obj)
+
+
+def _labels(items: list[str] | None) -> dict[str, str]:
+    out = {}
+    for it in items or []:
+        k, eq, v = it.partition("=")
+        if not eq or not k:
+            raise InvalidInput(f"bad label {it!r} (want KEY=VALUE)")
+        out[k] = v
+    return out
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from ..store.layerstore import GC_ROOT_LABEL
+
+    labels = {GC_ROOT_LABEL: "true", **_labels(args.label)}
+    if args.name:
+        from ..store.layerstore import NAME_LABEL
+        labels[NAME_LABEL] = args.name
+    with _store(args) as st:
+        if args.file == "-":
+            info = st.import_tar(sys.stdin.buffer, args.parent, labels=labels)
+        else:
+            try:
+                f = open(args.file, "rb")
+            except OSError as e:
+                raise InvalidInput(f"cannot open {args.file}: {e.strerror}") from None
+            with f:
+                info = st.import_tar(f, args.parent, labels=labels)
+    if args.json:
+        _emit(args, info.to_json())
+    else:
+        print(info.chain_id)
+        print(info.diff_id)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    with _store(args) as st:
+        info = st.get(args.ref)
+        if args.output:
+            tmp = f"{args.output}.fusesnap-tmp-{os.getpid()}"
+            try:
+                with open(tmp, "wb") as f:
+                    st.export(info.chain_id, f)
+                os.replace(tmp, args.output)
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+                raise
+        else:
+            if sys.stdout.isatty():
+                raise InvalidInput("refusing to write a tar to a terminal (use -o FILE or a redirect)")
+            st.export(info.chain_id, sys.stdout.buffer)
+            sys.stdout.buffer.flush()
+    return 0
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+    with _store(args) as st:
+        infos = st.list()
+    if args.json:
+        _emit(args, [i.to_json() for i in infos])
+        return 0
+    print(f"{'CHAIN ID':<19} {'DIFF ID':<19} {'PARENT':<19} {'SIZE':>12} {'REFS':>4}  NAME")
+    for i in infos:
+        short = lambda d: d[7:19] if d else "-"  # noqa: E731
+        name = i.labels.get("fusesnap.io/name", "")
+        print(f"sha256:{short(i.chain_id):<12} sha256:{short(i.diff_id):<12} "
+              f"{('sha256:' + short(i.parent)) if i.parent else '-':<19} {i.size:>12} {i.refcount:>4}  {name}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    with _store(args) as st:
+        info = st.get(args.ref)
+        chain = st.chain(info.chain_id)
+    obj = info.to_json()
+    obj["chain"] = chain
+    if args.json:
+        _emit(args, obj)
+    else:
+        for k in ("chain_id", "diff_id", "parent", "size", "diff_size", "tar_size", "created", "refcount"):
+            print(f"{k}: {obj[k] if obj[k] is not None else '-'}")
+        print("compressed_digests: " + (", ".join(info.compressed_digests) or "-"))
+        print("labels: " + (", ".join(f"{k}={v}" for k, v in sorted(info.labels.items())) or "-"))
+        print("chain: " + " ".join(chain))
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    with _store(args) as st:
+        for ref in args.refs:
+            chain = st.get(ref).chain_id
+            st.remove(chain)
+            if not args.json:
+                print(chain)
+    if args.json:
+        _emit(args, {"removed": args.refs})
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    with _store(args) as st:
+        removed = st.gc()
+    if args.json:
+        _emit(args, {"removed": removed})
+    else:
+        for c in removed:
+            print(c)
+    return 0
+
+
+def cmd_fsck(args: argparse.Namespace) -> int:
+    with _store(args) as st:
+        rep = st.fsck(repair=args.repair)
+    if args.json:
+        _emit(args, rep.to_json())
+    else:
+        for r in rep.repaired:
+            print(f"repaired: {r}")
+        for p in rep.problems:
+            print(f"problem: {p}")
+        print(f"fsck: {rep.checked} layers checked, {len(rep.problems)} problems, {len(rep.repaired)} repaired")
+    if not rep.ok:
+        raise FusesnapError(f"fsck found {len(rep.problems)} problem(s)")
+    return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this module's subcommands."""
+    p = sub.add_parser("import", help="import a layer tar (plain, gzip or zstd) from FILE or '-' (stdin)")
+    p.add_argument("file", metavar="FILE|-")
+    p.add_argument("--parent", metavar="CHAINID", help="chainID (or name) of the parent layer")
+    p.add_argument("--name", help="set the name label (fusesnap.io/name)")
+    p.add_argument("--label", action="append", metavar="KEY=VALUE", help="set a label (repeatable)")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("export", help="write a layer's original tar, byte for byte, to stdout or -o FILE")
+    p.add_argument("ref", metavar="CHAINID|NAME")
+    p.add_argument("-o", "--output", metavar="FILE")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("layers", help="list layers")
+    p.set_defaults(func=cmd_layers)
+
+    p = sub.add_parser("inspect", help="show one layer")
+    p.add_argument("ref", metavar="CHAINID|NAME")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("rm", help="remove layers (refused while a child or a reference needs them)")
+    p.add_argument("refs", nargs="+", metavar="CHAINID|NAME")
+    p.set_defaults(func=cmd_rm)
+
+    p = sub.add_parser("gc", help="remove leftovers and layers nothing references")
+    p.set_defaults(func=cmd_gc)
+
+    p = sub.add_parser("fsck", help="verify layers against their index and the database against disk")
+    p.add_argument("--repair", action="store_true", help="remove half-made leftovers")
+    p.set_defaults(func=cmd_fsck)

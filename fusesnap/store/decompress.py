@@ -1,0 +1,140 @@
+"""One streaming pass over a layer blob: detect plain/gzip/zstd by magic, decompress, hash both sides.
+
+`LayerStream.next_chunk()` yields uncompressed chunks and feeds them to the diffID hash;
+the compressed bytes (when there are any) feed the compressed-digest hash as they are read.
+Corrupt or truncated compressed input raises InvalidInput with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from collections.abc import Iterator
+from typing import BinaryIO
+
+import zstandard
+
+from ..errors import InvalidInput
+
+READ_SIZE = 1 << 20
+OUT_MAX = 4 << 20
+ZSTD_FEED = 64 << 10  # compressed bytes per zstd call: bounds memory on decompression bombs
+GZIP_MAGIC = b"\x1f\x8b"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+OTHER_MAGIC = {b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz"}
+
+
+class LayerStream:
+    def __init__(self, src: BinaryIO) -> None:
+        self._src = src
+        self.compressed_hash = hashlib.sha256()
+        self.diff_hash = hashlib.sha256()
+        self.compressed_size = 0
+        self.size = 0
+        first = self._read_raw()
+        if first.startswith(GZIP_MAGIC):
+            self.compression = "gzip"
+            self._it = self._gzip(first)
+        elif first.startswith(ZSTD_MAGIC):
+            self.compression = "zstd"
+            self._it = self._zstd(first)
+        else:
+            for magic, what in OTHER_MAGIC.items():
+                if first.startswith(magic):
+                    raise InvalidInput(f"{what}-compressed input is not supported (plain, gzip or zstd)")
+            self.compression = "none"
+            self._it = self._plain(first)
+
+    def _read_raw(self) -> bytes:
+        b = self._src.read(READ_SIZE)
+        if b:
+            self.compressed_hash.update(b)
+            self.compressed_size += len(b)
+        return b
+
+    def _plain(self, first: bytes) -> Iterator[bytes]:
+        b = first
+        while b:
+            yield b
+            b = self._read_raw()
+
+    def _gzip(self, first: bytes) -> Iterator[bytes]:
+        d = zlib.decompressobj(31)
+        pending = first
+        drain = False
+        while True:
+            if d.eof:
+                if not pending:
+                    pending = self._read_raw()
+                    if not pending:
+                        return
+                if pending.startswith(GZIP_MAGIC) or (len(pending) == 1 and pending == b"\x1f"):
+                    d = zlib.decompressobj(31)
+                elif not pending.strip(b"\0"):
+                    pending = b""  # zero padding after the last member (tape-style), ignored
+                    continue
+                else:
+                    raise InvalidInput("corrupt gzip input: trailing garbage after the compressed data")
+            if not pending and not drain:
+                pending = self._read_raw()
+                if not pending:
+                    raise InvalidInput("truncated gzip input: compressed stream ends early")
+            try:
+                out = d.decompress(pending, OUT_MAX)
+            except zlib.error as e:
+                raise InvalidInput(f"corrupt gzip input: {e}") from None
+            drain = len(out) == OUT_MAX
+            pending = d.unused_data if d.eof else d.unconsumed_tail
+            if out:
+                yield out
+
+    def _zstd(self, first: bytes) -> Iterator[bytes]:
+        dctx = zstandard.ZstdDecompressor()
+        d = dctx.decompressobj()
+        started = False
+        pending = memoryview(first)
+        while True:
+            if not pending:
+                raw = self._read_raw()
+                if not raw:
+                    if started and not d.eof:
+                        raise InvalidInput("truncated zstd input: compressed stream ends early")
+                    return
+                pending = memoryview(raw)
+            if d.eof:
+                rest = bytes(pending)
+                if not rest.strip(b"\0"):
+                    pending = memoryview(b"")
+                    continue
+                d = dctx.decompressobj()
+            piece, pending = pending[:ZSTD_FEED], pending[ZSTD_FEED:]
+            started = True
+            try:
+                out = d.decompress(piece)
+            except zstandard.ZstdError as e:
+                raise InvalidInput(f"corrupt zstd input: {e}") from None
+            if d.eof and d.unused_data:
+                pending = memoryview(d.unused_data + bytes(pending))
+            if out:
+                yield out
+
+    def next_chunk(self) -> bytes:
+        """Next uncompressed chunk (b"" at the end), hashed into the diffID."""
+        for b in self._it:
+            self.diff_hash.update(b)
+            self.size += len(b)
+            return b
+        return b""
+
+    @property
+    def diff_id(self) -> str:
+        return "sha256:" + self.diff_hash.hexdigest()
+
+    @property
+    def compressed_digest(self) -> str | None:
+        return None if self.compression == "none" else "sha256:" + self.compressed_hash.hexdigest()
+
+    def drain(self) -> None:
+        """Read (and hash) the rest of the input."""
+        while self.next_chunk():
+            pass

@@ -1,0 +1,283 @@
+"""Extracting tar members into a layer's staging fs/ directory, safely and without privilege.
+
+Every path is resolved component by component from a directory fd with
+O_NOFOLLOW|O_DIRECTORY, so nothing is ever written outside fs/. Decisions per hostile case:
+
+- absolute names (`/etc/passwd`): CONTAINED - the leading '/' is dropped, as GNU tar does.
+- `..` anywhere in a name: REFUSED - the import fails naming the member.
+- a name through an earlier member that is a symlink or a file (`link/passwd` after
+  `link -> /etc`): REFUSED - "passes through a non-directory".
+- symlinks with absolute or escaping targets: CONTAINED - created as symlinks inside
+  fs/ (the store never follows them) and recorded verbatim.
+- hard links whose target is absolute: the target is normalized like a name; targets with
+  `..`, targets that are not an earlier non-directory member of this layer, and
+  self-links: REFUSED.
+- a member replacing an earlier directory with a non-directory: REFUSED.
+- a later member replacing an earlier file: the earlier payload moves to shadow/ so
+  that export can still reproduce it; the fs/ tree shows the last one, as tar would.
+- NUL bytes in names or link targets (possible via PAX): REFUSED.
+
+Never applied to host files: owners, setuid/setgid/sticky bits, device nodes, fifos,
+xattrs. Files are created 0644/0755, directories 0755 (minus umask), so the owner can
+always read and remove them. All of it is recorded in the index and presented by the
+filesystem instead. Sparse files keep their holes (seek past them, then ftruncate).
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import os
+import stat
+from pathlib import Path
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import InvalidInput
+from ..tarsplit import header as H
+from ..tarsplit.crc64 import crc64_update
+from ..tarsplit.parser import Member
+from ..tarsplit.stream import ByteStream
+from . import entriesfile as E
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+MAX_OPEN_DIRS = 256
+
+KIND_OF = {H.REG: "reg", H.AREG: "reg", H.CONT: "reg", H.LNK: "hard", H.SYM: "sym", H.CHR: "chr",
+           H.BLK: "blk", H.DIR: "dir", H.FIFO: "fifo", H.GNU_SPARSE: "reg", H.GNU_DUMPDIR: "dir"}
+SKIPPED = {H.GNU_VOLHDR, H.GNU_MULTIVOL}
+
+
+def normalize(name: bytes, what: bytes | None = None) -> bytes:
+    """Layer-relative path: no leading '/', './', trailing '/', '.' or empty components."""
+    if b"\0" in name:
+        raise InvalidInput(f"refusing member {(what or name)!r}: NUL byte in path")
+    parts = [p for p in name.split(b"/") if p and p != b"."]
+    if b".." in parts:
+        raise InvalidInput(f"refusing member {(what or name)!r}: '..' in path {name!r}")
+    return b"/".join(parts)
+
+
+class Extractor:
+    """Creates one layer's files under `layer_dir/fs` and collects its entries records."""
+
+    def __init__(self, layer_dir: Path, donor: Callable[[bytes], str | None] | None = None) -> None:
+        self.layer_dir = layer_dir
+        self.donor = donor
+        self.fs = layer_dir / "fs"
+        os.mkdir(self.fs, 0o755)
+        self.root_fd = os.open(self.fs, _DIR_FLAGS)
+        self._fds: dict[bytes, int] = {}
+        self._shadow_fd: int | None = None
+        self.records: list[list[Any]] = []
+        self.kinds: dict[bytes, str] = {}  # what each path currently is on disk
+        self.data_owner: dict[bytes, int] = {}  # path -> index of the record whose data is that path
+        self.diff_size = 0
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        for fd in (self.root_fd, self._shadow_fd):
+            if fd is not None:
+                os.close(fd)
+        self.root_fd = -1
+        self._shadow_fd = None
+
+    # -- path resolution -------------------------------------------------------------------
+    def _dirfd(self, path: bytes, member: bytes) -> int:
+        if not path:
+            return self.root_fd
+        fd = self._fds.get(path)
+        if fd is not None:
+            return fd
+        parent, _, base = path.rpartition(b"/")
+        pfd = self._dirfd(parent, member)
+        try:
+            fd = os.open(base, _DIR_FLAGS, dir_fd=pfd)
+        except FileNotFoundError:
+            os.mkdir(base, 0o755, dir_fd=pfd)  # parent the tar did not list
+            self.kinds[path] = "dir"
+            fd = os.open(base, _DIR_FLAGS, dir_fd=pfd)
+        except OSError as e:
+            if e.errno in (errno.ENOTDIR, errno.ELOOP):
+                raise InvalidInput(
+                    f"refusing member {member!r}: {path!r} is a symlink or file, not a directory") from None
+            raise
+        self._fds[path] = fd
+        return fd
+
+    def _shadow(self) -> int:
+        if self._shadow_fd is None:
+            d = self.layer_dir / "shadow"
+            os.mkdir(d, 0o755)
+            self._shadow_fd = os.open(d, _DIR_FLAGS)
+        return self._shadow_fd
+
+    def _displace(self, path: bytes, pfd: int, base: bytes, member: bytes) -> None:
+        """Make room for a member that replaces an earlier one at the same path."""
+        try:
+            st = os.stat(base, dir_fd=pfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            raise InvalidInput(f"refusing member {member!r}: it replaces an earlier directory")
+        owner = self.data_owner.pop(path, None)
+        if owner is not None:
+            name = str(owner)
+            os.rename(base, name, src_dir_fd=pfd, dst_dir_fd=self._shadow())
+            self.records[owner][E.DATA] = "../shadow/" + name
+        else:
+            os.unlink(base, dir_fd=pfd)
+        self.kinds.pop(path, None)
+
+    # -- members ------------------------------------------------------------------------------
+    def add(self, m: Member, stream: ByteStream) -> int | None:
+        """Create member `m`, consuming its payload from `stream`; returns the payload CRC."""
+        if len(self._fds) > MAX_OPEN_DIRS:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+        idx = len(self.records)
+        t = m.typeflag
+        path = normalize(m.name)
+        kind = KIND_OF.get(t, "reg")
+        if t in SKIPPED or not path:
+            kind = None
+        linkname = m.linkname
+        if kind == "hard":
+            linkname = normalize(m.linkname, m.name)
+        elif b"\0" in linkname:
+            raise InvalidInput(f"refusing member {m.name!r}: NUL byte in link target")
+        rec: list[Any] = [
+            E.s(path), kind, m.mode, m.uid, m.gid, m.mtime_ns, m.realsize if kind == "reg" else 0,
+            E.s(linkname), m.devmajor, m.devminor,
+            {E.s(k): base64.b64encode(v).decode("ascii") for k, v in m.xattrs.items()} if m.xattrs else None,
+            None, [list(p) for p in m.sparse] if m.sparse is not None else None,
+            E.s(m.uname), E.s(m.gname), t.decode("latin-1"),
+        ]
+        self.records.append(rec)
+        self.diff_size += m.size
+        crc: int | None = None
+
+        if kind is None or (kind != "reg" and m.size):
+            # payload the tree does not show (volume labels, dumpdir lists): keep it for export
+            if m.size:
+                crc = self._write_payload(self._shadow(), str(idx).encode(), m, stream, 0o600)
+                rec[E.DATA] = f"../shadow/{idx}"
+            if kind is None:
+                return crc
+        parent, _, base = path.rpartition(b"/")
+        pfd = self._dirfd(parent, m.name)
+        if kind == "reg":
+            if self.donor is not None and m.sparse is None and self.kinds.get(path) is None:
+                donated = self._take_donor(path, pfd, base, m, stream)
+                if donated is not False:
+                    rec[E.DATA] = rec[E.P]
+                    self.data_owner[path] = idx
+                    self.kinds[path] = "reg"
+                    return donated
+            try:
+                crc = self._write_payload(pfd, base, m, stream, 0o755 if m.mode & 0o111 else 0o644)
+            except FileExistsError:
+                self._displace(path, pfd, base, m.name)
+                crc = self._write_payload(pfd, base, m, stream, 0o755 if m.mode & 0o111 else 0o644)
+            rec[E.DATA] = rec[E.P]
+            self.data_owner[path] = idx
+        elif kind == "dir":
+            if self.kinds.get(path) != "dir":
+                try:
+                    os.mkdir(base, 0o755, dir_fd=pfd)
+                except FileExistsError:
+                    if not stat.S_ISDIR(os.stat(base, dir_fd=pfd, follow_symlinks=False).st_mode):
+                        self._displace(path, pfd, base, m.name)
+                        os.mkdir(base, 0o755, dir_fd=pfd)
+        elif kind == "sym":
+            try:
+                os.symlink(linkname, base, dir_fd=pfd)
+            except FileExistsError:
+                self._displace(path, pfd, base, m.name)
+                os.symlink(linkname, base, dir_fd=pfd)
+        elif kind == "hard":
+            tkind = self.kinds.get(linkname)
+            if tkind == "dev":  # link to a device/fifo member: recorded only, like its target
+                if path in self.kinds:
+                    self._displace(path, pfd, base, m.name)
+                self.kinds[path] = "dev"
+                return crc
+            if linkname == path or tkind is None or tkind == "dir":
+                raise InvalidInput(
+                    f"refusing hard link {m.name!r} -> {m.linkname!r}: target is not an earlier file of this layer")
+            tparent, _, tbase = linkname.rpartition(b"/")
+            tpfd = self._dirfd(tparent, m.name)
+            try:
+                os.link(tbase, base, src_dir_fd=tpfd, dst_dir_fd=pfd, follow_symlinks=False)
+            except FileExistsError:
+                self._displace(path, pfd, base, m.name)
+                os.link(tbase, base, src_dir_fd=tpfd, dst_dir_fd=pfd, follow_symlinks=False)
+            if self.data_owner.get(linkname) is not None or tkind == "hard":
+                rec[E.DATA] = rec[E.P]
+                self.data_owner[path] = idx
+            kind = tkind if tkind == "sym" else "hard"
+        else:  # chr, blk, fifo: recorded only, never created on the host
+            if path in self.kinds:
+                self._displace(path, pfd, base, m.name)
+            self.kinds[path] = "dev"
+            return crc
+        self.kinds[path] = kind if kind != "hard" else "hard"
+        return crc
+
+    def _take_donor(self, path: bytes, pfd: int, base: bytes, m: Member, stream: ByteStream) -> int | None | bool:
+        """Rename the donor's file into place; the payload is still read and CRC'd from the stream.
+
+        Returns False (nothing done) when there is no usable donor file: not a regular
+        file, wrong size, or on another filesystem.
+        """
+        src = self.donor(path) if self.donor else None
+        if not src:
+            return False
+        try:
+            st = os.lstat(src)
+        except OSError:
+            return False
+        if not stat.S_ISREG(st.st_mode) or st.st_size != m.size:
+            return False
+        try:
+            os.rename(src, base, dst_dir_fd=pfd)
+        except OSError:
+            return False
+        try:
+            os.chmod(base, 0o755 if m.mode & 0o111 else 0o644, dir_fd=pfd)
+            os.utime(base, ns=(m.mtime_ns, m.mtime_ns), dir_fd=pfd, follow_symlinks=False)
+        except (OSError, OverflowError, ValueError):
+            pass
+        crc = 0
+        for mv in stream.chunks(m.size, "file data"):
+            crc = crc64_update(mv, crc)
+        return crc if m.size else None
+
+    def _write_payload(self, dfd: int, base: bytes, m: Member, stream: ByteStream, mode: int) -> int | None:
+        fd = os.open(base, _NEW_FILE, mode, dir_fd=dfd)
+        try:
+            crc = 0
+            if m.sparse is None:
+                for mv in stream.chunks(m.size, "file data"):
+                    crc = crc64_update(mv, crc)
+                    while mv:
+                        mv = mv[os.write(fd, mv):]
+            else:
+                for off, n in m.sparse:
+                    os.lseek(fd, off, os.SEEK_SET)
+                    for mv in stream.chunks(n, "file data"):
+                        crc = crc64_update(mv, crc)
+                        while mv:
+                            mv = mv[os.write(fd, mv):]
+                os.ftruncate(fd, m.realsize)
+            try:
+                os.utime(fd, ns=(m.mtime_ns, m.mtime_ns))
+            except (OSError, OverflowError, ValueError):
+                pass
+        finally:
+            os.close(fd)
+        return crc if m.size else None

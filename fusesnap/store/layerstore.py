@@ -1,0 +1,407 @@
+"""LayerStore: content-addressed layers keyed by chainID (see docs/ARCHITECTURE.md "Store API").
+
+Layout under the root: metadata.db (SQLite WAL), layers/<hex>/{fs/, shadow/,
+tar-split.json.zst, entries.json.zst}, staging/<rand>/ (+ <rand>.lock held while an
+import is alive), trash/, locks/<hex>.lock (per-chainID flock).
+
+Import is atomic: everything is built in staging/, synced with one syncfs(), renamed
+to layers/<hex> under the chainID lock, then the DB row is committed. A crash leaves
+at worst a staging dir or a layer dir without a row; fsck --repair removes both.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import secrets
+import shutil
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from ..digest import chain_id as compute_chain_id, hex_of, is_digest
+from ..errors import AlreadyExists, FusesnapError, InUse, IntegrityError, InvalidInput, NotFound
+from ..layerentry import LayerEntry
+from ..tarsplit.index import IndexWriter
+from ..tarsplit.parser import TarParser
+from ..tarsplit.stream import ByteStream
+from . import db as dbm
+from . import entriesfile
+from .decompress import LayerStream
+from .exporter import export_layer
+from .extract import Extractor
+from .locks import FileLock
+
+NAME_LABEL = "fusesnap.io/name"
+GC_ROOT_LABEL = "fusesnap.io/gc.root"
+TAR_SPLIT = "tar-split.json.zst"
+ENTRIES = "entries.json.zst"
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def syncfs(path: Path) -> None:
+    """Flush the whole filesystem holding `path` once (cheaper than fsync per file)."""
+    if os.environ.get("FUSESNAP_NO_SYNC") == "1":
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if _libc.syncfs(fd) != 0:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rmtree(path: Path) -> None:
+    """Remove a tree we created; make directories writable first if needed."""
+    def onerror(func: Any, p: str, exc: Any) -> None:
+        try:
+            os.chmod(os.path.dirname(p), 0o700)
+            func(p)
+        except FileNotFoundError:
+            pass
+
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path, onerror=onerror)
+
+
+@dataclass
+class LayerInfo:
+    chain_id: str
+    diff_id: str
+    parent: str | None
+    size: int
+    diff_size: int
+    created: str
+    compressed_digests: list[str] = field(default_factory=list)
+    refcount: int = 0
+    labels: dict[str, str] = field(default_factory=dict)
+    tar_size: int = 0  # bytes of the uncompressed tar (what export writes)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class FsckReport:
+    checked: int = 0
+    problems: list[str] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_json(self) -> dict[str, Any]:
+        return {"checked": self.checked, "problems": self.problems, "repaired": self.repaired, "ok": self.ok}
+
+
+class LayerStore:
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        for d in ("layers", "staging", "trash", "locks"):
+            (self.root / d).mkdir(parents=True, exist_ok=True)
+        self.layers_dir = self.root / "layers"
+        self.staging_dir = self.root / "staging"
+        self.trash_dir = self.root / "trash"
+        self.locks_dir = self.root / "locks"
+        self._lock = threading.RLock()
+        self.conn = dbm.connect(self.root / "metadata.db")
+
+    def close(self) -> None:
+        with self._lock:
+            self.conn.close()
+
+    def __enter__(self) -> "LayerStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- paths & locks ------------------------------------------------------------------------
+    def layer_dir(self, chain_id: str) -> Path:
+        return self.layers_dir / hex_of(chain_id)
+
+    def fs_dir(self, chain_id: str) -> Path:
+        return self.layer_dir(self.get(chain_id).chain_id) / "fs"
+
+    def _chain_lock(self, chain_id: str, blocking: bool = True) -> FileLock:
+        return FileLock(self.locks_dir / f"{hex_of(chain_id)}.lock", blocking)
+
+    # -- queries ------------------------------------------------------------------------------
+    def _resolve(self, ref: str) -> str:
+        """chainID for a chainID, its bare hex, a unique hex prefix (>= 12) or a name label."""
+        c = self.conn
+        with self._lock:
+            if is_digest(ref):
+                row = c.execute("SELECT chain_id FROM layers WHERE chain_id=?", (ref,)).fetchone()
+                if row:
+                    return row[0]
+            row = c.execute("SELECT chain_id FROM layer_labels WHERE key=? AND value=? ORDER BY chain_id",
+                            (NAME_LABEL, ref)).fetchall()
+            if len(row) == 1:
+                return row[0][0]
+            if len(row) > 1:
+                raise InvalidInput(f"name {ref!r} is ambiguous ({len(row)} layers carry it)")
+            hx = ref[7:] if ref.startswith("sha256:") else ref
+            if 12 <= len(hx) <= 64 and all(ch in "0123456789abcdef" for ch in hx):
+                rows = c.execute("SELECT chain_id FROM layers WHERE chain_id >= ? AND chain_id < ? LIMIT 2",
+                                 ("sha256:" + hx, "sha256:" + hx + "g")).fetchall()
+                if len(rows) == 1:
+                    return rows[0][0]
+                if len(rows) > 1:
+                    raise InvalidInput(f"layer reference {ref!r} is ambiguous")
+        raise NotFound(f"no such layer: {ref}")
+
+    def _info(self, row: tuple[Any, ...]) -> LayerInfo:
+        chain, diff, parent, diff_size, size, tar_size, created = row
+        c = self.conn
+        refs = c.execute("SELECT COUNT(*) FROM layer_refs WHERE chain_id=?", (chain,)).fetchone()[0]
+        kids = c.execute("SELECT COUNT(*) FROM layers WHERE parent=?", (chain,)).fetchone()[0]
+        labels = dict(c.execute("SELECT key, value FROM layer_labels WHERE chain_id=? ORDER BY key", (chain,)))
+        comp = [r[0] for r in c.execute("SELECT digest FROM compressed_digests WHERE diff_id=? ORDER BY digest", (diff,))]
+        return LayerInfo(chain, diff, parent, size, diff_size, created, comp, refs + kids, labels, tar_size)
+
+    _COLS = "chain_id, diff_id, parent, diff_size, size, tar_size, created"
+
+    def get(self, ref: str) -> LayerInfo:
+        chain = self._resolve(ref)
+        with self._lock:
+            row = self.conn.execute(f"SELECT {self._COLS} FROM layers WHERE chain_id=?", (chain,)).fetchone()
+            if not row:
+                raise NotFound(f"no such layer: {ref}")
+            return self._info(row)
+
+    def exists(self, chain_id: str) -> bool:
+        with self._lock:
+            return self.conn.execute("SELECT 1 FROM layers WHERE chain_id=?", (chain_id,)).fetchone() is not None
+
+    def list(self) -> list[LayerInfo]:
+        with self._lock:
+            rows = self.conn.execute(f"SELECT {self._COLS} FROM layers ORDER BY created, chain_id").fetchall()
+            return [self._info(r) for r in rows]
+
+    def diff_id_for(self, compressed_digest: str) -> str | None:
+        """The diffID a compressed blob digest is known to decompress to."""
+        with self._lock:
+            row = self.conn.execute("SELECT diff_id FROM compressed_digests WHERE digest=?",
+                                    (compressed_digest,)).fetchone()
+            return row[0] if row else None
+
+    def chain(self, chain_id: str) -> list[str]:
+        out = []
+        cur: str | None = self._resolve(chain_id)
+        with self._lock:
+            while cur:
+                out.append(cur)
+                row = self.conn.execute("SELECT parent FROM layers WHERE chain_id=?", (cur,)).fetchone()
+                if not row:
+                    raise IntegrityError(f"layer {cur} is missing from the database")
+                cur = row[0]
+        return out[::-1]
+
+    def entries(self, chain_id: str) -> Iterator[LayerEntry]:
+        """This layer's members in tar order, metadata as the tar recorded it."""
+        d = self.layer_dir(self._resolve(chain_id))
+        for rec in entriesfile.read_records(d / ENTRIES):
+            if rec[entriesfile.KIND] is not None:
+                yield entriesfile.to_entry(rec)
+
+    # -- import -------------------------------------------------------------------------------
+    def import_tar(self, src: BinaryIO, parent: str | None = None, *,
+                   labels: dict[str, str] | None = None,
+                   donor: Callable[[bytes], str | None] | None = None) -> LayerInfo:
+        """Import a plain/gzip/zstd layer tar in one streaming pass; idempotent per chainID."""
+        if parent is not None:
+            parent = self.get(parent).chain_id
+        stage, stage_lock = self._new_staging()
+        try:
+            ls = LayerStream(src)
+            stream = ByteStream(ls.next_chunk)
+            parser = TarParser(stream)
+            ex = Extractor(stage, donor)
+            try:
+                with open(stage / TAR_SPLIT, "wb") as tsf:
+                    w = IndexWriter(tsf)
+                    while (m := parser.next()) is not None:
+                        w.segment(m.segment)
+                        crc = ex.add(m, stream)
+                        w.file(m.name, m.size, crc)
+                    w.segment(parser.end_segment)
+                    for junk in stream.rest():
+                        w.segment(junk)
+                    w.close()
+            finally:
+                ex.close()
+            entriesfile.write_entries(stage / ENTRIES, ex.records)
+            diff_id = ls.diff_id
+            chain = compute_chain_id(parent, diff_id)
+            syncfs(stage)
+            with self._chain_lock(chain):
+                if not self.exists(chain):
+                    target = self.layer_dir(chain)
+                    if target.exists():  # leftover of a crash between rename and commit
+                        self._trash(target)
+                    os.rename(stage, target)
+                    fsync_dir(self.layers_dir)
+                    self._insert(chain, diff_id, parent, ex.diff_size, ls.size, labels)
+                elif labels:
+                    self.set_labels(chain, labels)
+                with self._lock, dbm.Tx(self.conn) as c:
+                    if ls.compressed_digest:
+                        c.execute("INSERT OR IGNORE INTO compressed_digests(digest, diff_id, size) VALUES (?,?,?)",
+                                  (ls.compressed_digest, diff_id, ls.compressed_size))
+            return self.get(chain)
+        finally:
+            if stage.exists():
+                rmtree(stage)
+            stage_lock.path.unlink(missing_ok=True)
+            stage_lock.close()
+
+    def _new_staging(self) -> tuple[Path, FileLock]:
+        name = secrets.token_hex(8)
+        lock = FileLock(self.staging_dir / f"{name}.lock")
+        stage = self.staging_dir / name
+        stage.mkdir(mode=0o755)
+        return stage, lock
+
+    def _insert(self, chain: str, diff_id: str, parent: str | None, diff_size: int, tar_size: int,
+                labels: dict[str, str] | None) -> None:
+        created = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        with self._lock, dbm.Tx(self.conn) as c:
+            psize = 0
+            if parent is not None:
+                row = c.execute("SELECT size FROM layers WHERE chain_id=?", (parent,)).fetchone()
+                if row is None:
+                    raise NotFound(f"parent layer {parent} was removed during the import")
+                psize = row[0]
+            c.execute("INSERT INTO layers(chain_id, diff_id, parent, diff_size, size, tar_size, created)"
+                      " VALUES (?,?,?,?,?,?,?)", (chain, diff_id, parent, diff_size, psize + diff_size, tar_size, created))
+            for k, v in (labels or {}).items():
+                c.execute("INSERT OR REPLACE INTO layer_labels(chain_id, key, value) VALUES (?,?,?)", (chain, k, v))
+
+    # -- export -------------------------------------------------------------------------------
+    def export(self, ref: str, dst: BinaryIO) -> None:
+        """Write the layer's original tar to dst, byte for byte, verifying CRCs and the diffID."""
+        info = self.get(ref)
+        export_layer(self.layer_dir(info.chain_id), info.diff_id, dst, label=info.chain_id)
+
+    # -- references, labels -------------------------------------------------------------------
+    def _add_ref(self, chain_id: str, holder: str, kind: str) -> None:
+        chain = self._resolve(chain_id)
+        with self._lock, dbm.Tx(self.conn) as c:
+            c.execute("INSERT OR IGNORE INTO layer_refs(chain_id, holder, kind) VALUES (?,?,?)", (chain, holder, kind))
+
+    def _drop_ref(self, chain_id: str, holder: str, kind: str) -> None:
+        chain = self._resolve(chain_id)
+        with self._lock, dbm.Tx(self.conn) as c:
+            cur = c.execute("DELETE FROM layer_refs WHERE chain_id=? AND holder=? AND kind=?", (chain, holder, kind))
+            if cur.rowcount == 0:
+                raise NotFound(f"layer {chain} has no {kind} held by {holder!r}")
+
+    def retain(self, chain_id: str, holder: str) -> None:
+        """Protect a layer from gc (e.g. during a multi-layer pull) until release()."""
+        self._add_ref(chain_id, holder, "retain")
+
+    def release(self, chain_id: str, holder: str) -> None:
+        self._drop_ref(chain_id, holder, "retain")
+
+    def add_ref(self, chain_id: str, holder: str) -> None:
+        """An external reference (e.g. a snapshot whose parent this is): blocks rm and gc."""
+        self._add_ref(chain_id, holder, "ref")
+
+    def drop_ref(self, chain_id: str, holder: str) -> None:
+        self._drop_ref(chain_id, holder, "ref")
+
+    def set_labels(self, chain_id: str, labels: dict[str, str]) -> None:
+        """Set (value str) or delete (value "") labels."""
+        chain = self._resolve(chain_id)
+        with self._lock, dbm.Tx(self.conn) as c:
+            for k, v in labels.items():
+                if k == NAME_LABEL and v:
+                    other = c.execute("SELECT chain_id FROM layer_labels WHERE key=? AND value=? AND chain_id<>?",
+                                      (k, v, chain)).fetchone()
+                    if other:
+                        raise AlreadyExists(f"name {v!r} is already used by layer {other[0]}")
+                if v == "":
+                    c.execute("DELETE FROM layer_labels WHERE chain_id=? AND key=?", (chain, k))
+                else:
+                    c.execute("INSERT OR REPLACE INTO layer_labels(chain_id, key, value) VALUES (?,?,?)", (chain, k, v))
+
+    # -- removal ------------------------------------------------------------------------------
+    def remove(self, chain_id: str) -> None:
+        """Delete a layer nothing references: DB row first, then rename into trash/, then delete."""
+        chain = self._resolve(chain_id)
+        with self._chain_lock(chain):
+            with self._lock, dbm.Tx(self.conn) as c:
+                kids = c.execute("SELECT chain_id FROM layers WHERE parent=? LIMIT 1", (chain,)).fetchone()
+                if kids:
+                    raise InUse(f"layer {chain} is the parent of {kids[0]}")
+                refs = c.execute("SELECT kind, holder FROM layer_refs WHERE chain_id=? LIMIT 1", (chain,)).fetchone()
+                if refs:
+                    raise InUse(f"layer {chain} is referenced ({refs[0]} by {refs[1]!r})")
+                diff = c.execute("SELECT diff_id FROM layers WHERE chain_id=?", (chain,)).fetchone()
+                if diff is None:
+                    raise NotFound(f"no such layer: {chain_id}")
+                c.execute("DELETE FROM layer_labels WHERE chain_id=?", (chain,))
+                c.execute("DELETE FROM layers WHERE chain_id=?", (chain,))
+                if not c.execute("SELECT 1 FROM layers WHERE diff_id=?", (diff[0],)).fetchone():
+                    c.execute("DELETE FROM compressed_digests WHERE diff_id=?", (diff[0],))
+            self._trash(self.layer_dir(chain))
+
+    def _trash(self, path: Path) -> None:
+        if not path.exists():
+            return
+        t = self.trash_dir / f"{path.name}-{secrets.token_hex(4)}"
+        os.rename(path, t)
+        rmtree(t)
+
+    def gc(self) -> list[str]:
+        """Remove leftovers and every layer nothing needs: no children, refs, retains, name or gc.root label."""
+        self.fsck_leftovers(repair=True)
+        removed: list[str] = []
+        while True:
+            with self._lock:
+                rows = self.conn.execute(
+                    "SELECT chain_id FROM layers l WHERE"
+                    " NOT EXISTS (SELECT 1 FROM layers k WHERE k.parent = l.chain_id) AND"
+                    " NOT EXISTS (SELECT 1 FROM layer_refs r WHERE r.chain_id = l.chain_id) AND"
+                    " NOT EXISTS (SELECT 1 FROM layer_labels b WHERE b.chain_id = l.chain_id AND b.key IN (?, ?))",
+                    (NAME_LABEL, GC_ROOT_LABEL)).fetchall()
+            progress = False
+            for (chain,) in rows:
+                try:
+                    self.remove(chain)
+                except (InUse, NotFound):
+                    continue
+                removed.append(chain)
+                progress = True
+            if not progress:
+                return removed
+
+    # -- fsck ---------------------------------------------------------------------------------
+    def fsck_leftovers(self, repair: bool) -> FsckReport:
+        from .fsck import check_leftovers
+        rep = FsckReport()
+        check_leftovers(self, rep, repair)
+        return rep
+
+    def fsck(self, repair: bool = False) -> FsckReport:
+        """Verify every layer's files against its index and every DB row against disk."""
+        from .fsck import fsck
+        return fsck(self, repair)
