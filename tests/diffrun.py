@@ -1,0 +1,467 @@
+#!/usr/bin/env python3
+"""Differential runner: the same seeded ops on kernel overlayfs and a FUSE overlay.
+
+    python tests/diffrun.py --seeds 0-999                 # run more seeds (fusesnap)
+    python tests/diffrun.py --seeds 0-99 --target fuse-overlayfs
+    python tests/diffrun.py --seeds 17 --minimize         # shrink failures, save replays
+    python tests/diffrun.py --replay FILE [--minimize] [-v]
+
+Per batch of seeds: the seeds' lower layers are written side by side (seed k lives
+in lowerdir_j/s<k>) in kernel notation for a kernel overlayfs mount
+(redirect_dir=on,index=on) and in mixed notations for the target mount; a plain
+directory holds the merged view (the oracle). Each seed's ops run in lockstep on
+target, kernel and oracle; every op's result and then the final trees are compared.
+Then the target is unmounted and remounted on the same upper and must show the same
+trees again. A failing case can be minimized (shortest failing prefix, then
+greedy removal of ops and of lower entries) and saved as a JSON replay file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import difflowers  # noqa: E402
+import diffops  # noqa: E402
+import difftree  # noqa: E402
+from helpers import is_mounted, script, unmount, wait_mounted  # noqa: E402
+
+DEFAULT_OPS = 40
+
+
+# ---------------------------------------------------------------- targets
+
+
+def _fuse_mount(cmd: list[str], mnt: Path) -> None:
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr.strip()}")
+    wait_mounted(mnt)
+
+
+def _overlay_opts(lowers: list[Path], upper: Path, work: Path) -> str:
+    return f"lowerdir={':'.join(map(str, lowers))},upperdir={upper},workdir={work}"
+
+
+def mount_kernel(lowers: list[Path], upper: Path, work: Path, mnt: Path) -> None:
+    opts = _overlay_opts(lowers, upper, work) + ",redirect_dir=on,index=on"
+    r = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"kernel overlay mount failed: {r.stderr.strip()}")
+
+
+def mount_fuse_overlayfs(lowers: list[Path], upper: Path, work: Path, mnt: Path) -> None:
+    _fuse_mount(["fuse-overlayfs", "-o", _overlay_opts(lowers, upper, work), str(mnt)], mnt)
+
+
+def mount_fusesnap(lowers: list[Path], upper: Path, work: Path, mnt: Path) -> None:
+    _fuse_mount([script("fusesnap-overlay"), "-o", _overlay_opts(lowers, upper, work), str(mnt)], mnt)
+
+
+def umount_any(mnt: Path) -> None:
+    if is_mounted(mnt):
+        unmount(mnt)
+
+
+@dataclass
+class Profile:
+    """A target and the differences from kernel overlayfs it is allowed to show."""
+
+    name: str
+    mount: Callable[[list[Path], Path, Path, Path], None]
+    notation: dict[str, tuple[str, ...]]
+    # (op, target result) -> True when the target may fail this op where kernel
+    # overlayfs succeeds; the op is then skipped on the kernel and the oracle too.
+    allowed_error: Callable[[diffops.Op, str], bool] = lambda op, res: False
+    dir_mtimes: bool = True  # compare directory mtimes
+    why: str = ""
+
+
+PROFILES: dict[str, Profile] = {
+    "fusesnap": Profile(
+        "fusesnap", mount_fusesnap,
+        {"whiteout": difflowers.WHITEOUT_NOTATIONS, "opaque": difflowers.OPAQUE_NOTATIONS},
+        why="strict: must behave like kernel overlayfs with redirect_dir=on,index=on",
+    ),
+    "fuse-overlayfs": Profile(
+        "fuse-overlayfs", mount_fuse_overlayfs,
+        {"whiteout": difflowers.WHITEOUT_NOTATIONS, "opaque": ("trusted", "whopq", "user.fuseoverlayfs")},
+        allowed_error=lambda op, res: op["op"] == "rename" and res == "EXDEV",
+        why="harness check against a C implementation; may return EXDEV for renames",
+    ),
+    "kernel": Profile(
+        "kernel", mount_kernel, difflowers.KERNEL_NOTATION,
+        why="self-test of the harness: kernel against kernel must never differ",
+    ),
+}
+
+
+# ---------------------------------------------------------------- running
+
+
+@dataclass
+class Case:
+    seed: int
+    lowers: difflowers.Spec
+    ops: list[diffops.Op] | None = None  # None: generate nops ops from the seed
+    nops: int = DEFAULT_OPS
+
+    @classmethod
+    def from_seed(cls, seed: int, nops: int = DEFAULT_OPS) -> "Case":
+        return cls(seed, difflowers.generate(seed), None, nops)
+
+
+@dataclass
+class Outcome:
+    seed: int
+    ops: list[diffops.Op] = field(default_factory=list)
+    results: list[tuple[str, str | None, str]] = field(default_factory=list)  # target, kernel, oracle
+    failures: list[str] = field(default_factory=list)  # target vs reference
+    oracle_notes: list[str] = field(default_factory=list)  # kernel vs plain-dir oracle
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.failures)
+
+
+class Batch:
+    """One kernel mount and one target mount holding several seeds side by side."""
+
+    def __init__(self, cases: list[Case], profile: Profile, base: Path) -> None:
+        self.cases, self.profile, self.base = cases, profile, base
+        nl = max(len(c.lowers) for c in cases)
+        self.klow = [base / "k" / f"l{j}" for j in range(nl)]
+        self.tlow = [base / "t" / f"l{j}" for j in range(nl)]
+        self.kdirs = [base / "k" / n for n in ("upper", "work", "mnt")]
+        self.tdirs = [base / "t" / n for n in ("upper", "work", "mnt")]
+        self.oracle = base / "oracle"
+        for d in self.kdirs + self.tdirs + [self.oracle]:
+            d.mkdir(parents=True, exist_ok=True)
+        specs = {c.seed: c.lowers for c in cases}
+        difflowers.write_lowers(specs, self.klow, difflowers.KERNEL_NOTATION, "kernel")
+        difflowers.write_lowers(specs, self.tlow, profile.notation, profile.name)
+        for c in cases:
+            difflowers.write_merged(difflowers.merge(c.lowers), self.oracle / difflowers.seed_dirname(c.seed))
+
+    def mount(self) -> None:
+        mount_kernel(self.klow, *self.kdirs)
+        self.mount_target()
+
+    def mount_target(self) -> None:
+        self.profile.mount(self.tlow, *self.tdirs)
+
+    def unmount(self) -> None:
+        for mnt in (self.tdirs[2], self.kdirs[2]):
+            umount_any(mnt)
+
+    def roots(self, seed: int) -> tuple[str, str, str]:
+        s = difflowers.seed_dirname(seed)
+        return str(self.tdirs[2] / s), str(self.kdirs[2] / s), str(self.oracle / s)
+
+
+def run_case(batch: Batch, case: Case, check_every: bool = False) -> tuple[Outcome, difftree.Tree | None]:
+    """Run one seed's ops in lockstep; returns the outcome and the target's final tree."""
+    prof = batch.profile
+    troot, kroot, oroot = batch.roots(case.seed)
+    out = Outcome(case.seed)
+    gen = diffops.Generator(case.seed) if case.ops is None else None
+    n = case.nops if case.ops is None else len(case.ops)
+    kernel_alive = True
+    dm = prof.dir_mtimes
+    for i in range(n):
+        op = gen.next(oroot) if gen is not None else case.ops[i]  # type: ignore[index]
+        out.ops.append(op)
+        t = diffops.apply(op, troot)
+        if t != "ok" and prof.allowed_error(op, t):
+            out.results.append((t, None, "skipped"))
+            out.notes.append(f"op {i}: {diffops.describe(op)}: {prof.name} gave {t} (allowed), skipped on all")
+            continue
+        k = diffops.apply(op, kroot) if kernel_alive else None
+        o = diffops.apply(op, oroot)
+        out.results.append((t, k, o))
+        if kernel_alive and k != o:
+            if op["op"] == "rename" and k == "EXDEV":
+                kernel_alive = False
+                out.notes.append(f"op {i}: kernel gave EXDEV where a plain dir did not: oracle is the reference from here")
+            else:
+                out.oracle_notes.append(f"op {i}: {diffops.describe(op)}: kernel={k} oracle={o}")
+        ref, ref_name = (k, "kernel") if kernel_alive else (o, "oracle")
+        if t != ref:
+            out.failures.append(f"op {i}: {diffops.describe(op)}: {prof.name}={t} {ref_name}={ref}")
+            return out, None
+        if check_every:
+            diffs = difftree.compare(difftree.snapshot(kroot if kernel_alive else oroot, dm),
+                                     difftree.snapshot(troot, dm), ref_name, prof.name)
+            if diffs:
+                out.failures.append(f"after op {i}: {diffops.describe(op)}: trees differ: " + "; ".join(diffs[:5]))
+                return out, None
+    ttree = difftree.snapshot(troot, dm)
+    otree = difftree.snapshot(oroot, dm)
+    if kernel_alive:
+        ktree = difftree.snapshot(kroot, dm)
+        out.oracle_notes += [f"final tree: {d}" for d in difftree.compare(ktree, otree, "kernel", "oracle")]
+        out.failures += [f"final tree: {d}" for d in difftree.compare(ktree, ttree, "kernel", prof.name)]
+    else:
+        out.failures += [f"final tree: {d}" for d in difftree.compare(otree, ttree, "oracle", prof.name)]
+    return out, ttree
+
+
+@contextlib.contextmanager
+def workspace(parent: str | os.PathLike | None = None) -> Iterator[Path]:
+    base = Path(tempfile.mkdtemp(prefix="fusesnap-diff-", dir=parent or "/var/tmp"))
+    try:
+        yield base
+    finally:
+        with open("/proc/self/mountinfo") as f:
+            mps = [line.split()[4] for line in f]
+        for mp in sorted((m for m in mps if m.startswith(str(base))), key=len, reverse=True):
+            with contextlib.suppress(Exception):
+                unmount(mp)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def run_batch(cases: list[Case], profile: Profile, parent: str | os.PathLike | None = None,
+              persistence: bool = True, check_every: bool = False) -> list[Outcome]:
+    """Run cases side by side in one mount pair, then check persistence across a remount."""
+    with workspace(parent) as base:
+        batch = Batch(cases, profile, base)
+        batch.mount()
+        try:
+            outs: list[Outcome] = []
+            trees: dict[int, difftree.Tree] = {}
+            for c in cases:
+                o, tree = run_case(batch, c, check_every)
+                outs.append(o)
+                if tree is not None:
+                    trees[c.seed] = tree
+            if persistence:
+                umount_any(batch.tdirs[2])
+                batch.mount_target()
+                for o in outs:
+                    if o.seed in trees:
+                        again = difftree.snapshot(batch.roots(o.seed)[0], profile.dir_mtimes)
+                        o.failures += [f"after remount: {d}" for d in
+                                       difftree.compare(trees[o.seed], again, "before", "after")]
+            return outs
+        finally:
+            batch.unmount()
+
+
+def run_seeds(seeds: list[int], profile: Profile, batch_size: int = 50, nops: int = DEFAULT_OPS,
+              parent: str | os.PathLike | None = None, persistence: bool = True,
+              progress: Callable[[list[Outcome]], None] | None = None) -> list[Outcome]:
+    outs: list[Outcome] = []
+    for i in range(0, len(seeds), batch_size):
+        chunk = [Case.from_seed(s, nops) for s in seeds[i:i + batch_size]]
+        res = run_batch(chunk, profile, parent, persistence)
+        outs += res
+        if progress:
+            progress(res)
+    return outs
+
+
+# ---------------------------------------------------------------- minimizing
+
+
+def _fails(case: Case, profile: Profile, persistence: bool) -> Outcome | None:
+    out = run_batch([case], profile, persistence=persistence)[0]
+    return out if out.failed else None
+
+
+def minimize(case: Case, profile: Profile, persistence: bool = True,
+             log: Callable[[str], None] = lambda s: None) -> tuple[Case, Outcome]:
+    """Shortest failing prefix, then greedy removal of ops and of lower entries."""
+    first = _fails(case, profile, persistence)
+    if first is None:
+        raise ValueError(f"seed {case.seed} does not fail")
+    ops = list(first.ops)
+    best = first
+    # an op-level mismatch ends the run at that op: the prefix is already minimal
+    if not any(f.startswith("op ") for f in first.failures):
+        lo, hi = 0, len(ops)  # ops[:hi] fails; find the smallest such hi
+        while lo < hi:
+            mid = (lo + hi) // 2
+            r = _fails(Case(case.seed, case.lowers, ops[:mid]), profile, persistence)
+            if r is not None:
+                hi, best = mid, r
+            else:
+                lo = mid + 1
+        ops = ops[:hi]
+    else:
+        ops = ops[: len(first.results)]
+    log(f"seed {case.seed}: failing prefix has {len(ops)} ops")
+    changed = True
+    while changed:
+        changed = False
+        chunk = max(1, len(ops) // 4)
+        while chunk >= 1:
+            i = len(ops) - chunk
+            while i >= 0:
+                trial = ops[:i] + ops[i + chunk:]
+                r = _fails(Case(case.seed, case.lowers, trial), profile, persistence)
+                if r is not None:
+                    ops, best, changed = trial, r, True
+                i -= chunk
+            chunk //= 2
+    log(f"seed {case.seed}: {len(ops)} ops after removal")
+    lowers = [list(layer) for layer in case.lowers]
+    for j in range(len(lowers)):
+        for e in list(reversed(lowers[j])):
+            if not e["path"]:
+                continue
+            layer = lowers[j]
+            if any(x["path"].startswith(e["path"] + "/") for x in layer):
+                continue
+            if any(x["kind"] == "link" and x["target"] == e["path"] for x in layer):
+                continue
+            trial_layer = [x for x in layer if x is not e]
+            trial = lowers[:j] + [trial_layer] + lowers[j + 1:]
+            r = _fails(Case(case.seed, trial, ops), profile, persistence)
+            if r is not None:
+                lowers, best = trial, r
+    n_entries = sum(len(layer) for layer in lowers)
+    log(f"seed {case.seed}: {n_entries} lower entries after removal")
+    return Case(case.seed, lowers, ops), best
+
+
+# ---------------------------------------------------------------- reports and CLI
+
+
+def case_to_json(case: Case, profile: Profile, outcome: Outcome | None) -> dict[str, Any]:
+    return {
+        "target": profile.name,
+        "seed": case.seed,
+        "lowers": case.lowers,
+        "ops": case.ops if case.ops is not None else (outcome.ops if outcome else None),
+        "failures": outcome.failures if outcome else [],
+    }
+
+
+def case_from_json(d: dict[str, Any]) -> Case:
+    return Case(d["seed"], d["lowers"], d["ops"])
+
+
+def format_case(case: Case, outcome: Outcome) -> str:
+    """Lowers, ops with per-target results, and the failures, for humans and FS_BUGS.md."""
+    lines = [f"seed {case.seed}"]
+    for j, layer in enumerate(case.lowers):
+        lines.append(f"  lower {j} ({'top' if j == 0 else 'below'}):")
+        for e in layer:
+            attrs = " ".join(f"{k}={(oct(v) if k == 'mode' else v)!r}" for k, v in e.items()
+                             if k not in ("path", "kind", "mtime"))
+            lines.append(f"    {e['kind']:8} {e['path'] or '.'} {attrs}")
+    lines.append("  ops (target | kernel | oracle):")
+    for i, op in enumerate(outcome.ops):
+        res = outcome.results[i] if i < len(outcome.results) else ("-", "-", "-")
+        lines.append(f"    {i:3} {diffops.describe(op)}  ->  {res[0]} | {res[1]} | {res[2]}")
+    for f in outcome.failures:
+        lines.append(f"  FAIL {f}")
+    for f in outcome.oracle_notes:
+        lines.append(f"  ORACLE {f}")
+    for f in outcome.notes:
+        lines.append(f"  note {f}")
+    return "\n".join(lines)
+
+
+def parse_seeds(spec: str) -> list[int]:
+    out: list[int] = []
+    for part in spec.split(","):
+        if "-" in part:
+            a, b = part.split("-", 1)
+            out += range(int(a), int(b) + 1)
+        elif part:
+            out.append(int(part))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", help="e.g. 0-999 or 3,17,40-49")
+    ap.add_argument("--replay", help="a JSON case saved by --minimize / --save")
+    ap.add_argument("--target", default="fusesnap", choices=sorted(PROFILES))
+    ap.add_argument("--ops", type=int, default=DEFAULT_OPS, help="ops per seed")
+    ap.add_argument("--batch", type=int, default=50, help="seeds per mount pair")
+    ap.add_argument("--minimize", action="store_true", help="shrink failing cases and save them")
+    ap.add_argument("--save", default="/var/tmp/fusesnap-diff-failures", help="where replay files go")
+    ap.add_argument("--no-persist", action="store_true", help="skip the unmount/remount check")
+    ap.add_argument("--check-every", action="store_true", help="compare trees after every op (replay)")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    a = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        print("diffrun: needs root (kernel overlayfs mounts)", file=sys.stderr)
+        return 2
+    if bool(a.seeds) == bool(a.replay):
+        print("diffrun: give exactly one of --seeds or --replay", file=sys.stderr)
+        return 2
+    os.umask(0o022)
+    prof = PROFILES[a.target]
+    persist = not a.no_persist
+    save = Path(a.save)
+    if a.replay:
+        with open(a.replay) as f:
+            case = case_from_json(json.load(f))
+        out = run_batch([case], prof, persistence=persist, check_every=a.check_every)[0]
+        print(format_case(case, out))
+        if out.failed and a.minimize:
+            small, sout = minimize(case, prof, persist, log=print)
+            _save(save, prof, small, sout)
+        return 1 if out.failed else 0
+    seeds = parse_seeds(a.seeds)
+    t0 = time.monotonic()
+    done = 0
+
+    def progress(res: list[Outcome]) -> None:
+        nonlocal done
+        done += len(res)
+        bad = [o.seed for o in res if o.failed]
+        print(f"{done}/{len(seeds)} seeds, {time.monotonic() - t0:.1f}s; failing here: {bad}", flush=True)
+
+    outs = run_seeds(seeds, prof, a.batch, a.ops, persistence=persist, progress=progress)
+    failed = [o for o in outs if o.failed]
+    noted = [o for o in outs if o.oracle_notes]
+    for o in outs:
+        if o.failed or o.oracle_notes or a.verbose:
+            case = Case(o.seed, difflowers.generate(o.seed), o.ops)
+            if a.verbose or o.failed:
+                print(format_case(case, o) if a.verbose else f"seed {o.seed}: " + "\n  ".join(o.failures[:8]))
+            for n in o.oracle_notes[:5]:
+                print(f"seed {o.seed}: ORACLE {n}")
+    print(f"{len(outs)} seeds, {len(failed)} failing: {[o.seed for o in failed]}; "
+          f"{len(noted)} with kernel/oracle notes; {time.monotonic() - t0:.1f}s")
+    if a.minimize:
+        for o in failed:
+            case = Case(o.seed, difflowers.generate(o.seed), o.ops)
+            try:
+                small, sout = minimize(case, prof, persist, log=print)
+            except ValueError as e:
+                print(f"seed {o.seed}: fails only next to other seeds in a batch ({e})")
+                _save(save, prof, case, o)
+                continue
+            _save(save, prof, small, sout)
+            print(format_case(small, sout))
+    return 1 if failed else 0
+
+
+def _save(save: Path, prof: Profile, case: Case, out: Outcome) -> None:
+    save.mkdir(parents=True, exist_ok=True)
+    p = save / f"{prof.name}-seed{case.seed}.json"
+    with open(p, "w") as f:
+        json.dump(case_to_json(case, prof, out), f, indent=1)
+    print(f"saved {p}  (replay: python tests/diffrun.py --replay {p} --target {prof.name})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
