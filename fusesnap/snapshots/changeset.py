@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator
 
 from ..errors import InvalidInput
-from ..layerentry import Kind
+from ..layerentry import Kind, LayerEntry
 from . import upperview
 
 BLOCK = 512
@@ -229,3 +229,114 @@ def scan_upper(upper: Path) -> UpperChangeset:
     root_st = os.stat(upper)
     walk(b"", upper, int(root_st.st_mtime))
     return UpperChangeset(upper, members, sources)
+
+
+# -- several committed layers squashed into one changeset (moby's TarStreamFrom) -------------
+
+
+def _components(path: bytes) -> tuple[bytes, ...]:
+    return tuple(path.split(b"/"))
+
+
+def _under(path: bytes, keys: Iterable[bytes]) -> list[bytes]:
+    prefix = path + b"/"
+    return [k for k in keys if k.startswith(prefix)]
+
+
+def squash_members(layers: Iterable[tuple[Iterable[LayerEntry], Path]]) -> list[Member]:
+    """One changeset equal to applying `layers` (bottom to top, each (entries, fs_dir)) in order.
+
+    Deletions are kept as whiteouts (they act on whatever lies below the first
+    layer); a directory re-created after a deletion, or after a non-directory
+    at the same path, becomes opaque. Hard links are regrouped so the first
+    path in output order carries the content.
+    """
+    state: dict[bytes, tuple[Member, object]] = {}  # path -> (member, content identity)
+    whiteouts: dict[bytes, Member] = {}
+    opaque: dict[bytes, Member] = {}
+
+    def drop_tree(path: bytes, including: bool) -> None:
+        for k in _under(path, list(state)):
+            del state[k]
+        for k in _under(path, list(whiteouts)):
+            del whiteouts[k]
+        for k in _under(path, list(opaque)):
+            del opaque[k]
+        if including:
+            state.pop(path, None)
+            opaque.pop(path, None)
+
+    for entries, fs_dir in layers:
+        layer_paths: dict[bytes, tuple[Member, object]] = {}
+        for e in entries:
+            base = e.path.rsplit(b"/", 1)[-1]
+            parent = e.path[: -len(base) - 1] if b"/" in e.path else b""
+            mtime = e.mtime_ns // 1_000_000_000
+            if base == OPAQUE_MARKER:
+                if parent:
+                    drop_tree(parent, including=False)
+                else:  # opaque root: nothing below shows through
+                    state.clear()
+                    whiteouts.clear()
+                    opaque.clear()
+                opaque[parent] = Member(path=e.path, kind="reg", mode=e.mode, uid=e.uid, gid=e.gid, mtime=mtime)
+                continue
+            if base.startswith(WHITEOUT_PREFIX):
+                target = (parent + b"/" if parent else b"") + base[len(WHITEOUT_PREFIX):]
+                drop_tree(target, including=True)
+                whiteouts[target] = Member(path=e.path, kind="reg", mode=e.mode, uid=e.uid, gid=e.gid, mtime=mtime)
+                continue
+            m = Member(path=e.path, kind=e.kind, mode=e.mode, uid=e.uid, gid=e.gid, mtime=mtime,
+                       size=e.size, linkname=e.linkname, devmajor=e.devmajor, devminor=e.devminor,
+                       xattrs=dict(e.xattrs))
+            ident: object = object()
+            if e.kind == "reg":
+                m.source = Path(fs_dir) / os.fsdecode(e.data) if e.data is not None else None
+            elif e.kind == "hard":
+                tgt = layer_paths.get(e.linkname) or state.get(e.linkname)
+                if tgt is None:
+                    raise InvalidInput(f"hard link {_s(e.path)!r} points to missing {_s(e.linkname)!r}")
+                tm = tgt[0]
+                if tm.kind != "reg":  # a link to a non-file: repeat that entry under this path
+                    m = Member(**{**tm.__dict__, "path": e.path})
+                    state[e.path] = layer_paths[e.path] = (m, object())
+                    continue
+                m = Member(path=e.path, kind="reg", mode=tm.mode, uid=tm.uid, gid=tm.gid, mtime=tm.mtime,
+                           size=tm.size, xattrs=dict(tm.xattrs), source=tm.source)
+                ident = tgt[1]
+            old = state.get(e.path)
+            if e.path in whiteouts:
+                del whiteouts[e.path]
+                if m.kind == "dir":
+                    opaque[e.path] = Member(path=e.path + b"/" + OPAQUE_MARKER, kind="reg", mode=0, mtime=mtime)
+            elif old is not None and old[0].kind == "dir" and m.kind != "dir":
+                drop_tree(e.path, including=False)
+            elif old is not None and old[0].kind != "dir" and m.kind == "dir":
+                opaque[e.path] = Member(path=e.path + b"/" + OPAQUE_MARKER, kind="reg", mode=0, mtime=mtime)
+            state[e.path] = layer_paths[e.path] = (m, ident)
+
+    keyed: list[tuple[tuple[bytes, ...], Member, object]] = []
+    for path, (m, ident) in state.items():
+        keyed.append((_components(path), m, ident))
+    for target, m in whiteouts.items():
+        comps = _components(target)
+        wpath = b"/".join(comps[:-1] + (WHITEOUT_PREFIX + comps[-1],))
+        keyed.append((_components(wpath), Member(path=wpath, kind="reg", mode=m.mode, uid=m.uid, gid=m.gid,
+                                                 mtime=m.mtime), None))
+    for d, m in opaque.items():
+        if d in state or d == b"":
+            keyed.append(((_components(d) if d else ()) + (b"",), Member(path=(d + b"/" if d else b"") + OPAQUE_MARKER, kind="reg", mode=m.mode,
+                                                          uid=m.uid, gid=m.gid, mtime=m.mtime), None))
+    keyed.sort(key=lambda t: t[0])
+    out: list[Member] = []
+    first_of: dict[int, bytes] = {}
+    for _, m, ident in keyed:
+        if m.kind == "reg" and ident is not None:
+            key = id(ident)
+            if key in first_of:
+                m = Member(path=m.path, kind="hard", mode=m.mode, uid=m.uid, gid=m.gid, mtime=m.mtime,
+                           linkname=first_of[key])
+            else:
+                first_of[key] = m.path
+        out.append(m)
+    return out

@@ -276,6 +276,9 @@ class Snapshotter:
             raise InvalidInput(f"snapshot {key!r} is {rec.kind}: only active snapshots can be committed")
         if self.db.get(name) is not None:
             raise AlreadyExists(f"snapshot {name!r} already exists")
+        from .mounting import check_not_mounted
+
+        check_not_mounted(self, rec.id, key, "commit")
         cs = changeset.scan_upper(self.snapshot_dir(rec.id) / "upper")
         if is_digest(name) and self._layer(name) is not None:
             # A layer of that chainID exists; fine only if these changes produce exactly it.
@@ -284,6 +287,9 @@ class Snapshotter:
 
             if _chain(rec.parent_chain, diff_id) != name:
                 raise AlreadyExists(f"snapshot {name!r} already exists")
+        named = self._layer_named(name)
+        if named is not None:
+            raise AlreadyExists(f"name {name!r} is already used by layer {named}")
         li = self.store.import_tar(changeset.ChunkReader(cs.chunks()), rec.parent_chain, donor=cs.donor)
         self.store.add_ref(li.chain_id, _holder(name))
         try:
@@ -299,7 +305,36 @@ class Snapshotter:
         if rec.parent_chain:
             self.store.drop_ref(rec.parent_chain, _holder(key))
         self._trash(self.snapshot_dir(rec.id))
+        self._mirror_name(li.chain_id)
         return self.stat(name)
+
+    def _layer_named(self, name: str) -> str | None:
+        """The layer whose store name label (what `export NAME` resolves) is `name`, if any."""
+        from ..store.layerstore import NAME_LABEL
+
+        for li in self.store.list():
+            if li.labels.get(NAME_LABEL) == name:
+                return li.chain_id
+        return None
+
+    def _mirror_name(self, chain_id: str, dropped: str | None = None) -> None:
+        """Keep the layer's store name label on one of its committed names, so export accepts it."""
+        from ..store.layerstore import NAME_LABEL
+
+        li = self._layer(chain_id)
+        if li is None:
+            return
+        names = self.db.names_for_chain(chain_id)
+        cur = li.labels.get(NAME_LABEL)
+        if cur is not None and cur != dropped:
+            return  # one of our names, or a name given at import time: keep it
+        want = names[0] if names else ""
+        if want == (cur or ""):
+            return
+        try:
+            self.store.set_labels(chain_id, {NAME_LABEL: want})
+        except AlreadyExists:
+            pass
 
     def remove(self, key: str) -> None:
         """Remove a snapshot; refused while another snapshot or layer builds on it."""
@@ -310,11 +345,16 @@ class Snapshotter:
         children = self.db.children(key)
         if children:
             raise InUse(f"cannot remove snapshot {key!r}: snapshot {children[0]!r} is based on it")
+        if rec.kind != "committed":
+            from .mounting import check_not_mounted
+
+            check_not_mounted(self, rec.id, key, "remove")
         with self.db.tx() as c:
             SnapshotDB.delete(c, rec.id)
         if rec.kind == "committed":
             assert rec.chain_id
             self.store.drop_ref(rec.chain_id, _holder(key))
+            self._mirror_name(rec.chain_id, dropped=key)
             self._maybe_remove_layer(rec.chain_id)
         else:
             if rec.parent_chain:
@@ -351,6 +391,19 @@ class Snapshotter:
             raise InUse(f"cannot remove snapshot {chain_id!r}: {e}") from None
         with self.db.tx() as c:
             SnapshotDB.forget_layer(c, chain_id)
+
+    # -- mounting ------------------------------------------------------------------------
+    def mount(self, key: str, mountpoint: str | os.PathLike, *, foreground: bool = False,
+              options: Iterable[str] = ()) -> int:
+        """Mount active `key` (rw) or view `key` (ro); returns once the mount is live."""
+        from .mounting import mount_snapshot
+
+        return mount_snapshot(self, key, mountpoint, foreground=foreground, options=options)
+
+    def umount(self, mountpoint: str | os.PathLike, timeout: float = 30.0) -> None:
+        from .mounting import umount
+
+        umount(mountpoint, timeout)
 
     # -- queries -------------------------------------------------------------------------
     def list(self, *filters: str) -> list[Info]:

@@ -1,0 +1,143 @@
+"""Mounting snapshots through the FUSE filesystem: lower tree from the cache, upper from the snapshot.
+
+Each mount is tagged with the FUSE fsname `fusesnap:<store tag>:<snapshot id>`
+so the snapshotter can tell, from /proc/self/mountinfo alone, whether a
+snapshot is mounted (commit and remove refuse to pull an upper out from under
+a live mount).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable
+
+from ..errors import FusesnapError, InUse, InvalidInput
+
+if TYPE_CHECKING:
+    from .snapshotter import Mount, Snapshotter
+
+
+def store_tag(root: Path) -> str:
+    return hashlib.sha256(os.fsencode(os.path.realpath(root))).hexdigest()[:12]
+
+
+def fsname_for(sn: "Snapshotter", sid: int) -> str:
+    return f"fusesnap:{store_tag(sn.root)}:{sid}"
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and len(field[i + 1 : i + 4]) == 3 and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def mount_table() -> list[tuple[str, str, str]]:
+    """(mountpoint, fstype, source) of every mount this process can see."""
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            mp = _unescape(left.split()[4])
+            fields = right.split()
+            if len(fields) >= 2:
+                out.append((mp, fields[0], _unescape(fields[1])))
+    return out
+
+
+def is_mountpoint(path: str | os.PathLike) -> bool:
+    target = os.path.realpath(path)
+    return any(mp == target for mp, _, _ in mount_table())
+
+
+def mounts_of(sn: "Snapshotter", sid: int) -> list[str]:
+    """Mount points where snapshot `sid` of this store is mounted."""
+    name = fsname_for(sn, sid)
+    return [mp for mp, fstype, src in mount_table() if fstype.startswith("fuse") and src == name]
+
+
+def check_not_mounted(sn: "Snapshotter", sid: int, key: str, action: str) -> None:
+    mps = mounts_of(sn, sid)
+    if mps:
+        raise InUse(f"cannot {action} snapshot {key!r}: it is mounted at {mps[0]} (unmount it first)")
+
+
+def mount_snapshot(sn: "Snapshotter", key: str, mountpoint: str | os.PathLike, *, foreground: bool = False,
+                   options: Iterable[str] = ()) -> int:
+    """Mount active `key` read-write or view `key` read-only at mountpoint.
+
+    Returns once the mount is live (the daemon runs on in the background) or,
+    with foreground=True, once it has been unmounted again.
+    """
+    from ..fs.mount import mount
+    from ..fs.options import parse_options
+
+    info = sn.stat(key)
+    if info.kind == "committed":
+        raise InvalidInput(f"snapshot {key!r} is committed: mount a view or an active snapshot of it")
+    mp = Path(mountpoint)
+    if not mp.is_dir():
+        raise InvalidInput(f"mount point {str(mp)!r} is not a directory")
+    rec = sn._record(key)
+    opts = parse_options(list(options))
+    opts.fsname = fsname_for(sn, rec.id)
+    tree = sn.trees.get(rec.parent_chain)
+    if info.kind == "active":
+        d = sn.snapshot_dir(rec.id)
+        upper, work = d / "upper", d / "work"
+        opts.upperdir, opts.workdir = str(upper), str(work)
+        return mount(tree, upper, work, mp, opts, foreground)
+    opts.read_only = True
+    return mount(tree, None, None, mp, opts, foreground)
+
+
+def umount(mountpoint: str | os.PathLike, timeout: float = 30.0) -> None:
+    """Unmount a FUSE mount and wait until it is gone from the mount table."""
+    mp = os.path.realpath(mountpoint)
+    if not is_mountpoint(mp):
+        raise InvalidInput(f"{mp} is not a mount point")
+    cmds = [["fusermount3", "-u", mp]]
+    if os.geteuid() == 0:
+        cmds.append(["umount", mp])
+    errors = []
+    for cmd in cmds:
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True)
+        except FileNotFoundError as e:
+            errors.append(str(e))
+            continue
+        if r.returncode == 0 or not is_mountpoint(mp):
+            break
+        errors.append(r.stderr.strip() or f"{cmd[0]} exited {r.returncode}")
+    deadline = time.monotonic() + timeout
+    while is_mountpoint(mp):
+        if time.monotonic() > deadline:
+            raise FusesnapError(f"could not unmount {mp}: {'; '.join(errors) or 'still mounted'}")
+        time.sleep(0.01)
+
+
+def mount_all(mounts: Iterable["Mount"], target: str | os.PathLike) -> None:
+    """Perform mounts as returned by Snapshotter.mounts() (containerd's mount.All)."""
+    from .snapshotter import Snapshotter
+
+    for m in mounts:
+        if m.type != "fuse3.fusesnap":
+            raise InvalidInput(f"unsupported mount type {m.type!r}")
+        kv = dict(o.partition("=")[::2] for o in m.options)
+        root, key = kv.get("root"), kv.get("snapshot")
+        if not root or not key:
+            raise InvalidInput("fusesnap mount lacks root= or snapshot= options")
+        with Snapshotter(root) as sn:
+            rc = mount_snapshot(sn, key, target)
+        if rc != 0:
+            raise FusesnapError(f"mounting snapshot {key!r} at {target} failed (exit {rc})")
