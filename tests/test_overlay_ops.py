@@ -1,0 +1,380 @@
+"""Every operation a real rootfs needs (issue 3, Semantics 2), on lower files, upper files and
+new files of one shared mount per kind: setattr variants, open/create flags, read/write, dirs,
+rename flags, links, special files, xattrs, statfs, fsync, fallocate, lseek, access."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import socket
+import stat
+from pathlib import Path
+
+import pytest
+
+from helpers import is_root
+from unionmount import (KINDS, RENAME_EXCHANGE, RENAME_NOREPLACE, UTIME_NOW, UTIME_OMIT, Union, errno_of,
+                        layout, mkdir, mkfile, mount_union, renameat2, scratch, utimensat)
+
+pytestmark = pytest.mark.skipif(not is_root(), reason="needs root to mount")
+
+T2001 = 978307200_123456789  # 2001-01-01, with nanoseconds
+DATA = bytes(range(256)) * 64  # 16 KiB
+
+
+def _build(l0: Path, l1: Path) -> None:
+    mkfile(l1 / "setattr" / "f", DATA, 0o640, uid=1000, gid=1001, mtime_ns=T2001)
+    mkfile(l1 / "setattr" / "g", DATA, 0o644, mtime_ns=T2001)
+    mkfile(l1 / "setattr" / "h", DATA, 0o644, mtime_ns=T2001)
+    mkfile(l1 / "setattr" / "t", DATA, 0o644, mtime_ns=T2001)
+    mkfile(l1 / "open" / "trunc", DATA)
+    mkfile(l1 / "open" / "append", b"head\n")
+    mkfile(l1 / "open" / "excl", b"x")
+    mkfile(l1 / "open" / "deleted", b"x")
+    mkfile(l1 / "rw" / "f", DATA)
+    mkdir(l1 / "dirs" / "full")
+    mkfile(l1 / "dirs" / "full" / "x")
+    mkfile(l1 / "dirs" / "file")
+    for n in ("a", "b", "c", "d", "e", "x"):
+        mkfile(l1 / "rename" / n, f"lower-{n}")
+    mkdir(l1 / "rename" / "dir")
+    mkfile(l1 / "rename" / "dir" / "in", "in")
+    os.makedirs(l0 / "links")
+    os.symlink("../rw/f", l0 / "links" / "lowlink")
+    mkfile(l1 / "links" / "target", "t")
+    mkfile(l1 / "xattr" / "f", "x", xattrs={"user.lower": b"L", "trusted.lower": b"T"})
+    mkdir(l1 / "xattr" / "d", xattrs={"user.dirattr": b"D"})
+    mkfile(l1 / "sync" / "f", "s")
+    mkfile(l1 / "access" / "ro", "r", 0o444)
+    mkfile(l1 / "access" / "x", "x", 0o755)
+    mkfile(l1 / "access" / "none", "n", 0o000)
+    mkdir(l1 / "special")
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def u(request):
+    with scratch() as base:
+        lowers, upper, work, mnt = layout(base, 2)
+        _build(*lowers)
+        un = mount_union(request.param, mnt, lowers, upper, work)
+        yield un
+        un.unmount()
+
+
+# ------------------------------------------------------------------ setattr
+
+
+def test_chmod_and_chown(u: Union):
+    f = u.p("setattr", "f")
+    os.chmod(f, 0o4751)
+    st = os.lstat(f)
+    assert stat.S_IMODE(st.st_mode) == 0o4751 and (st.st_uid, st.st_gid) == (1000, 1001)
+    os.chown(f, 2000, 2001)
+    st = os.lstat(f)
+    assert (st.st_uid, st.st_gid) == (2000, 2001)
+    os.chown(f, -1, 3001)
+    assert (os.lstat(f).st_uid, os.lstat(f).st_gid) == (2000, 3001)
+    assert f.read_bytes() == DATA
+    assert os.lstat(f).st_mtime_ns == T2001, "metadata change must not touch mtime"
+    os.lchown(u.p("setattr"), 5, 6)
+    assert os.lstat(u.p("setattr")).st_uid == 5
+
+
+def test_truncate_shrink_and_extend(u: Union):
+    g = u.p("setattr", "g")
+    os.truncate(g, 100)
+    assert g.read_bytes() == DATA[:100]
+    with open(g, "r+b") as fh:
+        os.ftruncate(fh.fileno(), 5000)
+        assert os.fstat(fh.fileno()).st_size == 5000
+    assert g.read_bytes() == DATA[:100] + bytes(4900)
+    os.truncate(g, 0)
+    assert os.lstat(g).st_size == 0
+
+
+def test_utimens_exact_now_and_omit(u: Union):
+    h = u.p("setattr", "h")
+    os.utime(h, ns=(1_000_000_001, 2_000_000_002))
+    st = os.lstat(h)
+    assert (st.st_atime_ns, st.st_mtime_ns) == (1_000_000_001, 2_000_000_002)
+    utimensat(h, (0, UTIME_OMIT), (0, UTIME_NOW))
+    st = os.lstat(h)
+    assert st.st_atime_ns == 1_000_000_001, "UTIME_OMIT changed atime"
+    assert st.st_mtime_ns > T2001, "UTIME_NOW did not set mtime"
+    utimensat(h, (7, 8), (0, UTIME_OMIT))
+    st2 = os.lstat(h)
+    assert st2.st_atime_ns == 7_000_000_008 and st2.st_mtime_ns == st.st_mtime_ns
+    os.utime(u.p("setattr"), ns=(T2001, T2001))
+    assert os.lstat(u.p("setattr")).st_mtime_ns == T2001
+    os.symlink("nowhere", u.p("setattr", "sl"))
+    os.utime(u.p("setattr", "sl"), ns=(T2001, T2001), follow_symlinks=False)
+    assert os.lstat(u.p("setattr", "sl")).st_mtime_ns == T2001
+
+
+def test_write_updates_mtime_and_size(u: Union):
+    t = u.p("setattr", "t")
+    with open(t, "ab") as fh:
+        fh.write(b"more")
+    st = os.lstat(t)
+    assert st.st_size == len(DATA) + 4 and st.st_mtime_ns > T2001
+
+
+# ------------------------------------------------------------------ open / create
+
+
+def test_open_flags(u: Union):
+    d = u.p("open")
+    fd = os.open(d / "trunc", os.O_WRONLY | os.O_TRUNC)
+    os.close(fd)
+    assert os.lstat(d / "trunc").st_size == 0
+    assert (u.lowers[1] / "open" / "trunc").read_bytes() == DATA, "lower changed"
+
+    fd = os.open(d / "append", os.O_WRONLY | os.O_APPEND)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, b"tail\n")
+    os.close(fd)
+    assert (d / "append").read_bytes() == b"head\ntail\n"
+
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    assert errno_of(os.open, d / "excl", flags) == errno.EEXIST  # exists below
+    os.close(os.open(d / "fresh", flags, 0o600))
+    assert errno_of(os.open, d / "fresh", flags) == errno.EEXIST  # exists in upper
+    os.unlink(d / "deleted")
+    fd = os.open(d / "deleted", flags, 0o600)  # over a whiteout
+    os.write(fd, b"new")
+    os.close(fd)
+    assert (d / "deleted").read_bytes() == b"new"
+
+    old = os.umask(0o027)
+    try:
+        os.close(os.open(d / "masked", os.O_WRONLY | os.O_CREAT, 0o666))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.lstat(d / "masked").st_mode) == 0o640
+    assert errno_of(os.open, d / "absent", os.O_RDONLY) == errno.ENOENT
+    assert errno_of(os.open, d / "excl" / "x", os.O_RDONLY) == errno.ENOTDIR
+    assert errno_of(os.open, d, os.O_WRONLY) == errno.EISDIR
+    assert errno_of(os.open, d / "excl", os.O_RDONLY | os.O_DIRECTORY) == errno.ENOTDIR
+
+
+def test_read_write_at_offsets_and_across_handles(u: Union):
+    f = u.p("rw", "f")
+    fd = os.open(f, os.O_RDWR)
+    try:
+        assert os.pread(fd, 10, 256) == DATA[256:266]
+        os.pwrite(fd, b"XYZ", 1000)
+        os.pwrite(fd, b"end", len(DATA) + 4096)  # leaves a hole
+        other = os.open(f, os.O_RDONLY)
+        try:
+            assert os.pread(other, 3, 1000) == b"XYZ"
+        finally:
+            os.close(other)
+    finally:
+        os.close(fd)
+    got = f.read_bytes()
+    assert got[:1000] == DATA[:1000] and got[1000:1003] == b"XYZ"
+    assert got[len(DATA):len(DATA) + 4096] == bytes(4096) and got.endswith(b"end")
+    big = os.urandom(1 << 20)
+    u.p("rw", "big").write_bytes(big)
+    assert hashlib.sha256(u.p("rw", "big").read_bytes()).digest() == hashlib.sha256(big).digest()
+
+
+# ------------------------------------------------------------------ directories
+
+
+def test_mkdir_rmdir_unlink_errors(u: Union):
+    d = u.p("dirs")
+    os.mkdir(d / "new", 0o700)
+    assert stat.S_IMODE(os.lstat(d / "new").st_mode) == 0o700
+    assert errno_of(os.mkdir, d / "new") == errno.EEXIST
+    assert errno_of(os.mkdir, d / "full") == errno.EEXIST
+    assert errno_of(os.rmdir, d / "full") == errno.ENOTEMPTY
+    assert errno_of(os.rmdir, d / "file") == errno.ENOTDIR
+    assert errno_of(os.unlink, d / "full") in (errno.EISDIR, errno.EPERM)
+    assert errno_of(os.unlink, d / "absent") == errno.ENOENT
+    assert errno_of(os.mkdir, d / "absent" / "x") == errno.ENOENT
+    os.rmdir(d / "new")
+    os.unlink(d / "full" / "x")
+    os.rmdir(d / "full")
+    assert sorted(os.listdir(d)) == ["file"]
+
+
+# ------------------------------------------------------------------ rename
+
+
+def test_rename_files_and_flags(u: Union):
+    d = u.p("rename")
+    os.rename(d / "a", d / "b")  # lower over lower
+    assert (d / "b").read_text() == "lower-a" and not os.path.lexists(d / "a")
+    assert errno_of(renameat2, d / "c", d / "b", RENAME_NOREPLACE) == errno.EEXIST
+    assert (d / "c").read_text() == "lower-c"
+    renameat2(d / "c", d / "c2", RENAME_NOREPLACE)
+    assert (d / "c2").read_text() == "lower-c" and not os.path.lexists(d / "c")
+    (d / "up").write_text("upper")
+    renameat2(d / "d", d / "up", RENAME_EXCHANGE)  # lower <-> upper
+    assert (d / "d").read_text() == "upper" and (d / "up").read_text() == "lower-d"
+    renameat2(d / "e", d / "dir", RENAME_EXCHANGE)  # file <-> lower dir
+    assert (d / "e").is_dir() and os.listdir(d / "e") == ["in"] and (d / "dir").read_text() == "lower-e"
+    assert errno_of(renameat2, d / "x", d / "missing", RENAME_EXCHANGE) == errno.ENOENT
+    assert errno_of(os.rename, d / "x", d / "e") == errno.EISDIR
+    assert errno_of(os.rename, d / "e", d / "x") == errno.ENOTDIR
+    assert errno_of(os.rename, d / "e", d / "e" / "in2") == errno.EINVAL
+    os.rename(d / "x", d / "x")  # same name: a no-op
+    assert (d / "x").read_text() == "lower-x"
+    assert sorted(os.listdir(d)) == ["b", "c2", "d", "dir", "e", "up", "x"]
+
+
+# ------------------------------------------------------------------ links
+
+
+def test_symlink_and_readlink(u: Union):
+    d = u.p("links")
+    assert os.readlink(d / "lowlink") == "../rw/f"
+    assert stat.S_ISLNK(os.lstat(d / "lowlink").st_mode)
+    long_target = "t" * 1000 + "/x"
+    os.symlink(long_target, d / "long")
+    assert os.readlink(d / "long") == long_target
+    os.symlink("target", d / "rel")
+    assert (d / "rel").read_text() == "t"
+    assert os.lstat(d / "rel").st_size == len("target")
+    assert errno_of(os.readlink, d / "target") == errno.EINVAL
+    assert errno_of(os.symlink, "x", d / "target") == errno.EEXIST
+
+
+def test_hard_links(u: Union):
+    d = u.p("links")
+    os.link(d / "target", d / "second")  # link to a lower file
+    a, b = os.lstat(d / "target"), os.lstat(d / "second")
+    assert a.st_ino == b.st_ino and a.st_nlink == b.st_nlink == 2
+    with open(d / "second", "a") as fh:
+        fh.write("+")
+    assert (d / "target").read_text() == "t+"
+    (d / "up").write_text("u")
+    os.link(d / "up", d / "up2")
+    assert os.lstat(d / "up").st_ino == os.lstat(d / "up2").st_ino
+    os.unlink(d / "up")
+    assert os.lstat(d / "up2").st_nlink == 1 and (d / "up2").read_text() == "u"
+    assert errno_of(os.link, d / "up2", d / "target") == errno.EEXIST
+
+
+# ------------------------------------------------------------------ special files
+
+
+def test_mknod_fifo_socket_and_devices(u: Union):
+    d = u.p("special")
+    os.mkfifo(d / "fifo", 0o640)
+    os.mknod(d / "sockn", stat.S_IFSOCK | 0o600)
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.bind(str(d / "sock"))
+    finally:
+        s.close()
+    os.mknod(d / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    os.mknod(d / "loop", stat.S_IFBLK | 0o600, os.makedev(7, 1))
+    st = {n: os.lstat(d / n) for n in os.listdir(d)}
+    assert stat.S_ISFIFO(st["fifo"].st_mode) and stat.S_IMODE(st["fifo"].st_mode) == 0o640
+    assert stat.S_ISSOCK(st["sockn"].st_mode) and stat.S_ISSOCK(st["sock"].st_mode)
+    assert stat.S_ISCHR(st["null"].st_mode) and st["null"].st_rdev == os.makedev(1, 3)
+    assert stat.S_ISBLK(st["loop"].st_mode) and st["loop"].st_rdev == os.makedev(7, 1)
+    assert errno_of(os.mkfifo, d / "fifo") == errno.EEXIST
+
+
+# ------------------------------------------------------------------ xattrs
+
+
+def test_xattrs_get_set_list_remove(u: Union):
+    f, dd = u.p("xattr", "f"), u.p("xattr", "d")
+    assert os.getxattr(f, "user.lower") == b"L"
+    assert os.getxattr(f, "trusted.lower") == b"T"
+    assert os.getxattr(dd, "user.dirattr") == b"D"
+    os.setxattr(f, "user.new", b"\x00binary\xff")
+    os.setxattr(f, "trusted.new", b"t")
+    os.setxattr(f, "security.fusesnaptest", b"s")
+    os.setxattr(dd, "user.dir2", b"2")
+    assert os.getxattr(f, "user.new") == b"\x00binary\xff"
+    assert os.getxattr(f, "security.fusesnaptest") == b"s"
+    names = set(os.listxattr(f))
+    assert {"user.lower", "trusted.lower", "user.new", "trusted.new", "security.fusesnaptest"} <= names
+    assert not [n for n in names if n.startswith(("trusted.overlay.", "user.overlay.", "user.fuseoverlayfs."))]
+    assert {"user.dirattr", "user.dir2"} <= set(os.listxattr(dd))
+    assert errno_of(os.setxattr, f, "user.new", b"x", os.XATTR_CREATE) == errno.EEXIST
+    assert errno_of(os.setxattr, f, "user.absent", b"x", os.XATTR_REPLACE) == errno.ENODATA
+    os.setxattr(f, "user.new", b"replaced", os.XATTR_REPLACE)
+    assert os.getxattr(f, "user.new") == b"replaced"
+    os.removexattr(f, "user.lower")
+    assert errno_of(os.getxattr, f, "user.lower") == errno.ENODATA
+    assert errno_of(os.removexattr, f, "user.lower") == errno.ENODATA
+    assert "user.lower" not in os.listxattr(f)
+    assert os.getxattr(u.lowers[1] / "xattr" / "f", "user.lower") == b"L", "lower changed"
+    os.setxattr(f, "user.big", b"v" * 1500)
+    assert os.getxattr(f, "user.big") == b"v" * 1500
+
+
+# ------------------------------------------------------------------ statfs, sync, allocation, seek
+
+
+def test_statfs_describes_the_upper_filesystem(u: Union):
+    sv, up = os.statvfs(u.mnt), os.statvfs(u.upper)
+    assert sv.f_namemax == 255
+    assert 0 < sv.f_bavail <= sv.f_bfree <= sv.f_blocks
+    total, up_total = sv.f_blocks * sv.f_frsize, up.f_blocks * up.f_frsize
+    assert abs(total - up_total) <= up_total // 50, (total, up_total)
+    assert sv.f_bsize > 0 and sv.f_frsize > 0
+
+
+def test_fsync_fdatasync_fsyncdir(u: Union):
+    f = u.p("sync", "f")
+    fd = os.open(f, os.O_RDWR | os.O_APPEND)
+    try:
+        os.write(fd, b"!")
+        os.fsync(fd)
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    dfd = os.open(u.p("sync"), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    assert (u.up("sync", "f")).read_bytes() == b"s!"  # data reached the upper after fsync
+
+
+def test_fallocate(u: Union):
+    f = u.p("sync", "alloc")
+    fd = os.open(f, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, b"abc")
+        os.posix_fallocate(fd, 0, 65536)
+        assert os.fstat(fd).st_size == 65536
+        assert os.pread(fd, 10, 0) == b"abc" + bytes(7)
+    finally:
+        os.close(fd)
+
+
+def test_lseek_data_and_hole(u: Union):
+    f = u.p("sync", "sparse")
+    fd = os.open(f, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.pwrite(fd, b"d" * 4096, 0)
+        os.pwrite(fd, b"e" * 4096, 1 << 20)
+        size = os.fstat(fd).st_size
+        assert os.lseek(fd, 0, os.SEEK_DATA) == 0
+        hole = os.lseek(fd, 0, os.SEEK_HOLE)
+        assert 4096 <= hole <= size
+        if hole < size:  # the host reports holes: the next data is the second extent
+            assert hole < os.lseek(fd, hole, os.SEEK_DATA) <= 1 << 20
+        assert errno_of(os.lseek, fd, size, os.SEEK_DATA) == errno.ENXIO
+        assert os.lseek(fd, -10, os.SEEK_END) == size - 10
+    finally:
+        os.close(fd)
+
+
+def test_access_as_root(u: Union):
+    d = u.p("access")
+    assert os.access(d / "ro", os.R_OK) and os.access(d / "ro", os.W_OK)  # root ignores mode bits...
+    assert not os.access(d / "ro", os.X_OK)  # ...except that x needs some x bit
+    assert os.access(d / "x", os.X_OK)
+    assert os.access(d / "none", os.R_OK | os.W_OK)
+    assert os.access(d, os.X_OK | os.W_OK)
+    assert not os.access(d / "absent", os.F_OK)
