@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -99,6 +100,7 @@ PROFILES: dict[str, Profile] = {
         "fuse-overlayfs", mount_fuse_overlayfs,
         {"whiteout": difflowers.WHITEOUT_NOTATIONS, "opaque": ("trusted", "whopq", "user.fuseoverlayfs")},
         allowed_error=lambda op, res: op["op"] == "rename" and res == "EXDEV",
+        dir_mtimes=False,
         why="harness check against a C implementation; may return EXDEV for renames",
     ),
     "kernel": Profile(
@@ -172,51 +174,94 @@ class Batch:
         return str(self.tdirs[2] / s), str(self.kdirs[2] / s), str(self.oracle / s)
 
 
-def run_case(batch: Batch, case: Case, check_every: bool = False) -> tuple[Outcome, difftree.Tree | None]:
-    """Run one seed's ops in lockstep; returns the outcome and the target's final tree."""
-    prof = batch.profile
-    troot, kroot, oroot = batch.roots(case.seed)
-    out = Outcome(case.seed)
-    gen = diffops.Generator(case.seed) if case.ops is None else None
-    n = case.nops if case.ops is None else len(case.ops)
-    kernel_alive = True
-    dm = prof.dir_mtimes
-    for i in range(n):
-        op = gen.next(oroot) if gen is not None else case.ops[i]  # type: ignore[index]
+REMOUNT: diffops.Op = {"op": "remount"}
+
+
+def split_phases(ops: list[diffops.Op]) -> list[list[diffops.Op]]:
+    """Explicit ops cut at their remount markers."""
+    phases: list[list[diffops.Op]] = [[]]
+    for op in ops:
+        if op["op"] == "remount":
+            phases.append([])
+        else:
+            phases[-1].append(op)
+    return phases
+
+
+class SeedRun:
+    """One seed's ops applied in lockstep to target, kernel and oracle."""
+
+    def __init__(self, batch: Batch, case: Case, check_every: bool = False) -> None:
+        self.batch, self.case, self.check_every = batch, case, check_every
+        self.prof = batch.profile
+        self.troot, self.kroot, self.oroot = batch.roots(case.seed)
+        self.out = Outcome(case.seed)
+        self.gen = diffops.Generator(case.seed) if case.ops is None else None
+        self.kernel_alive = True
+        self.done = False  # stops at the first op mismatch: later ops would only echo it
+
+    def snapshot(self, root: str) -> difftree.Tree:
+        return difftree.snapshot(root, self.prof.dir_mtimes)
+
+    def ref(self) -> tuple[str, str]:
+        return (self.kroot, "kernel") if self.kernel_alive else (self.oroot, "oracle")
+
+    def run(self, phase: int | list[diffops.Op]) -> None:
+        n = phase if isinstance(phase, int) else len(phase)
+        for j in range(n):
+            if self.done:
+                return
+            op = self.gen.next(self.oroot) if isinstance(phase, int) else phase[j]  # type: ignore[union-attr]
+            self.step(op)
+
+    def step(self, op: diffops.Op) -> None:
+        out, prof = self.out, self.prof
+        i = len(out.ops)
         out.ops.append(op)
-        t = diffops.apply(op, troot)
+        t = diffops.apply(op, self.troot)
         if t != "ok" and prof.allowed_error(op, t):
             out.results.append((t, None, "skipped"))
             out.notes.append(f"op {i}: {diffops.describe(op)}: {prof.name} gave {t} (allowed), skipped on all")
-            continue
-        k = diffops.apply(op, kroot) if kernel_alive else None
-        o = diffops.apply(op, oroot)
+            return
+        k = diffops.apply(op, self.kroot) if self.kernel_alive else None
+        o = diffops.apply(op, self.oroot)
         out.results.append((t, k, o))
-        if kernel_alive and k != o:
+        if self.kernel_alive and k != o:
             if op["op"] == "rename" and k == "EXDEV":
-                kernel_alive = False
+                self.kernel_alive = False
                 out.notes.append(f"op {i}: kernel gave EXDEV where a plain dir did not: oracle is the reference from here")
             else:
                 out.oracle_notes.append(f"op {i}: {diffops.describe(op)}: kernel={k} oracle={o}")
-        ref, ref_name = (k, "kernel") if kernel_alive else (o, "oracle")
+        ref = k if self.kernel_alive else o
+        ref_name = self.ref()[1]
         if t != ref:
             out.failures.append(f"op {i}: {diffops.describe(op)}: {prof.name}={t} {ref_name}={ref}")
-            return out, None
-        if check_every:
-            diffs = difftree.compare(difftree.snapshot(kroot if kernel_alive else oroot, dm),
-                                     difftree.snapshot(troot, dm), ref_name, prof.name)
+            self.done = True
+        elif self.check_every:
+            diffs = difftree.compare(self.snapshot(self.ref()[0]), self.snapshot(self.troot), ref_name, prof.name)
             if diffs:
                 out.failures.append(f"after op {i}: {diffops.describe(op)}: trees differ: " + "; ".join(diffs[:5]))
-                return out, None
-    ttree = difftree.snapshot(troot, dm)
-    otree = difftree.snapshot(oroot, dm)
-    if kernel_alive:
-        ktree = difftree.snapshot(kroot, dm)
-        out.oracle_notes += [f"final tree: {d}" for d in difftree.compare(ktree, otree, "kernel", "oracle")]
-        out.failures += [f"final tree: {d}" for d in difftree.compare(ktree, ttree, "kernel", prof.name)]
-    else:
-        out.failures += [f"final tree: {d}" for d in difftree.compare(otree, ttree, "oracle", prof.name)]
-    return out, ttree
+                self.done = True
+
+    def remounted(self, before: difftree.Tree) -> None:
+        """Record the remount in the op list and check the tree survived it."""
+        self.out.ops.append(dict(REMOUNT))
+        self.out.results.append(("ok", "ok", "ok"))
+        diffs = difftree.compare(before, self.snapshot(self.troot), "before", "after")
+        if diffs:
+            self.out.failures += [f"after remount: {d}" for d in diffs]
+            self.done = True
+
+    def finish(self) -> None:
+        if self.done:
+            return
+        ttree, otree = self.snapshot(self.troot), self.snapshot(self.oroot)
+        if self.kernel_alive:
+            ktree = self.snapshot(self.kroot)
+            self.out.oracle_notes += [f"final tree: {d}" for d in difftree.compare(ktree, otree, "kernel", "oracle")]
+            self.out.failures += [f"final tree: {d}" for d in difftree.compare(ktree, ttree, "kernel", self.prof.name)]
+        else:
+            self.out.failures += [f"final tree: {d}" for d in difftree.compare(otree, ttree, "oracle", self.prof.name)]
 
 
 @contextlib.contextmanager
@@ -235,27 +280,42 @@ def workspace(parent: str | os.PathLike | None = None) -> Iterator[Path]:
 
 def run_batch(cases: list[Case], profile: Profile, parent: str | os.PathLike | None = None,
               persistence: bool = True, check_every: bool = False) -> list[Outcome]:
-    """Run cases side by side in one mount pair, then check persistence across a remount."""
+    """Run cases side by side in one mount pair.
+
+    Generated cases run 60% of their ops, the target is remounted (its trees must
+    not change), the rest of the ops run on the remounted target, the final trees
+    are compared, and a last remount must again show the same trees. Explicit op
+    lists (replays) remount wherever they hold a {"op": "remount"} marker.
+    """
     with workspace(parent) as base:
         batch = Batch(cases, profile, base)
         batch.mount()
         try:
-            outs: list[Outcome] = []
-            trees: dict[int, difftree.Tree] = {}
+            runs = [SeedRun(batch, c, check_every) for c in cases]
+            plans: list[list[int | list[diffops.Op]]] = []
             for c in cases:
-                o, tree = run_case(batch, c, check_every)
-                outs.append(o)
-                if tree is not None:
-                    trees[c.seed] = tree
-            if persistence:
-                umount_any(batch.tdirs[2])
-                batch.mount_target()
-                for o in outs:
-                    if o.seed in trees:
-                        again = difftree.snapshot(batch.roots(o.seed)[0], profile.dir_mtimes)
-                        o.failures += [f"after remount: {d}" for d in
-                                       difftree.compare(trees[o.seed], again, "before", "after")]
-            return outs
+                if c.ops is not None:
+                    plans.append(list(split_phases(c.ops)))
+                elif persistence:
+                    first = (c.nops * 3) // 5
+                    plans.append([first, c.nops - first, 0])
+                else:
+                    plans.append([c.nops])
+            nphases = max(len(p) for p in plans)
+            for ph in range(nphases):
+                if ph > 0:
+                    live = [r for r in runs if not r.done]
+                    before = {id(r): r.snapshot(r.troot) for r in live}
+                    umount_any(batch.tdirs[2])
+                    batch.mount_target()
+                    for r in live:
+                        r.remounted(before[id(r)])
+                for r, plan in zip(runs, plans):
+                    if ph < len(plan):
+                        r.run(plan[ph])
+            for r in runs:
+                r.finish()
+            return [r.out for r in runs]
         finally:
             batch.unmount()
 
@@ -276,9 +336,32 @@ def run_seeds(seeds: list[int], profile: Profile, batch_size: int = 50, nops: in
 # ---------------------------------------------------------------- minimizing
 
 
-def _fails(case: Case, profile: Profile, persistence: bool) -> Outcome | None:
+def signature(failure: str) -> str:
+    """What kind of failure a report line is, so minimizing keeps chasing the same bug:
+    'op:<op>:<target result>' for an op mismatch, '<phase>:<fields>' for trees."""
+    if failure.startswith("op "):
+        head, _, results = failure.partition(": ")
+        opname = results.split(" ", 1)[0]
+        got = results.rsplit(" ", 2)[-2].split("=", 1)[-1] if results.count("=") >= 2 else ""
+        return f"op:{opname}:{got.split(':', 1)[0]}"
+    phase, _, rest = failure.partition(": ")
+    if rest.startswith("hard-link groups"):
+        return f"{phase}:links"
+    if " only in " in rest:
+        return f"{phase}:only-in"
+    if rest.startswith("after op"):
+        return "tree-after-op"
+    fields = sorted(set(re.findall(r"(?:: |, )(kind|mode|uid|gid|mtime|size|sha|target|xattrs|rdev) \S+=", rest)))
+    return f"{phase}:{'/'.join(fields) or rest[:40]}"
+
+
+def _fails(case: Case, profile: Profile, persistence: bool, want: str | None = None) -> Outcome | None:
     out = run_batch([case], profile, persistence=persistence)[0]
-    return out if out.failed else None
+    if not out.failed:
+        return None
+    if want is not None and want not in {signature(f) for f in out.failures}:
+        return None
+    return out
 
 
 def minimize(case: Case, profile: Profile, persistence: bool = True,
@@ -287,6 +370,12 @@ def minimize(case: Case, profile: Profile, persistence: bool = True,
     first = _fails(case, profile, persistence)
     if first is None:
         raise ValueError(f"seed {case.seed} does not fail")
+    want = signature(first.failures[0])
+    log(f"seed {case.seed}: minimizing for failure kind {want!r}")
+
+    def fails(c: Case) -> Outcome | None:
+        return _fails(c, profile, persistence, want)
+
     ops = list(first.ops)
     best = first
     # an op-level mismatch ends the run at that op: the prefix is already minimal
@@ -294,7 +383,7 @@ def minimize(case: Case, profile: Profile, persistence: bool = True,
         lo, hi = 0, len(ops)  # ops[:hi] fails; find the smallest such hi
         while lo < hi:
             mid = (lo + hi) // 2
-            r = _fails(Case(case.seed, case.lowers, ops[:mid]), profile, persistence)
+            r = fails(Case(case.seed, case.lowers, ops[:mid]))
             if r is not None:
                 hi, best = mid, r
             else:
@@ -311,27 +400,32 @@ def minimize(case: Case, profile: Profile, persistence: bool = True,
             i = len(ops) - chunk
             while i >= 0:
                 trial = ops[:i] + ops[i + chunk:]
-                r = _fails(Case(case.seed, case.lowers, trial), profile, persistence)
+                r = fails(Case(case.seed, case.lowers, trial))
                 if r is not None:
                     ops, best, changed = trial, r, True
                 i -= chunk
             chunk //= 2
     log(f"seed {case.seed}: {len(ops)} ops after removal")
     lowers = [list(layer) for layer in case.lowers]
-    for j in range(len(lowers)):
-        for e in list(reversed(lowers[j])):
-            if not e["path"]:
-                continue
-            layer = lowers[j]
-            if any(x["path"].startswith(e["path"] + "/") for x in layer):
-                continue
-            if any(x["kind"] == "link" and x["target"] == e["path"] for x in layer):
-                continue
-            trial_layer = [x for x in layer if x is not e]
-            trial = lowers[:j] + [trial_layer] + lowers[j + 1:]
-            r = _fails(Case(case.seed, trial, ops), profile, persistence)
-            if r is not None:
-                lowers, best = trial, r
+    changed = True
+    while changed:
+        changed = False
+        for j in reversed(range(len(lowers))):
+            if len(lowers) > 1:
+                r = fails(Case(case.seed, lowers[:j] + lowers[j + 1:], ops))
+                if r is not None:
+                    lowers, best, changed = lowers[:j] + lowers[j + 1:], r, True
+                    continue
+            for e in list(reversed(lowers[j])):
+                layer = lowers[j]
+                if not e["path"] or any(x["path"].startswith(e["path"] + "/") for x in layer):
+                    continue
+                if any(x["kind"] == "link" and x["target"] == e["path"] for x in layer):
+                    continue
+                trial = lowers[:j] + [[x for x in layer if x is not e]] + lowers[j + 1:]
+                r = fails(Case(case.seed, trial, ops))
+                if r is not None:
+                    lowers, best, changed = trial, r, True
     n_entries = sum(len(layer) for layer in lowers)
     log(f"seed {case.seed}: {n_entries} lower entries after removal")
     return Case(case.seed, lowers, ops), best

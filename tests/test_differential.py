@@ -125,7 +125,9 @@ def test_harness_detects_op_result_differences(shared_tmp):
         try:
             troot, kroot, oroot = batch.roots(1)
             assert diffops.apply(case.ops[0], kroot) == diffops.apply(case.ops[0], oroot) == "ok"
-            out, _ = diffrun.run_case(batch, diffrun.Case(1, case.lowers, case.ops[1:]))
+            run = diffrun.SeedRun(batch, diffrun.Case(1, case.lowers, case.ops[1:]))
+            run.run(case.ops[1:])
+            out = run.out
         finally:
             batch.unmount()
     assert out.failed and "stat" in out.failures[0] and "ENOENT" in out.failures[0]
