@@ -57,6 +57,12 @@ def syncfs(path: Path) -> None:
         os.close(fd)
 
 
+def crash_point(name: str) -> None:
+    """Test hook: FUSESNAP_CRASH_AT=<name> kills this process with SIGKILL at that point of an import."""
+    if os.environ.get("FUSESNAP_CRASH_AT") == name:
+        os.kill(os.getpid(), 9)
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -251,14 +257,17 @@ class LayerStore:
             entriesfile.write_entries(stage / ENTRIES, ex.records)
             diff_id = ls.diff_id
             chain = compute_chain_id(parent, diff_id)
+            crash_point("staged")
             syncfs(stage)
             with self._chain_lock(chain):
                 if not self.exists(chain):
                     target = self.layer_dir(chain)
                     if target.exists():  # leftover of a crash between rename and commit
                         self._trash(target)
+                    crash_point("before-rename")
                     os.rename(stage, target)
                     fsync_dir(self.layers_dir)
+                    crash_point("after-rename")
                     self._insert(chain, diff_id, parent, ex.diff_size, ls.size, labels)
                 elif labels:
                     self.set_labels(chain, labels)
@@ -362,6 +371,7 @@ class LayerStore:
                 c.execute("DELETE FROM layers WHERE chain_id=?", (chain,))
                 if not c.execute("SELECT 1 FROM layers WHERE diff_id=?", (diff[0],)).fetchone():
                     c.execute("DELETE FROM compressed_digests WHERE diff_id=?", (diff[0],))
+            crash_point("rm-after-commit")
             self._trash(self.layer_dir(chain))
 
     def _trash(self, path: Path) -> None:
@@ -369,6 +379,7 @@ class LayerStore:
             return
         t = self.trash_dir / f"{path.name}-{secrets.token_hex(4)}"
         os.rename(path, t)
+        crash_point("in-trash")
         rmtree(t)
 
     def gc(self) -> list[str]:
