@@ -1,0 +1,124 @@
+"""Where lower layers come from: a plain directory or a store layer's index.
+
+A LowerSource yields the LayerEntry records of ONE layer, in any order, with
+the metadata the merged view must present (not necessarily the host file's).
+Whiteouts come as `.wh.NAME` entries or char 0/0 devices, opaque directories as
+`.wh..wh..opq` entries or opaque xattrs; lowertree interprets them.
+"""
+
+from __future__ import annotations
+
+import os
+import stat as S
+from pathlib import Path
+from typing import Iterable, Iterator, Protocol, runtime_checkable
+
+from fusesnap.layerentry import LayerEntry
+from fusesnap.fs import upperformat as uf
+
+
+@runtime_checkable
+class LowerSource(Protocol):
+    data_root: Path
+    """Directory that the `data` paths of 'reg' entries are relative to."""
+
+    def entries(self) -> Iterable[LayerEntry]: ...
+
+
+_KIND = {S.S_IFREG: "reg", S.S_IFDIR: "dir", S.S_IFLNK: "sym", S.S_IFCHR: "chr",
+         S.S_IFBLK: "blk", S.S_IFIFO: "fifo", S.S_IFSOCK: "sock"}  # "sock": host sockets only (tars hold none)
+
+
+def _read_xattrs(path: bytes) -> dict[bytes, bytes] | None:
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return None
+    if not names:
+        return None
+    out = {}
+    for n in names:
+        try:
+            out[os.fsencode(n)] = os.getxattr(path, n, follow_symlinks=False)
+        except OSError:
+            pass
+    return out or None
+
+
+class DirLower:
+    """A plain host directory as a layer (the fuse-overlayfs front end's lowerdir).
+
+    Presents host metadata, corrected by a `user.containers.override_stat`
+    (or fuse-overlayfs') xattr when the directory was written rootless."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.data_root = Path(path)
+        if not self.data_root.is_dir():
+            raise NotADirectoryError(f"lower directory {str(path)!r} does not exist or is not a directory")
+
+    def entries(self) -> Iterator[LayerEntry]:
+        root = os.fsencode(self.data_root)
+        seen: dict[tuple[int, int], bytes] = {}
+        st = os.lstat(root)
+        yield LayerEntry(b".", "dir", st.st_mode & 0o7777, st.st_uid, st.st_gid, st.st_mtime_ns,
+                         xattrs=_read_xattrs(root) or {})
+        stack: list[bytes] = [b""]
+        while stack:
+            rel = stack.pop()
+            base = root + b"/" + rel if rel else root
+            try:
+                it = os.scandir(base)
+            except OSError:
+                continue
+            with it:
+                for de in it:
+                    name = de.name
+                    relp = rel + b"/" + name if rel else name
+                    st = de.stat(follow_symlinks=False)
+                    full = de.path
+                    xattrs = _read_xattrs(full)
+                    mode = st.st_mode
+                    uid, gid, rdev = st.st_uid, st.st_gid, st.st_rdev
+                    if xattrs:
+                        ov = None
+                        for k in uf.OVERRIDE_XATTRS:
+                            if k in xattrs:
+                                ov = uf.parse_override(xattrs[k])
+                                if ov is not None:
+                                    break
+                        if ov is not None:
+                            p = uf.presented_stat(st, ov)
+                            mode, uid, gid, rdev = p.mode, p.uid, p.gid, p.rdev
+                    fmt = S.S_IFMT(mode)
+                    kind = _KIND.get(fmt, "reg")
+                    if fmt == S.S_IFDIR:
+                        stack.append(relp)
+                    if S.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                        key = (st.st_dev, st.st_ino)
+                        first = seen.get(key)
+                        if first is not None:
+                            yield LayerEntry(relp, "hard", mode & 0o7777, uid, gid, st.st_mtime_ns,
+                                             linkname=first)
+                            continue
+                        seen[key] = relp
+                    yield LayerEntry(
+                        path=relp, kind=kind, mode=mode & 0o7777, uid=uid, gid=gid,
+                        mtime_ns=st.st_mtime_ns,
+                        size=st.st_size if fmt == S.S_IFREG else 0,
+                        linkname=os.readlink(full) if fmt == S.S_IFLNK else b"",
+                        devmajor=os.major(rdev) if fmt in (S.S_IFCHR, S.S_IFBLK) else 0,
+                        devminor=os.minor(rdev) if fmt in (S.S_IFCHR, S.S_IFBLK) else 0,
+                        xattrs=xattrs if xattrs is not None else {},
+                        data=relp if fmt == S.S_IFREG else None,
+                    )
+
+
+class IndexLower:
+    """A store layer: entries from its index (tar metadata), content under fs_dir."""
+
+    def __init__(self, entries: Iterable[LayerEntry], fs_dir: str | os.PathLike) -> None:
+        self._entries = entries
+        self.data_root = Path(fs_dir)
+
+    def entries(self) -> Iterable[LayerEntry]:
+        return self._entries

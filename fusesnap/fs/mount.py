@@ -1,0 +1,131 @@
+"""Mounting a Union with pyfuse3: foreground or daemonized once the mount is live."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from fusesnap.errors import FusesnapError
+from fusesnap.fs.lowertree import LowerTree
+from fusesnap.fs.operations import Operations
+from fusesnap.fs.options import MountOptions
+from fusesnap.fs.union import Union
+
+
+def fuse_options(union: Union, opts: MountOptions) -> set[str]:
+    o = {f"fsname={opts.fsname}", "subtype=fusesnap"}
+    if opts.default_permissions:
+        o.add("default_permissions")
+    allow_other = opts.allow_other if opts.allow_other is not None else os.geteuid() == 0
+    if allow_other:
+        o.add("allow_other")
+    if union.readonly:
+        o.add("ro")
+    o.update(opts.fuse_options)
+    return o
+
+
+def mount(tree: LowerTree, upper: Path | str | None, work: Path | str | None,
+          mountpoint: Path | str, opts: MountOptions | None = None, foreground: bool = False) -> int:
+    """Mount; return 0 once the mount is live (the daemon keeps serving), else 1.
+
+    With foreground=True, serve in this process until unmounted and return then."""
+    opts = opts or MountOptions()
+    mountpoint = os.path.abspath(mountpoint)
+    try:
+        if not os.path.isdir(mountpoint):
+            raise FusesnapError(f"mountpoint {mountpoint!r} does not exist or is not a directory")
+        union = Union(tree, upper, work, opts)
+    except (OSError, FusesnapError) as e:
+        print(f"fusesnap: cannot mount {mountpoint}: {e}", file=sys.stderr)
+        return 1
+    ops = Operations(union)
+    fopts = fuse_options(union, opts)
+    if foreground:
+        return _serve(ops, mountpoint, fopts, None, opts.debug)
+    r, w = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(r)
+            os.setsid()
+            code = _serve(ops, mountpoint, fopts, w, opts.debug)
+        finally:
+            os._exit(code)
+    os.close(w)
+    chunks = []
+    while True:
+        b = os.read(r, 4096)
+        if not b:
+            break
+        chunks.append(b)
+    os.close(r)
+    msg = b"".join(chunks)
+    if msg.startswith(b"ok"):
+        return 0
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+    reason = msg.decode(errors="replace").strip() or "the filesystem daemon exited before the mount was live"
+    print(f"fusesnap: cannot mount {mountpoint}: {reason}", file=sys.stderr)
+    return 1
+
+
+def _serve(ops: Operations, mountpoint: str, fopts: set[str], notify_fd: int | None, debug: bool) -> int:
+    os.umask(0)
+    try:
+        pyfuse3.init(ops, mountpoint, fopts)
+    except Exception as e:
+        reason = f"{e} (options: {','.join(sorted(fopts))})"
+        if notify_fd is not None:
+            os.write(notify_fd, reason.encode())
+            os.close(notify_fd)
+        else:
+            print(f"fusesnap: cannot mount {mountpoint}: {reason}", file=sys.stderr)
+        return 1
+    if notify_fd is not None:
+        os.write(notify_fd, b"ok")
+        os.close(notify_fd)
+        if not debug:
+            devnull = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(devnull, fd)
+            os.close(devnull)
+    state = {"signalled": False}
+
+    async def main() -> None:
+        async with trio.open_nursery() as n:
+            async def watch() -> None:
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+                    async for _ in sigs:
+                        state["signalled"] = True
+                        pyfuse3.terminate()
+                        return
+            n.start_soon(watch)
+            await pyfuse3.main()
+            n.cancel_scope.cancel()
+
+    code = 0
+    try:
+        trio.run(main)
+    except BaseException as e:   # keep the kernel connection from hanging
+        code = 1
+        if debug:
+            import traceback
+            traceback.print_exc()
+        state["signalled"] = True
+    finally:
+        try:
+            pyfuse3.close(unmount=state["signalled"])
+        except Exception:
+            pass
+    return code

@@ -1,0 +1,328 @@
+"""pyfuse3 glue: map requests onto Union, OSError onto FUSEError, add caching hints.
+
+Kept deliberately thin: every handler is a few lines, synchronous work stays
+synchronous (no thread hop per request) and only big copy-ups leave the loop.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat as S
+
+import pyfuse3
+import trio
+
+from fusesnap.fs.copyup import BIG, copy_data
+from fusesnap.fs.inodes import Inode
+from fusesnap.fs.union import Union
+
+FUSEError = pyfuse3.FUSEError
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+
+    def __init__(self, union: Union) -> None:
+        super().__init__()
+        self.u = union
+        self.timeout = union.timeout
+        self.dirs: dict[int, list] = {}
+        self.next_dh = 1
+        self.noxattrs = union.opts.noxattrs
+        self.fsync_enabled = union.opts.fsync
+
+    # ------------------------------------------------------------------ helpers
+    def _entry(self, i: Inode) -> pyfuse3.EntryAttributes:
+        a = self.u.attr(i)
+        i.lookups += 1
+        return a
+
+    def _neg(self) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = 0
+        a.entry_timeout = self.timeout
+        return a
+
+    async def _copy_up(self, i: Inode, data: bool = True) -> None:
+        """Copy-up; big files copy their data in a worker thread so the loop keeps serving."""
+        while i.busy is not None:
+            await i.busy.wait()
+        if i.upper:
+            return
+        u = self.u
+        if not data or i.kind != S.S_IFREG or i.lower is None or i.lower.size < BIG:
+            u.copy_up(i, data)
+            return
+        # parents first (cheap), then this file's data off the loop
+        if i.parent is not None and not i.parent.upper:
+            u.copy_up(i.parent)
+        ev = i.busy = trio.Event()
+        try:
+            job = u.begin_copy_up(i, data)
+            if job is not None:
+                try:
+                    await trio.to_thread.run_sync(copy_data, job.src_fd, job.dst_fd, job.size)
+                except BaseException:
+                    u.abort_copy_up(job)
+                    raise
+                u.finish_copy_up(job)
+        finally:
+            i.busy = None
+            ev.set()
+
+    def _inode(self, ino: int) -> Inode:
+        i = self.u.inodes.get(ino)
+        if i is None:
+            raise FUSEError(errno.ESTALE)
+        return i
+
+    # ------------------------------------------------------------------ lookups
+    async def lookup(self, parent_inode, name, ctx=None):
+        try:
+            i = self.u.lookup(self._inode(parent_inode), name)
+        except OSError as e:
+            raise FUSEError(e.errno) from None
+        if i is None:
+            return self._neg()
+        return self._entry(i)
+
+    async def forget(self, inode_list):
+        f = self.u.forget
+        for ino, n in inode_list:
+            f(ino, n)
+
+    async def getattr(self, inode, ctx=None):
+        try:
+            return self.u.attr(self._inode(inode))
+        except OSError as e:
+            raise FUSEError(e.errno) from None
+
+    async def readlink(self, inode, ctx):
+        try:
+            return self.u.readlink(self._inode(inode))
+        except OSError as e:
+            raise FUSEError(e.errno) from None
+
+    # ------------------------------------------------------------------ directories
+    async def opendir(self, inode, ctx):
+        i = self._inode(inode)
+        if not i.is_dir:
+            raise FUSEError(errno.ENOTDIR)
+        dh = self.next_dh
+        self.next_dh += 1
+        self.dirs[dh] = [i, None]
+        return dh
+
+    async def readdir(self, fh, start_id, token):
+        h = self.dirs[fh]
+        d = h[0]
+        u = self.u
+        try:
+            if start_id == 0 or h[1] is None:
+                h[1] = u.listing(d)
+            ents = h[1]
+            kids = d.kids
+            reply = pyfuse3.readdir_reply
+            if start_id == 0:
+                if not reply(token, b".", u.attr(d), 1):
+                    return
+                start_id = 1
+            if start_id == 1:
+                p = d.parent if d.parent is not None else d
+                if not reply(token, b"..", u.attr(p), 2):
+                    return
+                start_id = 2
+            for idx in range(start_id - 2, len(ents)):
+                name, i = ents[idx]
+                if kids.get(name) is not i:
+                    continue
+                if not reply(token, name, u.attr(i), idx + 3):
+                    return
+                i.lookups += 1
+        except OSError as e:
+            raise FUSEError(e.errno) from None
+
+    async def releasedir(self, fh):
+        self.dirs.pop(fh, None)
+
+    async def fsyncdir(self, fh, datasync):
+        h = self.dirs.get(fh)
+        if h is None or not h[0].upper or not self.fsync_enabled:
+            return
+        try:
+            fd = os.open(self.u.up(h[0]), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise FUSEError(e.errno) from None
+
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        try:
+            return self._entry(self.u.mkdir(self._inode(parent_inode), name, mode, ctx))
+        except OSError as e:
+            raise FUSEError(e.errno) from None
+
+    async def rmdir(self, parent_inode, name, ctx):
+        try:
+            self.u.rmdir(self._inode(parent_inode), name)
+        except OSError as e:
+            raise FUSEError(e.errno) from None
+
+    async def unlink(self, parent_inode, name, ctx):
+        try:
+            self.u.unlink(self._inode(parent_inode), name)
+        except OSError as e:
+            raise FUSEError(e.errno) from None
+
+    async def symlink(self, parent_inode, name, target, ctx):
+        try:
+            return self._entry(self.u.symlink(self._inode(parent_inode), name, target, ctx))
+        except OSError as e:
+            raise FUSEError(e.errno) from None
+
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        try:
+            return self._entry(self.u.mknod(self._inode(parent_inode), name, mode, rdev, ctx))
+        except OSError as e:
+            raise FUSEError(e.errno) from None
+
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        try:
+            i = self._inode(inode)
+            await self._copy_up(i)
+            return self._entry(self.u.link(i, self._inode(new_parent_inode), new_name))
+        except OSError as e:
+            raise FUSEError(e.errno) from None
+
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        try:
+            od = self._inode(parent_inode_old)
+            src = self.u.lookup(od, name_old)
+            if src is not None and not src.is_dir:
+                await self._copy_up(src)
+            self.u.rename(od, name_old, self._inode(parent_inode_new), name_new, flags)
+        except OSError as e:
+            raise FUSEError(e.errno) from None
+
+    # ------------------------------------------------------------------ files
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        try:
+            fd, i = self.u.create(self._inode(parent_inode), name, mode, flags, ctx)
+        except OSError as e:
+            raise FUSEError(e.errno) from None
+        return pyfuse3.FileInfo(fh=fd, keep_cache=True), self._entry(i)
+
+    async def open(self, inode, flags, ctx):
+        try:
+            i = self._inode(inode)
+            if (flags & os.O_ACCMODE != os.O_RDONLY) and not (flags & os.O_TRUNC) and not i.upper:
+                self.u._writable()
+                await self._copy_up(i)
+            fd = self.u.open(i, flags)
+        except OSError as e:
+            raise FUSEError(e.errno) from None
+        return pyfuse3.FileInfo(fh=fd, keep_cache=True)
+
+    async def read(self, fh, off, size):
+        try:
+            return os.pread(fh, size, off)
+        except OSError as e:
+            raise FUSEError(e.errno) from None
+
+    async def write(self, fh, off, buf):
+        try:
+            return os.pwrite(fh, buf, off)
+        except OSError as e:
+            raise FUSEError(e.errno) from None
+
+    async def flush(self, fh):
+        # writes go straight to the host file: nothing to flush. ENOSYS makes the
+        # kernel stop sending FLUSH on every close().
+        raise FUSEError(errno.ENOSYS)
+
+    async def release(self, fh):
+        try:
+            self.u.release(fh)
+        except OSError as e:
+            raise FUSEError(e.errno) from None
+
+    async def fsync(self, fh, datasync):
+        if not self.fsync_enabled:
+            return
+        try:
+            if datasync:
+                os.fdatasync(fh)
+            else:
+                os.fsync(fh)
+        except OSError as e:
+            raise FUSEError(e.errno) from None
+
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        try:
+            i = self._inode(inode)
+            if not i.upper and not (fields.update_size and attr.st_size == 0):
+                await self._copy_up(i)
+            self.u.setattr(i, fields, attr, fh)
+            return self.u.attr(i)
+        except OSError as e:
+            raise FUSEError(e.errno) from None
+
+    async def access(self, inode, mode, ctx):
+        return True
+
+    async def statfs(self, ctx):
+        try:
+            v = self.u.statfs()
+        except OSError as e:
+            raise FUSEError(e.errno) from None
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = v.f_bsize
+        s.f_frsize = v.f_frsize
+        s.f_blocks = v.f_blocks
+        s.f_bfree = v.f_bfree
+        s.f_bavail = v.f_bavail
+        s.f_files = v.f_files
+        s.f_ffree = v.f_ffree
+        s.f_favail = v.f_favail
+        s.f_namemax = 255
+        return s
+
+    # ------------------------------------------------------------------ xattrs
+    async def getxattr(self, inode, name, ctx):
+        if self.noxattrs:
+            raise FUSEError(errno.ENOSYS)
+        try:
+            return self.u.getxattr(self._inode(inode), name)
+        except OSError as e:
+            raise FUSEError(e.errno) from None
+
+    async def listxattr(self, inode, ctx):
+        if self.noxattrs:
+            raise FUSEError(errno.ENOSYS)
+        try:
+            return self.u.listxattr(self._inode(inode))
+        except OSError as e:
+            raise FUSEError(e.errno) from None
+
+    async def setxattr(self, inode, name, value, ctx):
+        if self.noxattrs:
+            raise FUSEError(errno.ENOSYS)
+        try:
+            i = self._inode(inode)
+            await self._copy_up(i)
+            self.u.setxattr(i, name, value)
+        except OSError as e:
+            raise FUSEError(e.errno) from None
+
+    async def removexattr(self, inode, name, ctx):
+        if self.noxattrs:
+            raise FUSEError(errno.ENOSYS)
+        try:
+            i = self._inode(inode)
+            self.u.removexattr(i, name)
+        except OSError as e:
+            raise FUSEError(e.errno) from None
