@@ -28,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib.build import DEFAULT_CACHE, SCALES, build, describe  # noqa: E402
+from benchlib.profile import find_pyspy, summarize  # noqa: E402
 from benchlib.report import as_json, table  # noqa: E402
 from benchlib.runner import Options, Runner, log  # noqa: E402
 from benchlib.sysutil import BenchError, is_root, rmtree  # noqa: E402
@@ -50,6 +51,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fusesnap-bin", type=Path, default=None, help="directory holding fusesnap and fusesnap-overlay")
     p.add_argument("--timeout", type=float, default=None, help="seconds before a step counts as hung (default 900)")
     p.add_argument("--no-drop-caches", action="store_true", help="cold steps without dropping caches (tests)")
+    p.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                   help="after each workload, one extra unrecorded run of the fusesnap targets under py-spy; "
+                        "raw profiles and a summary go to DIR")
     p.add_argument("--build-only", action="store_true", help="build the workloads and exit")
     p.add_argument("--list", action="store_true", help="list workloads and exit")
     args = p.parse_args(argv)
@@ -134,7 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         if why:
             log(f"target {t.name}: n/a: {why}")
     timeout = args.timeout or (900.0 if args.scale == "full" else 120.0)
-    runner = Runner(ws, targets, Options(args.runs, drop, timeout, scratch), expect)
+    pyspy = find_pyspy() if args.profile else None
+    if args.profile and not pyspy:
+        log("--profile: py-spy not found (pip install py-spy); not profiling")
+    runner = Runner(ws, targets, Options(args.runs, drop, timeout, scratch, args.profile, pyspy), expect)
     try:
         results = runner.run(workloads)
     finally:
@@ -146,6 +153,12 @@ def main(argv: list[str] | None = None) -> int:
           f"({'cold = caches dropped before the step' if drop else 'caches NOT dropped'}); "
           "ratios are cost ratios (> 1.0 = slower or bigger than the reference; ↑ = higher is better)\n")
     print(md)
+    if args.profile and pyspy and args.profile.is_dir():
+        summary = []
+        for raw in sorted(args.profile.glob("*--*.txt")):
+            summary.append(f"### {raw.stem.replace('--', ' on ')}\n\n{summarize(raw)}")
+        (args.profile / "SUMMARY.md").write_text("\n".join(summary))
+        log(f"profiles in {args.profile}, summary in {args.profile / 'SUMMARY.md'}")
     if args.json:
         data = json.dumps(as_json(workloads, titles, results, args.targets, meta), indent=1)
         if args.json == "-":

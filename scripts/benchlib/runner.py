@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .build import Workset
+from .profile import Recorder
 from .sysutil import BenchError, abort_fuse, call_with_timeout, drop_caches, rmtree
 from .targets import Mounted, Target
 from .workloads import POST_CHECKS, Ctx, Workload
@@ -33,6 +34,8 @@ class Options:
     drop: bool  # really drop caches for cold steps
     timeout: float
     scratch: Path
+    profile_dir: Path | None = None  # py-spy one extra run per fusesnap target into here
+    pyspy: str | None = None
 
 
 def log(msg: str) -> None:
@@ -141,10 +144,25 @@ class Runner:
                     for t in self._order(rep):
                         if self.results[w.name][t.name].error is None:
                             self._one(w, t, mounts[t.name])
+                for t in self._profiled(w):
+                    with self._recorder(w, t, mounts[t.name]):
+                        self._one(w, t, mounts[t.name], record=False)
         finally:
             for t in self.targets:
                 if t.name in mounts:
                     self._unmount(t, mounts[t.name])
+
+    def _profiled(self, w: Workload) -> list[Target]:
+        if self.opts.profile_dir is None or not self.opts.pyspy:
+            return []
+        return [t for t in self._active(w) if t.name.startswith("fusesnap")]
+
+    def _recorder(self, w: Workload, t: Target, m: Mounted) -> Recorder:
+        if m.pid is None:
+            raise BenchError("daemon process not found")
+        assert self.opts.profile_dir is not None and self.opts.pyspy is not None
+        self.opts.profile_dir.mkdir(parents=True, exist_ok=True)
+        return Recorder(self.opts.pyspy, m.pid, self.opts.profile_dir / f"{w.name}--{t.name}.txt")
 
     def _one(self, w: Workload, t: Target, m: Mounted, record: bool = True) -> None:
         try:
@@ -161,29 +179,41 @@ class Runner:
         log(f"{w.name} ({w.stack}): {self.opts.runs} runs")
         for rep in range(self.opts.runs):
             for t in self._order(rep):
-                if self.results[w.name][t.name].error is not None:
-                    continue
-                scratch = self._scratch(t, w.name)
-                m: Mounted | None = None
+                if self.results[w.name][t.name].error is None:
+                    self._fresh_once(w, t)
+        for t in self._profiled(w):
+            if w.kind == "rw":
+                self._fresh_once(w, t, profile=True)
+
+    def _fresh_once(self, w: Workload, t: Target, profile: bool = False) -> None:
+        scratch = self._scratch(t, w.name)
+        m: Mounted | None = None
+        try:
+            if w.kind == "rw":
                 try:
-                    if w.kind == "rw":
-                        try:
-                            m = self._mount(t, w.stack, True, w.name)
-                        except Exception as e:  # noqa: BLE001
-                            raise BenchError(f"mount failed: {e}") from e
-                    else:
-                        scratch.mkdir(parents=True)
-                        m = Mounted(root=scratch, scratch=scratch)
-                    c = Ctx(m, t, self.ws, m.scratch, self.expect)
-                    if w.setup:
-                        w.setup(c)
-                    self.results[w.name][t.name].runs.append(self._timed(w, c))
+                    m = self._mount(t, w.stack, True, w.name)
                 except Exception as e:  # noqa: BLE001
-                    self._fail(w, t, e)
-                finally:
-                    if m is not None and w.kind == "rw":
-                        self._unmount(t, m)
-                    rmtree(scratch)
+                    raise BenchError(f"mount failed: {e}") from e
+            else:
+                scratch.mkdir(parents=True)
+                m = Mounted(root=scratch, scratch=scratch)
+            c = Ctx(m, t, self.ws, m.scratch, self.expect)
+            if w.setup:
+                w.setup(c)
+            if profile:
+                with self._recorder(w, t, m):
+                    self._timed(w, c)
+            else:
+                self.results[w.name][t.name].runs.append(self._timed(w, c))
+        except Exception as e:  # noqa: BLE001
+            if profile:
+                log(f"profiling {w.name} on {t.name}: {e}")
+            else:
+                self._fail(w, t, e)
+        finally:
+            if m is not None and w.kind == "rw":
+                self._unmount(t, m)
+            rmtree(scratch)
 
     def _run_mount(self, w: Workload) -> None:
         """Time of the mount command alone, from its start until it returns with the mount

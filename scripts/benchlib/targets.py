@@ -161,7 +161,11 @@ class FusesnapStore(Target):
         self._checked: str | None | bool = False
 
     def cli(self, *args: str, timeout: float = 600, root: Path | None = None) -> subprocess.CompletedProcess:
-        return run([str(self.program), "--root", str(root or self.store), *args], timeout=timeout)
+        try:
+            return run([str(self.program), "--root", str(root or self.store), *args], timeout=timeout)
+        except BenchError as e:
+            sub = next(a for a in args if not a.startswith("-"))
+            raise BenchError(f"fusesnap {sub}: {str(e).split(': ', 1)[-1]}") from None
 
     def unavailable(self) -> str | None:
         if self._checked is not False:

@@ -305,7 +305,7 @@ def titles_for(ws: Workset) -> dict[str, str]:
     big = f"{s.big_bytes / (1 << 30):g} GiB" if s.big_bytes >= 1 << 30 else f"{s.big_bytes >> 20} MiB"
     out = {}
     for w in WORKLOADS:
-        t = w.title.replace("2 GiB", big).replace("100-layer", f"{s.chain_layers}-layer")
+        t = w.title.replace("2 GiB", big).replace("stat files", f"stat {len(ws.chain_bottom_files)} files").replace("100-layer", f"{s.chain_layers}-layer")
         t = t.replace("100 layers", f"{s.chain_layers} layers").replace("100k entries", f"{s.dir_entries} entries")
         t = t.replace("10k x", f"{s.create_files} x").replace("10k-file", f"{s.tree_dirs * s.tree_files_per_dir}-file")
         out[w.name] = t

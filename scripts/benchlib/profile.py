@@ -1,0 +1,80 @@
+"""Optional py-spy profiles of fusesnap's daemons: where its time goes per workload.
+
+With --profile DIR, after the timed runs of a workload, one extra (unrecorded) run
+per fusesnap target is sampled by `py-spy record --format raw` (collapsed stacks;
+idle threads, e.g. trio waiting in epoll, are not sampled). summarize() turns a raw
+file into the top functions by own and by inclusive samples.
+"""
+
+from __future__ import annotations
+
+import collections
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def find_pyspy() -> str | None:
+    p = Path(sys.executable).parent / "py-spy"
+    return str(p) if p.exists() else shutil.which("py-spy")
+
+
+class Recorder:
+    """py-spy attached to one pid for the duration of a with-block."""
+
+    def __init__(self, pyspy: str, pid: int, out: Path, rate: int = 250) -> None:
+        self.cmd = [pyspy, "record", "--pid", str(pid), "--format", "raw", "--nolineno",
+                    "--rate", str(rate), "--output", str(out)]
+        self.out = out
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "Recorder":
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(0.3)  # let it attach before the step starts
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            _, err = self.proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            err = ""
+        if not self.out.exists():
+            print(f"bench: py-spy wrote no profile: {(err or '').strip()[-200:]}", file=sys.stderr)
+
+
+def _frame_name(frame: str) -> str:
+    # raw frames look like "function (package/module.py)"
+    return frame.strip()
+
+
+def summarize(raw: Path, top: int = 12) -> str:
+    """Top functions by own samples and by inclusive samples, as markdown lists."""
+    own: collections.Counter[str] = collections.Counter()
+    incl: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        frames = [_frame_name(f) for f in stack.split(";")]
+        frames = [f for f in frames if not f.startswith("process ") and not f.startswith("thread ")]
+        if not frames:
+            continue
+        total += n
+        own[frames[-1]] += n
+        for f in set(frames):
+            incl[f] += n
+    if not total:
+        return "(no samples: the daemon was idle or py-spy could not attach)\n"
+    lines = [f"{total} samples. Own time:"]
+    lines += [f"- {100 * c / total:5.1f}%  {f}" for f, c in own.most_common(top)]
+    lines.append("Inclusive time:")
+    lines += [f"- {100 * c / total:5.1f}%  {f}" for f, c in incl.most_common(top)]
+    return "\n".join(lines) + "\n"
