@@ -44,7 +44,7 @@ def test_index_schema(tmp_path):
         assert list(o) == (["type", "payload", "position"] if o["type"] == 2 else
                            [k for k in ("type", "name", "name_raw", "size", "payload", "position") if k in o])
     files = [o for o in objs if o["type"] == 1]
-    assert files[0]["name"] == "dir" and files[0]["payload"] is None and "size" not in files[0]
+    assert files[0]["name"] == "dir/" and files[0]["payload"] is None and "size" not in files[0]
     assert base64.b64decode(files[1]["name_raw"]) == b"dir/\xff-raw"
     assert files[1]["size"] == 1234
     assert base64.b64decode(files[1]["payload"]) == crc64_reference(payload).to_bytes(8, "big")
