@@ -45,6 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--targets", default=",".join(ALL_TARGETS), help=f"comma-separated, from {', '.join(ALL_TARGETS)}")
     p.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
                    help="also write JSON results to FILE (stdout when no FILE)")
+    p.add_argument("--markdown", type=Path, default=None, metavar="FILE",
+                   help="also write the table with date, machine, versions and command to FILE")
     p.add_argument("--cache", type=Path, default=None, help=f"workload cache (default {DEFAULT_CACHE})")
     p.add_argument("--scale", choices=sorted(SCALES), default="full", help="workload sizes (tiny: for tests)")
     p.add_argument("--mirror", default=None, help="Debian mirror for debootstrap (default: from /etc/apt)")
@@ -79,8 +81,13 @@ def version_of(cmd: list[str]) -> str:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return "n/a"
-    for line in (p.stdout + p.stderr).splitlines():
-        if "version" in line.lower() or line.startswith(Path(cmd[0]).name):
+    lines = (p.stdout + p.stderr).splitlines()
+    name = Path(cmd[0]).name
+    for line in lines:
+        if line.startswith(name):
+            return line.strip()
+    for line in lines:
+        if "version" in line.lower():
             return line.strip()
     return (p.stdout + p.stderr).strip().splitlines()[0] if (p.stdout + p.stderr).strip() else "n/a"
 
@@ -101,6 +108,22 @@ def machine(args: argparse.Namespace) -> dict[str, object]:
         "fusesnap": version_of([fusesnap, "--version"]) if fusesnap else "n/a",
         "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
     }
+
+
+def markdown_report(meta: dict[str, object], intro: str, md: str) -> str:
+    w = meta["workset"]
+    assert isinstance(w, dict)
+    return (
+        f"- date: {meta['date']}\n"
+        f"- machine: {meta['nproc']} CPUs, {meta['ram_gib']} GiB RAM, Linux {meta['kernel']}, Python {meta['python']}\n"
+        f"- fuse-overlayfs: {meta['fuse-overlayfs']}; fusesnap: {meta['fusesnap']}\n"
+        f"- command: `{meta['command']}`\n"
+        f"- workloads: rootfs {w['rootfs_entries']} entries / {w['rootfs_bytes'] / 1e6:.0f} MB merged from 2 layers "
+        f"(layer 2: {w['rootfs_layer2_whiteouts']} whiteouts, {w['rootfs_layer2_opaque_dirs']} opaque dirs); "
+        f"{w['chain_layers']}-layer chain of {w['chain_files']} files; {w['dir_entries']}-entry directory; "
+        f"{w['tree_files']}-file tree; {w['create_files']} created files\n\n"
+        f"{intro}\n{md}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,10 +172,14 @@ def main(argv: list[str] | None = None) -> int:
     meta = machine(args)
     meta.update({"runs": args.runs, "scale": args.scale, "caches_dropped": drop, "workset": describe(ws)})
     md = table(workloads, titles, results, args.targets)
-    print(f"\nfusesnap benchmark, {meta['date']}: medians of {args.runs} runs "
-          f"({'cold = caches dropped before the step' if drop else 'caches NOT dropped'}); "
-          "ratios are cost ratios (> 1.0 = slower or bigger than the reference; ↑ = higher is better)\n")
+    intro = (f"Medians of {args.runs} runs, targets alternating within each repetition "
+             f"({'cold = `sync; echo 3 > /proc/sys/vm/drop_caches` before the step' if drop else 'caches NOT dropped'}). "
+             "Ratios are cost ratios: above 1.0 means slower (more time, fewer MB/s, more memory) "
+             "than the reference; ↑ marks higher-is-better rows.\n")
+    print(f"\nfusesnap benchmark, {meta['date']}. {intro}")
     print(md)
+    if args.markdown:
+        args.markdown.write_text(markdown_report(meta, intro, md))
     if args.profile and pyspy and args.profile.is_dir():
         summary = []
         for raw in sorted(args.profile.glob("*--*.txt")):
