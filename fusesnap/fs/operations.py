@@ -7,6 +7,7 @@ synchronous (no thread hop per request) and only big copy-ups leave the loop.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat as S
 
@@ -18,6 +19,13 @@ from fusesnap.fs.inodes import Inode
 from fusesnap.fs.union import Union
 
 FUSEError = pyfuse3.FUSEError
+log = logging.getLogger("fusesnap.fs")
+
+
+def _bug() -> FUSEError:
+    """An unexpected exception must not kill the daemon: log it, answer EIO."""
+    log.exception("internal error while serving a request")
+    return FUSEError(errno.EIO)
 
 
 class Operations(pyfuse3.Operations):
@@ -84,6 +92,8 @@ class Operations(pyfuse3.Operations):
             i = self.u.lookup(self._inode(parent_inode), name)
         except OSError as e:
             raise FUSEError(e.errno) from None
+        except Exception:
+            raise _bug() from None
         if i is None:
             return self._neg()
         return self._entry(i)
@@ -98,12 +108,16 @@ class Operations(pyfuse3.Operations):
             return self.u.attr(self._inode(inode))
         except OSError as e:
             raise FUSEError(e.errno) from None
+        except Exception:
+            raise _bug() from None
 
     async def readlink(self, inode, ctx):
         try:
             return self.u.readlink(self._inode(inode))
         except OSError as e:
             raise FUSEError(e.errno) from None
+        except Exception:
+            raise _bug() from None
 
     # ------------------------------------------------------------------ directories
     async def opendir(self, inode, ctx):
@@ -143,6 +157,8 @@ class Operations(pyfuse3.Operations):
                 i.lookups += 1
         except OSError as e:
             raise FUSEError(e.errno) from None
+        except Exception:
+            raise _bug() from None
 
     async def releasedir(self, fh):
         self.dirs.pop(fh, None)
@@ -159,36 +175,48 @@ class Operations(pyfuse3.Operations):
                 os.close(fd)
         except OSError as e:
             raise FUSEError(e.errno) from None
+        except Exception:
+            raise _bug() from None
 
     async def mkdir(self, parent_inode, name, mode, ctx):
         try:
             return self._entry(self.u.mkdir(self._inode(parent_inode), name, mode, ctx))
         except OSError as e:
             raise FUSEError(e.errno) from None
+        except Exception:
+            raise _bug() from None
 
     async def rmdir(self, parent_inode, name, ctx):
         try:
             self.u.rmdir(self._inode(parent_inode), name)
         except OSError as e:
             raise FUSEError(e.errno) from None
+        except Exception:
+            raise _bug() from None
 
     async def unlink(self, parent_inode, name, ctx):
         try:
             self.u.unlink(self._inode(parent_inode), name)
         except OSError as e:
             raise FUSEError(e.errno) from None
+        except Exception:
+            raise _bug() from None
 
     async def symlink(self, parent_inode, name, target, ctx):
         try:
             return self._entry(self.u.symlink(self._inode(parent_inode), name, target, ctx))
         except OSError as e:
             raise FUSEError(e.errno) from None
+        except Exception:
+            raise _bug() from None
 
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
         try:
             return self._entry(self.u.mknod(self._inode(parent_inode), name, mode, rdev, ctx))
         except OSError as e:
             raise FUSEError(e.errno) from None
+        except Exception:
+            raise _bug() from None
 
     async def link(self, inode, new_parent_inode, new_name, ctx):
         try:
@@ -197,6 +225,8 @@ class Operations(pyfuse3.Operations):
             return self._entry(self.u.link(i, self._inode(new_parent_inode), new_name))
         except OSError as e:
             raise FUSEError(e.errno) from None
+        except Exception:
+            raise _bug() from None
 
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         try:
@@ -207,6 +237,8 @@ class Operations(pyfuse3.Operations):
             self.u.rename(od, name_old, self._inode(parent_inode_new), name_new, flags)
         except OSError as e:
             raise FUSEError(e.errno) from None
+        except Exception:
+            raise _bug() from None
 
     # ------------------------------------------------------------------ files
     async def create(self, parent_inode, name, mode, flags, ctx):
@@ -214,6 +246,8 @@ class Operations(pyfuse3.Operations):
             fd, i = self.u.create(self._inode(parent_inode), name, mode, flags, ctx)
         except OSError as e:
             raise FUSEError(e.errno) from None
+        except Exception:
+            raise _bug() from None
         return pyfuse3.FileInfo(fh=fd, keep_cache=True), self._entry(i)
 
     async def open(self, inode, flags, ctx):
@@ -225,6 +259,8 @@ class Operations(pyfuse3.Operations):
             fd = self.u.open(i, flags)
         except OSError as e:
             raise FUSEError(e.errno) from None
+        except Exception:
+            raise _bug() from None
         return pyfuse3.FileInfo(fh=fd, keep_cache=True)
 
     async def read(self, fh, off, size):
@@ -232,12 +268,16 @@ class Operations(pyfuse3.Operations):
             return os.pread(fh, size, off)
         except OSError as e:
             raise FUSEError(e.errno) from None
+        except Exception:
+            raise _bug() from None
 
     async def write(self, fh, off, buf):
         try:
             return os.pwrite(fh, buf, off)
         except OSError as e:
             raise FUSEError(e.errno) from None
+        except Exception:
+            raise _bug() from None
 
     async def flush(self, fh):
         # writes go straight to the host file: nothing to flush. ENOSYS makes the
@@ -249,6 +289,8 @@ class Operations(pyfuse3.Operations):
             self.u.release(fh)
         except OSError as e:
             raise FUSEError(e.errno) from None
+        except Exception:
+            raise _bug() from None
 
     async def fsync(self, fh, datasync):
         if not self.fsync_enabled:
@@ -260,6 +302,8 @@ class Operations(pyfuse3.Operations):
                 os.fsync(fh)
         except OSError as e:
             raise FUSEError(e.errno) from None
+        except Exception:
+            raise _bug() from None
 
     async def setattr(self, inode, attr, fields, fh, ctx):
         try:
@@ -270,6 +314,8 @@ class Operations(pyfuse3.Operations):
             return self.u.attr(i)
         except OSError as e:
             raise FUSEError(e.errno) from None
+        except Exception:
+            raise _bug() from None
 
     async def access(self, inode, mode, ctx):
         return True
@@ -279,6 +325,8 @@ class Operations(pyfuse3.Operations):
             v = self.u.statfs()
         except OSError as e:
             raise FUSEError(e.errno) from None
+        except Exception:
+            raise _bug() from None
         s = pyfuse3.StatvfsData()
         s.f_bsize = v.f_bsize
         s.f_frsize = v.f_frsize
@@ -299,6 +347,8 @@ class Operations(pyfuse3.Operations):
             return self.u.getxattr(self._inode(inode), name)
         except OSError as e:
             raise FUSEError(e.errno) from None
+        except Exception:
+            raise _bug() from None
 
     async def listxattr(self, inode, ctx):
         if self.noxattrs:
@@ -307,6 +357,8 @@ class Operations(pyfuse3.Operations):
             return self.u.listxattr(self._inode(inode))
         except OSError as e:
             raise FUSEError(e.errno) from None
+        except Exception:
+            raise _bug() from None
 
     async def setxattr(self, inode, name, value, ctx):
         if self.noxattrs:
@@ -317,6 +369,8 @@ class Operations(pyfuse3.Operations):
             self.u.setxattr(i, name, value)
         except OSError as e:
             raise FUSEError(e.errno) from None
+        except Exception:
+            raise _bug() from None
 
     async def removexattr(self, inode, name, ctx):
         if self.noxattrs:
@@ -326,3 +380,5 @@ class Operations(pyfuse3.Operations):
             self.u.removexattr(i, name)
         except OSError as e:
             raise FUSEError(e.errno) from None
+        except Exception:
+            raise _bug() from None

@@ -147,7 +147,7 @@ def parse_override(value: bytes) -> Override | None:
             return None
     else:
         # Older writers put the full st_mode in the third field.
-        if mode & S.S_IFMT:
+        if mode & 0o170000:
             fmt = S.S_IFMT(mode)
     return Override(uid, gid, mode & 0o7777, fmt, rdev)
 

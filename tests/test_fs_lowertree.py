@@ -1,0 +1,139 @@
+"""The merged lower tree, options and upper-format readers: plain Python, no mount."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from fusesnap.errors import InvalidInput
+from fusesnap.fs import upperformat as uf
+from fusesnap.fs.lower import DirLower, IndexLower
+from fusesnap.fs.lowertree import LowerTree, build_lower_tree, lower_tree_from_dirs
+from fusesnap.fs.options import IdMap, parse_options, split_lowerdir
+from fusesnap.layerentry import LayerEntry
+
+
+def E(path: bytes, kind="reg", mode=0o644, **kw) -> LayerEntry:
+    kw.setdefault("uid", 0)
+    kw.setdefault("gid", 0)
+    kw.setdefault("mtime_ns", 1_000_000_000)
+    return LayerEntry(path=path, kind=kind, mode=mode, **kw)
+
+
+def names(tree: LowerTree, path: bytes = b"") -> list[bytes]:
+    return sorted(tree.lookup(path).kids)
+
+
+def test_whiteouts_and_opaque_markers_hide_lower_entries_and_never_show(tmp_path):
+    base = IndexLower([E(b"d", "dir", 0o755), E(b"d/a"), E(b"d/b"), E(b"o", "dir", 0o755),
+                       E(b"o/x"), E(b"keep")], tmp_path)
+    top = IndexLower([E(b"d/.wh.a"), E(b"o/.wh..wh..opq"), E(b"o/y"),
+                      E(b"keep2", "chr", devmajor=0, devminor=0), E(b".wh.keep")], tmp_path)
+    t = build_lower_tree([top, base])
+    assert names(t) == [b"d", b"o"]
+    assert names(t, b"d") == [b"b"]
+    assert names(t, b"o") == [b"y"]
+
+
+def test_opaque_xattr_on_a_directory_entry_hides_only_lower_layers(tmp_path):
+    base = IndexLower([E(b"o", "dir", 0o755), E(b"o/old")], tmp_path)
+    top = IndexLower([E(b"o", "dir", 0o700, xattrs={b"user.overlay.opaque": b"y", b"user.a": b"1"}),
+                      E(b"o/new")], tmp_path)
+    t = build_lower_tree([top, base])
+    o = t.lookup(b"o")
+    assert sorted(o.kids) == [b"new"]
+    assert o.mode == stat.S_IFDIR | 0o700
+    assert o.xattrs == {b"user.a": b"1"}          # internal marker hidden
+
+
+def test_index_metadata_is_presented_and_hard_links_share_one_node(tmp_path):
+    entries = [E(b"bin", "dir", 0o755), E(b"bin/su", mode=0o4755, uid=0, gid=0, size=3, data=b"x/su"),
+               E(b"bin/su2", "hard", linkname=b"bin/su"), E(b"dev", "dir", 0o755),
+               E(b"dev/null", "chr", 0o666, devmajor=1, devminor=3), E(b"l", "sym", 0o777, linkname=b"bin/su")]
+    t = build_lower_tree([IndexLower(entries, tmp_path)])
+    su, su2 = t.lookup(b"bin/su"), t.lookup(b"bin/su2")
+    assert su is su2 and su.nlink == 2 and su.mode == stat.S_IFREG | 0o4755
+    assert su.src == os.fsencode(tmp_path) + b"/x/su"
+    assert sorted(t.links[su.ino]) == [b"bin/su", b"bin/su2"]
+    null = t.lookup(b"dev/null")
+    assert stat.S_ISCHR(null.mode) and null.rdev == os.makedev(1, 3)
+    assert t.lookup(b"l").target == b"bin/su"
+    assert t.root.nlink == 4 and t.lookup(b"bin").nlink == 2
+
+
+def test_dirlower_reads_host_tree_overrides_and_hard_links(tmp_path):
+    low = tmp_path / "low"
+    (low / "d").mkdir(parents=True)
+    (low / "d" / "f").write_bytes(b"data")
+    os.link(low / "d" / "f", low / "g")
+    (low / "h").write_bytes(b"")
+    os.setxattr(low / "h", b"user.containers.override_stat", b"0:0:04755")
+    t = lower_tree_from_dirs([low])
+    assert t.lookup(b"d/f") is t.lookup(b"g") and t.lookup(b"g").nlink == 2
+    h = t.lookup(b"h")
+    assert (h.uid, h.gid, h.mode) == (0, 0, stat.S_IFREG | 0o4755) and not h.xattrs
+
+
+def test_save_load_and_overlay_agree_with_a_full_build(tmp_path):
+    l1 = IndexLower([E(b"a", "dir", 0o755), E(b"a/x", size=1), E(b"a/y", "hard", linkname=b"a/x")], tmp_path)
+    l2 = IndexLower([E(b"a/.wh.x"), E(b"b", "sym", 0o777, linkname=b"a/y"), E(b"c", xattrs={b"user.k": b"v"})], tmp_path)
+    full = build_lower_tree([l2, l1])
+    step = build_lower_tree([l1]).overlay(l2)
+    p = tmp_path / "tree.cache"
+    step.save(p)
+    loaded = LowerTree.load(p)
+
+    def dump(t):
+        out = []
+        for ino, n in enumerate(t.by_ino[1:], 1):
+            out.append((ino, n.mode, n.uid, n.size, n.nlink, n.target, n.src, n.xattrs,
+                        sorted(n.kids) if n.kids is not None else None))
+        return out
+    assert dump(full) == dump(step) == dump(loaded)
+    assert full.lookup(b"a/y").nlink == 1
+    (tmp_path / "bad").write_bytes(b"junk")
+    with pytest.raises(InvalidInput):
+        LowerTree.load(tmp_path / "bad")
+
+
+def test_overlay_leaves_the_parent_tree_untouched(tmp_path):
+    base = build_lower_tree([IndexLower([E(b"f")], tmp_path)])
+    child = base.overlay(IndexLower([E(b".wh.f"), E(b"g")], tmp_path))
+    assert names(base) == [b"f"] and names(child) == [b"g"]
+
+
+def test_unsafe_paths_are_rejected(tmp_path):
+    with pytest.raises(InvalidInput):
+        build_lower_tree([IndexLower([E(b"a/../../etc")], tmp_path)])
+
+
+def test_options_parse_fuse_overlayfs_vocabulary(tmp_path, capsys):
+    os.chdir(tmp_path)
+    o = parse_options(["lowerdir=l/a\\:b:/abs,,upperdir=u,workdir=w,,volatile,ro,timeout=5,"
+                       "uidmapping=:0:1000:1:1:100000:65536,squash_to_uid=7,xattr_permissions=2,"
+                       "static_nlink,noxattrs,dev,suid,frobnicate,"])
+    assert o.lowerdirs == [str(tmp_path / "l/a:b"), "/abs"]
+    assert o.upperdir == str(tmp_path / "u") and o.read_only and o.timeout == 5
+    assert o.uidmap.to_presented(0) == 1000 and o.uidmap.to_host(100005) == 6
+    assert o.squash_uid == 7 and o.xattr_permissions == 2 and o.static_nlink and o.noxattrs
+    assert o.fuse_options == ["dev", "suid"] and not o.fsync
+    assert "frobnicate" in capsys.readouterr().err
+    assert split_lowerdir("a::b") == ["a", "b"]
+    with pytest.raises(InvalidInput):
+        IdMap.parse("1:2", "uidmapping")
+
+
+def test_override_stat_format_round_trips():
+    v = uf.format_override(0, 5, 0o4755)
+    assert v == b"0:5:04755"
+    o = uf.parse_override(v)
+    assert (o.uid, o.gid, o.mode, o.fmt) == (0, 5, 0o4755, None)
+    c = uf.parse_override(uf.format_override(1, 2, 0o600, stat.S_IFCHR, os.makedev(4, 5)))
+    assert c.fmt == stat.S_IFCHR and c.rdev == os.makedev(4, 5)
+    assert uf.parse_override(b"garbage") is None
+    assert uf.whiteout_target(b".wh.x") == b"x" and uf.whiteout_target(b".wh..wh..opq") is None
+    assert uf.whiteout_target(b"x", stat.S_IFCHR, 0) == b"x"
+    assert uf.visible_xattrs({b"trusted.overlay.opaque": b"y", b"user.a": b"b",
+                              b"user.containers.override_stat": b"1:1:0644"}) == {b"user.a": b"b"}
