@@ -125,6 +125,18 @@ def _open_unlink(root: str, op: Op) -> str:
         os.close(fd)
 
 
+def _open_rename(root: str, op: Op) -> str:
+    """Open, rename, then write through the old descriptor: the data must land in the
+    object now found under the new name (checked by the final tree)."""
+    fd = os.open(_p(root, op["src"]), os.O_RDWR | os.O_NONBLOCK)
+    try:
+        renameat2(_p(root, op["src"]), _p(root, op["dst"]), 0)
+        n = os.pwrite(fd, data_bytes(op["data"]), op["offset"])
+        return f"ok:{n}:{os.fstat(fd).st_size}"
+    finally:
+        os.close(fd)
+
+
 def _stat(root: str, op: Op) -> str:
     st = os.stat(_p(root, op["path"]), follow_symlinks=op.get("follow", False))
     t = stat.S_IFMT(st.st_mode)
@@ -165,6 +177,7 @@ APPLY: dict[str, Callable[[str, Op], Any]] = {
     "listdir": lambda r, o: "ok:" + ",".join(sorted(os.listdir(_p(r, o["path"])))),
     "stat": _stat,
     "open_unlink": _open_unlink,
+    "open_rename": _open_rename,
 }
 
 
@@ -189,7 +202,7 @@ WEIGHTS = {
     "create": 9, "write": 11, "truncate": 5, "read": 5, "chmod": 6, "chown": 5, "utime": 4,
     "rename": 15, "link": 6, "symlink": 4, "unlink": 9, "rmdir": 5, "mkdir": 8, "mkfifo": 1,
     "setxattr": 7, "removexattr": 3, "getxattr": 2, "listxattr": 2, "listdir": 4, "stat": 5,
-    "open_unlink": 2,
+    "open_unlink": 2, "open_rename": 2,
 }
 
 
@@ -299,13 +312,24 @@ class Generator:
         elif op_kind == "unlink":
             op.update(path=existing("reg", "symlink", "other") if rng.random() < 0.9 else existing())
         elif op_kind == "rmdir":
-            op.update(path=existing("dir"))
+            empty = [p for p in dirs if p and not any(q.startswith(p + "/") for q, _ in ents)]
+            op.update(path=rng.choice(empty) if empty and rng.random() < 0.5 else existing("dir"))
+        elif op_kind == "open_rename":
+            op.update(src=existing("reg"), dst=target(), data=self._data(),
+                      offset=rng.choice([0, rng.randrange(0, 3000)]))
         elif op_kind in ("mkdir", "mkfifo"):
             op.update(path=target(), mode=self._mode("dir") if op_kind == "mkdir" else 0o644)
         elif op_kind in ("setxattr", "removexattr", "getxattr"):
+            p = existing("reg", "dir") if rng.random() < 0.85 else existing()
             name = rng.choice(XATTR_NAMES + ["user.new"])
-            op.update(path=existing("reg", "dir") if rng.random() < 0.85 else existing(), name=name,
-                      follow=rng.random() < 0.2)
+            if op_kind != "setxattr" and rng.random() < 0.6:
+                try:
+                    have = sorted(os.listxattr(os.path.join(oracle_root, p), follow_symlinks=False))
+                except OSError:
+                    have = []
+                if have:
+                    name = rng.choice(have)
+            op.update(path=p, name=name, follow=rng.random() < 0.2)
             if op_kind == "setxattr":
                 op.update(value=rng.randbytes(rng.choice([0, 1, 9, 60])).hex(),
                           flags=rng.choice([0, 0, 0, os.XATTR_CREATE, os.XATTR_REPLACE]))
