@@ -76,5 +76,6 @@ def summarize(raw: Path, top: int = 12) -> str:
     lines = [f"{total} samples. Own time:"]
     lines += [f"- {100 * c / total:5.1f}%  {f}" for f, c in own.most_common(top)]
     lines.append("Inclusive time:")
-    lines += [f"- {100 * c / total:5.1f}%  {f}" for f, c in incl.most_common(top)]
+    # frames on every sample (main, trio's run loop) say nothing; leave them out
+    lines += [f"- {100 * c / total:5.1f}%  {f}" for f, c in incl.most_common() if c < total][:top]
     return "\n".join(lines) + "\n"
