@@ -15,6 +15,7 @@ from typing import Iterable, Iterator, Protocol, runtime_checkable
 
 from fusesnap.layerentry import LayerEntry
 from fusesnap.fs import upperformat as uf
+from fusesnap.fs.longpath import short
 
 
 @runtime_checkable
@@ -67,7 +68,7 @@ class DirLower:
             rel = stack.pop()
             base = root + b"/" + rel if rel else root
             try:
-                it = os.scandir(base)
+                it = os.scandir(short(base))
             except OSError:
                 continue
             with it:
@@ -75,7 +76,7 @@ class DirLower:
                     name = de.name
                     relp = rel + b"/" + name if rel else name
                     st = de.stat(follow_symlinks=False)
-                    full = de.path
+                    full = short(base + b"/" + name)
                     xattrs = _read_xattrs(full)
                     mode = st.st_mode
                     uid, gid, rdev = st.st_uid, st.st_gid, st.st_rdev

@@ -18,6 +18,7 @@ import pyfuse3
 from fusesnap.fs import upperformat as uf
 from fusesnap.fs.copyup import BIG, copy_data
 from fusesnap.fs.inodes import Inode
+from fusesnap.fs.longpath import short
 from fusesnap.fs.lowertree import LNode, LowerTree
 from fusesnap.fs.options import MountOptions
 
@@ -103,10 +104,11 @@ class Union:
     # ---------------------------------------------------------------- helpers
     def up(self, i: Inode) -> bytes:
         p = i.path()
-        return self.U if p == b"." else self.U + b"/" + p
+        return self.U if p == b"." else short(self.U + b"/" + p)
 
     def child_path(self, d: Inode, name: bytes) -> bytes:
-        return self.up(d) + b"/" + name
+        p = d.path()
+        return short(self.U + b"/" + name if p == b"." else self.U + b"/" + p + b"/" + name)
 
     def get(self, ino: int) -> Inode:
         i = self.inodes.get(ino)
@@ -501,7 +503,7 @@ class Union:
             self._make_node(dest, fmt, ln.mode, ln.uid, ln.gid, ln.rdev, ln.xattrs, ln.mtime_ns)
             self._mark_copied(i)
             return None
-        src_fd = os.open(ln.src, os.O_RDONLY | os.O_CLOEXEC)
+        src_fd = os.open(short(ln.src), os.O_RDONLY | os.O_CLOEXEC)
         try:
             dst_fd, tmp = self._tmpfile(p)
         except BaseException:
@@ -709,7 +711,7 @@ class Union:
         with os.scandir(path) as it:
             for de in it:
                 if de.is_dir(follow_symlinks=False):
-                    self._rm_upper_dir(de.path)
+                    self._rm_upper_dir(short(de.path))
                 else:
                     os.unlink(de.path)
         os.rmdir(path)
@@ -751,6 +753,7 @@ class Union:
         need_wh = self.lower_has(d, name)
         if i.upper:
             self._rm_upper_dir(self.child_path(d, name))
+            short.invalidate()
         if need_wh:
             self.copy_up(d)
             self._whiteout(d, name)
@@ -797,7 +800,7 @@ class Union:
             with os.scandir(newpath) as it:
                 for de in it:
                     if de.is_dir(follow_symlinks=False):
-                        self._rm_upper_dir(de.path)
+                        self._rm_upper_dir(short(de.path))
                     else:
                         os.unlink(de.path)
         if dst is None or not dst.upper:
@@ -806,6 +809,8 @@ class Union:
         need_wh = self.lower_has(od, old)
         oldpath = self.child_path(od, old)
         os.rename(oldpath, newpath)
+        if src.is_dir:
+            short.invalidate()
         if need_opaque:
             self._set_opaque(newpath)
             src.opaque = True
@@ -829,6 +834,7 @@ class Union:
             else:
                 self.copy_up(x)
         _renameat2(self.child_path(od, old), self.child_path(nd, new), RENAME_EXCHANGE)
+        short.invalidate()
         for x, d, name in ((a, nd, new), (b, od, old)):
             if x.is_dir and not x.opaque and self.lower_has(d, name):
                 self._set_opaque(self.child_path(d, name))
@@ -996,7 +1002,7 @@ class Union:
             else:
                 fd = os.open(self.up(i), oflags | os.O_NOFOLLOW)
         else:
-            fd = os.open(i.lower.src, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(short(i.lower.src), os.O_RDONLY | os.O_CLOEXEC)
         self.fd_ino[fd] = i
         return fd
 
