@@ -1,0 +1,206 @@
+"""`fusesnap mount/umount` from the command line, as root and as an unprivileged user.
+
+mount returns only once the mount is live; -f stays in the foreground; the
+daemon goes away after `fusesnap umount` or `fusermount3 -u`. Rootless: layer
+files on the host belong to the user who imported them, yet the mount shows
+the tar's owners and modes, and commit records what the mount presented.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import stat
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import is_mounted, run_as, script, unmount, user_env, wait_mounted
+
+T = 1_600_000_000
+
+
+def fusesnap(root: Path, *args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([script("fusesnap"), "--root", str(root), *args], capture_output=True, **kw)
+
+
+def daemons_for(mp: Path) -> list[int]:
+    """PIDs of processes whose command line mounts mp (the forked daemon keeps the CLI's argv)."""
+    pids = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{d}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"mount" in argv and os.fsencode(str(mp)) in argv:
+            pids.append(int(d))
+    return pids
+
+
+def wait_gone(pids: list[int], timeout: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(Path(f"/proc/{p}").exists() and b"Z" not in _state(p) for p in pids):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _state(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+    except OSError:
+        return b"Z"
+
+
+def image_tar(user_uid: int) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        def add(name, data=None, mode=0o644, uid=0, gid=0, kind=None, link=""):
+            ti = tarfile.TarInfo(name)
+            ti.mode, ti.mtime, ti.uid, ti.gid = mode, T, uid, gid
+            if kind:
+                ti.type, ti.linkname = kind, link
+                tf.addfile(ti)
+            elif data is None:
+                ti.type = tarfile.DIRTYPE
+                tf.addfile(ti)
+            else:
+                ti.size = len(data)
+                tf.addfile(ti, io.BytesIO(data))
+        add("bin", mode=0o755)
+        add("bin/su", b"#!/bin/sh\n", mode=0o4755)
+        add("bin/sh", kind=tarfile.SYMTYPE, link="su", mode=0o777)
+        add("etc", mode=0o755)
+        add("etc/shadow", b"root:*:\n", mode=0o640, gid=42)
+        add("srv", mode=0o755, uid=1000, gid=1000)
+        add("srv/data", b"d", mode=0o600, uid=1000, gid=1000)
+        add("home", mode=0o755)
+        add("home/u", mode=0o755, uid=user_uid, gid=user_uid)
+    return buf.getvalue()
+
+
+def test_mount_returns_live_and_daemon_exits_after_umount(shared_tmp):
+    root, mp = shared_tmp / "root", shared_tmp / "mp"
+    mp.mkdir()
+    assert fusesnap(root, "prepare", "k").returncode == 0
+    r = fusesnap(root, "mount", "k", str(mp))
+    assert r.returncode == 0, r.stderr
+    assert is_mounted(mp)  # no waiting: live when the command returns
+    pids = daemons_for(mp)
+    assert pids
+    (mp / "hello").write_bytes(b"hi")
+    c = fusesnap(root, "commit", "c", "k")
+    assert c.returncode != 0 and b"mounted" in c.stderr  # refused while the upper is in use
+    u = fusesnap(root, "umount", str(mp))
+    assert u.returncode == 0, u.stderr
+    assert not is_mounted(mp)
+    assert wait_gone(pids)
+    c = fusesnap(root, "commit", "c", "k")
+    assert c.returncode == 0
+    chain = c.stdout.decode().splitlines()[0]
+    assert fusesnap(root, "view", "v", "c").returncode == 0
+    assert fusesnap(root, "mount", "v", str(mp)).returncode == 0
+    try:
+        assert (mp / "hello").read_bytes() == b"hi"
+        with pytest.raises(OSError) as ei:
+            (mp / "new").write_bytes(b"x")
+        assert ei.value.errno == errno.EROFS
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mp)], check=True)
+    assert not is_mounted(mp)
+    assert json.loads(fusesnap(root, "stat", "--json", "c").stdout)["chain_id"] == chain
+    bad = fusesnap(root, "mount", "c", str(mp))
+    assert bad.returncode != 0 and len(bad.stderr.decode().strip().splitlines()) == 1
+    nomp = fusesnap(root, "umount", str(mp))
+    assert nomp.returncode != 0 and b"not a mount point" in nomp.stderr
+
+
+def test_mount_foreground_until_fusermount_u(shared_tmp):
+    root, mp = shared_tmp / "root", shared_tmp / "mp"
+    mp.mkdir()
+    assert fusesnap(root, "prepare", "k").returncode == 0
+    p = subprocess.Popen([script("fusesnap"), "--root", str(root), "mount", "-f", "k", str(mp)])
+    try:
+        wait_mounted(mp)
+        assert stat.S_IMODE(os.stat(mp).st_mode) == 0o755
+        assert p.poll() is None
+        subprocess.run(["fusermount3", "-u", str(mp)], check=True)
+        assert p.wait(timeout=20) == 0
+    finally:
+        if p.poll() is None:
+            unmount(mp)
+            p.wait(timeout=20)
+
+
+@pytest.mark.rootless
+def test_rootless_mount_presents_tar_owners_and_commit_records_them(shared_tmp, test_user):
+    pw = test_user
+    env = user_env(pw)
+    root, mp, tarp = shared_tmp / "root", shared_tmp / "mp", shared_tmp / "image.tar"
+    tarp.write_bytes(image_tar(pw.pw_uid))
+    os.chmod(tarp, 0o644)
+
+    def fs(*args: str) -> subprocess.CompletedProcess:
+        return run_as(pw, [script("fusesnap"), "--root", str(root), *args], env=env)
+
+    run_as(pw, ["mkdir", str(mp)], check=True)
+
+    def ustat(*rels: str) -> list[str]:
+        r = run_as(pw, ["stat", "-c", "%u:%g:%a:%F", *[str(mp / p) for p in rels]], env=env)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.decode().splitlines()
+    imp = fs("import", str(tarp))
+    assert imp.returncode == 0, imp.stderr
+    image = imp.stdout.decode().split()[0]
+    # on the host, every layer file belongs to the unprivileged user
+    for dirpath, dirs, files in os.walk(root / "layers"):
+        for n in dirs + files:
+            assert os.lstat(os.path.join(dirpath, n)).st_uid == pw.pw_uid
+    assert fs("prepare", "work", image).returncode == 0
+    m = fs("mount", "work", str(mp))
+    assert m.returncode == 0, m.stderr
+    try:
+        # (root cannot enter a user's FUSE mount without allow_other: look through the user's eyes)
+        assert ustat("bin/su", "bin/sh", "etc/shadow", "srv", "srv/data") == [
+            "0:0:4755:regular file", "0:0:777:symbolic link", "0:42:640:regular file",
+            "1000:1000:755:directory", "1000:1000:600:regular file"]
+        w = run_as(pw, ["sh", "-c", f"echo hi > {mp}/home/u/f && chmod 0600 {mp}/home/u/f && "
+                        f"mkdir {mp}/home/u/d && cat {mp}/home/u/f"], env=env)
+        assert w.returncode == 0 and w.stdout == b"hi\n", w.stderr
+        # the kernel enforces the presented owners: the user cannot read root's 0640 file
+        # nor delete from root's 0755 directory
+        deny = run_as(pw, ["sh", "-c", f"cat {mp}/etc/shadow || rm {mp}/bin/sh"], env=env)
+        assert deny.returncode != 0 and b"root:*" not in deny.stdout
+    finally:
+        u = fs("umount", str(mp))
+        assert u.returncode == 0, u.stderr
+    d = fs("diff", "work")
+    assert d.returncode == 0
+    c = fs("commit", "mine", "work")
+    assert c.returncode == 0, c.stderr
+    e = fs("export", "mine")
+    assert e.stdout == d.stdout
+    members = {m.name: m for m in tarfile.open(fileobj=io.BytesIO(e.stdout))}
+    f = members["home/u/f"]
+    assert (f.uid, f.mode) == (pw.pw_uid, 0o600)
+    assert members["home/u"].uid == pw.pw_uid  # copied-up dir keeps the owner the tar gave it
+    assert "bin/sh" not in members and "bin/.wh.sh" not in members  # the user could not delete it
+    # a view of the committed chain shows both layers with the tar's owners
+    assert fs("view", "v", "mine").returncode == 0
+    assert fs("mount", "v", str(mp)).returncode == 0
+    try:
+        assert ustat("bin/su", "home/u/f", "home/u/d") == [
+            "0:0:4755:regular file", f"{pw.pw_uid}:{pw.pw_gid}:600:regular file",
+            f"{pw.pw_uid}:{pw.pw_gid}:755:directory"]
+        assert run_as(pw, ["cat", f"{mp}/home/u/f"], env=env).stdout == b"hi\n"
+    finally:
+        assert fs("umount", str(mp)).returncode == 0
+    assert fs("remove", "v", "mine").returncode == 0
