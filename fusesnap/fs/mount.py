@@ -19,7 +19,8 @@ from fusesnap.fs.union import Union
 
 def fuse_options(union: Union, opts: MountOptions) -> set[str]:
     o = {f"fsname={opts.fsname}", "subtype=fusesnap"}
-    if opts.default_permissions:
+    root = os.geteuid() == 0
+    if opts.default_permissions if opts.default_permissions is not None else root:
         o.add("default_permissions")
     allow_other = opts.allow_other if opts.allow_other is not None else os.geteuid() == 0
     if allow_other:

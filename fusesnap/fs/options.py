@@ -50,7 +50,7 @@ class MountOptions:
     timeout: float = 3600.0
     read_only: bool = False
     allow_other: bool | None = None          # None: on when root
-    default_permissions: bool = True
+    default_permissions: bool | None = None  # None: on when root (as fuse-overlayfs, off rootless)
     uidmap: IdMap = field(default_factory=IdMap)
     gidmap: IdMap = field(default_factory=IdMap)
     squash_uid: int | None = None
