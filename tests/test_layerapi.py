@@ -143,3 +143,87 @@ def test_release_removes_unreferenced_layers_up_the_chain(api):
     assert api.store.list() == []
     with pytest.raises(InvalidInput):
         api.release(l2)
+
+
+# -- read-write layers (real mounts) -------------------------------------------------------------
+
+
+@pytest.fixture
+def rw_api(shared_tmp):
+    sn = Snapshotter(shared_tmp / "root")
+    yield LayerAPI(sn, shared_tmp / "mnt")
+    sn.close()
+
+
+def test_rw_layer_init_mount_refcount_changes_size(rw_api):
+    api = rw_api
+    base = register_all(api)[-1]
+
+    def init(root):
+        (root / "etc" / "resolv.conf").write_bytes(b"nameserver 10.0.0.1\n")
+        (root / "dev").mkdir()
+
+    rw = api.create_rw_layer("ctr", base.chain_id, init_func=init)
+    assert rw.parent() == base and rw.init_name == "ctr-init"
+    assert rw.changes() == [] and rw.size() == 0
+
+    mp = rw.mount()
+    assert rw.mount() == mp and rw.mount_count == 2  # mount twice: one FUSE mount, two users
+    assert (mp / "etc" / "resolv.conf").read_bytes() == b"nameserver 10.0.0.1\n"  # init layer below
+    (mp / "etc" / "hosts").write_bytes(b"3\n")          # modify a lower file
+    (mp / "new").write_bytes(b"12345")                  # add
+    (mp / "lib" / "c").unlink()                         # delete
+    (mp / "etc" / "resolv.conf").unlink()               # delete a file of the init layer
+    (mp / "opt" / "sub").mkdir()                        # add inside a lower dir
+    assert rw.metadata()["MergedDir"] == str(mp)
+    rw.unmount()
+    assert (mp / "new").exists() and rw.mount_count == 1  # still mounted for the other user
+    with pytest.raises(InUse):
+        api.release_rw_layer(rw)
+    rw.unmount()
+    assert rw.mount_count == 0 and not (mp / "new").exists()
+    with pytest.raises(InvalidInput):
+        rw.unmount()
+
+    ch = rw.changes()
+    dirs = {"/etc", "/lib", "/opt"}  # parents: reported only when their own attributes changed
+    assert [c for c in ch if c.path not in dirs] == sorted([
+        Change("/etc/hosts", "C"), Change("/etc/resolv.conf", "D"), Change("/lib/c", "D"),
+        Change("/new", "A"), Change("/opt/sub", "A"),
+    ])
+    assert all(c.kind == "C" for c in ch if c.path in dirs)
+    assert Change("/opt", "C") in ch  # a new entry changed its mtime
+    assert rw.size() == len(b"3\n") + len(b"12345")
+    md = rw.metadata()
+    assert md["UpperDir"].endswith("upper") and md["InitLayer"] == "ctr-init"
+    assert md["LowerChain"].split(":sha256:")[0].startswith("sha256:")
+    # the container's changes exclude the init layer's files
+    buf = io.BytesIO()
+    rw.tar_stream(buf)
+    names = tarfile.open(fileobj=io.BytesIO(buf.getvalue())).getnames()
+    assert "new" in names and "etc/.wh.resolv.conf" in names and "dev" not in names
+
+    again = api.get_rw_layer("ctr")
+    assert again.init_name == "ctr-init" and again.parent() == base
+    api.release_rw_layer(again)
+    with pytest.raises(Exception):
+        api.get_rw_layer("ctr")
+    assert not api.sn._taken("ctr-init")
+
+
+def test_rw_layer_opaque_dir_reports_deleted_lower_children(rw_api):
+    api = rw_api
+    base = register_all(api)[0]
+    rw = api.create_rw_layer("c2", base.chain_id)
+    assert rw.init_name is None
+    mp = rw.mount()
+    try:
+        import shutil
+        shutil.rmtree(mp / "lib")
+        (mp / "lib").mkdir()
+        (mp / "lib" / "z").write_bytes(b"z")
+    finally:
+        rw.unmount()
+    ch = rw.changes()
+    assert Change("/lib/a", "D") in ch and Change("/lib/b", "D") in ch and Change("/lib/z", "A") in ch
+    api.release_rw_layer(rw)
