@@ -99,15 +99,14 @@ def test_mount_fuse3_argument_order(shared_tmp):
 
 
 def test_mount_t_fuse_through_mount_fuse3(shared_tmp):
-    """`mount -t fuse.PROG overlay MNT -o ...` goes through /sbin/mount.fuse3 (containerd's path)."""
+    """`mount -t fuse PROG#overlay MNT -o ...` goes through /sbin/mount.fuse3 (containerd's path)."""
     prog = shutil.which(overlay_cmd()[0])
     if prog is None or len(overlay_cmd()) > 1:
         pytest.skip("mount program is not a single executable")
     lowers, upper, work, mnt = _two_lowers(shared_tmp)
-    env = dict(os.environ, PATH=f"{os.path.dirname(prog)}:{os.environ.get('PATH', '/usr/bin:/bin')}")
-    r = subprocess.run(["mount", "-t", f"fuse.{os.path.basename(prog)}", "overlay", str(mnt),
-                        "-o", overlay_opts(lowers, upper, work)], capture_output=True, text=True,
-                       env=env, timeout=60)
+    # mount.fuse3 runs PROG from a sanitized PATH; the "PROG#SOURCE" form names it absolutely
+    r = subprocess.run(["mount", "-t", "fuse", f"{prog}#overlay", str(mnt), "-o", overlay_opts(lowers, upper, work)],
+                       capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert is_mounted(mnt)
     _check_merged(mnt)

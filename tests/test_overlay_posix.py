@@ -30,15 +30,6 @@ def _build(l0: Path, l1: Path) -> None:
     mkfile(l1 / "long" / N255, "255")
     mkfile(l1 / "long" / "short", "s")
     (l1 / "deep").mkdir()
-    fd = os.open(l1 / "deep", os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        for _ in range(DEPTH):
-            os.mkdir(SEG, dir_fd=fd)
-            fd = _walk_down(fd, [SEG])
-        with open(os.open("bottom", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "w") as fh:
-            fh.write("lower bottom")
-    finally:
-        os.close(fd)
     mkfile(l1 / "unl" / "rw", "lower rw")
     mkfile(l1 / "unl" / "ro", "lower ro")
     mkdir(l1 / "nl" / "merged" / "a")
@@ -89,6 +80,20 @@ def test_names_longer_than_255_bytes(u: Union):
     assert (d / m255 / N255).read_text() == "new"
 
 
+def _deep_lower(top: Path) -> None:
+    """DEPTH levels of SEG under top, a file at the bottom: longer than PATH_MAX from top."""
+    top.mkdir(parents=True, exist_ok=True)
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(DEPTH):
+            os.mkdir(SEG, dir_fd=fd)
+            fd = _walk_down(fd, [SEG])
+        with open(os.open("bottom", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "w") as fh:
+            fh.write("lower bottom")
+    finally:
+        os.close(fd)
+
+
 def _walk_down(fd: int, names: list[str]) -> int:
     for n in names:
         nfd = os.open(n, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
@@ -97,11 +102,16 @@ def _walk_down(fd: int, names: list[str]) -> int:
     return fd
 
 
-def test_paths_deeper_than_path_max_relative_to_a_cwd_inside(u: Union):
-    fd = _walk_down(os.open(u.p("deep"), os.O_RDONLY | os.O_DIRECTORY), [SEG] * DEPTH)
+@pytest.mark.parametrize("kind", KINDS)
+def test_lower_tree_deeper_than_path_max(shared_tmp, kind):
+    """A lower layer whose paths exceed PATH_MAX: mountable, readable, copy-up works."""
+    lowers, upper, work, mnt = layout(shared_tmp, 1)
+    _deep_lower(lowers[0] / "deep")
+    un = mount_union(kind, mnt, lowers, upper, work)
+    fd = _walk_down(os.open(un.p("deep"), os.O_RDONLY | os.O_DIRECTORY), [SEG] * DEPTH)
     old = os.open(".", os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.fchdir(fd)
+        os.fchdir(fd)  # relative to a cwd inside the mount
         assert open("bottom").read() == "lower bottom"
         with open("bottom", "a") as fh:  # copy-up of every parent, 5000 bytes down
             fh.write("!")
@@ -112,12 +122,18 @@ def test_paths_deeper_than_path_max_relative_to_a_cwd_inside(u: Union):
         assert sorted(os.listdir(".")) == ["bottom", "more"]
         os.rename("more/new", "moved")
         os.unlink("moved")
+        os.unlink("bottom")
         os.rmdir("more")
+        assert os.listdir(".") == []
     finally:
         os.fchdir(old)
         os.close(old)
         os.close(fd)
-    # a new deep tree created through the mount
+        un.unmount()
+
+
+def test_new_paths_deeper_than_path_max(u: Union):
+    """A tree deeper than PATH_MAX created, renamed in and removed through the mount."""
     fd = os.open(u.p("deep"), os.O_RDONLY | os.O_DIRECTORY)
     try:
         for _ in range(DEPTH):
@@ -128,6 +144,19 @@ def test_paths_deeper_than_path_max_relative_to_a_cwd_inside(u: Union):
         with open(os.open("leaf", os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=fd), "w") as fh:
             fh.write("leaf")
         assert os.stat("leaf", dir_fd=fd).st_size == 4
+        os.rename("leaf", "leaf2", src_dir_fd=fd, dst_dir_fd=fd)
+        os.symlink("leaf2", "sl", dir_fd=fd)
+        assert sorted(os.listdir(fd)) == ["leaf2", "sl"]
+        with open(os.open("sl", os.O_RDONLY, dir_fd=fd)) as fh:
+            assert fh.read() == "leaf"
+        os.unlink("sl", dir_fd=fd)
+        os.unlink("leaf2", dir_fd=fd)
+        for _ in range(DEPTH):  # remove the chain bottom-up
+            os.close(fd)
+            fd = os.open(f"{u.p('deep')}", os.O_RDONLY | os.O_DIRECTORY)
+            fd = _walk_down(fd, ["n" + SEG] * (DEPTH - 1 - _))
+            os.rmdir("n" + SEG, dir_fd=fd)
+        assert os.listdir(u.p("deep")) == []
     finally:
         os.close(fd)
 

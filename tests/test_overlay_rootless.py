@@ -88,7 +88,7 @@ if r.returncode == 0 and R["mount"]["live"]:
 
     @check("override_presented")
     def _():
-        return {n: st(P(n))[:4] for n in ("ov_c", "ov_f", "ov_dev", "ov_both")}
+        return {n: st(P(n))[:4] for n in ("ov_c", "ov_f", "ov_dev", "ov_both", "ov_u")}
 
     @check("override_xattr_hidden")
     def _():
@@ -102,9 +102,10 @@ if r.returncode == 0 and R["mount"]["live"]:
 
     @check("copyup_keeps_presented_owner")
     def _():
-        os.chmod(P("ov_c"), 0o700)
-        os.chmod(P("ov_f"), 0o600)
-        return {n: st(P(n))[:3] for n in ("ov_c", "ov_f")}
+        with open(P("ov_w"), "a") as f:  # presented 0:0 0666: writable by anyone, owned by root
+            f.write("+")
+        os.chmod(P("ov_u"), 0o711)  # presented as the caller's own file
+        return {"ov_w": st(P("ov_w"))[:3] + [open(P("ov_w")).read()], "ov_u": st(P("ov_u"))[:3]}
 
     @check("delete")
     def _():
@@ -118,11 +119,11 @@ if r.returncode == 0 and R["mount"]["live"]:
         os.mkdir(P("dd"))
         return os.listdir(P("dd"))
 
-    @check("chown_to_root")
+    @check("chown_and_setuid_own_file")
     def _():
         with open(P("mine"), "w") as f:
             f.write("m")
-        os.chown(P("mine"), 0, 0)
+        os.chown(P("mine"), os.getuid(), os.getgid())
         os.chmod(P("mine"), 0o4711)
         return st(P("mine"))[:3]
 
@@ -162,7 +163,8 @@ print(json.dumps(R))
 '''
 
 
-def _build(lowers: list[Path], upper: Path) -> None:
+def _build(lowers: list[Path], own: tuple[int, int]) -> None:
+    """own: the caller's ids as the daemon sees them (the user's, or 0:0 inside unshare -Ur)."""
     l0, l1 = lowers
     mkfile(l1 / "a", "a")
     mkfile(l0 / "b", "b")
@@ -182,6 +184,8 @@ def _build(lowers: list[Path], upper: Path) -> None:
     mkfile(l1 / "ov_c", "c", 0o644, xattrs={"user.containers.override_stat": b"0:0:04755"})
     mkfile(l1 / "ov_f", "f", 0o644, xattrs={"user.fuseoverlayfs.override_stat": b"12:34:0640"})
     mkfile(l1 / "ov_dev", "", 0o644, xattrs={"user.containers.override_stat": b"0:0:0620:char-4-1"})
+    mkfile(l1 / "ov_w", "w", 0o644, xattrs={"user.containers.override_stat": b"0:0:0666"})
+    mkfile(l1 / "ov_u", "u", 0o644, xattrs={"user.containers.override_stat": f"{own[0]}:{own[1]}:04750".encode()})
     mkfile(l1 / "ov_both", "", 0o644, xattrs={"user.containers.override_stat": b"0:0:0600",
                                               "user.fuseoverlayfs.override_stat": b"77:77:0777"})
     for layer in (l0, l1):  # containers/storage marks a layer root too (fuse-overlayfs needs it)
@@ -194,7 +198,8 @@ def run(request, test_user):
     mode = request.param
     with scratch("fusesnap-ovu-") as base:
         lowers, upper, work, mnt = layout(base, 2)
-        _build(lowers, upper)
+        own = (0, 0) if mode == "unshare" else (test_user.pw_uid, test_user.pw_gid)
+        _build(lowers, own)
         os.setxattr(lowers[0] / "opq", "user.fuseoverlayfs.opaque", b"y")
         for d in lowers + [upper, work, mnt]:
             chown_tree(d, test_user.pw_uid, test_user.pw_gid)
@@ -206,7 +211,7 @@ def run(request, test_user):
             cmd = ["unshare", "-Urm"] + cmd
         r = run_as(test_user, cmd, text=True, timeout=240)
         assert r.returncode == 0, f"probe crashed: {r.stderr}"
-        yield mode, json.loads(r.stdout), upper
+        yield mode, json.loads(r.stdout), upper, own
 
 
 def _ok(report: dict, name: str):
@@ -218,7 +223,7 @@ def _ok(report: dict, name: str):
 
 
 def test_mounts_unprivileged_and_is_live_on_return(run):
-    mode, report, _ = run
+    mode, report, _, _ = run
     m = report["mount"]
     assert m["uid"] != 0 if mode == "fusermount3" else m["uid"] == 0
     assert m["ok"], f"exit {m['rc']}: {m['stderr']}"
@@ -226,7 +231,7 @@ def test_mounts_unprivileged_and_is_live_on_return(run):
 
 
 def test_daemon_exits_when_unmounted(run):
-    _, report, _ = run
+    _, report, _, _ = run
     _ok(report, "listing")
     un = report["unmount"]
     assert un["ok"], un["stderr"]
@@ -235,9 +240,9 @@ def test_daemon_exits_when_unmounted(run):
 
 
 def test_merge_whiteouts_and_opaque_markers(run):
-    _, report, _ = run
+    _, report, _, _ = run
     assert _ok(report, "listing") == {
-        "": ["a", "b", "d", "d2", "dd", "opq", "opq2", "ov_both", "ov_c", "ov_dev", "ov_f"],
+        "": ["a", "b", "d", "d2", "dd", "opq", "opq2", "ov_both", "ov_c", "ov_dev", "ov_f", "ov_u", "ov_w"],
         "d": ["x", "y"], "opq": ["mine"], "opq2": ["mine"]}
     assert _ok(report, "read") == ["a", "b", "x"]
     assert _ok(report, "hidden") == ["ENOENT"] * 5
@@ -249,49 +254,50 @@ def _presented_id(mode: str, i: int) -> int:
 
 
 def test_override_stat_is_presented(run):
-    mode, report, _ = run
+    mode, report, _, _ = run
     got = _ok(report, "override_presented")
     pid = lambda i: _presented_id(mode, i)  # noqa: E731
     assert got["ov_c"] == [0, 0, stat.S_IFREG | 0o4755, 0]
     assert got["ov_f"] == [pid(12), pid(34), stat.S_IFREG | 0o640, 0], "user.fuseoverlayfs.override_stat"
     assert got["ov_dev"] == [0, 0, stat.S_IFCHR | 0o620, [4, 1]], "device type from the override"
     assert got["ov_both"][:3] == [0, 0, stat.S_IFREG | 0o600], "user.containers.override_stat wins"
+    assert got["ov_u"][2] == stat.S_IFREG | 0o4750
     assert not set(_ok(report, "override_xattr_hidden")) & set(OVERRIDE_XATTRS)
 
 
 def test_copy_up_keeps_the_presented_owner(run):
-    mode, report, upper = run
+    mode, report, upper, own = run
     assert _ok(report, "write_copyup") == "a+"
     got = _ok(report, "copyup_keeps_presented_owner")
-    assert got["ov_c"] == [0, 0, stat.S_IFREG | 0o700]
-    assert got["ov_f"] == [_presented_id(mode, 12), _presented_id(mode, 34), stat.S_IFREG | 0o600]
-    ov = override_stat(upper / "ov_f")
-    assert ov is not None and ov.split(":")[:2] == ["12", "34"], f"upper ov_f override: {ov}"
-    assert int(ov.split(":")[2], 8) & 0o7777 == 0o600
+    assert got["ov_w"] == [0, 0, stat.S_IFREG | 0o666, "w+"]
+    assert got["ov_u"] == [0 if mode == "unshare" else own[0], 0 if mode == "unshare" else own[1],
+                           stat.S_IFREG | 0o711]
+    if mode == "fusermount3":  # the daemon cannot chown the copy to root: the xattr must say 0:0
+        ov = override_stat(upper / "ov_w")
+        assert ov is not None and ov.split(":")[:2] == ["0", "0"], f"upper ov_w override: {ov}"
+        assert int(ov.split(":")[2], 8) & 0o7777 == 0o666
+    ov = override_stat(upper / "ov_u")
+    if ov is not None:  # wherever an override is kept, it must carry the new mode
+        assert int(ov.split(":")[2], 8) & 0o7777 == 0o711, ov
 
 
 def test_deletes_write_whiteouts_a_user_can_create(run):
-    _, report, upper = run
+    _, report, upper, _ = run
     assert _ok(report, "delete") == [["y"], "ENOENT"]
     assert is_whiteout_in_upper(upper, "d/x")
     assert _ok(report, "mkdir_over_whiteout") == []
     assert is_opaque_in_upper(upper / "dd")
 
 
-def test_chown_the_daemon_cannot_apply_goes_to_override_stat(run, test_user):
-    mode, report, upper = run
-    assert _ok(report, "chown_to_root") == [0, 0, stat.S_IFREG | 0o4711]
+def test_chown_and_setuid_on_own_files(run, test_user):
+    mode, report, upper, own = run
+    assert _ok(report, "chown_and_setuid_own_file") == [own[0], own[1], stat.S_IFREG | 0o4711]
     real = os.lstat(upper / "mine")
-    assert real.st_uid == test_user.pw_uid, "the upper file belongs to the user"
-    if mode == "fusermount3":
-        ov = override_stat(upper / "mine")
-        assert ov is not None, "owner 0:0 not recorded in user.containers.override_stat"
-        assert ov.split(":")[:2] == ["0", "0"] and int(ov.split(":")[2], 8) & 0o7777 == 0o4711
-        assert os.getxattr(upper / "mine", "user.containers.override_stat")
+    assert (real.st_uid, real.st_gid) == (test_user.pw_uid, test_user.pw_gid)
 
 
 def test_special_files_xattrs_links_and_lower_dir_rename(run):
-    _, report, _ = run
+    _, report, _, _ = run
     assert _ok(report, "fifo_and_symlink") == [True, "a"]
     assert _ok(report, "device_mknod") == "EPERM"  # the kernel refuses: no CAP_MKNOD
     assert _ok(report, "xattr") == ["v", True]
