@@ -70,14 +70,16 @@ def test_mount_program_does_not_hold_callers_pipes(shared_tmp):
     _check_merged(mnt)
 
 
-def test_foreground_stays_until_unmounted(shared_tmp):
+@pytest.mark.parametrize("flag", ["-f", "-d"])
+def test_foreground_stays_until_unmounted(shared_tmp, flag):
+    """-f keeps the program in the foreground; -d (debug) implies it, like fuse-overlayfs."""
     lowers, upper, work, mnt = _two_lowers(shared_tmp)
-    p = subprocess.Popen(overlay_cmd() + ["-f", "-o", overlay_opts(lowers, upper, work), str(mnt)],
+    p = subprocess.Popen(overlay_cmd() + [flag, "-o", overlay_opts(lowers, upper, work), str(mnt)],
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     try:
         wait_mounted(mnt, 60)
         _check_merged(mnt)
-        assert p.poll() is None, "-f must keep the program in the foreground"
+        assert p.poll() is None, f"{flag} must keep the program in the foreground"
         subprocess.run(["umount", str(mnt)], check=True)
         assert p.wait(timeout=20) == 0
     finally:
@@ -115,7 +117,8 @@ def test_mount_t_fuse_through_mount_fuse3(shared_tmp):
     assert not wait_gone(pids)
 
 
-@pytest.mark.parametrize("case", ["missing-lower", "no-lowerdir", "missing-upper", "missing-mountpoint"])
+@pytest.mark.parametrize("case", ["missing-lower", "no-lowerdir", "missing-upper", "missing-mountpoint",
+                                  "lower-is-a-file", "mountpoint-is-a-file"])
 def test_mount_failure_exits_nonzero_with_reason(shared_tmp, case):
     lowers, upper, work, mnt = _two_lowers(shared_tmp)
     bad = shared_tmp / "does-not-exist"
@@ -124,6 +127,9 @@ def test_mount_failure_exits_nonzero_with_reason(shared_tmp, case):
         "no-lowerdir": (f"upperdir={upper},workdir={work}", mnt, "lowerdir"),
         "missing-upper": (overlay_opts(lowers, bad, work), mnt, str(bad)),
         "missing-mountpoint": (overlay_opts(lowers, upper, work), bad, str(bad)),
+        "lower-is-a-file": (overlay_opts([lowers[0], lowers[1] / "bottom"], upper, work), mnt,
+                            str(lowers[1] / "bottom")),
+        "mountpoint-is-a-file": (overlay_opts(lowers, upper, work), lowers[0] / "top", str(lowers[0] / "top")),
     }[case]
     opts, target, named = args
     rc, err = run_overlay(["-o", opts, str(target)], timeout=60)

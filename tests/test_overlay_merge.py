@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from helpers import is_root
-from unionmount import (KINDS, Union, errno_of, getdents, layout, mkdir, mkfile, mkwhiteout, mount_union,
+from unionmount import (KINDS, Union, errno_of, getdents, is_opaque_in_upper, layout, mkdir, mkfile, mkwhiteout, mount_union,
                         read_all_dents, scratch)
 
 pytestmark = pytest.mark.skipif(not is_root(), reason="needs root to mount and to build whiteouts")
@@ -53,6 +53,8 @@ def _build(lowers: list[Path], upper: Path) -> None:
     mkfile(l2 / "merge" / "filedir", "a file below")
     mkdir(l1 / "merge" / "filedir")  # a dir in a higher layer replaces a file below
     mkfile(l1 / "merge" / "filedir" / "inside", "i")
+    mkfile(l2 / "merge" / "dirfile" / "below", "b")
+    mkfile(upper / "merge" / "dirfile", "a file in the upper hides a dir below")
 
     # char 0/0 whiteouts, in a lower layer and in the upper
     mkfile(l2 / "whk" / "gone_by_lower", "x")
@@ -128,12 +130,14 @@ def _ls(p: Path) -> list[str]:
 
 def test_upper_over_lowers_in_order(u: Union):
     m = u.p("merge")
-    assert _ls(m) == ["a", "b", "c", "filedir", "only0", "only2", "sub"]
+    assert _ls(m) == ["a", "b", "c", "dirfile", "filedir", "only0", "only2", "sub"]
     assert (m / "a").read_text() == "l0-a"
     assert (m / "b").read_text() == "l1-b"
     assert (m / "c").read_text() == "upper-c"
     assert _ls(m / "sub") == ["x", "y"]
     assert (m / "filedir").is_dir() and _ls(m / "filedir") == ["inside"]
+    assert (m / "dirfile").read_text().startswith("a file in the upper")
+    assert errno_of(os.lstat, m / "dirfile" / "below") == errno.ENOTDIR
 
 
 def test_char_whiteouts_hide_names_below(u: Union):
@@ -166,16 +170,22 @@ def test_opaque_markers_hide_lower_contents(u: Union, case: str):
 
 def test_readdir_reports_d_type_dots_and_inode_numbers(u: Union):
     d = u.p("types")
+    (d / "ureg").write_text("u")  # and the same types created through the mount
+    os.mkdir(d / "udir")
+    os.symlink("ureg", d / "ulnk")
+    os.mkfifo(d / "ufifo")
     fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
     try:
         ents = read_all_dents(fd)
     finally:
         os.close(fd)
     names = [e.name for e in ents]
-    assert sorted(names) == [".", "..", "blk", "chr", "dir", "fifo", "lnk", "reg", "sock"]
+    assert sorted(names) == [".", "..", "blk", "chr", "dir", "fifo", "lnk", "reg", "sock", "udir", "ufifo",
+                             "ulnk", "ureg"]
     want = {".": stat.S_IFDIR, "..": stat.S_IFDIR, "reg": stat.S_IFREG, "dir": stat.S_IFDIR,
             "lnk": stat.S_IFLNK, "fifo": stat.S_IFIFO, "chr": stat.S_IFCHR, "blk": stat.S_IFBLK,
-            "sock": stat.S_IFSOCK}
+            "sock": stat.S_IFSOCK, "ureg": stat.S_IFREG, "udir": stat.S_IFDIR, "ulnk": stat.S_IFLNK,
+            "ufifo": stat.S_IFIFO}
     for e in ents:
         assert e.dtype << 12 == want[e.name], f"{e.name}: d_type {e.dtype}"
         if e.name not in (".", ".."):
@@ -190,6 +200,21 @@ def test_readdir_reports_d_type_dots_and_inode_numbers(u: Union):
 
 def _expected_rd() -> set[str]:
     return (set(RD_LOWER2) | set(RD_LOWER1) | set(RD_UPPER)) - set(RD_WHITED)
+
+
+def test_marker_xattrs_cannot_be_set_to_change_the_merge(u: Union):
+    """Setting an opaque marker through the mount must not hide the lower contents."""
+    m = u.p("merge", "sub")
+    for name in ("trusted.overlay.opaque", "user.overlay.opaque", "user.fuseoverlayfs.opaque"):
+        if name != "trusted.overlay.opaque":
+            u.only_fusesnap("kernel overlayfs (without userxattr) treats user.overlay.* as plain xattrs")
+        try:
+            os.setxattr(m, name, b"y")
+        except OSError:
+            pass  # refusing is fine
+        assert _ls(m) == ["x", "y"], name
+        up = u.up("merge", "sub")
+        assert not (up.exists() and is_opaque_in_upper(up)), f"{name} reached the upper: opaque after remount"
 
 
 def test_readdir_of_big_merged_dir_has_no_duplicates(u: Union):

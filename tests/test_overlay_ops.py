@@ -33,6 +33,7 @@ def _build(l0: Path, l1: Path) -> None:
     mkfile(l1 / "open" / "excl", b"x")
     mkfile(l1 / "open" / "deleted", b"x")
     mkfile(l1 / "rw" / "f", DATA)
+    mkfile(l1 / "rw" / "mapped", DATA)
     mkdir(l1 / "dirs" / "full")
     mkfile(l1 / "dirs" / "full" / "x")
     mkfile(l1 / "dirs" / "file")
@@ -152,6 +153,9 @@ def test_open_flags(u: Union):
     finally:
         os.umask(old)
     assert stat.S_IMODE(os.lstat(d / "masked").st_mode) == 0o640
+    fd = os.open(d / "excl", os.O_WRONLY | os.O_CREAT, 0o600)  # existing lower file: opened, kept
+    os.close(fd)
+    assert (d / "excl").read_bytes() == b"x"
     assert errno_of(os.open, d / "absent", os.O_RDONLY) == errno.ENOENT
     assert errno_of(os.open, d / "excl" / "x", os.O_RDONLY) == errno.ENOTDIR
     assert errno_of(os.open, d, os.O_WRONLY) == errno.EISDIR
@@ -178,6 +182,32 @@ def test_read_write_at_offsets_and_across_handles(u: Union):
     big = os.urandom(1 << 20)
     u.p("rw", "big").write_bytes(big)
     assert hashlib.sha256(u.p("rw", "big").read_bytes()).digest() == hashlib.sha256(big).digest()
+    src, dst = os.open(u.p("rw", "big"), os.O_RDONLY), os.open(u.p("rw", "copy"), os.O_WRONLY | os.O_CREAT)
+    try:
+        done = 0
+        while done < len(big):
+            n = os.copy_file_range(src, dst, len(big) - done)
+            assert n > 0
+            done += n
+    finally:
+        os.close(src)
+        os.close(dst)
+    assert u.p("rw", "copy").read_bytes() == big
+
+
+def test_shared_mmap_of_a_lower_file(u: Union):
+    import mmap
+    f = u.p("rw", "mapped")
+    fd = os.open(f, os.O_RDWR)
+    try:
+        with mmap.mmap(fd, 0, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as mm:
+            assert mm[:4] == DATA[:4]
+            mm[:4] = b"MMAP"
+            mm.flush()
+    finally:
+        os.close(fd)
+    assert f.read_bytes()[:6] == b"MMAP" + DATA[4:6]
+    assert (u.lowers[1] / "rw" / "mapped").read_bytes() == DATA
 
 
 # ------------------------------------------------------------------ directories
@@ -220,6 +250,9 @@ def test_rename_files_and_flags(u: Union):
     assert errno_of(os.rename, d / "x", d / "e") == errno.EISDIR
     assert errno_of(os.rename, d / "e", d / "x") == errno.ENOTDIR
     assert errno_of(os.rename, d / "e", d / "e" / "in2") == errno.EINVAL
+    os.mkdir(d / "ud")
+    assert errno_of(os.rename, d / "ud", d / "e") == errno.ENOTEMPTY  # over a non-empty lower dir
+    os.rmdir(d / "ud")
     os.rename(d / "x", d / "x")  # same name: a no-op
     assert (d / "x").read_text() == "lower-x"
     assert sorted(os.listdir(d)) == ["b", "c2", "d", "dir", "e", "up", "x"]
@@ -256,6 +289,7 @@ def test_hard_links(u: Union):
     os.unlink(d / "up")
     assert os.lstat(d / "up2").st_nlink == 1 and (d / "up2").read_text() == "u"
     assert errno_of(os.link, d / "up2", d / "target") == errno.EEXIST
+    assert errno_of(os.link, u.p("rename"), d / "dirlink") == errno.EPERM
 
 
 # ------------------------------------------------------------------ special files
