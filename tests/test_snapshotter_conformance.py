@@ -5,6 +5,11 @@ applied through the mounted snapshot and checked against the same changes
 applied to a plain directory (containerd's fstest.CheckDirectoryEqual: type,
 permissions, owner, content, link target, link count). The suite runs with a
 cleared umask, like containerd's clearMask().
+
+The suite's metadata-only checks (PrepareView duplicates, Update, Remove and
+key reuse, Walk with filters, StatInWalk, CloseTwice, RemoveIntermediateSnapshot)
+mount nothing in containerd either; they live in test_snapshot_lifecycle.py.
+Chains of 500 layers: test_snapshotter_500_layers.py.
 """
 
 from __future__ import annotations
@@ -226,6 +231,10 @@ def test_stat_active_while_mounted(env):
             sn.commit("c", "preparing")
         with pytest.raises(InUse, match="mounted"):
             sn.remove("preparing")
+        other = work / "second"
+        other.mkdir()
+        with pytest.raises(InUse, match="mounted"):
+            sn.mount("preparing", other)  # two daemons must never share one upper
 
 
 def test_stat_committed(env):

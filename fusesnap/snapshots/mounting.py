@@ -93,6 +93,7 @@ def mount_snapshot(sn: "Snapshotter", key: str, mountpoint: str | os.PathLike, *
     opts.fsname = fsname_for(sn, rec.id)
     tree = sn.trees.get(rec.parent_chain)
     if info.kind == "active":
+        check_not_mounted(sn, rec.id, key, "mount")  # two daemons must never share an upper
         d = sn.snapshot_dir(rec.id)
         upper, work = d / "upper", d / "work"
         opts.upperdir, opts.workdir = str(upper), str(work)

@@ -312,6 +312,14 @@ class Snapshotter:
         """The layer whose store name label (what `export NAME` resolves) is `name`, if any."""
         from ..store.layerstore import NAME_LABEL
 
+        hexish = name[7:] if name.startswith("sha256:") else name
+        if not all(c in "0123456789abcdef" for c in hexish):
+            # not digest-like: the store resolves such a reference by its name label alone
+            try:
+                li = self.store.get(name)
+            except (NotFound, InvalidInput):
+                return None
+            return li.chain_id if li.labels.get(NAME_LABEL) == name else None
         for li in self.store.list():
             if li.labels.get(NAME_LABEL) == name:
                 return li.chain_id
@@ -480,11 +488,13 @@ class Snapshotter:
     def cleanup(self) -> list[str]:
         """Delete what no snapshot references: orphaned snapshot dirs, trash, stale tree caches."""
         removed: list[str] = []
-        ids = {str(r.id) for r in self.db.all() if r.kind == "active"}
-        for d in sorted(self.snapshots_dir.iterdir()):
-            if d.name not in ids and d != self.trash_dir:
-                self._trash(d)
-                removed.append(str(d))
+        with self.db.tx():  # holds off concurrent prepares while their dirs are judged
+            ids = {str(r.id) for r in self.db.all() if r.kind == "active"}
+            for d in sorted(self.snapshots_dir.iterdir()):
+                if d.name not in ids and d != self.trash_dir:
+                    dst = self.trash_dir / f"{d.name}-{uuid.uuid4().hex}"
+                    os.rename(d, dst)
+                    removed.append(str(d))
         for d in sorted(self.trash_dir.iterdir()):
             _rmtree(d)
             removed.append(str(d))
