@@ -35,6 +35,8 @@ def _build(l0: Path, l1: Path) -> None:
     mkdir(l1 / "par" / "a" / "b", 0o710, uid=13, gid=14, mtime_ns=T2, xattrs={"user.b": b"B"})
     mkfile(l1 / "par" / "a" / "b" / "f", "deep")
     mkdir(l1 / "par" / "a", 0o750, uid=11, gid=12, mtime_ns=T1, xattrs={"user.a": b"A"})
+    mkdir(l1 / "sgid", 0o2755, gid=1234)
+    mkfile(l1 / "sgid" / "f", "f", 0o2711, uid=0, gid=0)
     mkfile(l1 / "hl" / "a", "linked")
     os.link(l1 / "hl" / "a", l1 / "hl" / "b")
     mkdir(l1 / "hl" / "sub")
@@ -104,7 +106,19 @@ def test_metadata_copy_up_preserves_times_and_data(u: Union):
     assert (mode, uid, gid, mtime) == (0o604, 42, 43, T1)
     assert xs == {**XATTRS, "user.added": b"+"}
     assert f.read_text() == "meta data"
-    assert u.up("cu", "meta").exists()
+    assert os.lstat(u.up("cu", "meta")).st_mtime_ns == T1
+
+
+def test_copy_up_in_a_setgid_dir_keeps_the_files_group(u: Union):
+    f = u.p("sgid", "f")
+    with open(f, "a") as fh:
+        fh.write("+")
+    st = os.lstat(f)
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 0, 0o2711)
+    up = os.lstat(u.up("sgid", "f"))
+    assert (up.st_uid, up.st_gid) == (0, 0), "the upper copy took the setgid parent's group"
+    g = os.lstat(u.p("sgid"))
+    assert (g.st_gid, stat.S_IMODE(g.st_mode)) == (1234, 0o2755)
 
 
 def test_parent_directories_copied_up_with_their_metadata(u: Union):
@@ -116,6 +130,7 @@ def test_parent_directories_copied_up_with_their_metadata(u: Union):
         st = os.lstat(u.up(*p.split("/")))
         assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == meta[:3], f"upper {p}"
         assert os.getxattr(u.up(*p.split("/")), "user." + p[-1]) == meta[4]["user." + p[-1]]
+        assert st.st_mtime_ns == meta[3], f"upper {p}: mtime not restored after the copy-up below it"
     assert u.p("par", "a", "b", "f").read_text() == "deep!"
 
 
@@ -130,6 +145,9 @@ def test_copy_up_keeps_hard_links_together(u: Union):
         assert (st.st_ino, st.st_nlink) == (ino, 3), n
     os.chmod(u.p("hl", "sub", "c"), 0o600)
     assert {stat.S_IMODE(os.lstat(u.p(*n)).st_mode) for n in names} == {0o600}
+    os.symlink("a", u.p("hl", "sl"))  # hard links between symlinks
+    os.link(u.p("hl", "sl"), u.p("hl", "sub", "sl2"), follow_symlinks=False)
+    assert os.lstat(u.p("hl", "sl")).st_ino == os.lstat(u.p("hl", "sub", "sl2")).st_ino
     if u.is_fusesnap:  # one copy in the upper, all names
         inos = {os.lstat(u.up(*n)).st_ino for n in names}
         assert len(inos) == 1 and os.lstat(u.up(*names[0])).st_nlink == 3
@@ -228,6 +246,8 @@ def test_everything_survives_a_remount(u: Union):
     before = _tree(u.mnt)
     inos = {k: os.lstat(u.p(*k.split("/"))).st_ino for k in ("hl/a", "hl/b", "hl/sub/c")}
     u.remount()
+    assert os.lstat(u.p("hl", "sl")).st_ino == os.lstat(u.p("hl", "sub", "sl2")).st_ino, \
+        "symlink hard links split by remount"
     after = _tree(u.mnt)
     assert sorted(after) == sorted(before)
     assert after == before
