@@ -205,7 +205,7 @@ def test_mkdir_over_whiteout_makes_an_opaque_dir(u: Union):
 
 
 def _tree(root: Path) -> dict[str, tuple]:
-    """Everything a user can see under root: type, mode, owner, content hash, link target, xattrs."""
+    """What a user sees under root: type, mode, owner, content hash, link target, xattrs, mtime, nlink."""
     out = {}
     for dirpath, dirnames, filenames in os.walk(root):
         for n in dirnames + filenames:
@@ -215,7 +215,9 @@ def _tree(root: Path) -> dict[str, tuple]:
             link = os.readlink(p) if stat.S_ISLNK(st.st_mode) else None
             xs = tuple(sorted((x, os.getxattr(p, x, follow_symlinks=False))
                               for x in os.listxattr(p, follow_symlinks=False)))
-            out[str(p.relative_to(root))] = (st.st_mode, st.st_uid, st.st_gid, data, link, xs)
+            nlink = None if stat.S_ISDIR(st.st_mode) else st.st_nlink
+            out[str(p.relative_to(root))] = (st.st_mode, st.st_uid, st.st_gid, data, link, xs, st.st_mtime_ns,
+                                             nlink)
     return out
 
 
