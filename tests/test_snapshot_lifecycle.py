@@ -330,3 +330,51 @@ def test_cli_contract(tmp_path):
     assert run(root, "remove", "k2", "v2", "base").returncode == 0
     assert json.loads(run(root, "list", "--json").stdout) == []
     assert run(root, "cleanup").returncode == 0
+
+
+@pytest.mark.parametrize("point", ["staged", "after-rename"])
+def test_commit_killed_mid_import_loses_nothing(tmp_path, point):
+    root = tmp_path / "root"
+    with Snapshotter(root) as s:
+        s.prepare("k")
+        write(s, "k", "a/shared", b"data" * 5000)
+        os.chmod(write(s, "k", "a/private", b"secret"), 0o600)
+        os.link(s.upper_dir("k") / "a" / "shared", s.upper_dir("k") / "a" / "link")
+        os.utime(s.upper_dir("k") / "a", (1_600_000_000, 1_600_000_000))
+        before = io.BytesIO()
+        s.diff("k", before)
+    env = dict(os.environ, FUSESNAP_CRASH_AT=point)
+    r = subprocess.run([script("fusesnap"), "--root", str(root), "commit", "c", "k"], env=env, capture_output=True)
+    assert r.returncode != 0  # killed
+    with Snapshotter(root) as s:
+        assert s.stat("k").kind == "active"
+        again = io.BytesIO()
+        s.diff("k", again)
+        assert again.getvalue() == before.getvalue()  # the upper is whole
+        info = s.commit("c", "k")
+        out = io.BytesIO()
+        s.store.export("c", out)
+        assert out.getvalue() == before.getvalue()
+        assert info.chain_id == "sha256:" + hashlib.sha256(before.getvalue()).hexdigest()
+
+
+def test_failed_import_restores_the_upper(sn, monkeypatch):
+    sn.prepare("k")
+    f = write(sn, "k", "f", b"x" * 1000)
+    before = io.BytesIO()
+    sn.diff("k", before)
+    real = sn.store.import_tar
+
+    def failing(src, parent=None, *, labels=None, donor=None):
+        assert donor is not None and donor(b"f")  # the store would take this file...
+        raise OSError(28, "No space left on device")  # ...and then fail
+
+    monkeypatch.setattr(sn.store, "import_tar", failing)
+    with pytest.raises(OSError):
+        sn.commit("c", "k")
+    monkeypatch.setattr(sn.store, "import_tar", real)
+    assert f.read_bytes() == b"x" * 1000 and sn.stat("k").kind == "active"
+    again = io.BytesIO()
+    sn.diff("k", again)
+    assert again.getvalue() == before.getvalue()
+    assert sn.commit("c", "k").kind == "committed"

@@ -290,7 +290,14 @@ class Snapshotter:
         named = self._layer_named(name)
         if named is not None:
             raise AlreadyExists(f"name {name!r} is already used by layer {named}")
-        li = self.store.import_tar(changeset.ChunkReader(cs.chunks()), rec.parent_chain, donor=cs.donor)
+        spool = self.snapshot_dir(rec.id) / "donate"
+        donor = cs.donations(spool)
+        try:
+            li = self.store.import_tar(changeset.ChunkReader(cs.chunks()), rec.parent_chain, donor=donor)
+        except BaseException:
+            donor.restore()
+            _rmtree(spool)
+            raise
         self.store.add_ref(li.chain_id, _holder(name))
         try:
             with self.db.tx() as c:
