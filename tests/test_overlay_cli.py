@@ -268,10 +268,14 @@ def test_root_mount_checks_permissions_for_other_users(shared_tmp, kind, test_us
             "print(t(lambda: open(m+'/public').read()), t(lambda: open(m+'/secret').read()),"
             " t(lambda: open(m+'/closed/f','w').close()), t(lambda: open(m+'/open/f','w').close()),"
             " t(lambda: open(m+'/public','a').close()))\n"
+            "print(os.access(m+'/public', os.R_OK), os.access(m+'/public', os.W_OK),"
+            " os.access(m+'/secret', os.R_OK), os.access(m+'/open', os.W_OK | os.X_OK))\n"
         )
         r = run_as(test_user, ["/usr/bin/python3", "-c", probe, str(mnt)], text=True, timeout=60)
         assert r.returncode == 0, r.stderr
-        assert r.stdout.split() == ["ok", str(errno.EACCES), str(errno.EACCES), "ok", str(errno.EACCES)]
+        lines = r.stdout.splitlines()
+        assert lines[0].split() == ["ok", str(errno.EACCES), str(errno.EACCES), "ok", str(errno.EACCES)]
+        assert lines[1].split() == ["True", "False", "False", "True"], "access(2) as the other user"
         assert os.stat(mnt / "open" / "f").st_uid == test_user.pw_uid
     finally:
         u.unmount()

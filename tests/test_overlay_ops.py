@@ -15,7 +15,8 @@ import pytest
 
 from helpers import is_root
 from unionmount import (KINDS, RENAME_EXCHANGE, RENAME_NOREPLACE, UTIME_NOW, UTIME_OMIT, Union, errno_of,
-                        layout, mkdir, mkfile, mount_union, renameat2, scratch, utimensat)
+                        layout, mkdir, mkfile, mount_union, renameat2, scratch, snapshot_tree, tree_diff,
+                        utimensat)
 
 pytestmark = pytest.mark.skipif(not is_root(), reason="needs root to mount")
 
@@ -412,3 +413,10 @@ def test_access_as_root(u: Union):
     assert os.access(d / "none", os.R_OK | os.W_OK)
     assert os.access(d, os.X_OK | os.W_OK)
     assert not os.access(d / "absent", os.F_OK)
+
+
+def test_every_change_survives_a_remount(u: Union):
+    """Last in this module: what the mount showed is what it stored."""
+    before = snapshot_tree(u.mnt)
+    u.remount()
+    assert not tree_diff(before, snapshot_tree(u.mnt))

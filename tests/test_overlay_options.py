@@ -78,6 +78,9 @@ def test_uid_and_gid_mapping(mount):
     st = os.lstat(u.up("g"))
     assert (st.st_uid, st.st_gid) == (2, 3)
     assert (os.lstat(u.p("g")).st_uid, os.lstat(u.p("g")).st_gid) == (2001, 4002)
+    u.remount()
+    assert (os.lstat(u.p("g")).st_uid, os.lstat(u.p("g")).st_gid) == (2001, 4002)
+    assert (os.lstat(u.p("f")).st_uid, os.lstat(u.p("f")).st_gid) == (1000, 3000)
 
 
 def test_static_nlink(mount):
@@ -116,3 +119,6 @@ def test_xattr_permissions_store_owner_and_mode_in_an_xattr(mount, level, xattr)
     assert (int(uid), int(gid), int(mode, 8) & 0o7777) == (1234, 5678, 0o4750)
     assert xattr not in os.listxattr(u.p("g")), "the override xattr is internal"
     assert u.p("g").read_text() == "g"
+    u.remount()
+    st = os.lstat(u.p("g"))
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (1234, 5678, 0o4750), "after remount"

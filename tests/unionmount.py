@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import hashlib
 import os
 import pwd
 import shlex
@@ -286,6 +287,34 @@ def chown_tree(root: Path, uid: int, gid: int) -> None:
     for dirpath, dirnames, filenames in os.walk(root):
         for n in [dirpath] + [os.path.join(dirpath, x) for x in dirnames + filenames]:
             os.chown(n, uid, gid, follow_symlinks=False)
+
+
+def snapshot_tree(root: Path) -> dict[str, tuple]:
+    """What a user sees under root: type+mode, owner, content hash, link target, xattrs, mtime, nlink.
+
+    Comparing snapshots before and after a remount catches a daemon whose replies differ from what
+    it stored (the kernel's attribute cache hides that while the mount lives).
+    """
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in dirnames + filenames:
+            p = Path(dirpath) / n
+            st = os.lstat(p)
+            data = hashlib.sha256(p.read_bytes()).hexdigest() if stat.S_ISREG(st.st_mode) else None
+            link = os.readlink(p) if stat.S_ISLNK(st.st_mode) else None
+            xs = tuple(sorted((x, os.getxattr(p, x, follow_symlinks=False))
+                              for x in os.listxattr(p, follow_symlinks=False)))
+            nlink = None if stat.S_ISDIR(st.st_mode) else st.st_nlink
+            rdev = st.st_rdev if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else None
+            out[str(p.relative_to(root))] = (st.st_mode, st.st_uid, st.st_gid, data, link, xs, st.st_mtime_ns,
+                                             nlink, rdev)
+    return out
+
+
+def tree_diff(before: dict[str, tuple], after: dict[str, tuple]) -> dict[str, tuple]:
+    """Paths whose snapshot differs (None for a missing side): empty when equal."""
+    return {k: (before.get(k), after.get(k)) for k in sorted(set(before) | set(after))
+            if before.get(k) != after.get(k)}
 
 
 # --------------------------------------------------------------------------- upper format
