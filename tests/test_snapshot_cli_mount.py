@@ -66,7 +66,12 @@ def image_tar(user_uid: int) -> bytes:
         def add(name, data=None, mode=0o644, uid=0, gid=0, kind=None, link=""):
             ti = tarfile.TarInfo(name)
             ti.mode, ti.mtime, ti.uid, ti.gid = mode, T, uid, gid
-            if kind:
+            if name == "etc/hosts":
+                ti.pax_headers = {"SCHILY.xattr.user.origin": "image"}
+            if kind == tarfile.CHRTYPE:
+                ti.type, ti.devmajor, ti.devminor = kind, 1, 3
+                tf.addfile(ti)
+            elif kind:
                 ti.type, ti.linkname = kind, link
                 tf.addfile(ti)
             elif data is None:
@@ -82,6 +87,10 @@ def image_tar(user_uid: int) -> bytes:
         add("etc/shadow", b"root:*:\n", mode=0o640, gid=42)
         add("srv", mode=0o755, uid=1000, gid=1000)
         add("srv/data", b"d", mode=0o600, uid=1000, gid=1000)
+        add("dev", mode=0o755)
+        add("dev/null", mode=0o666, kind=tarfile.CHRTYPE)
+        add("etc/hosts", b"127.0.0.1 localhost\n", mode=0o644)
+        add("etc/hosts.link", mode=0o644, kind=tarfile.LNKTYPE, link="etc/hosts")
         add("home", mode=0o755)
         add("home/u", mode=0o755, uid=user_uid, gid=user_uid)
     return buf.getvalue()
@@ -172,6 +181,15 @@ def test_rootless_mount_presents_tar_owners_and_commit_records_them(shared_tmp, 
         assert ustat("bin/su", "bin/sh", "etc/shadow", "srv", "srv/data") == [
             "0:0:4755:regular file", "0:0:777:symbolic link", "0:42:640:regular file",
             "1000:1000:755:directory", "1000:1000:600:regular file"]
+        # devices, hard links, times and xattrs come from the index too
+        r = run_as(pw, ["stat", "-c", "%F %t:%T %h %i %Y", str(mp / "dev/null"), str(mp / "etc/hosts"),
+                        str(mp / "etc/hosts.link")], env=env)
+        dev, hosts, link = r.stdout.decode().splitlines()
+        assert dev.startswith("character special file 1:3 1 ")
+        assert hosts.split()[-3:] == link.split()[-3:] and hosts.split()[-3] == "2"
+        assert hosts.endswith(str(T))
+        x = run_as(pw, ["getfattr", "--only-values", "-n", "user.origin", str(mp / "etc/hosts")], env=env)
+        assert x.stdout == b"image", x.stderr
         w = run_as(pw, ["sh", "-c", f"echo hi > {mp}/home/u/f && chmod 0600 {mp}/home/u/f && "
                         f"mkdir {mp}/home/u/d && cat {mp}/home/u/f"], env=env)
         assert w.returncode == 0 and w.stdout == b"hi\n", w.stderr

@@ -20,6 +20,7 @@ import os
 import shutil
 import stat
 import tarfile
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -399,3 +400,35 @@ def test_128_layers_mount(env):
     sn.view("fullview", parent, GC)
     with Mounted(sn, "fullview", work / "fullview") as mp:
         assert_same_tree(flat, mp)
+
+
+def test_same_changes_through_mounts_commit_to_the_same_diff_id(env):
+    """Deterministic commits: equal changes (times included) give equal diffIDs, whatever the wall clock."""
+    sn, work = env
+    base = create_snapshot(sn, "", work, apply_all(create_dir("/etc", 0o755), create_file("/etc/a", b"a", 0o644),
+                                                    create_file("/etc/b", b"b", 0o644), create_dir("/lib", 0o755),
+                                                    create_file("/lib/x", b"x", 0o644)))
+    chains = []
+    for i in range(2):
+        if i == 1:
+            time.sleep(1.1)  # a different second on the wall clock must not matter
+        key = f"same-{i}"
+        sn.prepare(key, base)
+        with Mounted(sn, key, work / key) as mp:
+            (mp / "etc" / "a").write_bytes(b"changed")
+            (mp / "etc" / "b").unlink()
+            (mp / "etc" / "link").hardlink_to(mp / "etc" / "a")
+            shutil.rmtree(mp / "lib")
+            (mp / "lib").mkdir()
+            (mp / "new").symlink_to("etc/a")
+            for p in [mp / "etc" / "a", mp / "etc", mp / "lib", mp]:
+                os.utime(p, (1_500_000_000, 1_500_000_000))
+            os.utime(mp / "new", (1_500_000_000, 1_500_000_000), follow_symlinks=False)
+        chains.append(sn.commit(f"same-c{i}", key).chain_id)
+    assert chains[0] == chains[1]
+    buf = io.BytesIO()
+    sn.store.export("same-c0", buf)
+    tf = tarfile.open(fileobj=io.BytesIO(buf.getvalue()))
+    by = {m.name: m for m in tf.getmembers()}
+    assert by["etc/link"].islnk() and by["etc/link"].linkname == "etc/a"
+    assert by["etc/.wh.b"].mtime == 1_500_000_000 and "lib/.wh..wh..opq" in by
