@@ -277,5 +277,9 @@ def test_root_mount_checks_permissions_for_other_users(shared_tmp, kind, test_us
         assert lines[0].split() == ["ok", str(errno.EACCES), str(errno.EACCES), "ok", str(errno.EACCES)]
         assert lines[1].split() == ["True", "False", "False", "True"], "access(2) as the other user"
         assert os.stat(mnt / "open" / "f").st_uid == test_user.pw_uid
+        if kind == FUSESNAP:
+            with open("/proc/self/mountinfo") as f:
+                line = next(x for x in f if x.split()[4] == str(mnt))
+            assert "allow_other" in line and "default_permissions" in line, line
     finally:
         u.unmount()

@@ -157,6 +157,12 @@ def test_open_flags(u: Union):
     fd = os.open(d / "excl", os.O_WRONLY | os.O_CREAT, 0o600)  # existing lower file: opened, kept
     os.close(fd)
     assert (d / "excl").read_bytes() == b"x"
+    os.symlink("excl", d / "to-excl")
+    os.symlink("made-through-link", d / "dangling")
+    assert errno_of(os.open, d / "to-excl", os.O_RDONLY | os.O_NOFOLLOW) == errno.ELOOP
+    assert errno_of(os.open, d / "dangling", flags) == errno.EEXIST  # O_EXCL does not follow
+    os.close(os.open(d / "dangling", os.O_WRONLY | os.O_CREAT, 0o644))  # creates the target
+    assert os.path.isfile(d / "made-through-link")
     assert errno_of(os.open, d / "absent", os.O_RDONLY) == errno.ENOENT
     assert errno_of(os.open, d / "excl" / "x", os.O_RDONLY) == errno.ENOTDIR
     assert errno_of(os.open, d, os.O_WRONLY) == errno.EISDIR
