@@ -378,3 +378,15 @@ def test_failed_import_restores_the_upper(sn, monkeypatch):
     sn.diff("k", again)
     assert again.getvalue() == before.getvalue()
     assert sn.commit("c", "k").kind == "committed"
+
+
+def test_every_committed_name_resolves_to_its_layer(sn):
+    from fusesnap.snapshots.names import chain_of_name
+
+    for key, name in (("k1", "first"), ("k2", "second")):
+        sn.prepare(key)
+        sn.commit(name, key)  # both empty: one layer, two names
+    chain = sn.stat("first").chain_id
+    assert chain_of_name(sn.root, "first") == chain_of_name(sn.root, "second") == chain
+    assert chain_of_name(sn.root, "nope") is None
+    assert chain_of_name(sn.root / "elsewhere", "first") is None
