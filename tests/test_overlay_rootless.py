@@ -221,7 +221,7 @@ def _build(lowers: list[Path], own: tuple[int, int]) -> None:
 
 @pytest.fixture(scope="module", params=MODES)
 def run(request, test_user):
-    """(mode, probe report, upper dir) for one probe run as the test user."""
+    """(mode, probe report, upper dir, caller ids) of one probe run as the test user."""
     mode = request.param
     with scratch("fusesnap-ovu-") as base:
         lowers, upper, work, mnt = layout(base, 2)
