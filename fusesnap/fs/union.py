@@ -207,6 +207,8 @@ class Union:
                                     old.drop_name(d, name)
                                 continue
                             kind = ov.fmt
+                    if kind != S.S_IFDIR and st is None:
+                        st = de.stat(follow_symlinks=False)
                     old = kids.get(name)
                     if old is not None:
                         if old.upper:
@@ -218,23 +220,24 @@ class Union:
                         if kind == old.kind and kind != S.S_IFDIR and old.lower is not None \
                                 and old.lower.nlink == 1:
                             # copied up by an earlier mount: keep the lower's inode number
-                            old.upper = True
-                            old.attr = None
-                            continue
-                        old.drop_name(d, name)
-                    if kind == S.S_IFREG:
-                        if st is None:
-                            st = de.stat(follow_symlinks=False)
-                        if st.st_nlink > 1:
-                            i = self.upper_links.get(st.st_ino)
-                            if i is not None and i.upper:
-                                i.add_name(d, name)
-                                kids[name] = i
+                            j = self.upper_links.get(st.st_ino) if st.st_nlink > 1 else None
+                            if j is None:
+                                if st.st_nlink > 1:
+                                    self.upper_links[st.st_ino] = old
+                                old.upper = True
+                                old.attr = None
                                 continue
+                        old.drop_name(d, name)
+                    if kind != S.S_IFDIR and st.st_nlink > 1:
+                        i = self.upper_links.get(st.st_ino)
+                        if i is not None and i.upper:
+                            i.add_name(d, name)
+                            kids[name] = i
+                            continue
                     i = Inode(self._new_ino(), kind, None, True, d, name)
                     if kind == S.S_IFDIR:
                         i.opaque = True      # upper-only directory: nothing below it
-                    elif kind == S.S_IFREG and st is not None and st.st_nlink > 1:
+                    elif st is not None and st.st_nlink > 1:
                         self.upper_links[st.st_ino] = i
                         i.nlink = st.st_nlink
                     self.inodes[i.ino] = i
@@ -371,7 +374,7 @@ class Union:
         need_override = host_fmt != fmt
         target = fd if fd is not None else path
         if self.privileged and not need_override:
-            if (huid, hgid) != (self.euid, self.egid):
+            if True:    # always: the host may have inherited a setgid parent's group
                 try:
                     if fd is not None:
                         os.fchown(fd, huid, hgid)
@@ -381,8 +384,10 @@ class Union:
                     if e.errno not in (errno.EPERM, errno.EINVAL) or is_link:
                         raise
                     need_override = True
-        elif not is_link and ((huid, hgid) != (self.euid, self.egid) or (mode & 0o7000)):
-            need_override = True
+        elif not is_link:
+            hst = os.fstat(fd) if fd is not None else os.lstat(path)
+            if (huid, hgid) != (hst.st_uid, hst.st_gid) or (mode & 0o7000):
+                need_override = True
         if xattrs:
             for k, v in xattrs.items():
                 try:
@@ -462,6 +467,16 @@ class Union:
         return True
 
     # ---------------------------------------------------------------- copy-up
+    @staticmethod
+    def _dir_times(path: bytes) -> tuple[int, int]:
+        st = os.lstat(path)
+        return st.st_atime_ns, st.st_mtime_ns
+
+    @staticmethod
+    def _restore_times(path: bytes, t: tuple[int, int]) -> None:
+        """Copy-up is no change of the parent: keep its times (as kernel overlayfs does)."""
+        os.utime(path, ns=t, follow_symlinks=False)
+
     def copy_up(self, i: Inode, data: bool = True) -> None:
         """Make i exist in the upper with its presented metadata (parents first)."""
         if i.upper:
@@ -488,20 +503,21 @@ class Union:
         ln = i.lower
         dest = self.child_path(p, i.name)
         fmt = i.kind
-        if fmt == S.S_IFDIR:
-            os.mkdir(dest, 0o700)
-            self._apply_meta(dest, None, fmt, ln.mode, ln.uid, ln.gid, 0, ln.xattrs, ln.mtime_ns)
-            i.upper = True
-            i.attr = None
-            return None
-        if fmt == S.S_IFLNK:
-            os.symlink(ln.target, dest)
-            self._apply_meta(dest, None, fmt, ln.mode, ln.uid, ln.gid, 0, ln.xattrs, ln.mtime_ns)
-            self._mark_copied(i)
-            return None
         if fmt != S.S_IFREG:
-            self._make_node(dest, fmt, ln.mode, ln.uid, ln.gid, ln.rdev, ln.xattrs, ln.mtime_ns)
+            ppath = self.up(p)
+            times = self._dir_times(ppath)
+            if fmt == S.S_IFDIR:
+                os.mkdir(dest, 0o700)
+                self._apply_meta(dest, None, fmt, ln.mode, ln.uid, ln.gid, 0, ln.xattrs, ln.mtime_ns)
+            elif fmt == S.S_IFLNK:
+                os.symlink(ln.target, dest)
+                self._apply_meta(dest, None, fmt, ln.mode, ln.uid, ln.gid, 0, ln.xattrs, ln.mtime_ns)
+            else:
+                self._make_node(dest, fmt, ln.mode, ln.uid, ln.gid, ln.rdev, ln.xattrs, ln.mtime_ns)
+            self._restore_times(ppath, times)
             self._mark_copied(i)
+            if fmt != S.S_IFDIR:
+                self._link_group(i, dest)
             return None
         src_fd = os.open(short(ln.src), os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -526,6 +542,8 @@ class Union:
         try:
             self._apply_meta(job.dest, job.dst_fd, S.S_IFREG, ln.mode, ln.uid, ln.gid, 0, ln.xattrs,
                              ln.mtime_ns)
+            ppath = self.up(i.parent)
+            times = self._dir_times(ppath)
             if job.tmp_path is None:
                 _link_tmpfile(job.dst_fd, job.dest)
             else:
@@ -533,13 +551,17 @@ class Union:
         except BaseException:
             self.abort_copy_up(job)
             raise
+        self._restore_times(ppath, times)
         os.close(job.src_fd)
         os.close(job.dst_fd)
         self._mark_copied(i)
-        # every other name of a lower hard-link group: link it, one copy for all names
+        self._link_group(i, job.dest)
+
+    def _link_group(self, i: Inode, first: bytes) -> None:
+        """Every other name of a lower hard-link group gets linked: one copy, all names."""
+        ln = i.lower
         paths = self.tree.links.get(ln.ino) if ln is not None else None
         if paths:
-            first = job.dest
             for path in paths:
                 j, d, name = self._resolve(path)
                 if j is not i or d is None:
@@ -550,7 +572,10 @@ class Union:
                     self.copy_up(d)
                 dst = self.child_path(d, name)
                 if not os.path.lexists(dst):
-                    os.link(first, dst)
+                    ppath = self.up(d)
+                    times = self._dir_times(ppath)
+                    os.link(first, dst, follow_symlinks=False)
+                    self._restore_times(ppath, times)
 
     def _mark_copied(self, i: Inode) -> None:
         i.upper = True
