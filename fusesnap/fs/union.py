@@ -830,7 +830,7 @@ class Union:
                         os.unlink(de.path)
         if dst is None or not dst.upper:
             self._clear_whiteout(nd, new)
-        need_opaque = src.is_dir and not src.opaque and self.lower_has(nd, new)
+        need_opaque = src.is_dir and self.lower_has(nd, new)   # host marker needed even if upper-only
         need_wh = self.lower_has(od, old)
         oldpath = self.child_path(od, old)
         os.rename(oldpath, newpath)
@@ -861,7 +861,7 @@ class Union:
         _renameat2(self.child_path(od, old), self.child_path(nd, new), RENAME_EXCHANGE)
         short.invalidate()
         for x, d, name in ((a, nd, new), (b, od, old)):
-            if x.is_dir and not x.opaque and self.lower_has(d, name):
+            if x.is_dir and self.lower_has(d, name):
                 self._set_opaque(self.child_path(d, name))
                 x.opaque = True
         od.kids[old], nd.kids[new] = b, a
