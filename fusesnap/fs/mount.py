@@ -54,14 +54,23 @@ def mount(tree: LowerTree, upper: Path | str | None, work: Path | str | None,
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:
+        # double fork: the daemon is reparented to init, so long-lived callers
+        # (the snapshotter, tests) collect no zombies
         code = 1
         try:
             os.close(r)
             os.setsid()
-            code = _serve(ops, mountpoint, fopts, w, opts.debug)
+            if os.fork() == 0:
+                code = _serve(ops, mountpoint, fopts, w, opts.debug)
+            else:
+                code = 0
         finally:
             os._exit(code)
     os.close(w)
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
     chunks = []
     while True:
         b = os.read(r, 4096)
@@ -72,10 +81,6 @@ def mount(tree: LowerTree, upper: Path | str | None, work: Path | str | None,
     msg = b"".join(chunks)
     if msg.startswith(b"ok"):
         return 0
-    try:
-        os.waitpid(pid, 0)
-    except ChildProcessError:
-        pass
     reason = msg.decode(errors="replace").strip() or "the filesystem daemon exited before the mount was live"
     print(f"fusesnap: cannot mount {mountpoint}: {reason}", file=sys.stderr)
     return 1
