@@ -432,3 +432,81 @@ def test_same_changes_through_mounts_commit_to_the_same_diff_id(env):
     by = {m.name: m for m in tf.getmembers()}
     assert by["etc/link"].islnk() and by["etc/link"].linkname == "etc/a"
     assert by["etc/.wh.b"].mtime == 1_500_000_000 and "lib/.wh..wh..opq" in by
+
+
+def test_prepare_view_duplicates_after_a_mount(env):
+    sn, work = env
+    sn.prepare("preparing", "", GC)
+    with Mounted(sn, "preparing", work / "preparing"):
+        pass
+    sn.commit("snapA", "preparing", GC)
+    sn.prepare("newlayer", "snapA", GC)
+    with pytest.raises(Exception, match="already exists"):
+        sn.view("newlayer", "snapA", GC)
+    sn.view("viewLayer", "snapA", GC)
+    with pytest.raises(Exception, match="already exists"):
+        sn.view("viewLayer", "snapA", GC)
+
+
+def test_remove_intermediate_snapshot(env):
+    sn, work = env
+    sn.prepare("base", "", GC)
+    with Mounted(sn, "base", work / "base") as mp:
+        (mp / "f").write_bytes(b"base")
+    sn.commit("committed-base", "base", GC)
+    sn.prepare("intermediate", "committed-base", GC)
+    sn.commit("committed-inter", "intermediate", GC)
+    sn.prepare("toplayer", "committed-inter", GC)
+    with pytest.raises(InUse, match="remove"):
+        sn.remove("committed-inter")
+    sn.remove("toplayer")
+    sn.remove("committed-inter")
+    sn.remove("committed-base")
+
+
+# -- rootless: the same checks, run by the unprivileged user (in-process mounts as that user) -------
+
+ROOTLESS = ["test_basic", "test_stat_committed", "test_transitivity", "test_layer_file_update",
+            "test_remove_directory_in_lower_layer", "test_rename_of_a_lower_directory",
+            "test_deleted_files_in_child_snapshot", "test_move_file_from_lower_layer", "test_view_readonly",
+            "test_root_permission", "test_same_changes_through_mounts_commit_to_the_same_diff_id"]
+
+DRIVER = """
+import os, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import conformance as c
+from fusesnap.snapshots.snapshotter import Snapshotter
+os.umask(0)
+for name in sys.argv[3:]:
+    work = Path(sys.argv[2]) / name
+    work.mkdir()
+    (work / "work").mkdir()
+    sn = Snapshotter(work / "root")
+    try:
+        getattr(c, name)((sn, work / "work"))
+    finally:
+        sn.close()
+    print("ok", name, flush=True)
+"""
+
+
+@pytest.mark.rootless
+def test_rootless_subset(shared_tmp, test_user):
+    """Chown needs privileges in the flat reference dir, so Chown/DirectoryPermissionOnCommit stay root-only."""
+    import sys
+
+    from helpers import run_as, user_env
+
+    lib = shared_tmp / "lib"
+    lib.mkdir()
+    shutil.copy(__file__, lib / "conformance.py")
+    shutil.copy(Path(__file__).with_name("helpers.py"), lib / "helpers.py")
+    (lib / "driver.py").write_text(DRIVER)
+    os.chmod(lib, 0o755)
+    work = shared_tmp / "rootless"
+    run_as(test_user, ["mkdir", str(work)], check=True)
+    r = run_as(test_user, [sys.executable, str(lib / "driver.py"), str(lib), str(work), *ROOTLESS],
+               env=user_env(test_user), timeout=240)
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    assert r.stdout.decode().split() == [w for n in ROOTLESS for w in ("ok", n)]
