@@ -27,6 +27,7 @@ from typing import Callable
 import pytest
 
 from fusesnap.errors import InUse
+from fusesnap.snapshots.mounting import mount_all
 from fusesnap.snapshots.snapshotter import Snapshotter
 
 GC = {"containerd.io/gc.root": "conformance"}
@@ -182,10 +183,15 @@ def test_basic(env):
                         create_dir("/a/b", 0o755), create_dir("/a/b/c", 0o755))
     diff = apply_all(create_file("/bar", b"bar\n", 0o777), create_file("/foo", b"bar\n", 0o777),
                      remove_all("/a/b"))
-    sn.prepare("preparing", "", GC)
-    assert sn.mounts("preparing")
-    with Mounted(sn, "preparing", work / "preparing") as mp:
+    mounts = sn.prepare("preparing", "", GC)
+    assert mounts and mounts == sn.mounts("preparing")
+    mp = work / "preparing"
+    mp.mkdir()
+    mount_all(mounts, mp)  # what a containerd client does with the returned mounts
+    try:
         initial(mp)
+    finally:
+        sn.umount(mp)
     sn.commit("committed", "preparing", GC)
     si = sn.stat("committed")
     assert (si.parent, si.kind) == ("", "committed")
