@@ -57,6 +57,12 @@ def _build(l0: Path, l1: Path) -> None:
     mkfile(l1 / "ren" / "x" / "inner" / "f", "inner")
     mkdir(l1 / "ren" / "y")
     mkdir(l1 / "ren" / "emptytarget")
+    mkfile(l1 / "wo" / "b", "lower-b")
+    mkfile(l1 / "wo" / "w" / "lower1", "1")
+    mkfile(l1 / "wo" / "w" / "sub" / "lower2", "2")
+    mkfile(l1 / "wo" / "q" / "qf", "q")
+    mkfile(l1 / "wo" / "r" / "content", "r")
+    mkfile(l1 / "wo" / "z", "lower-z")
 
 
 @pytest.fixture(scope="module", params=KINDS)
@@ -234,6 +240,39 @@ def test_renaming_lower_directories(u: Union):
     assert sorted(os.listdir(r / "dst2")) == ["added", "f0", "f1"]
     os.mkdir(r / "src")  # the old name is free and shows nothing of the old contents
     assert os.listdir(r / "src") == []
+
+
+def test_renames_keep_whiteouts_and_opacity(u: Union):
+    """Names that hid something below keep hiding it after renames (before and after a remount)."""
+    w = u.p("wo")
+    (w / "new").write_text("upper")
+    os.rename(w / "new", w / "b")  # over a lower-only file
+    os.rename(w / "b", w / "c")  # ...and away again: lower b must not come back
+    assert errno_of(os.lstat, w / "b") == errno.ENOENT
+    assert (w / "c").read_text() == "upper"
+
+    os.unlink(w / "w" / "sub" / "lower2")
+    os.rmdir(w / "w" / "sub")
+    os.unlink(w / "w" / "lower1")
+    os.rmdir(w / "w")  # whiteout for a lower dir
+    os.mkdir(w / "x")  # an upper-only dir...
+    (w / "x" / "f").write_text("f")
+    os.rename(w / "x", w / "w")  # ...renamed onto the whiteout: must not merge with lower w
+    assert sorted(os.listdir(w / "w")) == ["f"]
+
+    os.unlink(w / "q" / "qf")
+    os.rmdir(w / "q")
+    os.mkdir(w / "q")  # opaque
+    os.unlink(w / "r" / "content")  # r looks empty now
+    os.rename(w / "q", w / "r")  # the opaque dir replaces r: r's lower content stays hidden
+    assert os.listdir(w / "r") == []
+    assert errno_of(os.lstat, w / "q") == errno.ENOENT
+
+    (w / "z").unlink()
+    (w / "z").write_text("again")
+    os.unlink(w / "z")
+    assert errno_of(os.lstat, w / "z") == errno.ENOENT
+    assert sorted(os.listdir(w)) == ["c", "r", "w"]
 
 
 def test_everything_survives_a_remount(u: Union):
