@@ -100,6 +100,10 @@ def _build(lowers: list[Path], upper: Path) -> None:
     s.bind(str(t1 / "sock"))
     s.close()
 
+    for raw in (b"caf\xe9", b"new\nline", b"back\\slash", b"co:lon", b" lead", b"\xff\xfe"):
+        (l2 / "bytes").mkdir(exist_ok=True)
+        with open(os.path.join(os.fsencode(l2 / "bytes"), raw), "wb") as fh:
+            fh.write(raw)
     for name in RD_LOWER2:
         mkfile(l2 / "rd" / name, name)
         mkfile(l2 / "rd2" / name, name)
@@ -217,6 +221,27 @@ def test_marker_xattrs_cannot_be_set_to_change_the_merge(u: Union):
         assert _ls(m) == ["x", "y"], name
         up = u.up("merge", "sub")
         assert not (up.exists() and is_opaque_in_upper(up)), f"{name} reached the upper: opaque after remount"
+
+
+def test_names_are_bytes_not_text(u: Union):
+    """Names that are not UTF-8 (or hold newlines, backslashes, colons) work like any other."""
+    d = os.fsencode(u.p("bytes"))
+    j = lambda name: os.path.join(d, name)  # noqa: E731
+    names = {b"caf\xe9", b"new\nline", b"back\\slash", b"co:lon", b" lead", b"\xff\xfe"}
+    assert set(os.listdir(d)) == names
+    for raw in names:
+        with open(j(raw), "rb") as fh:
+            assert fh.read() == raw
+    with open(j(b"made\x80here"), "wb") as fh:
+        fh.write(b"m")
+    os.rename(j(b"caf\xe9"), j(b"\xe9t\xe9"))
+    os.unlink(j(b"\xff\xfe"))
+    os.mkdir(j(b"dir\xa0"))
+    os.symlink(b"\xe9t\xe9", j(b"ln\xe9"))
+    assert os.readlink(j(b"ln\xe9")) == b"\xe9t\xe9"
+    assert set(os.listdir(d)) == names - {b"caf\xe9", b"\xff\xfe"} | {b"made\x80here", b"\xe9t\xe9", b"dir\xa0",
+                                                                      b"ln\xe9"}
+    assert errno_of(os.lstat, j(b"caf\xe9")) == errno.ENOENT
 
 
 def test_readdir_of_big_merged_dir_has_no_duplicates(u: Union):

@@ -231,6 +231,13 @@ def test_inode_numbers_stable_across_copy_up_and_cache_drop(u: Union):
     os.link(d / "h3", d / "h5")
     assert {n: os.lstat(d / n).st_ino for n in names} == before
     assert os.lstat(d / "h5").st_ino == before["h3"] and os.lstat(d / "h3").st_nlink == 3
+    seen: dict[int, list[str]] = {}
+    for dirpath, dirnames, filenames in os.walk(u.mnt):
+        for n in dirnames + filenames:
+            seen.setdefault(os.lstat(os.path.join(dirpath, n)).st_ino, []).append(os.path.join(dirpath, n))
+    for ino, paths in seen.items():  # an inode number shared by two names must be a hard link
+        if len(paths) > 1:
+            assert os.lstat(paths[0]).st_nlink >= len(paths), f"st_ino {ino} shared: {paths}"
     with open("/proc/sys/vm/drop_caches", "w") as f:  # forget every dentry/inode the kernel holds
         f.write("2")
     assert {n: os.lstat(d / n).st_ino for n in names} == before
