@@ -259,6 +259,13 @@ def test_imported_layers_are_committed_snapshots_named_by_chain_id(sn):
     assert sn.stat("app").parent == li.chain_id
     u = sn.update(Info(li.chain_id, "committed", "", {"team": "x"}), "labels.team")
     assert u.labels.get("team") == "x" and u.updated > u.created
+    # layer references the store understands work as parents too; the parent is the chainID
+    sn.store.set_labels(li.chain_id, {"fusesnap.io/name": "base-image"})
+    sn.view("by-name", "base-image")
+    sn.view("by-prefix", li.chain_id[7:7 + 16])
+    assert sn.stat("by-name").parent == sn.stat("by-prefix").parent == li.chain_id
+    sn.remove("by-name")
+    sn.remove("by-prefix")
     sn.remove("app")
     sn.remove(li.chain_id)
     with pytest.raises(NotFound):

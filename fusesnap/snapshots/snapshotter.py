@@ -216,7 +216,13 @@ class Snapshotter:
         if parent:
             pinfo = self.stat(parent) if self._taken(parent) else None
             if pinfo is None:
-                raise NotFound(f"parent snapshot {parent!r} does not exist")
+                # A layer reference the store understands (its name label, a unique hex prefix):
+                # the parent is then that layer's own snapshot, named by its chainID.
+                try:
+                    parent = self.store.get(parent).chain_id
+                except (NotFound, InvalidInput):
+                    raise NotFound(f"parent snapshot {parent!r} does not exist") from None
+                pinfo = self.stat(parent)
             if pinfo.kind != "committed":
                 raise InvalidInput(f"parent snapshot {parent!r} is {pinfo.kind}, not committed")
             parent_chain = pinfo.chain_id
