@@ -123,3 +123,24 @@ def test_long_and_non_ascii_names_round_trip(tmp_path):
     deep.write_bytes(b"z")
     with tarfile.open(fileobj=io.BytesIO(tar_bytes(u))) as tf:
         assert tf.getnames() == ["d" * 120, "d" * 120 + "/ü-файл"]
+
+
+def test_presented_types_devices_and_sockets(tmp_path):
+    """Rootless uppers keep devices as plain files typed by the override xattr; sockets never reach a tar."""
+    import socket
+
+    u = tmp_path / "upper"
+    u.mkdir()
+    (u / "null").write_bytes(b"")
+    os.setxattr(u / "null", "user.containers.override_stat", b"0:0:0666:char-1-3")
+    (u / "fakesock").write_bytes(b"")
+    os.setxattr(u / "fakesock", "user.containers.override_stat", b"0:0:0755:socket")
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(u / "realsock"))
+    s.close()
+    os.mkfifo(u / "fifo", 0o600)
+    with tarfile.open(fileobj=io.BytesIO(tar_bytes(u))) as tf:
+        by = {m.name: m for m in tf.getmembers()}
+    assert sorted(by) == ["fifo", "null"]
+    assert by["null"].ischr() and (by["null"].devmajor, by["null"].devminor, by["null"].mode) == (1, 3, 0o666)
+    assert by["fifo"].isfifo() and by["fifo"].mode == 0o600

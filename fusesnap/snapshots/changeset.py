@@ -248,6 +248,8 @@ def scan_upper(upper: Path) -> UpperChangeset:
 
     def emit(path: bytes, hp: Path, st: os.stat_result) -> None:
         ps = upperview.presented(hp, st)
+        if ps.kind not in _TYPEFLAGS:
+            return  # a socket (possibly only presented as one): tar has no such member
         mtime = int(st.st_mtime)
         xattrs = upperview.visible_xattrs(hp, ps.kind)
         m = Member(path=path, kind=ps.kind, mode=ps.mode, uid=ps.uid, gid=ps.gid, mtime=mtime, xattrs=xattrs)
