@@ -57,6 +57,10 @@ def _build(l0: Path, l1: Path) -> None:
     mkfile(l1 / "ren" / "x" / "inner" / "f", "inner")
     mkdir(l1 / "ren" / "y")
     mkdir(l1 / "ren" / "emptytarget")
+    mkfile(l1 / "race" / "one", "base\n")
+    mkfile(l1 / "race" / "h1", "base\n")
+    for i in range(2, 9):
+        os.link(l1 / "race" / "h1", l1 / "race" / f"h{i}")
     mkfile(l1 / "wo" / "b", "lower-b")
     mkfile(l1 / "wo" / "w" / "lower1", "1")
     mkfile(l1 / "wo" / "w" / "sub" / "lower2", "2")
@@ -240,6 +244,32 @@ def test_renaming_lower_directories(u: Union):
     assert sorted(os.listdir(r / "dst2")) == ["added", "f0", "f1"]
     os.mkdir(r / "src")  # the old name is free and shows nothing of the old contents
     assert os.listdir(r / "src") == []
+
+
+def test_concurrent_first_writes_copy_up_once(u: Union):
+    """Eight writers hit the same lower file (and eight names of one lower inode) at once."""
+    import threading
+
+    def append(path: Path, line: str, barrier: threading.Barrier) -> None:
+        barrier.wait()
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+
+    for names in (["one"] * 8, [f"h{i}" for i in range(1, 9)]):
+        barrier = threading.Barrier(len(names))
+        ts = [threading.Thread(target=append, args=(u.p("race", n), f"w{i}\n", barrier))
+              for i, n in enumerate(names)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        lines = u.p("race", names[0]).read_text().splitlines()
+        assert lines[0] == "base" and sorted(lines[1:]) == [f"w{i}" for i in range(8)], lines
+    assert len({os.lstat(u.p("race", f"h{i}")).st_ino for i in range(1, 9)}) == 1
+    assert {u.p("race", f"h{i}").read_text() for i in range(1, 9)} == {u.p("race", "h1").read_text()}
 
 
 def test_renames_keep_whiteouts_and_opacity(u: Union):
