@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from helpers import is_root
-from unionmount import (KINDS, RENAME_EXCHANGE, RENAME_NOREPLACE, UTIME_NOW, UTIME_OMIT, Union, errno_of,
-                        layout, mkdir, mkfile, mount_union, renameat2, scratch, snapshot_tree, tree_diff,
-                        utimensat)
+from unionmount import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, KINDS, RENAME_EXCHANGE, RENAME_NOREPLACE,
+                        UTIME_NOW, UTIME_OMIT, Union, errno_of, fallocate, layout, mkdir, mkfile, mount_union,
+                        renameat2, scratch, snapshot_tree, tree_diff, utimensat)
 
 pytestmark = pytest.mark.skipif(not is_root(), reason="needs root to mount")
 
@@ -389,6 +389,44 @@ def test_fallocate(u: Union):
         os.posix_fallocate(fd, 0, 65536)
         assert os.fstat(fd).st_size == 65536
         assert os.pread(fd, 10, 0) == b"abc" + bytes(7)
+    finally:
+        os.close(fd)
+
+
+PYFUSE3_GAP = ("FS_BUGS F3: pyfuse3 3.5 has no FUSE fallocate/lseek handlers, so the kernel answers "
+               "EOPNOTSUPP for fallocate(2) and treats the whole file as data for SEEK_HOLE")
+
+
+def test_native_fallocate(u: Union, request):
+    """fallocate(2) itself (no glibc emulation): allocate, keep-size preallocation, punch a hole."""
+    if u.is_fusesnap:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=PYFUSE3_GAP))
+    f = u.p("sync", "native-alloc")
+    fd = os.open(f, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fallocate(fd, 0, 0, 1 << 20)
+        assert os.fstat(fd).st_size == 1 << 20
+        fallocate(fd, FALLOC_FL_KEEP_SIZE, 1 << 20, 1 << 20)
+        st = os.fstat(fd)
+        assert st.st_size == 1 << 20 and st.st_blocks * 512 >= 2 << 20
+        os.pwrite(fd, b"x" * 8192, 0)
+        fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, 4096)
+        assert os.pread(fd, 4097, 0) == bytes(4096) + b"x"
+    finally:
+        os.close(fd)
+
+
+def test_seek_hole_reports_the_hosts_holes(u: Union, request):
+    if u.is_fusesnap:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=PYFUSE3_GAP))
+    f = u.p("sync", "sparse2")
+    fd = os.open(f, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.pwrite(fd, b"d" * 4096, 0)
+        os.pwrite(fd, b"e" * 4096, 1 << 20)
+        os.fsync(fd)
+        assert os.lseek(fd, 0, os.SEEK_HOLE) == 4096
+        assert os.lseek(fd, 4096, os.SEEK_DATA) == 1 << 20
     finally:
         os.close(fd)
 
