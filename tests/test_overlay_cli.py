@@ -161,6 +161,10 @@ def test_accepts_every_fuse_overlayfs_option_and_empty_items(shared_tmp):
         assert (upper / "w").read_text() == "w"
         for opt in ("rw", "dev", "suid", "noatime", "allow_other", "default_permissions", "volatile", "timeout"):
             assert not re.search(rf"\b{opt}\b", u.stderr), f"known option {opt} warned about: {u.stderr}"
+        with open("/proc/self/mountinfo") as f:
+            flags = next(x for x in f if x.split()[4] == str(mnt)).split()[5].split(",")
+        assert "nodev" not in flags and "nosuid" not in flags, f"dev,suid not applied: {flags}"
+        assert "noatime" in flags, flags
     finally:
         u.unmount()
 
@@ -281,5 +285,25 @@ def test_root_mount_checks_permissions_for_other_users(shared_tmp, kind, test_us
             with open("/proc/self/mountinfo") as f:
                 line = next(x for x in f if x.split()[4] == str(mnt))
             assert "allow_other" in line and "default_permissions" in line, line
+    finally:
+        u.unmount()
+
+
+@pytest.mark.rootless
+@pytest.mark.parametrize("kind", KINDS)
+def test_root_mount_honours_setuid_by_default(shared_tmp, kind, test_user):
+    """Like fuse-overlayfs (and kernel overlayfs) run by root: setuid binaries in the image work.
+
+    podman/containers-storage pass no `suid` option (only e.g. `nodev`), so a nosuid default breaks
+    sudo/su/passwd inside rootful containers.
+    """
+    lowers, upper, work, mnt = layout(shared_tmp, 1)
+    shutil.copy2("/usr/bin/id", lowers[0] / "id")
+    os.chmod(lowers[0] / "id", 0o4755)
+    u = mount_union(kind, mnt, lowers, upper, work, ["nodev"])
+    try:
+        r = run_as(test_user, [str(mnt / "id"), "-u"], text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == "0", "setuid bit ignored: the mount is nosuid"
     finally:
         u.unmount()
