@@ -232,3 +232,26 @@ def test_rootless_mount_presents_tar_owners_and_commit_records_them(shared_tmp, 
     finally:
         assert fs("umount", str(mp)).returncode == 0
     assert fs("remove", "v", "mine").returncode == 0
+
+
+def test_mounts_json_works_with_the_fuse3_mount_helper(shared_tmp):
+    """What containerd does with a `fuse3.X` mount: mount.fuse3 SOURCE TARGET -t X -o OPTIONS."""
+    root, mp = shared_tmp / "root", shared_tmp / "mp"
+    mp.mkdir()
+    assert fusesnap(root, "prepare", "k").returncode == 0
+    (m,) = json.loads(fusesnap(root, "mounts", "k").stdout)
+    assert m["type"].startswith("fuse3.")
+    env = dict(os.environ, PATH=f"{Path(script('fusesnap')).parent}:{os.environ.get('PATH', '')}")
+    r = subprocess.run(["mount.fuse3", m["source"], str(mp), "-t", m["type"].split(".", 1)[1],
+                        "-o", ",".join(m["options"])], env=env, capture_output=True)
+    assert r.returncode == 0, r.stderr
+    try:
+        (mp / "hello").write_bytes(b"via mount.fuse3")
+    finally:
+        assert fusesnap(root, "umount", str(mp)).returncode == 0
+    c = fusesnap(root, "commit", "c", "k")
+    assert c.returncode == 0
+    e = fusesnap(root, "export", "c")
+    assert tarfile.open(fileobj=io.BytesIO(e.stdout)).extractfile("hello").read() == b"via mount.fuse3"
+    bad = subprocess.run([script("fusesnap"), "fusesnap", str(mp), "-o", "rw"], capture_output=True)
+    assert bad.returncode != 0 and b"snapshot=KEY" in bad.stderr

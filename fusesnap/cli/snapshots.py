@@ -186,6 +186,34 @@ def cmd_mount(args: argparse.Namespace) -> int:
         return mount_snapshot(sn, args.key, args.mountpoint, foreground=args.foreground, options=args.options)
 
 
+# Options of `mount -t fuse3.fusesnap` that describe the snapshot rather than the FUSE mount.
+_SNAPSHOT_OPTS = ("root", "snapshot", "upperdir", "workdir", "chain")
+# Generic mount(8) options mount.fuse3 passes along; meaningless for the daemon.
+_GENERIC_OPTS = {"rw", "ro", "defaults", "auto", "noauto", "user", "nouser", "users", "_netdev", "nofail"}
+
+
+def cmd_mount_helper(args: argparse.Namespace) -> int:
+    """`mount -t fuse3.fusesnap fusesnap TARGET -o root=R,snapshot=KEY,...` (via mount.fuse3)."""
+    from ..snapshots.mounting import mount_snapshot
+    from ..snapshots.snapshotter import Snapshotter
+
+    kv: dict[str, str] = {}
+    fuse_opts: list[str] = []
+    for text in args.options:
+        for item in text.split(","):
+            key, sep, val = item.partition("=")
+            if key in _SNAPSHOT_OPTS and sep:
+                kv[key] = val
+            elif item and item not in _GENERIC_OPTS:
+                fuse_opts.append(item)
+    if "snapshot" not in kv:
+        raise InvalidInput("missing -o snapshot=KEY (use the options `fusesnap mounts KEY` prints)")
+    root = kv.get("root") or args.root
+    with Snapshotter(root) as sn:
+        return mount_snapshot(sn, kv["snapshot"], args.mountpoint, foreground=args.foreground,
+                              options=[",".join(fuse_opts)] if fuse_opts else [])
+
+
 def cmd_umount(args: argparse.Namespace) -> int:
     from ..snapshots.mounting import umount
 
@@ -270,6 +298,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPT",
                    help="FUSE mount option (repeatable, comma-separated)")
     p.set_defaults(func=cmd_mount)
+
+    # mount.fuse3 runs `fusesnap SOURCE TARGET -o OPTS` for `mount -t fuse3.fusesnap SOURCE TARGET`;
+    # `fusesnap mounts` gives SOURCE "fusesnap", so that is a (hidden) command of its own.
+    p = sub.add_parser("fusesnap")
+    p.add_argument("mountpoint", metavar="TARGET")
+    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS")
+    p.add_argument("-f", dest="foreground", action="store_true")
+    p.set_defaults(func=cmd_mount_helper)
 
     p = sub.add_parser("umount", help="unmount a fusesnap mount and wait until it is gone")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
