@@ -153,7 +153,7 @@ def test_unknown_option_warns_but_mounts(shared_tmp):
 def test_accepts_every_fuse_overlayfs_option_and_empty_items(shared_tmp):
     lowers, upper, work, mnt = _two_lowers(shared_tmp)
     extra = ["", "rw", "dev", "suid", "noatime", "allow_other", "default_permissions", "volatile",
-             "timeout=5", "", "xattr_permissions=0", ""]  # empty items: a,,b and a trailing comma
+             "timeout=5", "fsync=0", "", "xattr_permissions=0", ""]  # empty items: a,,b, trailing comma
     u = mount_union(FUSESNAP, mnt, lowers, upper, work, extra)
     try:
         _check_merged(mnt)
