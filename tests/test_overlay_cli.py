@@ -307,3 +307,27 @@ def test_root_mount_honours_setuid_by_default(shared_tmp, kind, test_user):
         assert r.stdout.strip() == "0", "setuid bit ignored: the mount is nosuid"
     finally:
         u.unmount()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_two_mounts_share_lowers_independently(shared_tmp, kind):
+    """Many containers from one image: same lowers, separate uppers, no crosstalk."""
+    lowers, upper, work, mnt = _two_lowers(shared_tmp)
+    upper2, work2, mnt2 = shared_tmp / "upper2", shared_tmp / "work2", shared_tmp / "mnt2"
+    for d in (upper2, work2, mnt2):
+        d.mkdir()
+    a = mount_union(kind, mnt, lowers, upper, work)
+    try:
+        b = mount_union(kind, mnt2, lowers, upper2, work2)
+        try:
+            (mnt / "top").write_text("changed in a")
+            os.unlink(mnt2 / "bottom")
+            (mnt2 / "only-b").write_text("b")
+            assert (mnt2 / "top").read_text() == "top\n"
+            assert sorted(os.listdir(mnt)) == ["bottom", "top"]
+            assert sorted(os.listdir(mnt2)) == ["only-b", "top"]
+            assert (lowers[0] / "top").read_text() == "top\n"
+        finally:
+            b.unmount()
+    finally:
+        a.unmount()

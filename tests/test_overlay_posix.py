@@ -11,12 +11,13 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from helpers import is_root
-from unionmount import KINDS, Union, errno_of, layout, mkdir, mkfile, mount_union, scratch
+from unionmount import FUSESNAP, KINDS, Union, errno_of, layout, mkdir, mkfile, mount_union, scratch
 
 pytestmark = pytest.mark.skipif(not is_root(), reason="needs root to mount")
 
@@ -242,3 +243,40 @@ def test_inode_numbers_stable_across_copy_up_and_cache_drop(u: Union):
         f.write("2")
     assert {n: os.lstat(d / n).st_ino for n in names} == before
     assert (d / "h1").read_text() == "h+"
+
+
+def test_inode_numbers_unique_across_layers_on_different_filesystems(shared_tmp):
+    """Lower and upper on two tmpfs instances: their host inode numbers collide, the mount's must not.
+
+    fusesnap only: kernel overlayfs without xino reports the real st_dev/st_ino of non-directories
+    when layers sit on different filesystems (Documentation/filesystems/overlayfs.rst).
+    """
+    a, b = shared_tmp / "fs-a", shared_tmp / "fs-b"
+    for d in (a, b):
+        d.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(d)], check=True)
+    try:
+        lower, upper, work, mnt = a / "lower", b / "upper", b / "work", shared_tmp / "mnt"
+        for i in range(20):
+            mkfile(lower / f"low{i}", f"{i}")
+        for d in (upper, work, mnt):
+            d.mkdir()
+        un = mount_union(FUSESNAP, mnt, [lower], upper, work)
+        try:
+            for i in range(20):
+                (mnt / f"up{i}").write_text(str(i))
+            host = {os.lstat(upper / f"up{i}").st_ino for i in range(20)}
+            assert host & {os.lstat(lower / f"low{i}").st_ino for i in range(20)}, "no host collision to test"
+            names = [f"low{i}" for i in range(20)] + [f"up{i}" for i in range(20)]
+            st = {n: os.lstat(mnt / n) for n in names}
+            assert len({s.st_ino for s in st.values()}) == len(names), "two objects share an inode number"
+            assert {s.st_dev for s in st.values()} == {os.stat(mnt).st_dev}
+            ino = st["low3"].st_ino
+            with open(mnt / "low3", "a") as fh:  # copy-up to the other filesystem
+                fh.write("+")
+            assert os.lstat(mnt / "low3").st_ino == ino
+        finally:
+            un.unmount()
+    finally:
+        for d in (a, b):
+            subprocess.run(["umount", str(d)], check=False)
