@@ -397,3 +397,23 @@ def test_every_committed_name_resolves_to_its_layer(sn):
     assert chain_of_name(sn.root, "first") == chain_of_name(sn.root, "second") == chain
     assert chain_of_name(sn.root, "nope") is None
     assert chain_of_name(sn.root / "elsewhere", "first") is None
+
+
+def test_concurrent_prepares_of_one_key_keep_the_parent_referenced(tmp_path):
+    root = tmp_path / "root"
+    with Snapshotter(root) as s:
+        s.prepare("b")
+        write(s, "b", "f", b"base")
+        chain = s.commit("base", "b").chain_id
+    procs = [subprocess.Popen([script("fusesnap"), "--root", str(root), "prepare", "same", "base"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(5)]
+    results = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+    assert sorted(rc for rc, _ in results) == [0, 1, 1, 1, 1]
+    assert all(b"already exists" in err for rc, err in results if rc)
+    with Snapshotter(root) as s:
+        # the losers dropped only their own references: the winner's still pins the layer
+        with pytest.raises(InUse):
+            s.store.remove(chain)
+        s.remove("same")
+        s.remove("base")
+        assert not s.store.exists(chain)

@@ -27,6 +27,7 @@ CREATE TABLE IF NOT EXISTS snapshots (
     parent       TEXT NOT NULL DEFAULT '',   -- parent snapshot name, '' for none
     parent_chain TEXT,                       -- chainID of the parent, NULL for none
     chain_id     TEXT,                       -- committed: the layer this name stands for
+    holder       TEXT NOT NULL,              -- store reference held on chain_id or parent_chain
     created_ns   INTEGER NOT NULL,
     updated_ns   INTEGER NOT NULL
 );
@@ -93,6 +94,7 @@ class Record:
     parent: str
     parent_chain: str | None
     chain_id: str | None
+    holder: str
     created_ns: int
     updated_ns: int
     labels: dict[str, str] = field(default_factory=dict)
@@ -111,6 +113,10 @@ class SnapshotDB:
         c.execute("PRAGMA synchronous=NORMAL")
         c.execute("PRAGMA foreign_keys=ON")
         c.executescript(_SCHEMA)
+        cols = {r[1] for r in c.execute("PRAGMA table_info(snapshots)")}
+        if "holder" not in cols:  # databases written before holders were per record
+            c.execute("ALTER TABLE snapshots ADD COLUMN holder TEXT NOT NULL DEFAULT ''")
+            c.execute("UPDATE snapshots SET holder = 'snapshot:' || name")
 
     @property
     def conn(self) -> sqlite3.Connection:
@@ -146,7 +152,7 @@ class SnapshotDB:
         rec.labels = self._labels(rec.id)
         return rec
 
-    _COLS = "id, name, kind, parent, parent_chain, chain_id, created_ns, updated_ns"
+    _COLS = "id, name, kind, parent, parent_chain, chain_id, holder, created_ns, updated_ns"
 
     def get(self, name: str) -> Record | None:
         row = self.conn.execute(f"SELECT {self._COLS} FROM snapshots WHERE name=?", (name,)).fetchone()
@@ -190,13 +196,14 @@ class SnapshotDB:
         parent: str,
         parent_chain: str | None,
         chain_id: str | None,
+        holder: str,
         labels: dict[str, str],
         ts: int,
     ) -> int:
         cur = c.execute(
-            "INSERT INTO snapshots (name, kind, parent, parent_chain, chain_id, created_ns, updated_ns)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (name, kind, parent, parent_chain, chain_id, ts, ts),
+            "INSERT INTO snapshots (name, kind, parent, parent_chain, chain_id, holder, created_ns, updated_ns)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (name, kind, parent, parent_chain, chain_id, holder, ts, ts),
         )
         sid = int(cur.lastrowid)
         c.executemany(

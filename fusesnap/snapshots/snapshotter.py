@@ -79,8 +79,9 @@ class Mount:
         return {"type": self.type, "source": self.source, "target": self.target, "options": list(self.options)}
 
 
-def _holder(name: str) -> str:
-    return f"snapshot:{name}"
+def _new_holder() -> str:
+    """A store reference holder unique to one snapshot record (safe against concurrent same-name calls)."""
+    return f"snapshot:{uuid.uuid4().hex}"
 
 
 def _check_key(key: str, what: str = "key") -> None:
@@ -228,13 +229,15 @@ class Snapshotter:
             parent_chain = pinfo.chain_id
         if self._taken(key):
             raise AlreadyExists(f"snapshot {key!r} already exists")
+        holder = _new_holder()
         if parent_chain:
-            self.store.add_ref(parent_chain, _holder(key))
+            self.store.add_ref(parent_chain, holder)
         try:
             with self.db.tx() as c:
                 if self.db.get(key) is not None:
                     raise AlreadyExists(f"snapshot {key!r} already exists")
-                sid = SnapshotDB.insert(c, key, kind, parent, parent_chain, None, dict(labels or {}), now_ns())
+                sid = SnapshotDB.insert(c, key, kind, parent, parent_chain, None, holder, dict(labels or {}),
+                                        now_ns())
                 if kind == "active":
                     d = self.snapshot_dir(sid)
                     if d.exists():  # leftover of a crash: never reuse its contents
@@ -245,7 +248,7 @@ class Snapshotter:
                         os.chmod(d / sub, 0o755)
         except BaseException:
             if parent_chain:
-                self.store.drop_ref(parent_chain, _holder(key))
+                self.store.drop_ref(parent_chain, holder)
             raise
         return self.mounts(key)
 
@@ -304,19 +307,20 @@ class Snapshotter:
             donor.restore()
             _rmtree(spool)
             raise
-        self.store.add_ref(li.chain_id, _holder(name))
+        holder = _new_holder()
+        self.store.add_ref(li.chain_id, holder)
         try:
             with self.db.tx() as c:
                 if self.db.get(name) is not None:
                     raise AlreadyExists(f"snapshot {name!r} already exists")
-                SnapshotDB.insert(c, name, "committed", rec.parent, rec.parent_chain, li.chain_id,
+                SnapshotDB.insert(c, name, "committed", rec.parent, rec.parent_chain, li.chain_id, holder,
                                   dict(labels or {}), now_ns())
                 SnapshotDB.delete(c, rec.id)
         except BaseException:
-            self.store.drop_ref(li.chain_id, _holder(name))
+            self.store.drop_ref(li.chain_id, holder)
             raise
         if rec.parent_chain:
-            self.store.drop_ref(rec.parent_chain, _holder(key))
+            self.store.drop_ref(rec.parent_chain, rec.holder)
         self._trash(self.snapshot_dir(rec.id))
         self._mirror_name(li.chain_id)
         return self.stat(name)
@@ -374,12 +378,12 @@ class Snapshotter:
             SnapshotDB.delete(c, rec.id)
         if rec.kind == "committed":
             assert rec.chain_id
-            self.store.drop_ref(rec.chain_id, _holder(key))
+            self.store.drop_ref(rec.chain_id, rec.holder)
             self._mirror_name(rec.chain_id, dropped=key)
             self._maybe_remove_layer(rec.chain_id)
         else:
             if rec.parent_chain:
-                self.store.drop_ref(rec.parent_chain, _holder(key))
+                self.store.drop_ref(rec.parent_chain, rec.holder)
             if rec.kind == "active":
                 self._trash(self.snapshot_dir(rec.id))
 
