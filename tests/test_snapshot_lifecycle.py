@@ -259,6 +259,9 @@ def test_imported_layers_are_committed_snapshots_named_by_chain_id(sn):
     assert sn.stat("app").parent == li.chain_id
     u = sn.update(Info(li.chain_id, "committed", "", {"team": "x"}), "labels.team")
     assert u.labels.get("team") == "x" and u.updated > u.created
+    u = sn.update(Info(li.chain_id, "committed", "", {"only": "this"}), "labels")
+    assert u.labels == {"only": "this"}
+    assert sn.store.get(li.chain_id).labels == {"only": "this"}
     # layer references the store understands work as parents too; the parent is the chainID
     sn.store.set_labels(li.chain_id, {"fusesnap.io/name": "base-image"})
     sn.view("by-name", "base-image")

@@ -475,7 +475,8 @@ class Snapshotter:
                 SnapshotDB.set_labels(c, rec.id, labels, ts)
         else:
             assert cur.chain_id
-            self.store.set_labels(cur.chain_id, labels)
+            gone = {k: "" for k in cur.labels if k not in labels}  # the store deletes "" values
+            self.store.set_labels(cur.chain_id, {**labels, **gone})
             with self.db.tx() as c:
                 SnapshotDB.touch_layer(c, cur.chain_id, ts)
         return self.stat(info.name)
