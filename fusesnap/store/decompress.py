@@ -8,6 +8,8 @@ Corrupt or truncated compressed input raises InvalidInput with a one-line reason
 from __future__ import annotations
 
 import hashlib
+import queue
+import threading
 import zlib
 from collections.abc import Iterator
 from typing import BinaryIO
@@ -24,11 +26,43 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 OTHER_MAGIC = {b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz"}
 
 
+class ThreadedSha256:
+    """sha256 fed from a queue by a worker thread: hashlib drops the GIL on big updates,
+    so hashing overlaps with parsing and writing files in the main thread."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.sha256()
+        self._q: queue.Queue[bytes | None] = queue.Queue(maxsize=64)
+        self._t = threading.Thread(target=self._run, name="sha256", daemon=True)
+        self._t.start()
+        self._digest: str | None = None
+
+    def _run(self) -> None:
+        while (b := self._q.get()) is not None:
+            self._h.update(b)
+
+    def update(self, b: bytes) -> None:
+        self._q.put(b)
+
+    def hexdigest(self) -> str:
+        if self._digest is None:
+            self._q.put(None)
+            self._t.join()
+            self._digest = self._h.hexdigest()
+        return self._digest
+
+    def close(self) -> None:
+        """Stop the worker (after an error); idempotent."""
+        if self._t.is_alive():
+            self._q.put(None)
+            self._t.join()
+
+
 class LayerStream:
     def __init__(self, src: BinaryIO) -> None:
         self._src = src
         self.compressed_hash = hashlib.sha256()
-        self.diff_hash = hashlib.sha256()
+        self.diff_hash = ThreadedSha256()
         self.compressed_size = 0
         self.size = 0
         first = self._read_raw()
@@ -133,6 +167,9 @@ class LayerStream:
     @property
     def compressed_digest(self) -> str | None:
         return None if self.compression == "none" else "sha256:" + self.compressed_hash.hexdigest()
+
+    def close(self) -> None:
+        self.diff_hash.close()
 
     def drain(self) -> None:
         """Read (and hash) the rest of the input."""

@@ -236,6 +236,7 @@ class LayerStore:
         if parent is not None:
             parent = self.get(parent).chain_id
         stage, stage_lock = self._new_staging()
+        ls: LayerStream | None = None
         try:
             ls = LayerStream(src)
             stream = ByteStream(ls.next_chunk)
@@ -277,6 +278,8 @@ class LayerStore:
                                   (ls.compressed_digest, diff_id, ls.compressed_size))
             return self.get(chain)
         finally:
+            if ls is not None:
+                ls.close()
             if stage.exists():
                 rmtree(stage)
             stage_lock.path.unlink(missing_ok=True)
