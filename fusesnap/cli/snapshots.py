@@ -96,8 +96,11 @@ def cmd_list(args: argparse.Namespace) -> int:
     if getattr(args, "json", False):
         _emit([i.to_json() for i in infos])
         return 0
+    def short(s: str) -> str:
+        return s if args.no_trunc or not s.startswith("sha256:") else s[:19]
+
     rows = [("NAME", "KIND", "PARENT", "CHAIN_ID")]
-    rows += [(i.name, i.kind, i.parent, i.chain_id or "") for i in infos]
+    rows += [(short(i.name), i.kind, short(i.parent), short(i.chain_id or "")) for i in infos]
     w0 = max(len(r[0]) for r in rows)
     w2 = max(len(r[2]) for r in rows)
     for r in rows:
@@ -258,6 +261,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "parent==X, parent!=\"\", labels.KEY, labels.KEY==V; commas AND selectors, "
                        "several filters OR.")
     p.add_argument("filters", metavar="FILTER", nargs="*")
+    p.add_argument("--no-trunc", action="store_true", help="print full chainIDs in the table")
     _json_flag(p)
     p.set_defaults(func=cmd_list)
 
