@@ -516,3 +516,27 @@ def test_rootless_subset(shared_tmp, test_user):
                env=user_env(test_user), timeout=240)
     assert r.returncode == 0, r.stderr.decode()[-3000:]
     assert r.stdout.decode().split() == [w for n in ROOTLESS for w in ("ok", n)]
+
+
+def test_api_mounts_leave_no_daemon_behind(env):
+    """The Python API forks the FUSE daemon in-process; umount waits for it and reaps it."""
+    sn, work = env
+
+    def zombies() -> set[int]:
+        me, out = os.getpid(), set()
+        for tid in os.listdir(f"/proc/{me}/task"):
+            for pid in open(f"/proc/{me}/task/{tid}/children").read().split():
+                try:
+                    if open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z":
+                        out.add(int(pid))
+                except OSError:
+                    pass
+        return out
+
+    before = zombies()
+    sn.prepare("k", "", GC)
+    sn.view("v", "", GC)
+    for key in ("k", "v", "k"):
+        with Mounted(sn, key, work / key):
+            pass
+    assert zombies() - before == set()
