@@ -9,6 +9,8 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+from ..errors import FusesnapError
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS layers (
     chain_id  TEXT PRIMARY KEY,
@@ -44,12 +46,15 @@ CREATE INDEX IF NOT EXISTS labels_by_value ON layer_labels(key, value);
 
 
 def connect(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, timeout=60.0, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA busy_timeout = 60000")
-    conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("PRAGMA synchronous = FULL")
-    conn.execute("PRAGMA foreign_keys = ON")
-    conn.executescript("BEGIN IMMEDIATE;" + SCHEMA + "COMMIT;")
+    try:
+        conn = sqlite3.connect(path, timeout=60.0, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout = 60000")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.executescript("BEGIN IMMEDIATE;" + SCHEMA + "COMMIT;")
+    except sqlite3.Error as e:
+        raise FusesnapError(f"cannot open the store database {path}: {e}") from None
     return conn
 
 

@@ -7,7 +7,6 @@ data no longer matches its index is reported, never silently deleted.
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
 from ..digest import chain_id as compute_chain_id, hex_of
@@ -37,16 +36,18 @@ def check_leftovers(store: "LayerStore", rep: "FsckReport", repair: bool) -> Non
         lock = store.staging_dir / f"{p.name}.lock"
         if is_locked(lock):
             continue  # a live import
-        rep.problems.append(f"staging leftover {p.name}")
         if repair:
             rmtree(p)
             lock.unlink(missing_ok=True)
-            rep.repaired.append(f"removed staging/{p.name}")
+            rep.repaired.append(f"removed staging leftover staging/{p.name}")
+        else:
+            rep.problems.append(f"staging leftover staging/{p.name}")
     for p in sorted(store.trash_dir.iterdir()):
-        rep.problems.append(f"trash leftover {p.name}")
         if repair:
             rmtree(p)
-            rep.repaired.append(f"removed trash/{p.name}")
+            rep.repaired.append(f"removed trash leftover trash/{p.name}")
+        else:
+            rep.problems.append(f"trash leftover trash/{p.name}")
     for p in sorted(store.layers_dir.iterdir()):
         chain = "sha256:" + p.name
         if store.exists(chain):
@@ -58,10 +59,11 @@ def check_leftovers(store: "LayerStore", rep: "FsckReport", repair: bool) -> Non
         try:
             if store.exists(chain):
                 continue
-            rep.problems.append(f"layer directory {p.name} has no database row")
             if repair:
                 store._trash(p)
-                rep.repaired.append(f"removed layers/{p.name}")
+                rep.repaired.append(f"removed layer directory without a database row layers/{p.name}")
+            else:
+                rep.problems.append(f"layer directory layers/{p.name} has no database row")
         finally:
             lock.close()
 
@@ -79,7 +81,7 @@ def fsck(store: "LayerStore", repair: bool) -> "FsckReport":
         if compute_chain_id(parent, diff) != chain:
             rep.problems.append(f"layer {chain}: chainID does not match parent and diffID")
         if not d.is_dir() or not (d / TAR_SPLIT).is_file() or not (d / ENTRIES).is_file():
-            rep.problems.append(f"layer {chain}: directory or index missing")
+            problem = f"layer {chain}: directory or index missing"
             if repair:
                 try:
                     with store._lock, dbm.Tx(store.conn) as c:
@@ -88,23 +90,14 @@ def fsck(store: "LayerStore", repair: bool) -> "FsckReport":
                             raise FusesnapError("still referenced")
                         c.execute("DELETE FROM layer_labels WHERE chain_id=?", (chain,))
                         c.execute("DELETE FROM layers WHERE chain_id=?", (chain,))
-                    rep.repaired.append(f"removed database row of {chain}")
+                    rep.repaired.append(f"removed database row of {chain} (its directory is gone)")
+                    continue
                 except FusesnapError:
-                    pass
+                    problem += " (not removed: other layers or references need it)"
+            rep.problems.append(problem)
             continue
         try:
             export_layer(d, diff, _Null(), chain)  # type: ignore[arg-type]
         except (FusesnapError, OSError) as e:
             rep.problems.append(str(e))
-    if repair and rep.repaired:
-        # the report describes what is left after repair
-        rep.problems = [p for p in rep.problems if not _fixed(p, rep.repaired)]
     return rep
-
-
-def _fixed(problem: str, repaired: list[str]) -> bool:
-    for r in repaired:
-        tail = r.split("/")[-1].split(" ")[-1]
-        if tail and tail in problem:
-            return True
-    return False

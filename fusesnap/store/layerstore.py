@@ -12,11 +12,9 @@ at worst a staging dir or a layer dir without a row; fsck --repair removes both.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
 import secrets
 import shutil
-import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -25,7 +23,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..digest import chain_id as compute_chain_id, hex_of, is_digest
-from ..errors import AlreadyExists, FusesnapError, InUse, IntegrityError, InvalidInput, NotFound
+from ..errors import AlreadyExists, InUse, IntegrityError, InvalidInput, NotFound
 from ..layerentry import LayerEntry
 from ..tarsplit.index import IndexWriter
 from ..tarsplit.parser import TarParser
