@@ -191,7 +191,9 @@ def test_rootless_mount_presents_tar_owners_and_commit_records_them(shared_tmp, 
         x = run_as(pw, ["getfattr", "--only-values", "-n", "user.origin", str(mp / "etc/hosts")], env=env)
         assert x.stdout == b"image", x.stderr
         w = run_as(pw, ["sh", "-c", f"echo hi > {mp}/home/u/f && chmod 0600 {mp}/home/u/f && "
-                        f"mkdir {mp}/home/u/d && cat {mp}/home/u/f"], env=env)
+                        f"mkdir {mp}/home/u/d && mkdir {mp}/home/u/locked && echo x > {mp}/home/u/locked/in && "
+                        f"echo s > {mp}/home/u/secret && chmod 000 {mp}/home/u/secret {mp}/home/u/locked && "
+                        f"cat {mp}/home/u/f"], env=env)
         assert w.returncode == 0 and w.stdout == b"hi\n", w.stderr
         # rootless, like fuse-overlayfs, the user acts as root of the image: delete a root-owned
         # file, chown one to another owner (recorded as presented metadata, not on the host)
@@ -203,12 +205,19 @@ def test_rootless_mount_presents_tar_owners_and_commit_records_them(shared_tmp, 
         u = fs("umount", str(mp))
         assert u.returncode == 0, u.stderr
     d = fs("diff", "work")
-    assert d.returncode == 0
+    assert d.returncode == 0, d.stderr
+    # reading a 000 file or dir (the daemon applied that mode for real) leaves its mode as it was
+    upper = next((root / "snapshots").glob("[0-9]*")) / "upper" / "home" / "u"
+    assert stat.S_IMODE(os.lstat(upper / "secret").st_mode) == 0
+    assert stat.S_IMODE(os.lstat(upper / "locked").st_mode) == 0
     c = fs("commit", "mine", "work")
     assert c.returncode == 0, c.stderr
     e = fs("export", "mine")
     assert e.stdout == d.stdout
     members = {m.name: m for m in tarfile.open(fileobj=io.BytesIO(e.stdout))}
+    assert (members["home/u/secret"].mode, members["home/u/locked"].mode) == (0, 0)
+    assert tarfile.open(fileobj=io.BytesIO(e.stdout)).extractfile("home/u/secret").read() == b"s\n"
+    assert "home/u/locked/in" in members
     f = members["home/u/f"]
     assert (f.uid, f.gid, f.mode) == (0, 7, 0o600)
     data = members["srv/data"]

@@ -143,9 +143,19 @@ class UpperChangeset:
     upper: Path
     members: list[Member]
     sources: dict[bytes, Path]
+    opened: list[tuple[Path, int]] = field(default_factory=list)
+    """Entries given owner read (and search) permission to be read; restore() puts the modes back."""
 
     def chunks(self) -> Iterator[bytes]:
         return tar_chunks(self.members)
+
+    def restore(self) -> None:
+        for p, mode in reversed(self.opened):
+            try:
+                os.chmod(p, mode)
+            except OSError:
+                pass
+        self.opened.clear()
 
     def donor(self, path: bytes) -> str | None:
         """Host file equal to member `path` (the store may move it instead of writing a copy)."""
@@ -216,6 +226,14 @@ def scan_upper(upper: Path) -> UpperChangeset:
     members: list[Member] = []
     sources: dict[bytes, Path] = {}
     first_link: dict[tuple[int, int], bytes] = {}
+    opened: list[tuple[Path, int]] = []
+    me = os.geteuid()
+
+    def make_readable(hp: Path, st: os.stat_result, need: int) -> None:
+        # Unprivileged, the daemon applies chmod 000 for real: the owner may always take it back.
+        if me != 0 and st.st_uid == me and st.st_mode & need != need:
+            os.chmod(hp, stat.S_IMODE(st.st_mode) | need)
+            opened.append((hp, stat.S_IMODE(st.st_mode)))
 
     def walk(rel: bytes, host: Path, dir_mtime: int) -> None:
         names = _sorted_names(host)
@@ -247,6 +265,10 @@ def scan_upper(upper: Path) -> UpperChangeset:
             fn()
 
     def emit(path: bytes, hp: Path, st: os.stat_result) -> None:
+        if stat.S_ISDIR(st.st_mode):
+            make_readable(hp, st, 0o500)
+        elif stat.S_ISREG(st.st_mode):
+            make_readable(hp, st, 0o400)
         ps = upperview.presented(hp, st)
         if ps.kind not in _TYPEFLAGS:
             return  # a socket (possibly only presented as one): tar has no such member
@@ -278,8 +300,14 @@ def scan_upper(upper: Path) -> UpperChangeset:
         members.append(m)
 
     root_st = os.stat(upper)
-    walk(b"", upper, int(root_st.st_mtime))
-    return UpperChangeset(upper, members, sources)
+    cs = UpperChangeset(upper, members, sources, opened)
+    try:
+        make_readable(upper, root_st, 0o500)
+        walk(b"", upper, int(root_st.st_mtime))
+    except BaseException:
+        cs.restore()
+        raise
+    return cs
 
 
 # -- several committed layers squashed into one changeset (moby's TarStreamFrom) -------------

@@ -161,7 +161,15 @@ class RWLayer:
         """Paths added, modified and deleted relative to the layers below (init layer included)."""
         tree = self.sn.trees.get(self.sn.parent_chain(self.name))
         out: dict[str, ChangeKind] = {}
-        for m in changeset.scan_upper(self._upper()).members:
+        cs = changeset.scan_upper(self._upper())
+        try:
+            self._collect(cs, tree, out)
+        finally:
+            cs.restore()
+        return sorted(Change(p, k) for p, k in out.items())
+
+    def _collect(self, cs: changeset.UpperChangeset, tree, out: dict[str, ChangeKind]) -> None:
+        for m in cs.members:
             base = m.path.rsplit(b"/", 1)[-1]
             parent = m.path[: -len(base) - 1] if b"/" in m.path else b""
             if base == changeset.OPAQUE_MARKER:
@@ -187,7 +195,6 @@ class RWLayer:
                 continue  # only a parent of something that changed
             else:
                 out[p] = "C"
-        return sorted(Change(p, k) for p, k in out.items())
 
     def size(self) -> int:
         """Bytes of file content this layer holds (hard links counted once)."""

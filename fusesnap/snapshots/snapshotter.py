@@ -272,9 +272,13 @@ class Snapshotter:
     def diff(self, key: str, dst: BinaryIO) -> str:
         """Write the OCI changeset of active `key` to dst (what commit would store); return its diffID."""
         h = hashlib.sha256()
-        for chunk in self.changeset(key).chunks():
-            h.update(chunk)
-            dst.write(chunk)
+        cs = self.changeset(key)
+        try:
+            for chunk in cs.chunks():
+                h.update(chunk)
+                dst.write(chunk)
+        finally:
+            cs.restore()
         return "sha256:" + h.hexdigest()
 
     def commit(self, name: str, key: str, labels: dict[str, str] | None = None) -> Info:
@@ -289,24 +293,10 @@ class Snapshotter:
 
         check_not_mounted(self, rec.id, key, "commit")
         cs = changeset.scan_upper(self.snapshot_dir(rec.id) / "upper")
-        if is_digest(name) and self._layer(name) is not None:
-            # A layer of that chainID exists; fine only if these changes produce exactly it.
-            diff_id = _digest_of(cs.chunks())
-            from ..digest import chain_id as _chain
-
-            if _chain(rec.parent_chain, diff_id) != name:
-                raise AlreadyExists(f"snapshot {name!r} already exists")
-        named = self._layer_named(name)
-        if named is not None:
-            raise AlreadyExists(f"name {name!r} is already used by layer {named}")
-        spool = self.snapshot_dir(rec.id) / "donate"
-        donor = cs.donations(spool)
         try:
-            li = self.store.import_tar(changeset.ChunkReader(cs.chunks()), rec.parent_chain, donor=donor)
-        except BaseException:
-            donor.restore()
-            _rmtree(spool)
-            raise
+            li = self._import_changeset(cs, rec, name)
+        finally:
+            cs.restore()
         holder = _new_holder()
         self.store.add_ref(li.chain_id, holder)
         try:
@@ -324,6 +314,25 @@ class Snapshotter:
         self._trash(self.snapshot_dir(rec.id))
         self._mirror_name(li.chain_id)
         return self.stat(name)
+
+    def _import_changeset(self, cs: changeset.UpperChangeset, rec: Record, name: str) -> "LayerInfo":
+        if is_digest(name) and self._layer(name) is not None:
+            # A layer of that chainID exists; fine only if these changes produce exactly it.
+            from ..digest import chain_id as _chain
+
+            if _chain(rec.parent_chain, _digest_of(cs.chunks())) != name:
+                raise AlreadyExists(f"snapshot {name!r} already exists")
+        named = self._layer_named(name)
+        if named is not None:
+            raise AlreadyExists(f"name {name!r} is already used by layer {named}")
+        spool = self.snapshot_dir(rec.id) / "donate"
+        donor = cs.donations(spool)
+        try:
+            return self.store.import_tar(changeset.ChunkReader(cs.chunks()), rec.parent_chain, donor=donor)
+        except BaseException:
+            donor.restore()
+            _rmtree(spool)
+            raise
 
     def _layer_named(self, name: str) -> str | None:
         """The layer whose store name label (what `export NAME` resolves) is `name`, if any."""
@@ -529,21 +538,27 @@ def _digest_of(chunks: Iterable[bytes]) -> str:
 
 
 def _rmtree(path: Path) -> None:
-    """rmtree that also copes with 0o000 dirs and read-only files left by a container."""
+    """Delete a tree that may hold 0o000 dirs and files (chmod applied for real by a rootless daemon).
 
-    def onerror(func: Callable[..., Any], p: str, exc: Any) -> None:
+    Best effort: what cannot be deleted stays in the trash for the next `cleanup`.
+    """
+    if not (path.exists() or path.is_symlink()):
+        return
+    if not path.is_dir() or path.is_symlink():
+        path.unlink(missing_ok=True)
+        return
+    try:
+        shutil.rmtree(path)
+        return
+    except OSError:
+        pass
+    stack = [str(path)]
+    while stack:  # give the owner access back everywhere, then retry
+        d = stack.pop()
         try:
-            parent = os.path.dirname(p)
-            os.chmod(parent, stat.S_IRWXU)
-            if os.path.isdir(p) and not os.path.islink(p):
-                os.chmod(p, stat.S_IRWXU)
-            func(p)
-        except FileNotFoundError:
-            pass
+            os.chmod(d, stat.S_IRWXU)
+            with os.scandir(d) as it:
+                stack.extend(e.path for e in it if e.is_dir(follow_symlinks=False))
         except OSError:
-            pass
-
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, onerror=onerror)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
+            continue
+    shutil.rmtree(path, ignore_errors=True)
