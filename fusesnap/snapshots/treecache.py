@@ -10,7 +10,6 @@ after chain N-1 reads one index, and mounting a chain again reads none.
 from __future__ import annotations
 
 import logging
-import os
 from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING
