@@ -210,6 +210,8 @@ def test_every_object_reports_the_mounts_st_dev(u: Union):
     with open(d / "f", "a") as fh:
         fh.write("copied up")
     os.mkdir(d / "newdir")
+    os.chmod(d / "fifo", 0o600)  # copy-up of a special file keeps its type
+    assert stat.S_ISFIFO(os.lstat(d / "fifo").st_mode) and stat.S_IMODE(os.lstat(d / "fifo").st_mode) == 0o600
     dev = os.stat(u.mnt).st_dev
     assert dev != os.stat(u.upper).st_dev
     for n in ("", "f", "d", "lnk", "fifo", "upper", "newdir"):
@@ -231,6 +233,7 @@ def test_inode_numbers_stable_across_copy_up_and_cache_drop(u: Union):
         fh.write("+")
     os.link(d / "h3", d / "h5")
     assert {n: os.lstat(d / n).st_ino for n in names} == before
+    assert os.readlink(d / "lnk") == "f" and os.lstat(d / "lnk").st_uid == 3  # symlink copied up as one
     assert os.lstat(d / "h5").st_ino == before["h3"] and os.lstat(d / "h3").st_nlink == 3
     seen: dict[int, list[str]] = {}
     for dirpath, dirnames, filenames in os.walk(u.mnt):
