@@ -4,10 +4,10 @@ A lower spec is plain JSON data (so a failing case can be saved and replayed eve
 after the generator changes): a list of layers, top-most first, each a list of
 entries relative to the seed's root directory:
 
-    {"path": "a/b", "kind": "dir"|"reg"|"link"|"symlink"|"fifo"|"whiteout",
+    {"path": "a/b", "kind": "dir"|"reg"|"link"|"symlink"|"fifo"|"chr"|"whiteout",
      "mode": 0o644, "uid": 0, "gid": 0, "mtime": ns, "xattrs": {"user.x": "hex"},
      "data": [seed, length] (reg), "target": "..." (symlink target / link source),
-     "opaque": bool (dir)}
+     "opaque": bool (dir), "rdev": [major, minor] (chr)}
 
 The same logical layers are written in different notations: the kernel only
 understands char-device 0/0 whiteouts and ``trusted.overlay.opaque``; the FUSE
@@ -33,6 +33,7 @@ XATTR_NAMES = ["user.a", "user.b", "user.long.attr.name"]
 T_MIN = 978307200 * 10**9  # 2001-01-01: every seeded time lies in 2001..2010
 T_MAX = 1262304000 * 10**9  # 2010-01-01
 UIDS = [0, 0, 0, 1000, 1234, 65534]
+DEVICES = [[1, 3], [1, 7]]  # null and full: harmless if anything ever opens them
 
 WHITEOUT_NOTATIONS = ("chr", "whfile")
 OPAQUE_NOTATIONS = ("trusted", "whopq", "user.fuseoverlayfs", "user.overlay")
@@ -175,8 +176,8 @@ def _meta(rng: random.Random, kind: str) -> Entry:
         mode = rng.choice([0o755, 0o755, 0o700, 0o775, 0o1777, 0o2755, 0o555])
     elif kind == "reg":
         mode = rng.choice([0o644, 0o644, 0o600, 0o755, 0o444, 0o4755, 0o2711, 0o664])
-    elif kind == "fifo":
-        mode = rng.choice([0o644, 0o600])
+    elif kind in ("fifo", "chr"):
+        mode = rng.choice([0o644, 0o600, 0o666])
     else:
         mode = 0o777
     e: Entry = {"mode": mode, "uid": rng.choice(UIDS), "gid": rng.choice(UIDS), "mtime": rand_time(rng)}
@@ -245,8 +246,10 @@ def _gen_layer(rng: random.Random, below: MNode | None) -> list[Entry]:
             kind = "dir"
         elif r < 0.70:
             kind = "symlink"
-        elif r < 0.73:
+        elif r < 0.72:
             kind = "fifo"
+        elif r < 0.73:
+            kind = "chr"
         elif r < 0.82:
             kind = "link"
         elif r < 0.93:
@@ -302,6 +305,8 @@ def _gen_layer(rng: random.Random, below: MNode | None) -> list[Entry]:
             e["data"] = rand_data(rng)
         elif kind == "symlink":
             e["target"] = _symlink_target(rng)
+        elif kind == "chr":
+            e["rdev"] = rng.choice(DEVICES)
         layer[p] = e
     return sorted(layer.values(), key=lambda e: (e["path"].count("/"), e["path"]))
 
@@ -378,6 +383,9 @@ def write_layer(layer: list[Entry], dest: Path, notation: dict[str, tuple[str, .
         elif kind == "fifo":
             os.mkfifo(p)
             _set_meta(p, e, kind)
+        elif kind == "chr":
+            os.mknod(p, stat.S_IFCHR | 0o600, os.makedev(*e["rdev"]))
+            _set_meta(p, e, kind)
         elif kind == "whiteout":
             how = rng.choice(notation["whiteout"])
             if how == "chr":
@@ -419,6 +427,8 @@ def write_merged(root: MNode, dest: Path) -> None:
             os.symlink(e["target"], p)
         elif node.kind == "fifo":
             os.mkfifo(p)
+        elif node.kind == "chr":
+            os.mknod(p, stat.S_IFCHR | 0o600, os.makedev(*e["rdev"]))
         _set_meta(p, e, node.kind)
         os.utime(p, ns=(e["mtime"], e["mtime"]), follow_symlinks=False)
     for p, e in sorted(dirs, key=lambda x: -x[0].count("/")):

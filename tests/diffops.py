@@ -33,7 +33,7 @@ import random
 import stat
 from typing import Any, Callable
 
-from difflowers import NAMES, T_MAX, T_MIN, XATTR_NAMES, data_bytes
+from difflowers import DEVICES, NAMES, T_MAX, T_MIN, XATTR_NAMES, data_bytes
 
 Op = dict[str, Any]
 
@@ -168,6 +168,7 @@ APPLY: dict[str, Callable[[str, Op], Any]] = {
     "rmdir": lambda r, o: os.rmdir(_p(r, o["path"])),
     "mkdir": lambda r, o: os.mkdir(_p(r, o["path"]), o["mode"]),
     "mkfifo": lambda r, o: os.mkfifo(_p(r, o["path"]), o["mode"]),
+    "mknod": lambda r, o: os.mknod(_p(r, o["path"]), stat.S_IFCHR | o["mode"], os.makedev(*o["rdev"])),
     "setxattr": lambda r, o: os.setxattr(
         _p(r, o["path"]), o["name"], bytes.fromhex(o["value"]), o["flags"], follow_symlinks=o["follow"]
     ),
@@ -200,7 +201,7 @@ def describe(op: Op) -> str:
 
 WEIGHTS = {
     "create": 9, "write": 11, "truncate": 5, "read": 5, "chmod": 6, "chown": 5, "utime": 4,
-    "rename": 15, "link": 6, "symlink": 4, "unlink": 9, "rmdir": 5, "mkdir": 8, "mkfifo": 1,
+    "rename": 15, "link": 6, "symlink": 4, "unlink": 9, "rmdir": 5, "mkdir": 8, "mkfifo": 1, "mknod": 1,
     "setxattr": 7, "removexattr": 3, "getxattr": 2, "listxattr": 2, "listdir": 4, "stat": 5,
     "open_unlink": 2, "open_rename": 2,
 }
@@ -317,8 +318,10 @@ class Generator:
         elif op_kind == "open_rename":
             op.update(src=existing("reg"), dst=target(), data=self._data(),
                       offset=rng.choice([0, rng.randrange(0, 3000)]))
-        elif op_kind in ("mkdir", "mkfifo"):
+        elif op_kind in ("mkdir", "mkfifo", "mknod"):
             op.update(path=target(), mode=self._mode("dir") if op_kind == "mkdir" else 0o644)
+            if op_kind == "mknod":
+                op["rdev"] = rng.choice(DEVICES)
         elif op_kind in ("setxattr", "removexattr", "getxattr"):
             p = existing("reg", "dir") if rng.random() < 0.85 else existing()
             name = rng.choice(XATTR_NAMES + ["user.new"])

@@ -134,3 +134,37 @@ def test_harness_detects_op_result_differences(shared_tmp):
         finally:
             batch.unmount()
     assert out.failed and "stat" in out.failures[0] and "ENOENT" in out.failures[0]
+
+
+def test_harness_lowers_cover_every_notation(shared_tmp):
+    """The generated lowers really contain each kind of object and each marker notation
+    (the FUSE side mixes them; the kernel side only gets what the kernel reads)."""
+    import difflowers
+
+    specs = {s: difflowers.generate(s) for s in range(60)}
+    kinds = {e["kind"] for spec in specs.values() for layer in spec for e in layer}
+    assert kinds == {"dir", "reg", "link", "symlink", "fifo", "chr", "whiteout"}
+    assert any(e.get("opaque") for spec in specs.values() for layer in spec for e in layer)
+    found: dict[str, set[str]] = {}
+    for side, notation in (("fuse", diffrun.PROFILES["fusesnap"].notation), ("kernel", difflowers.KERNEL_NOTATION)):
+        lowers = [shared_tmp / side / f"l{j}" for j in range(4)]
+        difflowers.write_lowers(specs, lowers, notation, side)
+        seen = found.setdefault(side, set())
+        for d in lowers:
+            for dirpath, dirnames, filenames in os.walk(d):
+                for n in filenames + dirnames:
+                    p = os.path.join(dirpath, n)
+                    st = os.lstat(p)
+                    if n == ".wh..wh..opq":
+                        seen.add("whopq")
+                    elif n.startswith(".wh."):
+                        seen.add("whfile")
+                    elif stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+                        seen.add("chr")
+                    if stat.S_ISDIR(st.st_mode):
+                        for x in os.listxattr(p):
+                            if x.endswith(".opaque"):
+                                seen.add(x)
+    assert found["fuse"] == {"whopq", "whfile", "chr", "trusted.overlay.opaque", "user.overlay.opaque",
+                             "user.fuseoverlayfs.opaque"}
+    assert found["kernel"] == {"chr", "trusted.overlay.opaque"}
