@@ -11,6 +11,7 @@ import pyfuse3
 import trio
 
 from fusesnap.errors import FusesnapError
+from fusesnap.fs import fastloop
 from fusesnap.fs.lowertree import LowerTree
 from fusesnap.fs.operations import Operations
 from fusesnap.fs.options import MountOptions
@@ -27,6 +28,10 @@ def fuse_options(union: Union, opts: MountOptions) -> set[str]:
         o.add("allow_other")
     if union.readonly:
         o.add("ro")
+    if root:   # like a kernel overlay mount: setuid binaries and device nodes work
+        for flag in ("suid", "dev"):
+            if "no" + flag not in opts.fuse_options:
+                o.add(flag)
     o.update(opts.fuse_options)
     return o
 
@@ -88,6 +93,7 @@ def mount(tree: LowerTree, upper: Path | str | None, work: Path | str | None,
 
 def _serve(ops: Operations, mountpoint: str, fopts: set[str], notify_fd: int | None, debug: bool) -> int:
     os.umask(0)
+    before = fastloop.fuse_fds()
     try:
         pyfuse3.init(ops, mountpoint, fopts)
     except Exception as e:
@@ -98,6 +104,9 @@ def _serve(ops: Operations, mountpoint: str, fopts: set[str], notify_fd: int | N
         else:
             print(f"fusesnap: cannot mount {mountpoint}: {reason}", file=sys.stderr)
         return 1
+    new = fastloop.fuse_fds() - before
+    if len(new) == 1 and os.environ.get("FUSESNAP_STOCK_LOOP") != "1":
+        fastloop.install(new.pop())
     if notify_fd is not None:
         os.write(notify_fd, b"ok")
         os.close(notify_fd)
@@ -117,7 +126,7 @@ def _serve(ops: Operations, mountpoint: str, fopts: set[str], notify_fd: int | N
                         pyfuse3.terminate()
                         return
             n.start_soon(watch)
-            await pyfuse3.main()
+            await pyfuse3.main(1, 8)
             n.cancel_scope.cancel()
 
     code = 0
