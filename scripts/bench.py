@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import fcntl
 import json
 import os
 import platform
@@ -132,6 +133,13 @@ def main(argv: list[str] | None = None) -> int:
         for w in WORKLOADS:
             print(f"{w.name:18} {w.title}")
         return 0
+    args.cache.mkdir(parents=True, exist_ok=True)
+    lock = open(args.cache / ".lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"bench: error: another bench.py is using {args.cache} (use --cache)", file=sys.stderr)
+        return 1
     try:
         ws = build(args.cache, SCALES[args.scale], args.mirror)
     except BenchError as e:
