@@ -1,8 +1,8 @@
 """Optional py-spy profiles of fusesnap's daemons: where its time goes per workload.
 
 With --profile DIR, after the timed runs of a workload, one extra (unrecorded) run
-per fusesnap target is sampled by `py-spy record --format raw` (collapsed stacks;
-idle threads, e.g. trio waiting in epoll, are not sampled). summarize() turns a raw
+per fusesnap target is sampled by `py-spy record --native --format raw` (collapsed stacks,
+C frames included: time in epoll_wait is the daemon waiting for the next request). summarize() turns a raw
 file into the top functions by own and by inclusive samples.
 """
 
@@ -26,7 +26,9 @@ class Recorder:
     """py-spy attached to one pid for the duration of a with-block."""
 
     def __init__(self, pyspy: str, pid: int, out: Path, rate: int = 250) -> None:
-        self.cmd = [pyspy, "record", "--pid", str(pid), "--format", "raw", "--nolineno",
+        # --native: C frames too (libfuse's writev of replies, epoll_wait between requests,
+        # pread in read handlers): a Python-only profile hides where a FUSE daemon waits.
+        self.cmd = [pyspy, "record", "--pid", str(pid), "--format", "raw", "--nolineno", "--native",
                     "--rate", str(rate), "--output", str(out)]
         self.out = out
         self.proc: subprocess.Popen | None = None
