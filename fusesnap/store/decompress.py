@@ -65,7 +65,11 @@ class LayerStream:
         self.diff_hash = ThreadedSha256()
         self.compressed_size = 0
         self.size = 0
+        self._hash_raw = False  # only compressed input needs its own digest
         first = self._read_raw()
+        if first.startswith(GZIP_MAGIC) or first.startswith(ZSTD_MAGIC):
+            self._hash_raw = True
+            self.compressed_hash.update(first)
         if first.startswith(GZIP_MAGIC):
             self.compression = "gzip"
             self._it = self._gzip(first)
@@ -82,7 +86,8 @@ class LayerStream:
     def _read_raw(self) -> bytes:
         b = self._src.read(READ_SIZE)
         if b:
-            self.compressed_hash.update(b)
+            if self._hash_raw:
+                self.compressed_hash.update(b)
             self.compressed_size += len(b)
         return b
 

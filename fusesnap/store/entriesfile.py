@@ -36,7 +36,7 @@ def b(x: str) -> bytes:
 
 
 def write_entries(path: Path, records: list[list[Any]]) -> None:
-    cctx = zstandard.ZstdCompressor(level=3)
+    cctx = zstandard.ZstdCompressor(level=1)
     with open(path, "wb") as f, cctx.stream_writer(f, closefd=False) as z:
         buf = []
         for r in records:

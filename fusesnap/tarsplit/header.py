@@ -42,11 +42,13 @@ def parse_number(field: bytes, what: str) -> int:
         else:
             v &= (1 << (8 * len(field) - 1)) - 1
         return v
-    s = field.replace(b"\0", b" ").strip()
-    if not s:
-        return 0
     try:
-        return int(s, 8)
+        return int(field.rstrip(b"\0 ") or b"0", 8)  # fast path: "0000644\0", "  644 \0"
+    except ValueError:
+        pass
+    s = field.replace(b"\0", b" ").strip()
+    try:
+        return int(s or b"0", 8)
     except ValueError:
         raise InvalidInput(f"bad {what} field {bytes(field)!r} in tar header") from None
 
@@ -57,7 +59,7 @@ def checksum_ok(block: bytes) -> bool:
         want = parse_number(block[148:156], "checksum")
     except InvalidInput:
         return False
-    unsigned = sum(block[:148]) + 256 + sum(block[156:])
+    unsigned = sum(block) - sum(block[148:156]) + 256
     if want == unsigned:
         return True
     signed = sum((b - 256 if b > 127 else b) for b in block[:148]) + 256

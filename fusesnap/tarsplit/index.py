@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,8 @@ from .crc64 import crc_b64, crc_from_b64
 FILE_TYPE = 1
 SEGMENT_TYPE = 2
 SEGMENT_CHUNK = 1 << 20  # trailing junk is split like tar-split does, never one huge line
+# names that need no JSON escaping: printable ASCII without '"' and backslash
+_PLAIN_NAME = re.compile(rb"[\x20-\x21\x23-\x5b\x5d-\x7e]*")
 
 
 @dataclass(slots=True)
@@ -42,7 +45,7 @@ class IndexEntry:
 class IndexWriter:
     """Streams entries into a zstd-compressed JSON-lines file."""
 
-    def __init__(self, f: BinaryIO, level: int = 3) -> None:
+    def __init__(self, f: BinaryIO, level: int = 1) -> None:
         self._f = f
         self._z = zstandard.ZstdCompressor(level=level).stream_writer(f, closefd=False)
         self._buf: list[str] = []
@@ -54,10 +57,13 @@ class IndexWriter:
                        % (base64.b64encode(raw[i : i + SEGMENT_CHUNK]).decode("ascii"), self._pos))
 
     def file(self, name: bytes, size: int, crc: int | None) -> None:
-        try:
-            nm = '"name":' + json.dumps(name.decode("utf-8"))
-        except UnicodeDecodeError:
-            nm = '"name_raw":"%s"' % base64.b64encode(name).decode("ascii")
+        if _PLAIN_NAME.fullmatch(name):
+            nm = '"name":"%s"' % name.decode("ascii")
+        else:
+            try:
+                nm = '"name":' + json.dumps(name.decode("utf-8"))
+            except UnicodeDecodeError:
+                nm = '"name_raw":"%s"' % base64.b64encode(name).decode("ascii")
         sz = ',"size":%d' % size if size else ""
         pl = '"%s"' % crc_b64(crc) if crc is not None else "null"
         self._emit('{"type":1,%s%s,"payload":%s,"position":%d}\n' % (nm, sz, pl, self._pos))
