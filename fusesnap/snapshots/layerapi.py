@@ -323,12 +323,10 @@ class LayerAPI:
         if info.kind != "active":
             raise NotFound(f"read-write layer {name!r} does not exist")
         init_name = f"{name}-init" if info.parent == f"{name}-init" else None
-        parent_chain = self.sn.stat(info.parent).chain_id if info.parent else None
-        if init_name:
-            parent_chain = self.sn.stat(init_name).chain_id
-            pl = self.store.get(parent_chain).parent if parent_chain else None
-            parent_chain = pl
-        return RWLayer(self, name, parent_chain, init_name)
+        below = self.sn.stat(info.parent).chain_id if info.parent else None
+        if init_name and below:  # the image layer is the init layer's parent
+            below = self.store.get(below).parent
+        return RWLayer(self, name, below, init_name)
 
     def release_rw_layer(self, layer: RWLayer) -> None:
         """Delete a read-write layer and its init layer; refused while mounted."""
