@@ -97,3 +97,11 @@ def test_symlink_replaced_by_file_does_not_follow(env):
     info = st.import_tar(io.BytesIO(data))
     assert_outside_untouched(outside)
     assert (st.fs_dir(info.chain_id) / "v").read_bytes() == b"replaced"
+
+
+def test_absurdly_deep_path_is_refused_with_a_short_message(env):
+    st, outside = env
+    with pytest.raises(InvalidInput, match="deeper than") as exc:
+        st.import_tar(io.BytesIO(make_tar([("/".join(["a"] * 3000), "reg", b"x")])))
+    assert len(str(exc.value)) < 300
+    assert os.listdir(st.root / "staging") == [] and os.listdir(st.root / "layers") == []

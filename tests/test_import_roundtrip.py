@@ -6,6 +6,7 @@ import hashlib
 import io
 import os
 import stat
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -137,3 +138,61 @@ def test_import_is_idempotent_and_parent_gives_chain_id(store, corpus):
     out = io.BytesIO()
     store.export(child.chain_id, out)
     assert out.getvalue() == corpus["dpkg-data"].read_bytes()
+
+
+def _tar(members) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        for ti, data in members:
+            t.addfile(ti, io.BytesIO(data) if data else None)
+    return buf.getvalue()
+
+
+def _ti(name: str, size: int = 0, typ: bytes = tarfile.REGTYPE) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.size, ti.type = size, typ
+    return ti
+
+
+def test_multi_member_gzip_and_multi_frame_zstd(store):
+    import gzip
+
+    import zstandard
+
+    plain = _tar([(_ti("a", 5000), os.urandom(5000)), (_ti("b", 3), b"bbb")])
+    half = len(plain) // 2
+    for blob in (gzip.compress(plain[:half]) + gzip.compress(plain[half:]),
+                 zstandard.ZstdCompressor().compress(plain[:half]) + zstandard.ZstdCompressor().compress(plain[half:])):
+        info = store.import_tar(io.BytesIO(blob))
+        assert info.diff_id == "sha256:" + hashlib.sha256(plain).hexdigest()
+        assert "sha256:" + hashlib.sha256(blob).hexdigest() in info.compressed_digests
+        out = io.BytesIO()
+        store.export(info.chain_id, out)
+        assert out.getvalue() == plain
+
+
+def test_v7_trailing_slash_directory(store):
+    data = _tar([(_ti("olddir/"), b""), (_ti("olddir/f", 2), b"hi")])
+    info = store.import_tar(io.BytesIO(data))
+    kinds = {e.path: e.kind for e in store.entries(info.chain_id)}
+    assert kinds == {b"olddir": "dir", b"olddir/f": "reg"}
+
+
+def test_huge_sparse_file_uses_base256_or_pax_sizes(store, tmp_path):
+    """A 9 GiB sparse file: sizes beyond the 8 GiB octal limit, holes kept on the host."""
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(src / "big", "wb") as f:
+        f.seek(9 << 30)
+        f.write(b"tail")
+    for fmt in ("gnu", "posix"):
+        t = tmp_path / f"{fmt}.tar"
+        subprocess.run(["tar", "-C", str(src), f"--format={fmt}", "--sparse", "-cf", str(t), "big"], check=True)
+        info = store.import_tar(open(t, "rb"))
+        (e,) = list(store.entries(info.chain_id))
+        assert e.size == (9 << 30) + 4
+        data = store.fs_dir(info.chain_id) / "big"
+        assert os.stat(data).st_size == e.size and os.stat(data).st_blocks < 1024
+        out = io.BytesIO()
+        store.export(info.chain_id, out)
+        assert out.getvalue() == t.read_bytes()

@@ -25,7 +25,10 @@ DIRECT = 64 << 10
 def export_layer(layer_dir: Path, diff_id: str, dst: BinaryIO, label: str) -> None:
     h = hashlib.sha256()
     out = bytearray()
-    fsb = os.fsencode(layer_dir / "fs")
+    try:
+        fs_fd = os.open(layer_dir / "fs", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as err:
+        raise IntegrityError(f"layer {label}: fs/ directory is missing ({err.strerror})") from None
 
     def flush() -> None:
         if out:
@@ -44,13 +47,15 @@ def export_layer(layer_dir: Path, diff_id: str, dst: BinaryIO, label: str) -> No
                     raise IntegrityError(f"layer {label}: entries index ends before the tar-split index")
                 if e.size:
                     name = e.name.decode("utf-8", "backslashreplace")
+                    if len(name) > 120:
+                        name = name[:100] + "..." + name[-17:]
                     if rec[E.DATA] is None:
                         raise IntegrityError(f"layer {label}: no stored data for file {name}")
-                    path = os.path.normpath(os.path.join(fsb, E.b(rec[E.DATA])))
+                    path = E.b(rec[E.DATA])  # relative to fs/ ("../shadow/N" for replaced payloads)
                     extents = rec[E.SPARSE] if rec[E.SPARSE] is not None else [[0, e.size]]
                     crc = 0
                     try:
-                        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fs_fd)
                     except OSError as err:
                         raise IntegrityError(f"layer {label}: file {name} is missing ({err.strerror})") from None
                     try:
@@ -79,6 +84,8 @@ def export_layer(layer_dir: Path, diff_id: str, dst: BinaryIO, label: str) -> No
         flush()
     except FileNotFoundError as err:
         raise IntegrityError(f"layer {label}: {err.filename} is missing") from None
+    finally:
+        os.close(fs_fd)
     got = "sha256:" + h.hexdigest()
     if got != diff_id:
         raise IntegrityError(f"layer {label}: exported tar has digest {got}, expected diffID {diff_id}")

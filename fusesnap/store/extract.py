@@ -16,6 +16,8 @@ O_NOFOLLOW|O_DIRECTORY, so nothing is ever written outside fs/. Decisions per ho
 - a later member replacing an earlier file: the earlier payload moves to shadow/ so
   that export can still reproduce it; the fs/ tree shows the last one, as tar would.
 - NUL bytes in names or link targets (possible via PAX): REFUSED.
+- paths longer than 4000 bytes or deeper than 512 levels (no real tree has them;
+  they would break PATH_MAX-bound tools on the host): REFUSED.
 
 Never applied to host files: owners, setuid/setgid/sticky bits, device nodes, fifos,
 xattrs. Files are created 0644/0755, directories 0755 (minus umask), so the owner can
@@ -49,14 +51,28 @@ KIND_OF = {H.REG: "reg", H.AREG: "reg", H.CONT: "reg", H.LNK: "hard", H.SYM: "sy
 SKIPPED = {H.GNU_VOLHDR, H.GNU_MULTIVOL}
 
 
+MAX_PATH = 4000  # no real filesystem tree has longer paths (PATH_MAX is 4096)
+MAX_DEPTH = 512
+
+
+def show(name: bytes) -> str:
+    """A member name for a one-line error message (hostile names can be megabytes)."""
+    r = repr(name)
+    return r if len(r) <= 120 else r[:100] + "..." + r[-17:]
+
+
 def normalize(name: bytes, what: bytes | None = None) -> bytes:
     """Layer-relative path: no leading '/', './', trailing '/', '.' or empty components."""
     if b"\0" in name:
-        raise InvalidInput(f"refusing member {(what or name)!r}: NUL byte in path")
+        raise InvalidInput(f"refusing member {show(what or name)}: NUL byte in path")
     parts = [p for p in name.split(b"/") if p and p != b"."]
     if b".." in parts:
-        raise InvalidInput(f"refusing member {(what or name)!r}: '..' in path {name!r}")
-    return b"/".join(parts)
+        raise InvalidInput(f"refusing member {show(what or name)}: '..' in path {show(name)}")
+    out = b"/".join(parts)
+    if len(out) > MAX_PATH or len(parts) > MAX_DEPTH:
+        raise InvalidInput(f"refusing member {show(what or name)}: path longer than {MAX_PATH} bytes"
+                           f" or deeper than {MAX_DEPTH} levels")
+    return out
 
 
 class Extractor:
@@ -87,25 +103,39 @@ class Extractor:
 
     # -- path resolution -------------------------------------------------------------------
     def _dirfd(self, path: bytes, member: bytes) -> int:
+        """fd of directory `path` inside fs/, creating missing parents; never follows a symlink."""
         if not path:
             return self.root_fd
         fd = self._fds.get(path)
         if fd is not None:
             return fd
-        parent, _, base = path.rpartition(b"/")
-        pfd = self._dirfd(parent, member)
-        try:
-            fd = os.open(base, _DIR_FLAGS, dir_fd=pfd)
-        except FileNotFoundError:
-            os.mkdir(base, 0o755, dir_fd=pfd)  # parent the tar did not list
-            self.kinds[path] = "dir"
-            fd = os.open(base, _DIR_FLAGS, dir_fd=pfd)
-        except OSError as e:
-            if e.errno in (errno.ENOTDIR, errno.ELOOP):
-                raise InvalidInput(
-                    f"refusing member {member!r}: {path!r} is a symlink or file, not a directory") from None
-            raise
-        self._fds[path] = fd
+        parts = path.split(b"/")
+        # longest already-open prefix, then walk down one component at a time (no recursion:
+        # hostile tars can nest thousands of levels deep)
+        i = len(parts) - 1
+        fd = self.root_fd
+        while i > 0:
+            cached = self._fds.get(b"/".join(parts[:i]))
+            if cached is not None:
+                fd = cached
+                break
+            i -= 1
+        for j in range(i, len(parts)):
+            base = parts[j]
+            sub = b"/".join(parts[: j + 1])
+            try:
+                nfd = os.open(base, _DIR_FLAGS, dir_fd=fd)
+            except FileNotFoundError:
+                os.mkdir(base, 0o755, dir_fd=fd)  # parent the tar did not list
+                self.kinds[sub] = "dir"
+                nfd = os.open(base, _DIR_FLAGS, dir_fd=fd)
+            except OSError as e:
+                if e.errno in (errno.ENOTDIR, errno.ELOOP):
+                    raise InvalidInput(
+                        f"refusing member {show(member)}: {show(sub)} is a symlink or file, not a directory") from None
+                raise
+            self._fds[sub] = nfd
+            fd = nfd
         return fd
 
     def _shadow(self) -> int:
@@ -122,7 +152,7 @@ class Extractor:
         except FileNotFoundError:
             return
         if stat.S_ISDIR(st.st_mode):
-            raise InvalidInput(f"refusing member {member!r}: it replaces an earlier directory")
+            raise InvalidInput(f"refusing member {show(member)}: it replaces an earlier directory")
         owner = self.data_owner.pop(path, None)
         if owner is not None:
             name = str(owner)
@@ -143,13 +173,15 @@ class Extractor:
         t = m.typeflag
         path = normalize(m.name)
         kind = KIND_OF.get(t, "reg")
+        if kind == "reg" and m.name.endswith(b"/") and t in (H.REG, H.AREG) and not m.size:
+            kind = "dir"  # V7/old tars mark directories only by the trailing slash
         if t in SKIPPED or not path:
             kind = None
         linkname = m.linkname
         if kind == "hard":
             linkname = normalize(m.linkname, m.name)
         elif b"\0" in linkname:
-            raise InvalidInput(f"refusing member {m.name!r}: NUL byte in link target")
+            raise InvalidInput(f"refusing member {show(m.name)}: NUL byte in link target")
         rec: list[Any] = [
             E.s(path), kind, m.mode, m.uid, m.gid, m.mtime_ns, m.realsize if kind == "reg" else 0,
             E.s(linkname), m.devmajor, m.devminor,
@@ -208,7 +240,7 @@ class Extractor:
                 return crc
             if linkname == path or tkind is None or tkind == "dir":
                 raise InvalidInput(
-                    f"refusing hard link {m.name!r} -> {m.linkname!r}: target is not an earlier file of this layer")
+                    f"refusing hard link {show(m.name)} -> {show(m.linkname)}: target is not an earlier file of this layer")
             tparent, _, tbase = linkname.rpartition(b"/")
             tpfd = self._dirfd(tparent, m.name)
             try:
