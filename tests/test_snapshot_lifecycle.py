@@ -361,7 +361,10 @@ def test_commit_killed_mid_import_loses_nothing(tmp_path, point):
         again = io.BytesIO()
         s.diff("k", again)
         assert again.getvalue() == before.getvalue()  # the upper is whole
+        ino = os.stat(s.upper_dir("k") / "a" / "shared").st_ino
         info = s.commit("c", "k")
+        # donated again (not copied) despite the links the killed commit left in its spool
+        assert os.stat(s.store.fs_dir(info.chain_id) / "a" / "shared").st_ino == ino
         out = io.BytesIO()
         s.store.export("c", out)
         assert out.getvalue() == before.getvalue()

@@ -326,6 +326,7 @@ class Snapshotter:
         if named is not None:
             raise AlreadyExists(f"name {name!r} is already used by layer {named}")
         spool = self.snapshot_dir(rec.id) / "donate"
+        _rmtree(spool)  # links left by a commit that was killed
         donor = cs.donations(spool)
         try:
             return self.store.import_tar(changeset.ChunkReader(cs.chunks()), rec.parent_chain, donor=donor)
