@@ -66,3 +66,12 @@ def test_damaged_segment_fails_the_diffid_check(tmp_path):
     with pytest.raises(IntegrityError, match="diffID"):
         st.export(info.chain_id, io.BytesIO())
     assert not st.fsck().ok
+
+
+def test_fsck_finds_files_added_to_a_layer(tmp_path):
+    st = LayerStore(tmp_path / "root")
+    info = st.import_tar(io.BytesIO(layer()))
+    assert st.fsck().ok
+    (st.fs_dir(info.chain_id) / "etc" / "intruder").write_text("x")
+    rep = st.fsck()
+    assert not rep.ok and "fs/etc/intruder" in rep.problems[0]

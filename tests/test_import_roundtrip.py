@@ -196,3 +196,10 @@ def test_huge_sparse_file_uses_base256_or_pax_sizes(store, tmp_path):
         out = io.BytesIO()
         store.export(info.chain_id, out)
         assert out.getvalue() == t.read_bytes()
+
+
+def test_fsck_is_clean_after_the_corpus(store, corpus):
+    for name in NAMES:
+        _import(store, corpus[name])
+    rep = store.fsck()
+    assert rep.ok and rep.checked >= len(NAMES) - 2, rep.problems

@@ -7,11 +7,14 @@ data no longer matches its index is reported, never silently deleted.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..digest import chain_id as compute_chain_id, hex_of
 from ..errors import FusesnapError
 from . import db as dbm
+from . import entriesfile
 from .exporter import export_layer
 from .locks import FileLock, is_locked
 
@@ -68,6 +71,26 @@ def check_leftovers(store: "LayerStore", rep: "FsckReport", repair: bool) -> Non
             lock.close()
 
 
+def unexpected_files(layer_dir: Path) -> list[str]:
+    """Paths under fs/ that no member of the layer (or an ancestor directory of one) accounts for."""
+    expected: set[bytes] = set()
+    for rec in entriesfile.read_records(layer_dir / "entries.json.zst"):
+        p = entriesfile.b(rec[entriesfile.P])
+        while p and p not in expected:
+            expected.add(p)
+            p = p.rpartition(b"/")[0]
+    fs = os.fsencode(layer_dir / "fs")
+    out = []
+    for dirpath, dirnames, filenames in os.walk(fs):
+        rel = os.path.relpath(dirpath, fs)
+        for n in dirnames + filenames:
+            p = n if rel == b"." else rel + b"/" + n
+            if p not in expected:
+                out.append(os.fsdecode(p))
+        dirnames[:] = [n for n in dirnames if (n if rel == b"." else rel + b"/" + n) in expected]
+    return sorted(out)
+
+
 def fsck(store: "LayerStore", repair: bool) -> "FsckReport":
     from .layerstore import ENTRIES, TAR_SPLIT, FsckReport
 
@@ -98,6 +121,10 @@ def fsck(store: "LayerStore", repair: bool) -> "FsckReport":
             continue
         try:
             export_layer(d, diff, _Null(), chain)  # type: ignore[arg-type]
+            extra = unexpected_files(d)
+            if extra:
+                more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+                rep.problems.append(f"layer {chain}: unexpected file fs/{extra[0]}{more}: layers are immutable")
         except (FusesnapError, OSError) as e:
             rep.problems.append(str(e))
     return rep
