@@ -459,6 +459,52 @@ def test_access_as_root(u: Union):
     assert not os.access(d / "absent", os.F_OK)
 
 
+def test_parallel_workers(u: Union):
+    """Four threads create/write/read/rename/unlink in their own dirs while a fifth lists them."""
+    import threading
+
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def worker(k: int) -> None:
+        try:
+            d = u.p("par", f"w{k}")
+            d.mkdir(parents=True)
+            for i in range(60):
+                f = d / f"f{i}"
+                f.write_bytes(bytes([i]) * (i * 100))
+                assert f.read_bytes() == bytes([i]) * (i * 100)
+                if i % 3 == 0:
+                    os.rename(f, d / f"r{i}")
+                elif i % 3 == 1:
+                    os.unlink(f)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    def lister() -> None:
+        try:
+            while not stop.is_set():
+                for k in range(4):
+                    if u.p("par", f"w{k}").exists():
+                        os.listdir(u.p("par", f"w{k}"))
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    ts = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    lt = threading.Thread(target=lister)
+    lt.start()
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(120)
+    stop.set()
+    lt.join(30)
+    assert not errors, errors[:3]
+    for k in range(4):
+        want = sorted([f"r{i}" for i in range(0, 60, 3)] + [f"f{i}" for i in range(2, 60, 3)])
+        assert sorted(os.listdir(u.p("par", f"w{k}"))) == want
+
+
 def test_every_change_survives_a_remount(u: Union):
     """Last in this module: what the mount showed is what it stored."""
     before = snapshot_tree(u.mnt)
