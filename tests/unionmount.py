@@ -182,7 +182,7 @@ def mount_union(kind: str, mnt: Path, lowers: Sequence[Path], upper: Path | None
     extra = list(extra)
     mnt.mkdir(parents=True, exist_ok=True)
     if kind == KERNEL:
-        kopts = [o for o in extra]
+        kopts = list(extra)
         if upper is not None:
             kopts += ["redirect_dir=on", "index=on"]
         opts = overlay_opts(lowers, upper, work, kopts)
