@@ -67,6 +67,11 @@ class LayerStream:
         self.size = 0
         self._hash_raw = False  # only compressed input needs its own digest
         first = self._read_raw()
+        while first and len(first) < 6:  # pipes may deliver the magic bytes in pieces
+            more = self._read_raw()
+            if not more:
+                break
+            first += more
         if first.startswith(GZIP_MAGIC) or first.startswith(ZSTD_MAGIC):
             self._hash_raw = True
             self.compressed_hash.update(first)
