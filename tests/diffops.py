@@ -37,6 +37,7 @@ from difflowers import DEVICES, NAMES, T_MAX, T_MIN, XATTR_NAMES, data_bytes
 
 Op = dict[str, Any]
 
+USERS = [1000, 1234, 65534]  # owners difflowers also hands out
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 AT_FDCWD = -100
@@ -96,15 +97,22 @@ def _create(root: str, op: Op) -> str:
         os.close(fd)
 
 
+READ_LIMIT = 16 << 20  # nothing the generators write is this big
+
+
 def _read(root: str, op: Op) -> str:
     fd = os.open(_p(root, op["path"]), os.O_RDONLY | os.O_NONBLOCK)
     try:
         chunks = []
+        total = 0
         while True:
             b = os.read(fd, 1 << 20)
             if not b:
                 break
             chunks.append(b)
+            total += len(b)
+            if total > READ_LIMIT:
+                return "ok:endless"
         data = b"".join(chunks)
         return f"ok:{len(data)}:{short_hash(data)}"
     finally:
@@ -183,7 +191,44 @@ APPLY: dict[str, Callable[[str, Op], Any]] = {
 
 
 def apply(op: Op, root: str) -> str:
-    """Run one op under root; the result string is what targets are compared on."""
+    """Run one op under root; the result string is what targets are compared on.
+
+    An op with "as": [uid, gid] runs in a child process with those credentials and no
+    supplementary groups, so that permission checks (EACCES/EPERM) are compared too."""
+    if op.get("as"):
+        return _apply_as(op, root, *op["as"])
+    return _apply(op, root)
+
+
+def _apply_as(op: Op, root: str, uid: int, gid: int) -> str:
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never return into the caller (pytest, the runner)
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+            res = _apply(op, root)
+        except BaseException as e:  # noqa: BLE001 - reported as the op's result
+            res = f"child-error:{e!r}"
+        try:
+            os.write(w, res.encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    chunks = []
+    while True:
+        b = os.read(r, 65536)
+        if not b:
+            break
+        chunks.append(b)
+    os.close(r)
+    os.waitpid(pid, 0)
+    return b"".join(chunks).decode()
+
+
+def _apply(op: Op, root: str) -> str:
     try:
         out = APPLY[op["op"]](root, op)
     except OSError as e:
@@ -234,8 +279,9 @@ def listing(root: str) -> list[tuple[str, str]]:
 class Generator:
     """Picks the next op from the oracle's current tree (so most ops hit real objects)."""
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, as_user: float = 0.15) -> None:
         self.rng = random.Random(f"ops-{seed}")
+        self.as_user = as_user  # share of ops run as an unprivileged uid
         self.kinds = list(WEIGHTS)
         self.weights = [WEIGHTS[k] for k in self.kinds]
 
@@ -342,4 +388,7 @@ class Generator:
             op.update(path=existing("dir") if rng.random() < 0.9 else existing())
         elif op_kind == "stat":
             op.update(path=existing(), follow=rng.random() < 0.3)
+        if self.as_user and rng.random() < self.as_user:
+            u = rng.choice(USERS)
+            op["as"] = [u, u]
         return op

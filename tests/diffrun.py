@@ -64,12 +64,17 @@ def mount_kernel(lowers: list[Path], upper: Path, work: Path, mnt: Path) -> None
         raise RuntimeError(f"kernel overlay mount failed: {r.stderr.strip()}")
 
 
+# FUSE mounts default to nodev,nosuid; kernel overlayfs (like mount(8)) to dev,suid. Mount
+# both alike so that opening a device node gives the same answer.
+FUSE_OPTS = ",dev,suid"
+
+
 def mount_fuse_overlayfs(lowers: list[Path], upper: Path, work: Path, mnt: Path) -> None:
-    _fuse_mount(["fuse-overlayfs", "-o", _overlay_opts(lowers, upper, work), str(mnt)], mnt)
+    _fuse_mount(["fuse-overlayfs", "-o", _overlay_opts(lowers, upper, work) + FUSE_OPTS + ",allow_other", str(mnt)], mnt)
 
 
 def mount_fusesnap(lowers: list[Path], upper: Path, work: Path, mnt: Path) -> None:
-    _fuse_mount([script("fusesnap-overlay"), "-o", _overlay_opts(lowers, upper, work), str(mnt)], mnt)
+    _fuse_mount([script("fusesnap-overlay"), "-o", _overlay_opts(lowers, upper, work) + FUSE_OPTS, str(mnt)], mnt)
 
 
 def umount_any(mnt: Path) -> None:
@@ -153,6 +158,8 @@ class Batch:
         self.oracle = base / "oracle"
         for d in self.kdirs + self.tdirs + [self.oracle]:
             d.mkdir(parents=True, exist_ok=True)
+        for d in (base, base / "k", base / "t"):
+            os.chmod(d, 0o755)  # ops run as other users must reach the mounts
         specs = {c.seed: c.lowers for c in cases}
         difflowers.write_lowers(specs, self.klow, difflowers.KERNEL_NOTATION, "kernel")
         difflowers.write_lowers(specs, self.tlow, profile.notation, profile.name)
