@@ -77,6 +77,14 @@ def test_500_layers_mount_and_work(env):
     n = 500
     chains = import_chain(sn, n)
     assert len(sn.store.chain(chains[-1])) == n
+    # every layer's merged tree (what its mount serves) against the expectation...
+    for i, chain in enumerate(chains):
+        t = sn.trees.get(chain)  # each built from the cached tree below plus one index
+        assert open(t.lookup("overwriteme").src, "rb").read() == (f"{i} WAS HERE!\n".encode() if i else b"FIRST!\n")
+        assert sorted(t.lookup("addhere").kids) == sorted(f"file-{j}".encode() for j in range(1, i + 1))
+        assert list(t.lookup("onlyme").kids) == [f"file-{i}".encode() if i else b"bottom"]
+    assert sn.trees.built_layers == n
+    # ...and real mounts of a sample of them against a flat directory
     appliers = layer_appliers(n + 1)
     flat = work / "flat"
     flat.mkdir()
