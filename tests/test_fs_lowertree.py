@@ -137,3 +137,36 @@ def test_override_stat_format_round_trips():
     assert uf.whiteout_target(b"x", stat.S_IFCHR, 0) == b"x"
     assert uf.visible_xattrs({b"trusted.overlay.opaque": b"y", b"user.a": b"b",
                               b"user.containers.override_stat": b"1:1:0644"}) == {b"user.a": b"b"}
+
+
+def test_lazy_tree_over_directories_matches_the_eager_build(tmp_path):
+    from fusesnap.fs.lazytree import LazyLowerTree
+    top, mid, bot = tmp_path / "top", tmp_path / "mid", tmp_path / "bot"
+    for d in (top, mid, bot):
+        d.mkdir()
+    (bot / "d" / "x").mkdir(parents=True)
+    (bot / "d" / "f").write_bytes(b"b")
+    (bot / "o" / "gone").mkdir(parents=True)
+    (bot / "t").mkdir()
+    (bot / "h1").write_bytes(b"h")
+    os.link(bot / "h1", bot / "d" / "h2")
+    (mid / "d").mkdir()
+    (mid / "d" / ".wh.f").write_bytes(b"")
+    (mid / "o").mkdir()
+    os.setxattr(mid / "o", b"user.overlay.opaque", b"y")
+    (mid / "o" / "kept").write_bytes(b"m")
+    (mid / "t").write_bytes(b"file hides dir")
+    (top / "d").mkdir()
+    os.mknod(top / "d" / "x", stat.S_IFCHR | 0o600, 0) if os.geteuid() == 0 else (top / "d" / ".wh.x").write_bytes(b"")
+    (top / "new").write_bytes(b"n")
+    layers = [top, mid, bot]
+    eager, lazy = lower_tree_from_dirs(layers), LazyLowerTree(layers)
+
+    def shape(node, depth=0):
+        if not stat.S_ISDIR(node.mode):
+            return (node.mode, node.size, node.nlink, node.target)
+        return (node.mode, node.nlink, {k: shape(v) for k, v in sorted(node.kids.items())})
+    assert shape(lazy.root) == shape(eager.root)
+    assert lazy.lookup(b"h1") is lazy.lookup(b"d/h2")
+    assert sorted(lazy.link_paths(lazy.lookup(b"h1"))) == [b"d/h2", b"h1"]
+    assert lazy.max_ino >= len(eager.by_ino) - 1

@@ -28,7 +28,7 @@ class Inode:
         self.kids: dict[bytes, Inode] | None = None           # directories: merged entries, lazily
         self.wh: set[bytes] | None = None   # directories: names whited out in the upper
         self.opaque = False            # directories: lower entries hidden
-        self.nlink = lower.nlink if lower is not None else 1
+        self.nlink = lower.nlink if lower is not None and kind != S.S_IFDIR else 1
         self.attr = None               # cached pyfuse3.EntryAttributes for lower objects
         self.lookups = 0
         self.busy = None               # trio.Event while a copy-up is running

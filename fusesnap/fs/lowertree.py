@@ -87,6 +87,10 @@ class LowerTree:
                 return None
         return node
 
+    def link_paths(self, ln: LNode) -> list[bytes] | None:
+        """All merged paths of a hard-linked lower file, or None."""
+        return self.links.get(ln.ino)
+
     def __len__(self) -> int:
         return self.max_ino
 

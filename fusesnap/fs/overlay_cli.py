@@ -7,6 +7,7 @@ import sys
 
 from fusesnap import __version__ as _pkg_version  # noqa: F401
 from fusesnap.errors import FusesnapError
+from fusesnap.fs.lazytree import LazyLowerTree
 from fusesnap.fs.lowertree import lower_tree_from_dirs
 from fusesnap.fs.mount import mount
 from fusesnap.fs.options import MountOptions, parse_options
@@ -77,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             raise FusesnapError(f"workdir {opts.workdir!r} does not exist or is not a directory")
         if not os.path.isdir(mountpoint):
             raise FusesnapError(f"mountpoint {mountpoint!r} does not exist or is not a directory")
-        tree = lower_tree_from_dirs(opts.lowerdirs)
+        tree = (lower_tree_from_dirs(opts.lowerdirs) if os.environ.get("FUSESNAP_EAGER_TREE") == "1"
+                else LazyLowerTree(opts.lowerdirs))
     except (FusesnapError, OSError) as e:
         print(f"fusesnap-overlay: {e}", file=sys.stderr)
         return 1

@@ -11,6 +11,7 @@ import ctypes
 import errno
 import os
 import stat as S
+import time
 from dataclasses import dataclass
 
 import pyfuse3
@@ -91,6 +92,7 @@ class Union:
         self.can_mknod = True
         self.inodes: dict[int, Inode] = {}
         self.next_ino = tree.max_ino + 1
+        self._tree_ino = getattr(tree, 'new_ino', None)   # lazy trees hand out numbers as they grow
         self.fd_ino: dict[int, Inode] = {}
         self.upper_links: dict[int, Inode] = {}
         self.tmp_counter = 0
@@ -117,6 +119,8 @@ class Union:
         return i
 
     def _new_ino(self) -> int:
+        if self._tree_ino is not None:
+            return self._tree_ino()
         n = self.next_ino
         self.next_ino += 1
         return n
@@ -560,7 +564,7 @@ class Union:
     def _link_group(self, i: Inode, first: bytes) -> None:
         """Every other name of a lower hard-link group gets linked: one copy, all names."""
         ln = i.lower
-        paths = self.tree.links.get(ln.ino) if ln is not None else None
+        paths = self.tree.link_paths(ln) if ln is not None else None
         if paths:
             for path in paths:
                 j, d, name = self._resolve(path)
@@ -874,7 +878,9 @@ class Union:
     # ---------------------------------------------------------------- setattr / xattrs
     def setattr(self, i: Inode, fields, attr, fh: int | None) -> None:
         self._writable()
+        truncated_copy = False
         if fields.update_size and not i.upper and i.kind == S.S_IFREG and attr.st_size == 0:
+            truncated_copy = i.lower.size != 0
             self.copy_up(i, data=False)
         else:
             self.copy_up(i)
@@ -888,6 +894,12 @@ class Union:
                 os.truncate(path, attr.st_size)
             else:
                 os.ftruncate(self._any_fd(i), attr.st_size)
+            if truncated_copy and not fields.update_mtime:
+                # the view's size changed even though the fresh upper file's did not:
+                # some filesystems (tmpfs) then keep the old mtime
+                st = self.host_stat(i)
+                now = time.time_ns()
+                os.utime(path if path is not None else self._any_fd(i), ns=(st.st_atime_ns, now))
         target = path if path is not None else self._any_fd(i)
         if fields.update_uid or fields.update_gid or fields.update_mode:
             st = self.host_stat(i)

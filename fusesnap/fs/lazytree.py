@@ -1,0 +1,215 @@
+"""A merged lower tree over plain directories that merges each directory on first use.
+
+The fuse-overlayfs front end gets its lowers as host directories and cannot
+cache a merged tree between mounts, so a full scan would make every mount cost
+O(all entries). This tree mounts in O(1): a directory's entries are merged
+from all layers (top first, whiteouts and opaque markers applied) the first
+time anyone looks into it, and never again (lowers never change). Nodes are
+the same LNode objects the eager LowerTree uses; inode numbers are assigned
+on first sight and hard links (same host inode) share one node.
+"""
+
+from __future__ import annotations
+
+import os
+import stat as S
+from typing import Sequence
+
+from fusesnap.fs import upperformat as uf
+from fusesnap.fs.longpath import short
+from fusesnap.fs.lower import _read_xattrs
+from fusesnap.fs.lowertree import LNode
+
+_KIDS = LNode.__dict__["kids"]
+_NLINK = LNode.__dict__["nlink"]
+
+
+class LazyDir(LNode):
+    """A merged lower directory; `kids` and `nlink` are computed on first access."""
+
+    __slots__ = ("hostdirs", "tree")
+
+    @property
+    def kids(self):
+        k = _KIDS.__get__(self)
+        if k is None:
+            k = self.tree._merge(self)
+        return k
+
+    @kids.setter
+    def kids(self, v):
+        _KIDS.__set__(self, v)
+
+    @property
+    def nlink(self):
+        if _KIDS.__get__(self) is None and len(self.hostdirs) == 1:
+            return _NLINK.__get__(self)          # one layer: the host's 2 + subdirs
+        return 2 + sum(1 for k in self.kids.values() if S.S_ISDIR(k.mode))
+
+    @nlink.setter
+    def nlink(self, v):
+        _NLINK.__set__(self, v)
+
+    def is_dir(self) -> bool:
+        return True
+
+
+def _presented(st: os.stat_result, xattrs: dict[bytes, bytes] | None) -> tuple[int, int, int, int]:
+    mode, uid, gid, rdev = st.st_mode, st.st_uid, st.st_gid, st.st_rdev
+    if xattrs:
+        for k in uf.OVERRIDE_XATTRS:
+            v = xattrs.get(k)
+            if v is not None:
+                ov = uf.parse_override(v)
+                if ov is not None:
+                    p = uf.presented_stat(st, ov)
+                    return p.mode, p.uid, p.gid, p.rdev
+    return mode, uid, gid, rdev
+
+
+class LazyLowerTree:
+    """Drop-in for LowerTree over host directories (lowerdir=, top-most first)."""
+
+    def __init__(self, dirs: Sequence[str | os.PathLike]) -> None:
+        self.dirs = [os.fsencode(os.path.abspath(d)) for d in dirs]
+        for d in self.dirs:
+            if not os.path.isdir(d):
+                raise NotADirectoryError(f"lower directory {os.fsdecode(d)!r} does not exist")
+        self._next = 2
+        self.by_host: dict[tuple[int, int, int], LNode] = {}
+        top = os.lstat(self.dirs[0])
+        xattrs = _read_xattrs(self.dirs[0])
+        root = self._dir_node(top, xattrs, list(enumerate(self.dirs)))
+        root.ino = 1
+        self._next = 2
+        if uf.xattrs_say_opaque(xattrs):
+            root.hostdirs = root.hostdirs[:1]
+        self.root = root
+
+    # the interface Union uses -------------------------------------------------
+    @property
+    def max_ino(self) -> int:
+        return self._next - 1
+
+    def new_ino(self) -> int:
+        n = self._next
+        self._next += 1
+        return n
+
+    def lookup(self, path: bytes | str) -> LNode | None:
+        node = self.root
+        p = os.fsencode(path).strip(b"/")
+        if not p:
+            return node
+        for part in p.split(b"/"):
+            if not S.S_ISDIR(node.mode):
+                return None
+            node = node.kids.get(part)
+            if node is None:
+                return None
+        return node
+
+    def link_paths(self, ln: LNode) -> list[bytes] | None:
+        """All merged paths of a hard-linked lower file (scans the lowers: copy-up only)."""
+        if ln.nlink < 2 or S.S_ISDIR(ln.mode):
+            return None
+        out: list[bytes] = []
+        stack: list[tuple[bytes, LNode]] = [(b"", self.root)]
+        while stack:
+            path, d = stack.pop()
+            for name, n in d.kids.items():
+                p = path + b"/" + name if path else name
+                if n is ln:
+                    out.append(p)
+                elif S.S_ISDIR(n.mode):
+                    stack.append((p, n))
+        return out if len(out) > 1 else None
+
+    # building -----------------------------------------------------------------
+    def _dir_node(self, st: os.stat_result, xattrs, hostdirs: list[tuple[int, bytes]]) -> LazyDir:
+        mode, uid, gid, _ = _presented(st, xattrs)
+        n = LazyDir.__new__(LazyDir)
+        LNode.__init__(n, S.S_IFDIR | (mode & 0o7777), uid, gid, 0, st.st_mtime_ns, 0, None, None,
+                       uf.visible_xattrs(xattrs) or None, None)
+        n.hostdirs = hostdirs
+        n.tree = self
+        _NLINK.__set__(n, st.st_nlink)
+        n.ino = self.new_ino()
+        return n
+
+    def _merge(self, d: LazyDir) -> dict[bytes, LNode]:
+        kids: dict[bytes, LNode] = {}
+        hidden: set[bytes] = set()
+        subdirs: dict[bytes, list[tuple[int, bytes]]] = {}
+        for layer, hd in d.hostdirs:
+            layer_wh: list[bytes] = []
+            opaque = False
+            try:
+                it = os.scandir(short(hd))
+            except OSError:
+                continue
+            with it:
+                for de in it:
+                    name = de.name
+                    if name.startswith(b".wh."):
+                        if name == uf.OPQ_NAME:
+                            opaque = True
+                        else:
+                            layer_wh.append(name[4:])
+                        continue
+                    if name in kids or name in hidden:
+                        sub = subdirs.get(name)
+                        if sub is not None:
+                            if de.is_dir(follow_symlinks=False):
+                                full = hd + b"/" + name
+                                sub.append((layer, full))
+                                if uf.xattrs_say_opaque(_read_xattrs(short(full))):
+                                    del subdirs[name]
+                            else:
+                                st = de.stat(follow_symlinks=False)
+                                if not (S.S_ISCHR(st.st_mode) and st.st_rdev == 0):
+                                    del subdirs[name]     # a non-directory ends the merge of NAME
+                        continue
+                    st = de.stat(follow_symlinks=False)
+                    fmt = S.S_IFMT(st.st_mode)
+                    if fmt == S.S_IFCHR and st.st_rdev == 0:
+                        layer_wh.append(name)
+                        continue
+                    full = hd + b"/" + name
+                    xattrs = _read_xattrs(short(full))
+                    if fmt == S.S_IFDIR:
+                        hds = [(layer, full)]
+                        n = self._dir_node(st, xattrs, hds)
+                        if not uf.xattrs_say_opaque(xattrs):
+                            subdirs[name] = hds
+                        kids[name] = n
+                        continue
+                    mode, uid, gid, rdev = _presented(st, xattrs)
+                    key = (layer, st.st_dev, st.st_ino)
+                    if fmt == S.S_IFREG and st.st_nlink > 1:
+                        n = self.by_host.get(key)
+                        if n is not None:
+                            kids[name] = n
+                            continue
+                    n = LNode(S.S_IFMT(mode) | (mode & 0o7777), uid, gid,
+                              st.st_size if fmt in (S.S_IFREG, S.S_IFLNK) else 0, st.st_mtime_ns,
+                              rdev if S.S_IFMT(mode) in (S.S_IFCHR, S.S_IFBLK) else 0,
+                              os.readlink(short(full)) if fmt == S.S_IFLNK else None,
+                              full if fmt == S.S_IFREG else None,
+                              uf.visible_xattrs(xattrs) or None, None)
+                    n.ino = self.new_ino()
+                    if fmt == S.S_IFREG and st.st_nlink > 1:
+                        n.nlink = st.st_nlink
+                        self.by_host[key] = n
+                    kids[name] = n
+            # names in this layer are final; its whiteouts hide lower layers only
+            for name in kids:
+                if name not in subdirs:
+                    hidden.add(name)
+            hidden.update(layer_wh)
+            for name in layer_wh:
+                subdirs.pop(name, None)
+            if opaque:
+                break
+        d.kids = kids
+        return kids
