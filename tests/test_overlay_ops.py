@@ -393,14 +393,8 @@ def test_fallocate(u: Union):
         os.close(fd)
 
 
-PYFUSE3_GAP = ("FS_BUGS F3: pyfuse3 3.5 has no FUSE fallocate/lseek handlers, so the kernel answers "
-               "EOPNOTSUPP for fallocate(2) and treats the whole file as data for SEEK_HOLE")
-
-
-def test_native_fallocate(u: Union, request):
+def test_native_fallocate(u: Union):
     """fallocate(2) itself (no glibc emulation): allocate, keep-size preallocation, punch a hole."""
-    if u.is_fusesnap:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=PYFUSE3_GAP))
     f = u.p("sync", "native-alloc")
     fd = os.open(f, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -416,9 +410,7 @@ def test_native_fallocate(u: Union, request):
         os.close(fd)
 
 
-def test_seek_hole_reports_the_hosts_holes(u: Union, request):
-    if u.is_fusesnap:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=PYFUSE3_GAP))
+def test_seek_hole_reports_the_hosts_holes(u: Union):
     f = u.p("sync", "sparse2")
     fd = os.open(f, os.O_RDWR | os.O_CREAT, 0o644)
     try:

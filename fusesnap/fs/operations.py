@@ -14,6 +14,7 @@ import stat as S
 import pyfuse3
 import trio
 
+from fusesnap.fs import spaceops
 from fusesnap.fs.copyup import BIG, copy_data
 from fusesnap.fs.inodes import Inode
 from fusesnap.fs.union import Union
@@ -300,6 +301,23 @@ class Operations(pyfuse3.Operations):
                 os.fdatasync(fh)
             else:
                 os.fsync(fh)
+        except OSError as e:
+            raise FUSEError(e.errno) from None
+        except Exception:
+            raise _bug() from None
+
+    async def fallocate(self, fh, mode, offset, length):
+        # needs the patched pyfuse3 (third_party/pyfuse3); logic in spaceops
+        try:
+            spaceops.fallocate(self.u, fh, mode, offset, length)
+        except OSError as e:
+            raise FUSEError(e.errno) from None
+        except Exception:
+            raise _bug() from None
+
+    async def lseek(self, fh, offset, whence):
+        try:
+            return spaceops.lseek(self.u, fh, offset, whence)
         except OSError as e:
             raise FUSEError(e.errno) from None
         except Exception:

@@ -1,0 +1,68 @@
+"""fallocate(2) and lseek(SEEK_DATA/SEEK_HOLE) on the host file behind an open handle.
+
+The FUSE handle (fh) is the host fd that Union.open/create returned: the upper file
+for every open with write access (open already copied the file up), the lower file
+for read-only opens of a not yet copied-up file. So both operations simply act on
+that fd, and the host file system's answer (space allocated, holes it keeps,
+ENXIO, EOPNOTSUPP) is what the caller sees — as with kernel overlayfs. These need
+the patched pyfuse3 (third_party/pyfuse3) that passes the two requests on.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+
+from fusesnap.fs.union import Union
+
+# Kernel FUSE forwards only these modes (others fail with EOPNOTSUPP before us);
+# the host call gets whatever the kernel sent.
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_fallocate = getattr(_libc, "fallocate64", None) or _libc.fallocate
+_fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+_fallocate.restype = ctypes.c_int
+
+
+def host_fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with a mode (os.posix_fallocate has none); raises OSError."""
+    if _fallocate(fd, mode, offset, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def fallocate(u: Union, fh: int, mode: int, offset: int, length: int) -> None:
+    """Apply fallocate to the host file of handle fh.
+
+    The kernel has already checked that the file is open for writing, so fh is
+    the upper file (open copied it up). A handle still on a lower file can only
+    be a read-only one: answer EBADF as the host would, never touch the lower.
+    """
+    i = u.fd_ino.get(fh)
+    if i is not None and not i.upper:
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+    try:
+        host_fallocate(fh, mode, offset, length)
+    except OSError as e:
+        if e.errno == errno.ENOSYS:
+            # ENOSYS would make the kernel disable fallocate for the whole mount
+            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP)) from None
+        raise
+    if i is not None:
+        i.attr = None   # size/blocks changed; upper attrs are re-read from the host anyway
+
+
+def lseek(u: Union, fh: int, offset: int, whence: int) -> int:
+    """Next data (SEEK_DATA) or hole (SEEK_HOLE) at or after offset in fh's host file.
+
+    ENXIO when offset is at/after EOF, or no data follows it (SEEK_DATA), exactly as
+    the host reports it. The host fd's own position is irrelevant (reads and writes
+    use pread/pwrite); the kernel keeps the caller's position from our answer.
+    """
+    if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
+        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+    return os.lseek(fh, offset, whence)
