@@ -19,7 +19,7 @@ PY
 
 # The wheel name carries the interpreter tag; the cache key is the patch's hash
 # too, so editing the patch without bumping local_tag still rebuilds.
-sum=$(sha256sum "$here"/*.patch | sha256sum | cut -c1-12)
+sum=$(cat "$here"/*.patch | sha256sum | cut -c1-12)
 whl_dir="$cache/pyfuse3-$version-$sum"
 whl=$(ls "$whl_dir"/pyfuse3-*.whl 2>/dev/null | head -n1 || true)
 pyver=$("$venv/bin/python" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
