@@ -5,8 +5,9 @@ tar-split.json.zst, entries.json.zst}, staging/<rand>/ (+ <rand>.lock held while
 import is alive), trash/, locks/<hex>.lock (per-chainID flock).
 
 Import is atomic: everything is built in staging/, made durable (one syncfs, or per-file
-fsync for small layers), renamed to layers/<hex> under the chainID lock, then the DB row is committed. A crash leaves
-at worst a staging dir or a layer dir without a row; fsck --repair removes both.
+fsync for small layers), renamed to layers/<hex> under the chainID lock, then the DB
+row is committed. A crash leaves at worst a staging dir or a layer dir without a row;
+fsck --repair removes both.
 """
 
 from __future__ import annotations
