@@ -47,6 +47,45 @@ _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_cha
 _renameat2.restype = ctypes.c_int
 
 
+UTIME_NOW = (1 << 30) - 1
+UTIME_OMIT = (1 << 30) - 2
+AT_SYMLINK_NOFOLLOW = 0x100
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+_utimensat = _libc.utimensat
+_utimensat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(_Timespec), ctypes.c_int]
+_utimensat.restype = ctypes.c_int
+
+
+def utimensat(path: str, atime: int | str, mtime: int | str, follow: bool) -> None:
+    """utimensat(2) with "now"/"omit" for either time (os.utime cannot say omit)."""
+    def ts(v: int | str) -> _Timespec:
+        if v == "now":
+            return _Timespec(0, UTIME_NOW)
+        if v == "omit":
+            return _Timespec(0, UTIME_OMIT)
+        return _Timespec(int(v) // 10**9, int(v) % 10**9)
+
+    times = (_Timespec * 2)(ts(atime), ts(mtime))
+    flags = 0 if follow else AT_SYMLINK_NOFOLLOW
+    if _utimensat(AT_FDCWD, os.fsencode(path), times, flags) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), path)
+
+
+def _fallocate(root: str, op: Op) -> str:
+    fd = os.open(_p(root, op["path"]), os.O_WRONLY | os.O_NONBLOCK)
+    try:
+        os.posix_fallocate(fd, op["offset"], op["length"])
+        return f"ok:{os.fstat(fd).st_size}"
+    finally:
+        os.close(fd)
+
+
 def renameat2(src: str, dst: str, flags: int) -> None:
     if _renameat2(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst), flags) != 0:
         e = ctypes.get_errno()
@@ -169,6 +208,8 @@ APPLY: dict[str, Callable[[str, Op], Any]] = {
     "chmod": lambda r, o: os.chmod(_p(r, o["path"]), o["mode"]),
     "chown": lambda r, o: os.chown(_p(r, o["path"]), o["uid"], o["gid"], follow_symlinks=o["follow"]),
     "utime": lambda r, o: os.utime(_p(r, o["path"]), ns=(o["mtime"], o["mtime"]), follow_symlinks=o["follow"]),
+    "utimens": lambda r, o: utimensat(_p(r, o["path"]), o["atime"], o["mtime"], o["follow"]),
+    "fallocate": _fallocate,
     "rename": lambda r, o: renameat2(_p(r, o["src"]), _p(r, o["dst"]), o["flags"]),
     "link": lambda r, o: os.link(_p(r, o["src"]), _p(r, o["dst"]), follow_symlinks=False),
     "symlink": lambda r, o: os.symlink(o["target"], _p(r, o["path"])),
@@ -245,7 +286,7 @@ def describe(op: Op) -> str:
 # ---------------------------------------------------------------- generating
 
 WEIGHTS = {
-    "create": 9, "write": 11, "truncate": 5, "read": 5, "chmod": 6, "chown": 5, "utime": 4,
+    "create": 9, "write": 11, "truncate": 5, "read": 5, "chmod": 6, "chown": 5, "utime": 3, "utimens": 2, "fallocate": 2,
     "rename": 15, "link": 6, "symlink": 4, "unlink": 9, "rmdir": 5, "mkdir": 8, "mkfifo": 1, "mknod": 1,
     "setxattr": 7, "removexattr": 3, "getxattr": 2, "listxattr": 2, "listdir": 4, "stat": 5,
     "open_unlink": 2, "open_rename": 2,
@@ -345,6 +386,13 @@ class Generator:
                       gid=rng.choice([-1, 0, 1000, 1234, 65534]), follow=rng.random() < 0.3)
         elif op_kind == "utime":
             op.update(path=existing(), mtime=rng.randrange(T_MIN, T_MAX), follow=rng.random() < 0.3)
+        elif op_kind == "utimens":
+            def t() -> int | str:
+                return rng.choice(["now", "omit", rng.randrange(T_MIN, T_MAX)])
+            op.update(path=existing(), atime=t(), mtime=t(), follow=rng.random() < 0.3)
+        elif op_kind == "fallocate":
+            op.update(path=existing("reg", "symlink"), offset=rng.randrange(0, 20000),
+                      length=rng.randrange(1, 70000))
         elif op_kind == "rename":
             r = rng.random()
             flags = 0 if r < 0.8 else RENAME_NOREPLACE if r < 0.9 else RENAME_EXCHANGE

@@ -343,6 +343,11 @@ def run_batch(cases: list[Case], profile: Profile, parent: str | os.PathLike | N
                 for r, plan in zip(runs, plans):
                     if ph < len(plan):
                         r.run(plan[ph])
+                    if r.out.results and r.out.results[-1][0] == "ENOTCONN":
+                        for other in runs:
+                            if not other.done:
+                                other.out.failures.append(f"not run: the {profile.name} mount died during seed {r.case.seed}")
+                                other.done = True
             for r in runs:
                 r.finish()
             return [r.out for r in runs]
