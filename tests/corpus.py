@@ -58,6 +58,11 @@ def make_tree(root: Path, *, long_names: bool = True, special: bool = True) -> P
             f.seek(3 << 20)
             f.write(b"end")
             f.truncate(4 << 20)
+        with open(root / "var" / "many-holes.img", "wb") as f:  # > 4 extents: oldgnu extension blocks
+            for i in range(30):
+                f.seek(i * 65536)
+                f.write(b"%d" % i * 100)
+            f.truncate(30 * 65536 + 4096)
         try:
             os.setxattr(root / "etc" / "hostname", "user.fusesnap.test", b"xattr-value\x00\xff")
         except OSError:
