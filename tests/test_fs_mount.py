@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import stat
 import struct
@@ -123,32 +122,3 @@ def test_mount_api_reports_failures_without_daemonizing(shared_tmp, store_layer,
     rc = mount(tree, shared_tmp / "no-upper", None, shared_tmp / "no-mnt", MountOptions())
     assert rc == 1
     assert "does not exist" in capfd.readouterr().err
-
-
-def test_fallocate_and_seek_data_hole_without_pyfuse3_handlers(shared_tmp):
-    """pyfuse3 3.5 has no fallocate/lseek handlers: pin what the kernel then does.
-
-    fallocate(2) -> EOPNOTSUPP (the kernel maps FUSE's ENOSYS), glibc's
-    posix_fallocate falls back to writing blocks; SEEK_DATA/SEEK_HOLE use the
-    generic implementation (all data, one hole at EOF)."""
-    low = shared_tmp / "low"
-    low.mkdir()
-    upper, mnt = _mount(shared_tmp, build_lower_tree([DirLower(low)]))
-    try:
-        p = mnt / "f"
-        fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            import ctypes
-            libc = ctypes.CDLL(None, use_errno=True)
-            assert libc.fallocate(fd, 0, ctypes.c_long(0), ctypes.c_long(8192)) == -1
-            assert ctypes.get_errno() == errno.EOPNOTSUPP
-            os.posix_fallocate(fd, 0, 8192)
-            assert os.fstat(fd).st_size == 8192
-            os.pwrite(fd, b"x", 1 << 20)          # a hole in the middle on the host
-            size = os.fstat(fd).st_size
-            assert os.lseek(fd, 0, os.SEEK_DATA) == 0
-            assert os.lseek(fd, 0, os.SEEK_HOLE) == size
-        finally:
-            os.close(fd)
-    finally:
-        unmount(mnt)

@@ -54,3 +54,63 @@ def install(fd: int, spin_ms: int = 1) -> bool:
 
     pyfuse3._wait_fuse_readable = wait_fuse_readable
     return True
+
+
+class DirCacheHint:
+    """Ask the kernel to cache directory listings (FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE).
+
+    pyfuse3's opendir() can only return a file handle; the `fuse_file_info` it
+    replies with lives in a private `_Container` of the request. That object is
+    reachable from the request coroutine's closure, which is brand new (GC
+    generation 0) while our handler runs, so we find it there, check that its
+    fields are the ones we expect (the O_DIRECTORY open flags and this very
+    inode number at their known offsets) and set the two bits. Any mismatch
+    disables the hint for the rest of the mount: listings are then simply not
+    cached, as with stock pyfuse3. Lowers never change and every change of a
+    directory goes through the kernel, which drops its cached listing itself.
+    """
+
+    FI = 24            # offset of `fuse_file_info fi` in _Container (after PyObject_HEAD, dev_t)
+    INO = FI + 40      # `fuse_ino_t ino` follows the 40-byte fuse_file_info
+    BITS = (1 << 2) | (1 << 6)   # keep_cache, cache_readdir (libfuse 3 bitfield order)
+
+    def __init__(self) -> None:
+        import ctypes
+        import gc
+        self.ctypes, self.gc = ctypes, gc
+        self.enabled = os.environ.get("FUSESNAP_NO_DIRCACHE") != "1"
+        self.scope_type: type | None = None
+
+    def _container(self):
+        gc = self.gc
+        for gen in (0, 1):
+            for o in gc.get_objects(gen):
+                t = type(o)
+                if self.scope_type is not None:
+                    if t is not self.scope_type:
+                        continue
+                elif "opendir" not in t.__name__:
+                    continue
+                for r in gc.get_referents(o):
+                    if type(r).__name__ == "_Container":
+                        self.scope_type = t
+                        return r
+        return None
+
+    def apply(self, inode: int) -> None:
+        if not self.enabled:
+            return
+        try:
+            c = self._container()
+            if c is None:
+                return
+            ct = self.ctypes
+            a = id(c)
+            if ct.c_uint64.from_address(a + self.INO).value != inode or \
+                    not ct.c_int.from_address(a + self.FI).value & os.O_DIRECTORY:
+                self.enabled = False
+                return
+            w = ct.c_uint32.from_address(a + self.FI + 4)
+            w.value |= self.BITS
+        except Exception:
+            self.enabled = False

@@ -16,6 +16,7 @@ import trio
 
 from fusesnap.fs import spaceops
 from fusesnap.fs.copyup import BIG, copy_data
+from fusesnap.fs.fastloop import DirCacheHint
 from fusesnap.fs.inodes import Inode
 from fusesnap.fs.union import Union
 
@@ -41,6 +42,7 @@ class Operations(pyfuse3.Operations):
         self.next_dh = 1
         self.noxattrs = union.opts.noxattrs
         self.fsync_enabled = union.opts.fsync
+        self.dircache = DirCacheHint()
 
     # ------------------------------------------------------------------ helpers
     def _entry(self, i: Inode) -> pyfuse3.EntryAttributes:
@@ -128,6 +130,7 @@ class Operations(pyfuse3.Operations):
         dh = self.next_dh
         self.next_dh += 1
         self.dirs[dh] = [i, None]
+        self.dircache.apply(inode)
         return dh
 
     async def readdir(self, fh, start_id, token):
