@@ -8,12 +8,10 @@ keeps holes (ext4/xfs/btrfs/tmpfs do); a probe skips them elsewhere.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import importlib.metadata
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
