@@ -91,6 +91,27 @@ def mount(tree: LowerTree, upper: Path | str | None, work: Path | str | None,
     return 1
 
 
+def _raise_readahead(mountpoint: str, kb: int = 1024) -> None:
+    """Let the kernel read ahead 1 MiB per request instead of 128 KiB (root only).
+
+    FUSE reads are bounded by the mount's bdi readahead; bigger requests mean
+    8x fewer round trips for sequential reads. Read from mountinfo: a stat of
+    the mountpoint would wait for the loop that is not running yet."""
+    if os.geteuid() != 0:
+        return
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                parts = line.split()
+                mp = parts[4].encode().decode("unicode_escape")
+                if mp == mountpoint:
+                    dev = parts[2]
+            with open(f"/sys/class/bdi/{dev}/read_ahead_kb", "w") as g:
+                g.write(str(kb))
+    except (OSError, UnboundLocalError, IndexError):
+        pass
+
+
 def _serve(ops: Operations, mountpoint: str, fopts: set[str], notify_fd: int | None, debug: bool) -> int:
     os.umask(0)
     before = fastloop.fuse_fds()
@@ -126,6 +147,13 @@ def _serve(ops: Operations, mountpoint: str, fopts: set[str], notify_fd: int | N
                         pyfuse3.terminate()
                         return
             n.start_soon(watch)
+
+            async def readahead() -> None:
+                # after FUSE_INIT: its reply caps the readahead at what the kernel offered
+                for delay in (0.05, 0.5):
+                    await trio.sleep(delay)
+                    _raise_readahead(mountpoint)
+            n.start_soon(readahead)
             await pyfuse3.main(1, 8)
             n.cancel_scope.cancel()
 
