@@ -6,10 +6,8 @@ import os
 import sys
 
 from fusesnap import __version__ as _pkg_version  # noqa: F401
+from fusesnap import __version__
 from fusesnap.errors import FusesnapError
-from fusesnap.fs.lazytree import LazyLowerTree
-from fusesnap.fs.lowertree import lower_tree_from_dirs
-from fusesnap.fs.mount import mount
 from fusesnap.fs.options import MountOptions, parse_options
 
 USAGE = """usage: fusesnap-overlay [-f] [-d] -o lowerdir=A:B[,upperdir=U,workdir=W,...] MOUNTPOINT
@@ -17,12 +15,7 @@ USAGE = """usage: fusesnap-overlay [-f] [-d] -o lowerdir=A:B[,upperdir=U,workdir
 
 
 def _version() -> str:
-    try:
-        from importlib.metadata import version
-        v = version("fusesnap")
-    except Exception:
-        v = "0"
-    return f"fusesnap-overlay: version {v}"
+    return f"fusesnap-overlay: version {__version__}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
             raise FusesnapError(f"workdir {opts.workdir!r} does not exist or is not a directory")
         if not os.path.isdir(mountpoint):
             raise FusesnapError(f"mountpoint {mountpoint!r} does not exist or is not a directory")
+        from fusesnap.fs.lazytree import LazyLowerTree    # imports pyfuse3/trio only when mounting
+        from fusesnap.fs.lowertree import lower_tree_from_dirs
+        from fusesnap.fs.mount import mount
         tree = (lower_tree_from_dirs(opts.lowerdirs) if os.environ.get("FUSESNAP_EAGER_TREE") == "1"
                 else LazyLowerTree(opts.lowerdirs))
     except (FusesnapError, OSError) as e:
