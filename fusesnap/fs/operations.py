@@ -21,6 +21,8 @@ from fusesnap.fs.inodes import Inode
 from fusesnap.fs.union import Union
 
 FUSEError = pyfuse3.FUSEError
+# a pyfuse3 whose opendir() may return a FileInfo (with cache_readdir); else DirCacheHint
+_OPENDIR_FILEINFO = bool(getattr(pyfuse3, "OPENDIR_FILEINFO", False))
 log = logging.getLogger("fusesnap.fs")
 
 
@@ -130,6 +132,10 @@ class Operations(pyfuse3.Operations):
         dh = self.next_dh
         self.next_dh += 1
         self.dirs[dh] = [i, None]
+        if _OPENDIR_FILEINFO:
+            fi = pyfuse3.FileInfo(fh=dh, keep_cache=True)
+            fi.cache_readdir = True
+            return fi
         self.dircache.apply(inode)
         return dh
 
