@@ -122,3 +122,24 @@ def test_mount_api_reports_failures_without_daemonizing(shared_tmp, store_layer,
     rc = mount(tree, shared_tmp / "no-upper", None, shared_tmp / "no-mnt", MountOptions())
     assert rc == 1
     assert "does not exist" in capfd.readouterr().err
+
+
+def test_cached_listings_follow_every_change_made_through_the_mount(shared_tmp, store_layer):
+    """Listings are cached by the kernel (cache_readdir); changes must still show at once."""
+    upper, mnt = _mount(shared_tmp, build_lower_tree([store_layer]))
+    try:
+        b, h = mnt / "bin", mnt / "home"
+        assert sorted(os.listdir(b)) == ["su", "su-link"]
+        assert sorted(os.listdir(b)) == ["su", "su-link"]          # served from the cache
+        (b / "new").write_bytes(b"1")
+        assert sorted(os.listdir(b)) == ["new", "su", "su-link"]
+        os.rename(b / "su", h / "su")
+        assert sorted(os.listdir(b)) == ["new", "su-link"] and os.listdir(h) == ["su"]
+        os.unlink(b / "su-link")
+        os.mkdir(b / "sub")
+        assert sorted(os.listdir(b)) == ["new", "sub"]
+        os.rename(h, mnt / "home2")
+        assert sorted(os.listdir(mnt)) == ["big", "bin", "dev", "home2"]
+        assert os.listdir(mnt / "home2") == ["su"]
+    finally:
+        unmount(mnt)
