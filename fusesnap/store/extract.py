@@ -16,8 +16,10 @@ O_NOFOLLOW|O_DIRECTORY, so nothing is ever written outside fs/. Decisions per ho
 - a later member replacing an earlier file: the earlier payload moves to shadow/ so
   that export can still reproduce it; the fs/ tree shows the last one, as tar would.
 - NUL bytes in names or link targets (possible via PAX): REFUSED.
-- paths longer than 4000 bytes or deeper than 512 levels (no real tree has them;
-  they would break PATH_MAX-bound tools on the host): REFUSED.
+- paths longer than 4000 bytes, deeper than 512 levels or with a component over 255
+  bytes (no real tree has them; the host cannot hold them): REFUSED.
+- symlinks with an empty or >= 4096-byte target (Linux cannot create them): recorded
+  in the index only, nothing on the host.
 
 Never applied to host files: owners, setuid/setgid/sticky bits, device nodes, fifos,
 xattrs. Files are created 0644/0755, directories 0755 (minus umask), so the owner can
@@ -53,6 +55,7 @@ SKIPPED = {H.GNU_VOLHDR, H.GNU_MULTIVOL}
 
 MAX_PATH = 4000  # no real filesystem tree has longer paths (PATH_MAX is 4096)
 MAX_DEPTH = 512
+NAME_MAX = 255
 
 
 def show(name: bytes) -> str:
@@ -69,6 +72,8 @@ def normalize(name: bytes, what: bytes | None = None) -> bytes:
     if b".." in parts:
         raise InvalidInput(f"refusing member {show(what or name)}: '..' in path {show(name)}")
     out = b"/".join(parts)
+    if any(len(p) > NAME_MAX for p in parts):
+        raise InvalidInput(f"refusing member {show(what or name)}: a path component is longer than {NAME_MAX} bytes")
     if len(out) > MAX_PATH or len(parts) > MAX_DEPTH:
         raise InvalidInput(f"refusing member {show(what or name)}: path longer than {MAX_PATH} bytes"
                            f" or deeper than {MAX_DEPTH} levels")
@@ -226,6 +231,12 @@ class Extractor:
                         self._displace(path, pfd, base, m.name)
                         os.mkdir(base, 0o755, dir_fd=pfd)
         elif kind == "sym":
+            if not linkname or len(linkname) >= 4096:
+                # Linux cannot hold such a symlink: record it only, like a device
+                if path in self.kinds:
+                    self._displace(path, pfd, base, m.name)
+                self.kinds[path] = "dev"
+                return crc
             try:
                 os.symlink(linkname, base, dir_fd=pfd)
             except FileExistsError:
