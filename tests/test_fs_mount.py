@@ -143,3 +143,44 @@ def test_cached_listings_follow_every_change_made_through_the_mount(shared_tmp, 
         assert os.listdir(mnt / "home2") == ["su"]
     finally:
         unmount(mnt)
+
+
+def test_requests_are_served_while_a_big_copy_up_runs_in_a_thread(shared_tmp):
+    """Concurrent clients during a worker-thread copy-up: nobody hangs, data stays right."""
+    import threading
+    low = shared_tmp / "low"
+    (low / "d").mkdir(parents=True)
+    with open(low / "huge", "wb") as f:
+        f.write(os.urandom(1 << 20) * 48)
+    for n in range(50):
+        (low / "d" / f"f{n}").write_bytes(b"%d" % n)
+    upper, mnt = _mount(shared_tmp, build_lower_tree([DirLower(low)]))
+    errors: list[BaseException] = []
+
+    def appender() -> None:
+        try:
+            with open(mnt / "huge", "ab") as f:
+                f.write(b"tail")
+        except BaseException as e:   # reported below
+            errors.append(e)
+
+    def reader() -> None:
+        try:
+            for _ in range(20):
+                for n in range(50):
+                    assert (mnt / "d" / f"f{n}").read_bytes() == b"%d" % n
+        except BaseException as e:
+            errors.append(e)
+    try:
+        threads = [threading.Thread(target=appender)] + [threading.Thread(target=reader) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not any(t.is_alive() for t in threads), "a client hung"
+        assert not errors, errors
+        assert os.path.getsize(mnt / "huge") == 48 * (1 << 20) + 4
+        with open(mnt / "huge", "rb") as f, open(low / "huge", "rb") as g:
+            assert f.read(1 << 20) == g.read(1 << 20)
+    finally:
+        unmount(mnt)

@@ -44,13 +44,18 @@ def install(fd: int, spin_ms: int = 1) -> bool:
     count = 0
 
     async def wait_fuse_readable() -> bool:
+        # Invariant: return True only right after poll() saw a request, with no
+        # await in between -- another worker task may have taken the request a
+        # stale wakeup was about, and a blocking read would then stall the loop.
         nonlocal count
         count += 1
         if count & 63 == 0:
             await checkpoint()
-        if poll(0) or poll(spin_ms):
-            return True
-        return await orig()
+        while True:
+            if poll(0) or poll(spin_ms):
+                return True
+            if not await orig():
+                return False
 
     pyfuse3._wait_fuse_readable = wait_fuse_readable
     return True
