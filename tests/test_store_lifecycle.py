@@ -123,3 +123,13 @@ def test_donor_files_are_moved_not_copied(st, tmp_path):
     out = io.BytesIO()
     st.export(info.chain_id, out)
     assert out.getvalue() == data
+
+
+def test_import_with_a_taken_name_is_refused_and_leaves_nothing(st):
+    st.import_tar(io.BytesIO(tar_of({"a": b"a"})), labels={"fusesnap.io/name": "n"})
+    with pytest.raises(AlreadyExists):
+        st.import_tar(io.BytesIO(tar_of({"b": b"b"})), labels={"fusesnap.io/name": "n"})
+    assert len(st.list()) == 1 and len(os.listdir(st.root / "layers")) == 1
+    assert os.listdir(st.root / "staging") == []
+    # the same layer again under its own name is the usual no-op
+    assert st.import_tar(io.BytesIO(tar_of({"a": b"a"})), labels={"fusesnap.io/name": "n"}).labels["fusesnap.io/name"] == "n"

@@ -296,13 +296,16 @@ class LayerStore:
                     os.rename(stage, target)
                     fsync_dir(self.layers_dir)
                     crash_point("after-rename")
-                    self._insert(chain, diff_id, parent, ex.diff_size, ls.size, labels)
-                elif labels:
-                    self.set_labels(chain, labels)
-                with self._lock, dbm.Tx(self.conn) as c:
-                    if ls.compressed_digest:
-                        c.execute("INSERT OR IGNORE INTO compressed_digests(digest, diff_id, size) VALUES (?,?,?)",
-                                  (ls.compressed_digest, diff_id, ls.compressed_size))
+                    try:
+                        self._insert(chain, diff_id, parent, ex.diff_size, ls, labels)
+                    except BaseException:
+                        self._trash(target)  # e.g. the parent was removed meanwhile: no row-less dir
+                        raise
+                else:
+                    if labels:
+                        self.set_labels(chain, labels)
+                    with self._lock, dbm.Tx(self.conn) as c:
+                        self._add_compressed(c, diff_id, ls)
             return self.get(chain)
         finally:
             if ls is not None:
@@ -319,8 +322,15 @@ class LayerStore:
         stage.mkdir(mode=0o755)
         return stage, lock
 
-    def _insert(self, chain: str, diff_id: str, parent: str | None, diff_size: int, tar_size: int,
+    @staticmethod
+    def _add_compressed(c: Any, diff_id: str, ls: LayerStream) -> None:
+        if ls.compressed_digest:
+            c.execute("INSERT OR IGNORE INTO compressed_digests(digest, diff_id, size) VALUES (?,?,?)",
+                      (ls.compressed_digest, diff_id, ls.compressed_size))
+
+    def _insert(self, chain: str, diff_id: str, parent: str | None, diff_size: int, ls: LayerStream,
                 labels: dict[str, str] | None) -> None:
+        tar_size = ls.size
         created = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         with self._lock, dbm.Tx(self.conn) as c:
             psize = 0
@@ -332,7 +342,10 @@ class LayerStore:
             c.execute("INSERT INTO layers(chain_id, diff_id, parent, diff_size, size, tar_size, created)"
                       " VALUES (?,?,?,?,?,?,?)", (chain, diff_id, parent, diff_size, psize + diff_size, tar_size, created))
             for k, v in (labels or {}).items():
+                if k == NAME_LABEL:
+                    self._check_name_free(c, v, chain)
                 c.execute("INSERT OR REPLACE INTO layer_labels(chain_id, key, value) VALUES (?,?,?)", (chain, k, v))
+            self._add_compressed(c, diff_id, ls)
 
     # -- export -------------------------------------------------------------------------------
     def export(self, ref: str, dst: BinaryIO) -> None:
@@ -367,16 +380,20 @@ class LayerStore:
     def drop_ref(self, chain_id: str, holder: str) -> None:
         self._drop_ref(chain_id, holder, "ref")
 
+    @staticmethod
+    def _check_name_free(c: Any, name: str, chain: str) -> None:
+        other = c.execute("SELECT chain_id FROM layer_labels WHERE key=? AND value=? AND chain_id<>?",
+                          (NAME_LABEL, name, chain)).fetchone()
+        if other:
+            raise AlreadyExists(f"name {name!r} is already used by layer {other[0]}")
+
     def set_labels(self, chain_id: str, labels: dict[str, str]) -> None:
         """Set (value str) or delete (value "") labels."""
         chain = self._resolve(chain_id)
         with self._lock, dbm.Tx(self.conn) as c:
             for k, v in labels.items():
                 if k == NAME_LABEL and v:
-                    other = c.execute("SELECT chain_id FROM layer_labels WHERE key=? AND value=? AND chain_id<>?",
-                                      (k, v, chain)).fetchone()
-                    if other:
-                        raise AlreadyExists(f"name {v!r} is already used by layer {other[0]}")
+                    self._check_name_free(c, v, chain)
                 if v == "":
                     c.execute("DELETE FROM layer_labels WHERE chain_id=? AND key=?", (chain, k))
                 else:
