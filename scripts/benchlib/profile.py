@@ -50,34 +50,48 @@ class Recorder:
             print(f"bench: py-spy wrote no profile: {(err or '').strip()[-200:]}", file=sys.stderr)
 
 
-def _frame_name(frame: str) -> str:
-    # raw frames look like "function (package/module.py)"
-    return frame.strip()
+def category(leaf: str) -> str:
+    """Coarse bucket of a leaf frame: where a FUSE daemon's time goes."""
+    if leaf.startswith(("epoll_wait ", "poll ", "select ")):
+        return "waiting for the next request (epoll/poll)"
+    if leaf.startswith(("writev ", "fuse_reply")):
+        return "replying to the kernel (writev to /dev/fuse)"
+    if "(libc.so" in leaf or "[vdso]" in leaf:
+        return "host syscalls (open, stat, read, pread, ...)"
+    if "fusesnap/" in leaf:
+        return "fusesnap Python code"
+    return "pyfuse3, trio and CPython overhead"
 
 
 def summarize(raw: Path, top: int = 12) -> str:
-    """Top functions by own samples and by inclusive samples, as markdown lists."""
+    """Samples by category, then the top functions by own samples and the fusesnap
+    functions by inclusive samples, as markdown lists."""
     own: collections.Counter[str] = collections.Counter()
     incl: collections.Counter[str] = collections.Counter()
+    cats: collections.Counter[str] = collections.Counter()
     total = 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
         n = int(count)
-        frames = [_frame_name(f) for f in stack.split(";")]
-        frames = [f for f in frames if not f.startswith("process ") and not f.startswith("thread ")]
+        frames = [f.strip() for f in stack.split(";")]
+        frames = [f for f in frames if not f.startswith(("process ", "thread "))]
         if not frames:
             continue
         total += n
         own[frames[-1]] += n
+        cats[category(frames[-1])] += n
         for f in set(frames):
-            incl[f] += n
+            if "fusesnap/" in f:
+                incl[f] += n
     if not total:
         return "(no samples: the daemon was idle or py-spy could not attach)\n"
-    lines = [f"{total} samples. Own time:"]
+    lines = [f"{total} samples. By category:"]
+    lines += [f"- {100 * c / total:5.1f}%  {f}" for f, c in cats.most_common()]
+    lines.append("Own time:")
     lines += [f"- {100 * c / total:5.1f}%  {f}" for f, c in own.most_common(top)]
-    lines.append("Inclusive time:")
-    # frames on every sample (main, trio's run loop) say nothing; leave them out
+    lines.append("Inclusive time of fusesnap functions:")
+    # frames on every sample (main, the serve loop) say nothing; leave them out
     lines += [f"- {100 * c / total:5.1f}%  {f}" for f, c in incl.most_common() if c < total][:top]
     return "\n".join(lines) + "\n"
