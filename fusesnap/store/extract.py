@@ -95,8 +95,14 @@ class Extractor:
         self.kinds: dict[bytes, str] = {}  # what each path currently is on disk
         self.data_owner: dict[bytes, int] = {}  # path -> index of the record whose data is that path
         self.diff_size = 0
+        self._member: Member | None = None
+        self._fd = -1  # payload sink of the current member
+        self._extents: list[list[int]] | None = None  # sparse extents still to fill, last first
 
     def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
@@ -169,11 +175,24 @@ class Extractor:
 
     # -- members ------------------------------------------------------------------------------
     def add(self, m: Member, stream: ByteStream) -> int | None:
-        """Create member `m`, consuming its payload from `stream`; returns the payload CRC."""
+        """Create member `m` and consume its payload from `stream`; returns the payload CRC."""
+        self.begin(m)
+        crc = 0
+        for mv in stream.chunks(m.size, "file data"):
+            crc = crc64_update(mv, crc)
+            self.data(mv)
+        self.end()
+        return crc if m.size else None
+
+    def begin(self, m: Member) -> None:
+        """Create member `m` on the host (or record it only); its payload follows via data()/end()."""
         if len(self._fds) > MAX_OPEN_DIRS:
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
+        self._member = m
+        self._fd = -1
+        self._extents = None
         idx = len(self.records)
         t = m.typeflag
         path = normalize(m.name)
@@ -196,30 +215,25 @@ class Extractor:
         ]
         self.records.append(rec)
         self.diff_size += m.size
-        crc: int | None = None
 
         if kind is None or (kind != "reg" and m.size):
             # payload the tree does not show (volume labels, dumpdir lists): keep it for export
             if m.size:
-                crc = self._write_payload(self._shadow(), str(idx).encode(), m, stream, 0o600)
+                self._open_payload(self._shadow(), str(idx).encode(), m, 0o600)
                 rec[E.DATA] = f"../shadow/{idx}"
             if kind is None:
-                return crc
+                return
         parent, _, base = path.rpartition(b"/")
         pfd = self._dirfd(parent, m.name)
         if kind == "reg":
-            if self.donor is not None and m.sparse is None and self.kinds.get(path) is None:
-                donated = self._take_donor(path, pfd, base, m, stream)
-                if donated is not False:
-                    rec[E.DATA] = rec[E.P]
-                    self.data_owner[path] = idx
-                    self.kinds[path] = "reg"
-                    return donated
-            try:
-                crc = self._write_payload(pfd, base, m, stream, 0o755 if m.mode & 0o111 else 0o644)
-            except FileExistsError:
-                self._displace(path, pfd, base, m.name)
-                crc = self._write_payload(pfd, base, m, stream, 0o755 if m.mode & 0o111 else 0o644)
+            mode = 0o755 if m.mode & 0o111 else 0o644
+            if not (self.donor is not None and m.sparse is None and self.kinds.get(path) is None
+                    and self._take_donor(path, pfd, base, m)):
+                try:
+                    self._open_payload(pfd, base, m, mode)
+                except FileExistsError:
+                    self._displace(path, pfd, base, m.name)
+                    self._open_payload(pfd, base, m, mode)
             rec[E.DATA] = rec[E.P]
             self.data_owner[path] = idx
         elif kind == "dir":
@@ -236,7 +250,7 @@ class Extractor:
                 if path in self.kinds:
                     self._displace(path, pfd, base, m.name)
                 self.kinds[path] = "dev"
-                return crc
+                return
             try:
                 os.symlink(linkname, base, dir_fd=pfd)
             except FileExistsError:
@@ -248,7 +262,7 @@ class Extractor:
                 if path in self.kinds:
                     self._displace(path, pfd, base, m.name)
                 self.kinds[path] = "dev"
-                return crc
+                return
             if linkname == path or tkind is None or tkind == "dir":
                 raise InvalidInput(
                     f"refusing hard link {show(m.name)} -> {show(m.linkname)}: target is not an earlier file of this layer")
@@ -267,15 +281,14 @@ class Extractor:
             if path in self.kinds:
                 self._displace(path, pfd, base, m.name)
             self.kinds[path] = "dev"
-            return crc
-        self.kinds[path] = kind if kind != "hard" else "hard"
-        return crc
+            return
+        self.kinds[path] = kind
 
-    def _take_donor(self, path: bytes, pfd: int, base: bytes, m: Member, stream: ByteStream) -> int | None | bool:
-        """Rename the donor's file into place; the payload is still read and CRC'd from the stream.
+    def _take_donor(self, path: bytes, pfd: int, base: bytes, m: Member) -> bool:
+        """Rename the donor's file into place; the payload is then read (and CRC'd) but not written.
 
-        Returns False (nothing done) when there is no usable donor file: not a regular
-        file, wrong size, or on another filesystem.
+        False (nothing done) when there is no usable donor file: not a regular file,
+        wrong size, or on another filesystem.
         """
         src = self.donor(path) if self.donor else None
         if not src:
@@ -295,27 +308,42 @@ class Extractor:
             os.utime(base, ns=(m.mtime_ns, m.mtime_ns), dir_fd=pfd, follow_symlinks=False)
         except (OSError, OverflowError, ValueError):
             pass
-        crc = 0
-        for mv in stream.chunks(m.size, "file data"):
-            crc = crc64_update(mv, crc)
-        return crc if m.size else None
+        return True
 
-    def _write_payload(self, dfd: int, base: bytes, m: Member, stream: ByteStream, mode: int) -> int | None:
-        fd = os.open(base, _NEW_FILE, mode, dir_fd=dfd)
+    def _open_payload(self, dfd: int, base: bytes, m: Member, mode: int) -> None:
+        self._fd = os.open(base, _NEW_FILE, mode, dir_fd=dfd)
+        if m.sparse is not None:
+            self._extents = [list(e) for e in m.sparse if e[1]]
+            self._extents.reverse()
+
+    def data(self, mv: memoryview | bytes) -> None:
+        """Payload bytes of the current member, in archive order."""
+        fd = self._fd
+        if fd < 0:
+            return  # recorded-only member, or a donated file
+        ext = self._extents
+        if ext is None:
+            while mv:
+                mv = mv[os.write(fd, mv):]
+            return
+        while mv:  # sparse: the packed data fills the extents one after the other
+            cur = ext[-1]
+            take = min(len(mv), cur[1])
+            n = os.pwrite(fd, mv[:take], cur[0])
+            cur[0] += n
+            cur[1] -= n
+            if not cur[1]:
+                ext.pop()
+            mv = mv[n:]
+
+    def end(self) -> None:
+        fd = self._fd
+        if fd < 0:
+            return
+        self._fd = -1
+        m = self._member
         try:
-            crc = 0
-            if m.sparse is None:
-                for mv in stream.chunks(m.size, "file data"):
-                    crc = crc64_update(mv, crc)
-                    while mv:
-                        mv = mv[os.write(fd, mv):]
-            else:
-                for off, n in m.sparse:
-                    os.lseek(fd, off, os.SEEK_SET)
-                    for mv in stream.chunks(n, "file data"):
-                        crc = crc64_update(mv, crc)
-                        while mv:
-                            mv = mv[os.write(fd, mv):]
+            if self._extents is not None:
                 os.ftruncate(fd, m.realsize)
             try:
                 os.utime(fd, ns=(m.mtime_ns, m.mtime_ns))
@@ -323,4 +351,3 @@ class Extractor:
                 pass
         finally:
             os.close(fd)
-        return crc if m.size else None
