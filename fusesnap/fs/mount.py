@@ -28,6 +28,10 @@ def fuse_options(union: Union, opts: MountOptions) -> set[str]:
         o.add("allow_other")
     if union.readonly:
         o.add("ro")
+    if not opts.keep_atime and "atime" not in opts.fuse_options:
+        # as fuse-overlayfs: reads through the mount would otherwise invalidate every
+        # file's cached attributes (atime) and cost a GETATTR per stat afterwards
+        o.add("noatime")
     if root:   # like a kernel overlay mount: setuid binaries and device nodes work
         for flag in ("suid", "dev"):
             if "no" + flag not in opts.fuse_options:

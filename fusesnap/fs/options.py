@@ -64,13 +64,14 @@ class MountOptions:
     debug: bool = False
     fuse_options: list[str] = field(default_factory=list)   # passed through to libfuse (dev, suid, ...)
     fsname: str = "fusesnap-overlay"
+    keep_atime: bool = False                 # relatime/strictatime given: do not add noatime
 
 
 _PASSTHROUGH = {"dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
                 "diratime", "nodiratime", "sync", "async", "dirsync"}
 _IGNORED = {"rw", "redirect_dir", "index", "metacopy", "xino", "userxattr", "context",
             "fsync", "threaded", "fast_ino", "plugins", "noacl", "lazytime", "nfs_export",
-            "uuid", "writeback", "relatime", "strictatime"}
+            "uuid", "writeback"}
 
 
 def split_lowerdir(value: str) -> list[str]:
@@ -166,6 +167,8 @@ def parse_options(opt_strings: list[str], opts: MountOptions | None = None,
                 o.debug = True
             elif key == "fsname":
                 o.fsname = val or o.fsname
+            elif key in ("relatime", "strictatime"):
+                o.keep_atime = True          # the kernel's default; libfuse has no such option
             elif key in _PASSTHROUGH:
                 if key not in o.fuse_options:
                     o.fuse_options.append(key)

@@ -46,6 +46,20 @@ def _link_tmpfile(fd: int, dest: bytes) -> None:
         raise OSError(e, os.strerror(e), dest)
 
 
+def _fd_cap() -> int:
+    """How many idle lower fds to keep: half the (raised) RLIMIT_NOFILE, at most 16384."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard, 1 << 16) if hard != resource.RLIM_INFINITY else 1 << 16
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError):
+            pass
+    return max(64, min(16384, soft // 2))
+
+
 def _err(code: int) -> OSError:
     return OSError(code, os.strerror(code))
 
@@ -94,6 +108,9 @@ class Union:
         self.next_ino = tree.max_ino + 1
         self._tree_ino = getattr(tree, 'new_ino', None)   # lazy trees hand out numbers as they grow
         self.fd_ino: dict[int, Inode] = {}
+        self.lower_fds: dict[int, int] = {}      # lower ino -> shared read-only fd
+        self.lower_refs: dict[int, int] = {}     # that fd -> open handles using it
+        self.lower_fd_cap = _fd_cap()
         self.upper_links: dict[int, Inode] = {}
         self.tmp_counter = 0
         self.uidmap, self.gidmap = self.opts.uidmap, self.opts.gidmap
@@ -1039,11 +1056,37 @@ class Union:
             else:
                 fd = os.open(self.up(i), oflags | os.O_NOFOLLOW)
         else:
-            fd = os.open(short(i.lower.src), os.O_RDONLY | os.O_CLOEXEC)
+            # lower files never change: one read-only fd per lower object, shared
+            # by every open of it and kept after the last close (no open/close
+            # syscalls for files read again)
+            key = i.lower.ino
+            fd = self.lower_fds.get(key)
+            if fd is None:
+                fd = os.open(short(i.lower.src), os.O_RDONLY | os.O_CLOEXEC)
+                if len(self.lower_fds) >= self.lower_fd_cap:
+                    self._evict_lower_fds()
+                self.lower_fds[key] = fd
+            self.lower_refs[fd] = self.lower_refs.get(fd, 0) + 1
         self.fd_ino[fd] = i
         return fd
 
+    def _evict_lower_fds(self) -> None:
+        refs = self.lower_refs
+        for key, fd in list(self.lower_fds.items()):
+            if not refs.get(fd):
+                del self.lower_fds[key]
+                refs.pop(fd, None)
+                os.close(fd)
+                if len(self.lower_fds) < self.lower_fd_cap // 2:
+                    break
+
     def release(self, fd: int) -> None:
+        r = self.lower_refs.get(fd)
+        if r is not None:
+            self.lower_refs[fd] = r - 1
+            if r == 1:
+                self.fd_ino.pop(fd, None)
+            return
         self.fd_ino.pop(fd, None)
         os.close(fd)
 
