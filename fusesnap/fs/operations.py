@@ -35,6 +35,7 @@ def _bug() -> FUSEError:
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
+    enable_symlink_cache = True     # honoured by a pyfuse3 that knows FUSE_CAP_CACHE_SYMLINKS
 
     def __init__(self, union: Union) -> None:
         super().__init__()
