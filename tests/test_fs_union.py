@@ -154,3 +154,28 @@ def test_xattrs_hide_internal_names(env):
     e = u.lookup(env.root, b"e")
     assert b"user.k" in u.listxattr(e)
     assert not any(n.startswith((b"trusted.overlay", b"user.fuseoverlayfs")) for n in u.listxattr(e))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to other ids needs root")
+def test_uid_mapping_keeps_on_disk_ids_through_copy_up_and_chown(tmp_path):
+    from fusesnap.fs.options import parse_options
+    low, up = tmp_path / "low", tmp_path / "up"
+    low.mkdir()
+    up.mkdir()
+    (low / "f").write_bytes(b"x")
+    os.chown(low / "f", 0, 0)
+    opts = parse_options(["uidmapping=0:1000:10,gidmapping=0:2000:10"])
+    u = Union(lower_tree_from_dirs([low]), up, None, opts)
+    f = u.lookup(u.root, b"f")
+    a = u.attr(f)
+    assert (a.st_uid, a.st_gid) == (1000, 2000)
+    fd = u.open(f, os.O_WRONLY)
+    u.release(fd)
+    st = os.lstat(up / "f")
+    assert (st.st_uid, st.st_gid) == (0, 0), "copy-up must keep the on-disk owner"
+    fields = SimpleNamespace(update_size=False, update_uid=True, update_gid=False, update_mode=False,
+                             update_atime=False, update_mtime=False)
+    u.setattr(f, fields, SimpleNamespace(st_uid=1003), None)
+    st = os.lstat(up / "f")
+    assert (st.st_uid, st.st_gid) == (3, 0)
+    assert (u.attr(f).st_uid, u.attr(f).st_gid) == (1003, 2000)

@@ -384,13 +384,14 @@ class Union:
 
     def _apply_meta(self, path: bytes, fd: int | None, fmt: int, mode: int, uid: int, gid: int,
                     rdev: int = 0, xattrs: dict[bytes, bytes] | None = None,
-                    mtime_ns: int | None = None, host_fmt: int | None = None) -> None:
+                    mtime_ns: int | None = None, host_fmt: int | None = None,
+                    on_disk_ids: bool = False) -> None:
         """Give a fresh upper object its presented owner, mode, xattrs and times.
 
         Owner and mode go to the host when the daemon may set them, else (and for
         types the host object cannot have) into the override xattr."""
         is_link = fmt == S.S_IFLNK
-        huid, hgid = self._host_ids(uid, gid)
+        huid, hgid = (uid, gid) if on_disk_ids else self._host_ids(uid, gid)
         host_fmt = fmt if host_fmt is None else host_fmt
         need_override = host_fmt != fmt
         target = fd if fd is not None else path
@@ -422,7 +423,7 @@ class Union:
             hmode = mode & 0o7777
             if need_override:
                 hmode = (mode & 0o777) | (0o700 if fmt == S.S_IFDIR else 0o600)
-                val = uf.format_override(uid, gid, mode, fmt if host_fmt != fmt else None, rdev)
+                val = uf.format_override(huid, hgid, mode, fmt if host_fmt != fmt else None, rdev)
                 if fd is not None:
                     os.setxattr(fd, self.override_name, val)
                 else:
@@ -529,12 +530,15 @@ class Union:
             times = self._dir_times(ppath)
             if fmt == S.S_IFDIR:
                 os.mkdir(dest, 0o700)
-                self._apply_meta(dest, None, fmt, ln.mode, ln.uid, ln.gid, 0, ln.xattrs, ln.mtime_ns)
+                self._apply_meta(dest, None, fmt, ln.mode, ln.uid, ln.gid, 0, ln.xattrs, ln.mtime_ns,
+                                 on_disk_ids=True)
             elif fmt == S.S_IFLNK:
                 os.symlink(ln.target, dest)
-                self._apply_meta(dest, None, fmt, ln.mode, ln.uid, ln.gid, 0, ln.xattrs, ln.mtime_ns)
+                self._apply_meta(dest, None, fmt, ln.mode, ln.uid, ln.gid, 0, ln.xattrs, ln.mtime_ns,
+                                 on_disk_ids=True)
             else:
-                self._make_node(dest, fmt, ln.mode, ln.uid, ln.gid, ln.rdev, ln.xattrs, ln.mtime_ns)
+                self._make_node(dest, fmt, ln.mode, ln.uid, ln.gid, ln.rdev, ln.xattrs, ln.mtime_ns,
+                                on_disk_ids=True)
             self._restore_times(ppath, times)
             self._mark_copied(i)
             if fmt != S.S_IFDIR:
@@ -562,7 +566,7 @@ class Union:
         ln = i.lower
         try:
             self._apply_meta(job.dest, job.dst_fd, S.S_IFREG, ln.mode, ln.uid, ln.gid, 0, ln.xattrs,
-                             ln.mtime_ns)
+                             ln.mtime_ns, on_disk_ids=True)
             ppath = self.up(i.parent)
             times = self._dir_times(ppath)
             if job.tmp_path is None:
@@ -630,7 +634,8 @@ class Union:
                 continue
 
     def _make_node(self, path: bytes, fmt: int, mode: int, uid: int, gid: int, rdev: int,
-                   xattrs: dict[bytes, bytes] | None = None, mtime_ns: int | None = None) -> None:
+                   xattrs: dict[bytes, bytes] | None = None, mtime_ns: int | None = None,
+                   on_disk_ids: bool = False) -> None:
         host_fmt = fmt
         try:
             os.mknod(path, fmt | 0o600, rdev)
@@ -640,7 +645,7 @@ class Union:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             os.close(fd)
             host_fmt = S.S_IFREG
-        self._apply_meta(path, None, fmt, mode, uid, gid, rdev, xattrs, mtime_ns, host_fmt)
+        self._apply_meta(path, None, fmt, mode, uid, gid, rdev, xattrs, mtime_ns, host_fmt, on_disk_ids)
 
     def copy_up_tree(self, i: Inode) -> None:
         """Copy a directory with everything visible below it into the upper; make it opaque."""
@@ -921,10 +926,11 @@ class Union:
         if fields.update_uid or fields.update_gid or fields.update_mode:
             st = self.host_stat(i)
             cur = self.presented(i, st)
-            uid = attr.st_uid if fields.update_uid else cur.uid
-            gid = attr.st_gid if fields.update_gid else cur.gid
-            if fields.update_uid and self.uidmap:
-                pass
+            # presented ids (what the kernel sends); cur holds on-disk ones
+            uid = attr.st_uid if fields.update_uid else (
+                self.uidmap.to_presented(cur.uid) if self.uidmap else cur.uid)
+            gid = attr.st_gid if fields.update_gid else (
+                self.gidmap.to_presented(cur.gid) if self.gidmap else cur.gid)
             mode = (attr.st_mode & 0o7777) if fields.update_mode else (cur.mode & 0o7777)
             if (fields.update_uid or fields.update_gid) and not fields.update_mode and i.kind == S.S_IFREG:
                 # chown drops setuid, and setgid when group-executable
@@ -980,7 +986,7 @@ class Union:
             else:
                 os.chmod(target, mode)
             return
-        val = uf.format_override(uid, gid, mode, fmt if host_fmt != fmt else None, cur.rdev)
+        val = uf.format_override(huid, hgid, mode, fmt if host_fmt != fmt else None, cur.rdev)
         if isinstance(target, int):
             os.setxattr(target, self.override_name, val)
             os.fchmod(target, (mode & 0o777) | (0o700 if fmt == S.S_IFDIR else 0o600))
