@@ -118,6 +118,9 @@ def _raise_readahead(mountpoint: str, kb: int = 1024) -> None:
 
 def _serve(ops: Operations, mountpoint: str, fopts: set[str], notify_fd: int | None, debug: bool) -> int:
     os.umask(0)
+    if debug:
+        import logging
+        logging.basicConfig(level=logging.DEBUG, format="fusesnap: %(levelname)s %(message)s")
     before = fastloop.fuse_fds()
     try:
         pyfuse3.init(ops, mountpoint, fopts)
