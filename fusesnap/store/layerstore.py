@@ -26,6 +26,7 @@ from typing import Any, BinaryIO
 from ..digest import chain_id as compute_chain_id, hex_of, is_digest
 from ..errors import AlreadyExists, InUse, IntegrityError, InvalidInput, NotFound
 from ..layerentry import LayerEntry
+from ..tarsplit.crc64 import crc64_update
 from ..tarsplit.index import IndexWriter
 from ..tarsplit.parser import TarParser
 from ..tarsplit.stream import ByteStream
@@ -34,6 +35,7 @@ from . import entriesfile
 from .decompress import LayerStream
 from .exporter import export_layer
 from .extract import Extractor
+from .pipeline import ExtractPipeline
 from .locks import FileLock
 
 NAME_LABEL = "fusesnap.io/name"
@@ -269,18 +271,26 @@ class LayerStore:
             stream = ByteStream(ls.next_chunk)
             parser = TarParser(stream)
             ex = Extractor(stage, donor)
+            pipe = ExtractPipeline(ex)
             try:
                 with open(stage / TAR_SPLIT, "wb") as tsf:
                     w = IndexWriter(tsf)
                     while (m := parser.next()) is not None:
                         w.segment(m.segment)
-                        crc = ex.add(m, stream)
-                        w.file(m.name, m.size, crc)
+                        pipe.begin(m)
+                        crc = 0
+                        for mv in stream.chunks(m.size, "file data"):
+                            crc = crc64_update(mv, crc)
+                            pipe.data(mv)
+                        pipe.end()
+                        w.file(m.name, m.size, crc if m.size else None)
                     w.segment(parser.end_segment)
                     for junk in stream.rest():
                         w.segment(junk)
                     w.close()
+                pipe.finish()
             finally:
+                pipe.abort()
                 ex.close()
             entriesfile.write_entries(stage / ENTRIES, ex.records)
             diff_id = ls.diff_id
