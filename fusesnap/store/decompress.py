@@ -46,13 +46,12 @@ class ThreadedSha256:
 
     def hexdigest(self) -> str:
         if self._digest is None:
-            self._q.put(None)
-            self._t.join()
+            self.close()
             self._digest = self._h.hexdigest()
         return self._digest
 
     def close(self) -> None:
-        """Stop the worker (after an error); idempotent."""
+        """Let the worker hash what is queued, then stop it; idempotent."""
         if self._t.is_alive():
             self._q.put(None)
             self._t.join()

@@ -7,7 +7,6 @@ and the sha256 of everything written compared with the diffID at the end.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import BinaryIO
@@ -16,6 +15,7 @@ from ..errors import IntegrityError
 from ..tarsplit.crc64 import crc64_update
 from ..tarsplit.index import SEGMENT_TYPE, read_index
 from . import entriesfile as E
+from .decompress import ThreadedSha256
 
 FLUSH = 1 << 20
 CHUNK = 1 << 20
@@ -23,7 +23,7 @@ DIRECT = 64 << 10
 
 
 def export_layer(layer_dir: Path, diff_id: str, dst: BinaryIO, label: str) -> None:
-    h = hashlib.sha256()
+    h = ThreadedSha256()  # hashing overlaps with reading files and writing dst
     out = bytearray()
     try:
         fs_fd = os.open(layer_dir / "fs", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -32,8 +32,9 @@ def export_layer(layer_dir: Path, diff_id: str, dst: BinaryIO, label: str) -> No
 
     def flush() -> None:
         if out:
-            dst.write(out)
-            h.update(out)
+            b = bytes(out)  # the hash thread needs an immutable copy
+            dst.write(b)
+            h.update(b)
             out.clear()
 
     try:
@@ -86,6 +87,7 @@ def export_layer(layer_dir: Path, diff_id: str, dst: BinaryIO, label: str) -> No
         raise IntegrityError(f"layer {label}: {err.filename} is missing") from None
     finally:
         os.close(fs_fd)
+        h.close()
     got = "sha256:" + h.hexdigest()
     if got != diff_id:
         raise IntegrityError(f"layer {label}: exported tar has digest {got}, expected diffID {diff_id}")
