@@ -13,7 +13,9 @@ fsck --repair removes both.
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
+import time
 import secrets
 import shutil
 import threading
@@ -37,6 +39,8 @@ from .exporter import export_layer
 from .extract import Extractor
 from .pipeline import ExtractPipeline
 from .locks import FileLock
+
+log = logging.getLogger("fusesnap.store")
 
 NAME_LABEL = "fusesnap.io/name"
 GC_ROOT_LABEL = "fusesnap.io/gc.root"
@@ -264,6 +268,7 @@ class LayerStore:
         """Import a plain/gzip/zstd layer tar in one streaming pass; idempotent per chainID."""
         if parent is not None:
             parent = self.get(parent).chain_id
+        t0 = time.monotonic()
         stage, stage_lock = self._new_staging()
         ls: LayerStream | None = None
         try:
@@ -295,6 +300,8 @@ class LayerStore:
             entriesfile.write_entries(stage / ENTRIES, ex.records)
             diff_id = ls.diff_id
             chain = compute_chain_id(parent, diff_id)
+            log.info("import: %d members, %d tar bytes (%s input) -> %s in %.2fs", len(ex.records), ls.size,
+                     ls.compression, chain, time.monotonic() - t0)
             crash_point("staged")
             sync_tree(stage, len(ex.records))
             with self._chain_lock(chain):
@@ -306,12 +313,14 @@ class LayerStore:
                     os.rename(stage, target)
                     fsync_dir(self.layers_dir)
                     crash_point("after-rename")
+                    log.debug("import: %s stored", chain)
                     try:
                         self._insert(chain, diff_id, parent, ex.diff_size, ls, labels)
                     except BaseException:
                         self._trash(target)  # e.g. the parent was removed meanwhile: no row-less dir
                         raise
                 else:
+                    log.info("import: %s already stored, nothing to do", chain)
                     if labels:
                         self.set_labels(chain, labels)
                     with self._lock, dbm.Tx(self.conn) as c:
@@ -428,6 +437,7 @@ class LayerStore:
                 c.execute("DELETE FROM layers WHERE chain_id=?", (chain,))
                 if not c.execute("SELECT 1 FROM layers WHERE diff_id=?", (diff[0],)).fetchone():
                     c.execute("DELETE FROM compressed_digests WHERE diff_id=?", (diff[0],))
+            log.info("rm: %s", chain)
             crash_point("rm-after-commit")
             self._trash(self.layer_dir(chain))
 
