@@ -26,6 +26,13 @@ _OPENDIR_FILEINFO = bool(getattr(pyfuse3, "OPENDIR_FILEINFO", False))
 log = logging.getLogger("fusesnap.fs")
 
 
+def _sup_groups(pid: int) -> set[int]:
+    try:
+        return pyfuse3.get_sup_groups(pid)
+    except Exception:
+        return set()
+
+
 def _bug() -> FUSEError:
     """An unexpected exception must not kill the daemon: log it, answer EIO."""
     log.exception("internal error while serving a request")
@@ -346,7 +353,23 @@ class Operations(pyfuse3.Operations):
             raise _bug() from None
 
     async def access(self, inode, mode, ctx):
-        return True
+        # only asked without default_permissions (rootless): check the presented mode
+        try:
+            a = self.u.attr(self._inode(inode))
+        except OSError as e:
+            raise FUSEError(e.errno) from None
+        except Exception:
+            raise _bug() from None
+        m = a.st_mode
+        if ctx.uid == 0:
+            return not (mode & os.X_OK) or bool(m & 0o111) or S.S_ISDIR(m)
+        if ctx.uid == a.st_uid:
+            bits = (m >> 6) & 7
+        elif ctx.gid == a.st_gid or (ctx.pid and a.st_gid in _sup_groups(ctx.pid)):
+            bits = (m >> 3) & 7
+        else:
+            bits = m & 7
+        return (mode & bits) == mode
 
     async def statfs(self, ctx):
         try:
