@@ -234,39 +234,26 @@ APPLY: dict[str, Callable[[str, Op], Any]] = {
 def apply(op: Op, root: str) -> str:
     """Run one op under root; the result string is what targets are compared on.
 
-    An op with "as": [uid, gid] runs in a child process with those credentials and no
-    supplementary groups, so that permission checks (EACCES/EPERM) are compared too."""
+    An op with "as": [uid, gid] runs with those credentials and no supplementary groups,
+    so that permission checks (EACCES/EPERM) are compared too."""
     if op.get("as"):
         return _apply_as(op, root, *op["as"])
     return _apply(op, root)
 
 
 def _apply_as(op: Op, root: str, uid: int, gid: int) -> str:
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: never return into the caller (pytest, the runner)
-        try:
-            os.close(r)
-            os.setgroups([])
-            os.setresgid(gid, gid, gid)
-            os.setresuid(uid, uid, uid)
-            res = _apply(op, root)
-        except BaseException as e:  # noqa: BLE001 - reported as the op's result
-            res = f"child-error:{e!r}"
-        try:
-            os.write(w, res.encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    chunks = []
-    while True:
-        b = os.read(r, 65536)
-        if not b:
-            break
-        chunks.append(b)
-    os.close(r)
-    os.waitpid(pid, 0)
-    return b"".join(chunks).decode()
+    """Switch the effective ids (and so the fs ids) around one op. The real uid stays 0,
+    so switching back restores root's capabilities. Single-threaded callers only."""
+    groups = os.getgroups()
+    os.setgroups([])
+    os.setegid(gid)
+    os.seteuid(uid)
+    try:
+        return _apply(op, root)
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+        os.setgroups(groups)
 
 
 def _apply(op: Op, root: str) -> str:
