@@ -133,3 +133,21 @@ def test_import_with_a_taken_name_is_refused_and_leaves_nothing(st):
     assert os.listdir(st.root / "staging") == []
     # the same layer again under its own name is the usual no-op
     assert st.import_tar(io.BytesIO(tar_of({"a": b"a"})), labels={"fusesnap.io/name": "n"}).labels["fusesnap.io/name"] == "n"
+
+
+def test_cli_import_zstd_from_stdin_json(tmp_path):
+    import hashlib
+
+    import zstandard
+
+    root = tmp_path / "root"
+    plain = tar_of({"z": b"z" * 4096})
+    blob = zstandard.ZstdCompressor().compress(plain)
+    r = fusesnap(root, "--json", "import", "-", input=blob)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["diff_id"] == "sha256:" + hashlib.sha256(plain).hexdigest() == info["chain_id"]
+    assert info["compressed_digests"] == ["sha256:" + hashlib.sha256(blob).hexdigest()]
+    assert info["tar_size"] == len(plain) and info["diff_size"] == 4096
+    again = fusesnap(root, "import", "-", input=blob)
+    assert again.returncode == 0 and again.stdout.decode().split() == [info["chain_id"], info["diff_id"]]
