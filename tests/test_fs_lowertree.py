@@ -159,6 +159,11 @@ def test_lazy_tree_over_directories_matches_the_eager_build(tmp_path):
     (top / "d").mkdir()
     os.mknod(top / "d" / "x", stat.S_IFCHR | 0o600, 0) if os.geteuid() == 0 else (top / "d" / ".wh.x").write_bytes(b"")
     (top / "new").write_bytes(b"n")
+    # a dir above, a whiteout of it in the middle, more of it below: the middle whiteout ends the merge
+    (top / "w").mkdir()
+    os.mknod(mid / "w", stat.S_IFCHR | 0o600, 0) if os.geteuid() == 0 else (mid / ".wh.w").write_bytes(b"")
+    (bot / "w").mkdir()
+    (bot / "w" / "leak").write_bytes(b"must not show")
     layers = [top, mid, bot]
     eager, lazy = lower_tree_from_dirs(layers), LazyLowerTree(layers)
 
@@ -167,6 +172,7 @@ def test_lazy_tree_over_directories_matches_the_eager_build(tmp_path):
             return (node.mode, node.size, node.nlink, node.target)
         return (node.mode, node.nlink, {k: shape(v) for k, v in sorted(node.kids.items())})
     assert shape(lazy.root) == shape(eager.root)
+    assert lazy.lookup(b"w").kids == {}
     assert lazy.lookup(b"h1") is lazy.lookup(b"d/h2")
     assert sorted(lazy.link_paths(lazy.lookup(b"h1"))) == [b"d/h2", b"h1"]
     assert lazy.max_ino >= len(eager.by_ino) - 1

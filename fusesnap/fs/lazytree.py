@@ -166,9 +166,7 @@ class LazyLowerTree:
                                 if uf.xattrs_say_opaque(_read_xattrs(short(full))):
                                     del subdirs[name]
                             else:
-                                st = de.stat(follow_symlinks=False)
-                                if not (S.S_ISCHR(st.st_mode) and st.st_rdev == 0):
-                                    del subdirs[name]     # a non-directory ends the merge of NAME
+                                del subdirs[name]   # a non-directory or a whiteout ends the merge of NAME
                         continue
                     st = de.stat(follow_symlinks=False)
                     fmt = S.S_IFMT(st.st_mode)

@@ -274,7 +274,7 @@ class Operations(pyfuse3.Operations):
             if (flags & os.O_ACCMODE != os.O_RDONLY) and not (flags & os.O_TRUNC) and not i.upper:
                 self.u._writable()
                 await self._copy_up(i)
-            fd = self.u.open(i, flags)
+            fd = self.u.open(i, flags, ctx.uid)
         except OSError as e:
             raise FUSEError(e.errno) from None
         except Exception:

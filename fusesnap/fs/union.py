@@ -1049,7 +1049,21 @@ class Union:
             os.removexattr(t, name, follow_symlinks=False)
 
     # ---------------------------------------------------------------- files
-    def open(self, i: Inode, flags: int) -> int:
+    def kill_suid(self, i: Inode) -> None:
+        """Drop setuid, and setgid when group-executable, as a write by a non-root caller does."""
+        st = self.host_stat(i)
+        cur = self.presented(i, st)
+        mode = cur.mode & 0o7777
+        new = mode & ~S.S_ISUID
+        if mode & S.S_IXGRP:
+            new &= ~S.S_ISGID
+        if new != mode:
+            target = self.up(i) if (i.parent is not None or i.ino == ROOT) else self._any_fd(i)
+            pu = self.uidmap.to_presented(cur.uid) if self.uidmap else cur.uid
+            pg = self.gidmap.to_presented(cur.gid) if self.gidmap else cur.gid
+            self._set_owner_mode(i, target, st, cur, pu, pg, new, False, True)
+
+    def open(self, i: Inode, flags: int, caller_uid: int = 0) -> int:
         acc = flags & os.O_ACCMODE
         oflags = (flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT | os.O_NOATIME)) | os.O_CLOEXEC
         if acc != os.O_RDONLY or flags & os.O_TRUNC:
@@ -1061,6 +1075,14 @@ class Union:
                 fd = os.open(b"/proc/self/fd/%d" % self._any_fd(i), oflags)
             else:
                 fd = os.open(self.up(i), oflags | os.O_NOFOLLOW)
+            if flags & os.O_TRUNC and caller_uid != 0 and i.kind == S.S_IFREG:
+                # open(O_TRUNC) reaches us instead of a size setattr (atomic_o_trunc):
+                # kill the privileges the kernel would have killed for that caller
+                try:
+                    self.kill_suid(i)
+                except BaseException:
+                    os.close(fd)
+                    raise
         else:
             # lower files never change: one read-only fd per lower object, shared
             # by every open of it and kept after the last close (no open/close
