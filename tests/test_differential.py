@@ -38,10 +38,7 @@ KNOWN_FAILING: dict[int, str] = {}
 # testing the same thing whatever the generators do later), named after their entry
 # in /work/notes/FS_BUGS.md. Cases of bugs still open run as strict xfails.
 CASES_DIR = Path(__file__).parent / "diffcases"
-OPEN_BUGS: dict[str, str] = {
-    "D7": "D7: a whiteout in a middle layer is ignored once a dir is renamed/exchanged",
-    "D8": "D8: open(O_TRUNC) by an unprivileged owner does not clear setuid/setgid",
-}
+OPEN_BUGS: dict[str, str] = {}
 
 
 def _load_case(path: Path, seed: int | None = None) -> diffrun.Case:
