@@ -184,6 +184,32 @@ def _open_rename(root: str, op: Op) -> str:
         os.close(fd)
 
 
+def _rmtree(root: str, op: Op) -> str:
+    """rm -rf in sorted order (first error stops it), then optionally mkdir the same
+    name again: whiteouts for everything below, and an opaque dir over a lower one."""
+    n = 0
+
+    def rec(p: str) -> None:
+        nonlocal n
+        for name in sorted(os.listdir(p)):
+            c = os.path.join(p, name)
+            if stat.S_ISDIR(os.lstat(c).st_mode):
+                rec(c)
+                os.rmdir(c)
+            else:
+                os.unlink(c)
+            n += 1
+
+    top = _p(root, op["path"])
+    if not stat.S_ISDIR(os.lstat(top).st_mode):
+        raise OSError(errno.ENOTDIR, "not a directory", top)
+    rec(top)
+    os.rmdir(top)
+    if op.get("mkdir") is not None:
+        os.mkdir(top, op["mkdir"])
+    return f"ok:{n}"
+
+
 def _stat(root: str, op: Op) -> str:
     st = os.stat(_p(root, op["path"]), follow_symlinks=op.get("follow", False))
     t = stat.S_IFMT(st.st_mode)
@@ -228,6 +254,7 @@ APPLY: dict[str, Callable[[str, Op], Any]] = {
     "stat": _stat,
     "open_unlink": _open_unlink,
     "open_rename": _open_rename,
+    "rmtree": _rmtree,
 }
 
 
@@ -276,7 +303,7 @@ WEIGHTS = {
     "create": 9, "write": 11, "truncate": 5, "read": 5, "chmod": 6, "chown": 5, "utime": 3, "utimens": 2, "fallocate": 2,
     "rename": 15, "link": 6, "symlink": 4, "unlink": 9, "rmdir": 5, "mkdir": 8, "mkfifo": 1, "mknod": 1,
     "setxattr": 7, "removexattr": 3, "getxattr": 2, "listxattr": 2, "listdir": 4, "stat": 5,
-    "open_unlink": 2, "open_rename": 2,
+    "open_unlink": 2, "open_rename": 2, "rmtree": 2,
 }
 
 
@@ -396,6 +423,8 @@ class Generator:
         elif op_kind == "rmdir":
             empty = [p for p in dirs if p and not any(q.startswith(p + "/") for q, _ in ents)]
             op.update(path=rng.choice(empty) if empty and rng.random() < 0.5 else existing("dir"))
+        elif op_kind == "rmtree":
+            op.update(path=existing("dir"), mkdir=self._mode("dir") if rng.random() < 0.6 else None)
         elif op_kind == "open_rename":
             op.update(src=existing("reg"), dst=target(), data=self._data(),
                       offset=rng.choice([0, rng.randrange(0, 3000)]))
