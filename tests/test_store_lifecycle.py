@@ -151,3 +151,16 @@ def test_cli_import_zstd_from_stdin_json(tmp_path):
     assert info["tar_size"] == len(plain) and info["diff_size"] == 4096
     again = fusesnap(root, "import", "-", input=blob)
     assert again.returncode == 0 and again.stdout.decode().split() == [info["chain_id"], info["diff_id"]]
+
+
+def test_import_can_retain_atomically_for_a_pull(st):
+    a = st.import_tar(io.BytesIO(tar_of({"a": b"a"})), retain="pull-7")
+    b = st.import_tar(io.BytesIO(tar_of({"b": b"b"})), parent=a.chain_id, retain="pull-7")
+    again = st.import_tar(io.BytesIO(tar_of({"a": b"a"})), retain="pull-8")  # existing layer: retained too
+    assert again.refcount == 3  # child b + two retains
+    assert st.gc() == []
+    st.release(b.chain_id, "pull-7")
+    st.release(a.chain_id, "pull-7")
+    assert st.gc() == [b.chain_id]
+    st.release(a.chain_id, "pull-8")
+    assert st.gc() == [a.chain_id]

@@ -264,8 +264,14 @@ class LayerStore:
     # -- import -------------------------------------------------------------------------------
     def import_tar(self, src: BinaryIO, parent: str | None = None, *,
                    labels: dict[str, str] | None = None,
-                   donor: Callable[[bytes], str | None] | None = None) -> LayerInfo:
-        """Import a plain/gzip/zstd layer tar in one streaming pass; idempotent per chainID."""
+                   donor: Callable[[bytes], str | None] | None = None,
+                   retain: str | None = None) -> LayerInfo:
+        """Import a plain/gzip/zstd layer tar in one streaming pass; idempotent per chainID.
+
+        `retain=HOLDER` also retains the layer for HOLDER in the same transaction that
+        makes it visible, so a concurrent gc cannot remove it before the caller's next step
+        (a multi-layer pull retains each layer it imports, then releases them all).
+        """
         if parent is not None:
             parent = self.get(parent).chain_id
         t0 = time.monotonic()
@@ -315,7 +321,7 @@ class LayerStore:
                     crash_point("after-rename")
                     log.debug("import: %s stored", chain)
                     try:
-                        self._insert(chain, diff_id, parent, ex.diff_size, ls, labels)
+                        self._insert(chain, diff_id, parent, ex.diff_size, ls, labels, retain)
                     except BaseException:
                         self._trash(target)  # e.g. the parent was removed meanwhile: no row-less dir
                         raise
@@ -325,6 +331,9 @@ class LayerStore:
                         self.set_labels(chain, labels)
                     with self._lock, dbm.Tx(self.conn) as c:
                         self._add_compressed(c, diff_id, ls)
+                        if retain:
+                            c.execute("INSERT OR IGNORE INTO layer_refs(chain_id, holder, kind) VALUES (?,?,?)",
+                                      (chain, retain, "retain"))
             return self.get(chain)
         finally:
             if ls is not None:
@@ -348,7 +357,7 @@ class LayerStore:
                       (ls.compressed_digest, diff_id, ls.compressed_size))
 
     def _insert(self, chain: str, diff_id: str, parent: str | None, diff_size: int, ls: LayerStream,
-                labels: dict[str, str] | None) -> None:
+                labels: dict[str, str] | None, retain: str | None = None) -> None:
         tar_size = ls.size
         created = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         with self._lock, dbm.Tx(self.conn) as c:
@@ -365,6 +374,8 @@ class LayerStore:
                     self._check_name_free(c, v, chain)
                 c.execute("INSERT OR REPLACE INTO layer_labels(chain_id, key, value) VALUES (?,?,?)", (chain, k, v))
             self._add_compressed(c, diff_id, ls)
+            if retain:
+                c.execute("INSERT INTO layer_refs(chain_id, holder, kind) VALUES (?,?,?)", (chain, retain, "retain"))
 
     # -- export -------------------------------------------------------------------------------
     def export(self, ref: str, dst: BinaryIO) -> None:
