@@ -354,6 +354,8 @@ class Union:
         raise _err(errno.ENOENT)
 
     def _upper_attr(self, i: Inode) -> pyfuse3.EntryAttributes:
+        if i.parent is None and i.ino != ROOT and i.attr is not None:
+            return i.attr          # gone from the upper, still referenced by the kernel
         st = self.host_stat(i)
         p = self.presented(i, st)
         a = pyfuse3.EntryAttributes()
@@ -767,7 +769,19 @@ class Union:
                     os.unlink(de.path)
         os.rmdir(path)
 
-    def _drop(self, d: Inode, name: bytes, i: Inode) -> None:
+    def _last_attr(self, i: Inode):
+        """Attributes to keep answering with once the last name of an upper object is gone.
+
+        Fifos, devices, sockets and directories are opened by the kernel itself (or
+        not at all), so no daemon fd keeps them alive; regular files have one."""
+        if not i.upper or i.kind == S.S_IFREG or (i.kind != S.S_IFDIR and i.nlink > 1):
+            return None
+        try:
+            return self._upper_attr(i)
+        except OSError:
+            return None
+
+    def _drop(self, d: Inode, name: bytes, i: Inode, last=None) -> None:
         del d.kids[name]
         i.drop_name(d, name)
         if i.kind == S.S_IFDIR:
@@ -775,6 +789,9 @@ class Union:
         else:
             i.nlink -= 1
         i.attr = None
+        if last is not None and i.parent is None:
+            last.st_nlink = 0
+            i.attr = last
 
     def unlink(self, d: Inode, name: bytes) -> Inode:
         self._writable()
@@ -784,12 +801,13 @@ class Union:
         if i.is_dir:
             raise _err(errno.EISDIR)
         need_wh = self.lower_has(d, name)
+        last = self._last_attr(i)
         if i.upper:
             os.unlink(self.child_path(d, name))
         if need_wh:
             self.copy_up(d)
             self._whiteout(d, name)
-        self._drop(d, name, i)
+        self._drop(d, name, i, last)
         return i
 
     def rmdir(self, d: Inode, name: bytes) -> Inode:
@@ -802,13 +820,14 @@ class Union:
         if self.kids(i):
             raise _err(errno.ENOTEMPTY)
         need_wh = self.lower_has(d, name)
+        last = self._last_attr(i)
         if i.upper:
             self._rm_upper_dir(self.child_path(d, name))
             short.invalidate()
         if need_wh:
             self.copy_up(d)
             self._whiteout(d, name)
-        self._drop(d, name, i)
+        self._drop(d, name, i, last)
         return i
 
     # ---------------------------------------------------------------- rename
@@ -858,6 +877,7 @@ class Union:
             self._clear_whiteout(nd, new)
         need_opaque = src.is_dir and self.lower_has(nd, new)   # host marker needed even if upper-only
         need_wh = self.lower_has(od, old)
+        dst_last = self._last_attr(dst) if dst is not None else None
         oldpath = self.child_path(od, old)
         os.rename(oldpath, newpath)
         if src.is_dir:
@@ -872,7 +892,7 @@ class Union:
         del od.kids[old]
         src.drop_name(od, old)
         if dst is not None:
-            self._drop(nd, new, dst)
+            self._drop(nd, new, dst, dst_last)
         nd.kids[new] = src
         src.add_name(nd, new)
         src.attr = None
