@@ -38,9 +38,7 @@ KNOWN_FAILING: dict[int, str] = {}
 # testing the same thing whatever the generators do later), named after their entry
 # in /work/notes/FS_BUGS.md. Cases of bugs still open run as strict xfails.
 CASES_DIR = Path(__file__).parent / "diffcases"
-OPEN_BUGS: dict[str, str] = {
-    "D9": "D9: fstat of an open fifo/device after its last unlink gives ENOENT",
-}
+OPEN_BUGS: dict[str, str] = {}
 
 
 def _load_case(path: Path, seed: int | None = None) -> diffrun.Case:
