@@ -93,6 +93,15 @@ class Operations(pyfuse3.Operations):
             i.busy = None
             ev.set()
 
+    async def _copy_up_files(self, d: Inode) -> None:
+        """Copy up every file below a lower directory that is about to move."""
+        for k in list(self.u.kids(d).values()):
+            if k.is_dir:
+                if k.lower is not None and not k.opaque:
+                    await self._copy_up_files(k)
+            elif not k.upper:
+                await self._copy_up(k)
+
     def _inode(self, ino: int) -> Inode:
         i = self.u.inodes.get(ino)
         if i is None:
@@ -249,10 +258,18 @@ class Operations(pyfuse3.Operations):
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         try:
             od = self._inode(parent_inode_old)
+            nd = self._inode(parent_inode_new)
             src = self.u.lookup(od, name_old)
-            if src is not None and not src.is_dir:
-                await self._copy_up(src)
-            self.u.rename(od, name_old, self._inode(parent_inode_new), name_new, flags)
+            dst = self.u.lookup(nd, name_new) if flags & 2 else None     # RENAME_EXCHANGE
+            for x in (src, dst):
+                if x is None:
+                    continue
+                if x.is_dir:
+                    if x.lower is not None and not x.opaque:
+                        await self._copy_up_files(x)   # big files off the loop first
+                else:
+                    await self._copy_up(x)
+            self.u.rename(od, name_old, nd, name_new, flags)
         except OSError as e:
             raise FUSEError(e.errno) from None
         except Exception:
