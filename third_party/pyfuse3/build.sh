@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install pyfuse3 3.5.0 with fusesnap's fallocate/lseek patch into the venv $1
+# Install pyfuse3 3.5.0 with fusesnap's patches (0001-0003) into the venv $1
 # (see README.md here). Idempotent: does nothing when the venv already has this
 # build; reuses a wheel built earlier for the same patch from $2 (cache dir).
 set -euo pipefail
@@ -7,7 +7,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 venv=$1
 cache=${2:-$(dirname "$venv")/wheels}
 upstream=3.5.0
-local_tag=fusesnap1
+local_tag=fusesnap2
 version="$upstream+$local_tag"
 
 have=$("$venv/bin/python" - <<'PY' 2>/dev/null || true
@@ -26,7 +26,7 @@ pyver=$("$venv/bin/python" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.v
 case "$whl" in *-"$pyver"-*) ;; *) whl= ;; esac
 
 if [ -z "$whl" ]; then
-    echo "setup: building pyfuse3 $version (fallocate/lseek patch)" >&2
+    echo "setup: building pyfuse3 $version (fusesnap patches)" >&2
     work=$(mktemp -d)
     trap 'rm -rf "$work"' EXIT
     "$venv/bin/pip" download -q --no-binary :all: --no-deps -d "$work" "pyfuse3==$upstream"
