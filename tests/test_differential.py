@@ -115,6 +115,18 @@ def test_harness_minimized_cases_hold_on_kernel(shared_tmp):
         assert not out.failed and not out.oracle_notes, diffrun.format_case(case, out)
 
 
+def test_harness_batching_is_faithful(shared_tmp):
+    """Seeds side by side in one mount pair behave exactly as each alone in its own
+    (same ops, same per-op results, same verdict): batching only saves mount time."""
+    seeds = [3, 4, 5, 6]
+    prof = diffrun.PROFILES["fusesnap"]
+    together = diffrun.run_seeds(seeds, prof, batch_size=len(seeds), parent=shared_tmp)
+    alone = diffrun.run_seeds(seeds, prof, batch_size=1, parent=shared_tmp)
+    for a, b in zip(alone, together):
+        assert (a.ops, a.results, a.failures) == (b.ops, b.results, b.failures), a.seed
+    assert sum(len(o.ops) for o in alone) > 100
+
+
 def test_harness_kernel_against_itself_and_plain_oracle(shared_tmp):
     """No false alarms: kernel vs kernel never differs, and the plain-directory oracle
     (the merged lowers copied into a plain dir) agrees with kernel overlayfs op by op."""
