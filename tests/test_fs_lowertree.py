@@ -9,7 +9,7 @@ import pytest
 
 from fusesnap.errors import InvalidInput
 from fusesnap.fs import upperformat as uf
-from fusesnap.fs.lower import DirLower, IndexLower
+from fusesnap.fs.lower import IndexLower
 from fusesnap.fs.lowertree import LowerTree, build_lower_tree, lower_tree_from_dirs
 from fusesnap.fs.options import IdMap, parse_options, split_lowerdir
 from fusesnap.layerentry import LayerEntry

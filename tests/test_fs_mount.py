@@ -6,7 +6,6 @@ import os
 import stat
 import struct
 import subprocess
-import sys
 
 import pytest
 

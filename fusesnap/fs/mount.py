@@ -167,7 +167,7 @@ def _serve(ops: Operations, mountpoint: str, fopts: set[str], notify_fd: int | N
     code = 0
     try:
         trio.run(main)
-    except BaseException as e:   # keep the kernel connection from hanging
+    except BaseException:   # keep the kernel connection from hanging
         code = 1
         if debug:
             import traceback

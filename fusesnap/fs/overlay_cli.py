@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import sys
 
-from fusesnap import __version__ as _pkg_version  # noqa: F401
 from fusesnap import __version__
 from fusesnap.errors import FusesnapError
 from fusesnap.fs.options import MountOptions, parse_options

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import pyfuse3
 
 from fusesnap.fs import upperformat as uf
-from fusesnap.fs.copyup import BIG, copy_data
+from fusesnap.fs.copyup import copy_data
 from fusesnap.fs.inodes import Inode
 from fusesnap.fs.longpath import short
 from fusesnap.fs.lowertree import LNode, LowerTree
@@ -396,7 +396,6 @@ class Union:
         huid, hgid = (uid, gid) if on_disk_ids else self._host_ids(uid, gid)
         host_fmt = fmt if host_fmt is None else host_fmt
         need_override = host_fmt != fmt
-        target = fd if fd is not None else path
         if self.privileged and not need_override:
             if True:    # always: the host may have inherited a setgid parent's group
                 try:
