@@ -1,0 +1,208 @@
+"""The kernel caches directory listings and symlink targets of a fusesnap-overlay mount
+(pyfuse3 patches 0002/0003, third_party/pyfuse3/README.md): a second readdir of an unchanged
+directory and a second readlink of a symlink never reach the daemon, and every change made
+through the mount is seen at once. A file system written for stock pyfuse3 keeps the old
+uncached behaviour.
+
+Requests are counted in the daemon itself: the mount program runs with fusesnap's Operations
+handlers wrapped so that each call appends a line to a log (a call = a request that reached
+the daemon; the kernel sends READDIRPLUS for every readdir and pyfuse3 maps it to readdir)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from helpers import is_root, unmount, wait_mounted
+from unionmount import FUSESNAP, Union, layout, mkdir, mkfile, mount_union, scratch
+
+pytestmark = pytest.mark.skipif(not is_root(), reason="needs root to mount")
+
+# fusesnap-overlay with opendir/readdir/readlink counted (FUSESNAP_COUNT_LOG names the log).
+COUNTING_OVERLAY = r'''
+import os, sys
+import fusesnap.fs.operations as fo
+
+LOG = os.environ["FUSESNAP_COUNT_LOG"]
+
+def counted(name, orig):
+    async def wrapper(self, *args):
+        with open(LOG, "a") as f:
+            f.write(f"{name} {args[0]}\n")
+        return await orig(self, *args)
+    return wrapper
+
+for name in ("opendir", "readdir", "readlink"):
+    setattr(fo.Operations, name, counted(name, getattr(fo.Operations, name)))
+
+from fusesnap.fs.overlay_cli import main
+sys.exit(main())
+'''
+
+# A file system written against stock pyfuse3: opendir returns an int, no enable_symlink_cache.
+STOCK_STYLE_FS = r'''
+import errno, stat, sys
+import pyfuse3, trio
+
+MNT, LOG = sys.argv[1], sys.argv[2]
+
+def note(what):
+    with open(LOG, "a") as f:
+        f.write(what + " 0\n")
+
+class StockStyle(pyfuse3.Operations):
+    def _attr(self, ino):
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = ino
+        a.st_mode = stat.S_IFDIR | 0o755 if ino == pyfuse3.ROOT_INODE else stat.S_IFLNK | 0o777
+        a.st_nlink = 2 if ino == pyfuse3.ROOT_INODE else 1
+        a.st_size = 0 if ino == pyfuse3.ROOT_INODE else len(b"target")
+        a.entry_timeout = a.attr_timeout = 300
+        return a
+
+    async def getattr(self, ino, ctx=None):
+        return self._attr(ino)
+
+    async def lookup(self, parent, name, ctx=None):
+        if name != b"s":
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attr(2)
+
+    async def opendir(self, ino, ctx):
+        note("opendir")
+        return 7
+
+    async def readdir(self, fh, start_id, token):
+        note("readdir")
+        if start_id == 0:
+            pyfuse3.readdir_reply(token, b"s", self._attr(2), 1)
+
+    async def readlink(self, ino, ctx):
+        note("readlink")
+        return b"target"
+
+pyfuse3.init(StockStyle(), MNT, {"fsname=stockstyle"})
+try:
+    trio.run(pyfuse3.main)
+finally:
+    pyfuse3.close(unmount=False)
+'''
+
+
+class Requests:
+    """Counts, per handler, of the calls logged by the daemon."""
+
+    def __init__(self, log: Path) -> None:
+        self.log = log
+
+    def __call__(self) -> Counter[str]:
+        if not self.log.exists():
+            return Counter()
+        return Counter(line.split()[0] for line in self.log.read_text().splitlines())
+
+
+@pytest.fixture
+def counted_mount(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A fusesnap-overlay mount (two lowers, upper) whose daemon logs its requests."""
+    prog = tmp_path / "counting_overlay.py"
+    prog.write_text(COUNTING_OVERLAY)
+    log = tmp_path / "requests.log"
+    monkeypatch.setenv("FUSESNAP_OVERLAY_PROG", f"{sys.executable} {prog}")
+    monkeypatch.setenv("FUSESNAP_COUNT_LOG", str(log))
+    with scratch("fusesnap-kcache-") as base:
+        (l0, l1), upper, work, mnt = layout(base, 2)
+        mkfile(l0 / "d" / "a", b"a")
+        mkfile(l0 / "d" / "b", b"b")
+        mkfile(l1 / "d" / "c", b"c")
+        mkdir(l1 / "links")
+        os.symlink("t1", l1 / "links" / "s")
+        u = mount_union(FUSESNAP, mnt, [l0, l1], upper, work)
+        try:
+            yield u, Requests(log)
+        finally:
+            u.unmount()
+
+
+def test_unchanged_directory_is_listed_from_the_kernel_cache(counted_mount: tuple[Union, Requests]) -> None:
+    u, requests = counted_mount
+    d = u.p("d")
+    assert sorted(os.listdir(d)) == ["a", "b", "c"]
+    first = requests()
+    assert first["opendir"] >= 1 and first["readdir"] >= 1, first
+
+    assert sorted(os.listdir(d)) == ["a", "b", "c"]
+    second = requests()
+    assert second["opendir"] > first["opendir"], "the second listdir must open the dir again"
+    assert second["readdir"] == first["readdir"], "the second readdir reached the daemon"
+
+    # Changes through the mount are seen at once (and the new listing is cached again).
+    (d / "new").write_bytes(b"n")
+    assert sorted(os.listdir(d)) == ["a", "b", "c", "new"]
+    os.unlink(d / "a")
+    assert sorted(os.listdir(d)) == ["b", "c", "new"]
+    os.rename(d / "c", d / "c2")
+    assert sorted(os.listdir(d)) == ["b", "c2", "new"]
+    os.mkdir(d / "sub")
+    assert sorted(os.listdir(d)) == ["b", "c2", "new", "sub"]
+    os.rmdir(d / "sub")
+    assert sorted(os.listdir(d)) == ["b", "c2", "new"]
+    changed = requests()
+    assert changed["readdir"] > second["readdir"]
+    assert sorted(os.listdir(d)) == ["b", "c2", "new"]
+    assert requests()["readdir"] == changed["readdir"]
+
+
+def test_symlink_target_is_read_from_the_kernel_cache(counted_mount: tuple[Union, Requests]) -> None:
+    u, requests = counted_mount
+    s = u.p("links", "s")
+    assert os.readlink(s) == "t1"
+    first = requests()["readlink"]
+    assert first == 1
+    assert os.readlink(s) == "t1"
+    assert requests()["readlink"] == first, "the second readlink reached the daemon"
+
+    # A new symlink under the same name is seen at once, then cached in turn.
+    os.unlink(s)
+    os.symlink("t2", s)
+    assert os.readlink(s) == "t2"
+    assert os.readlink(s) == "t2"
+    os.symlink("t3", u.p("links", "tmp"))
+    os.rename(u.p("links", "tmp"), s)
+    assert os.readlink(s) == "t3"
+    n = requests()["readlink"]
+    assert n > first
+    assert os.readlink(s) == "t3"
+    assert requests()["readlink"] == n
+    assert os.readlink(u.up("links", "s")) == "t3"
+
+
+def test_stock_pyfuse3_style_filesystem_is_not_cached(tmp_path: Path) -> None:
+    """Handlers written for stock pyfuse3 (int from opendir, no enable_symlink_cache) still
+    get every readdir and readlink, as before the patches."""
+    prog, log, mnt = tmp_path / "stock_style_fs.py", tmp_path / "requests.log", tmp_path / "mnt"
+    prog.write_text(STOCK_STYLE_FS)
+    mnt.mkdir()
+    requests = Requests(log)
+    proc = subprocess.Popen([sys.executable, str(prog), str(mnt), str(log)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_mounted(mnt, 30)
+        for i in (1, 2, 3):
+            assert os.listdir(mnt) == ["s"]
+            assert os.readlink(mnt / "s") == "target"
+            n = requests()
+            assert n["opendir"] == i and n["readlink"] == i, n
+            assert n["readdir"] >= 2 * i, n   # entries, then end of directory, every time
+    finally:
+        unmount(mnt)
+        try:
+            _, err = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+    assert proc.returncode == 0, err.decode(errors="replace")
