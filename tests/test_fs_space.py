@@ -94,7 +94,7 @@ def test_patched_pyfuse3_is_installed_and_defaults_to_enosys():
     methods keep stock behaviour (ENOSYS, so the kernel falls back)."""
     import pyfuse3
     import trio
-    assert importlib.metadata.version("pyfuse3").endswith("+fusesnap1")
+    assert "+fusesnap" in importlib.metadata.version("pyfuse3")   # any local_tag of build.sh
     ops = pyfuse3.Operations()
     for call in (lambda: ops.fallocate(3, 0, 0, 1), lambda: ops.lseek(3, 0, os.SEEK_DATA)):
         with pytest.raises(pyfuse3.FUSEError) as ei:
