@@ -66,6 +66,11 @@ def show(name: bytes) -> str:
 
 def normalize(name: bytes, what: bytes | None = None) -> bytes:
     """Layer-relative path: no leading '/', './', trailing '/', '.' or empty components."""
+    n = name[2:] if name[:2] == b"./" else name
+    # fast path for the usual "./usr/lib/x" or "usr/lib/x": nothing to fix, nothing to refuse
+    if (0 < len(n) <= NAME_MAX and n[0] not in b"./" and n[-1] != 0x2F
+            and b"//" not in n and b"/." not in n and b"\0" not in n):
+        return n
     if b"\0" in name:
         raise InvalidInput(f"refusing member {show(what or name)}: NUL byte in path")
     parts = [p for p in name.split(b"/") if p and p != b"."]
@@ -95,6 +100,7 @@ class Extractor:
         self.kinds: dict[bytes, str] = {}  # what each path currently is on disk
         self.data_owner: dict[bytes, int] = {}  # path -> index of the record whose data is that path
         self.diff_size = 0
+        self._names: dict[bytes, str] = {}
         self._member: Member | None = None
         self._fd = -1  # payload sink of the current member
         self._extents: list[list[int]] | None = None  # sparse extents still to fill, last first
@@ -211,7 +217,7 @@ class Extractor:
             E.s(linkname), m.devmajor, m.devminor,
             {E.s(k): base64.b64encode(v).decode("ascii") for k, v in m.xattrs.items()} if m.xattrs else None,
             None, [list(p) for p in m.sparse] if m.sparse is not None else None,
-            E.s(m.uname), E.s(m.gname), t.decode("latin-1"),
+            self._name(m.uname), self._name(m.gname), t.decode("latin-1"),
         ]
         self.records.append(rec)
         self.diff_size += m.size
@@ -283,6 +289,13 @@ class Extractor:
             self.kinds[path] = "dev"
             return
         self.kinds[path] = kind
+
+    def _name(self, b: bytes) -> str:
+        """uname/gname as str; a layer has few distinct ones, so decode each once."""
+        v = self._names.get(b)
+        if v is None:
+            v = self._names[b] = E.s(b)
+        return v
 
     def _take_donor(self, path: bytes, pfd: int, base: bytes, m: Member) -> bool:
         """Rename the donor's file into place; the payload is then read (and CRC'd) but not written.
