@@ -100,6 +100,7 @@ class Profile:
     # overlayfs succeeds; the op is then skipped on the kernel and the oracle too.
     allowed_error: Callable[[diffops.Op, str], bool] = lambda op, res: False
     dir_mtimes: bool = True  # compare directory mtimes
+    upper_interop: bool = False  # kernel overlayfs must read the target's upper the same
     why: str = ""
 
 
@@ -107,6 +108,7 @@ PROFILES: dict[str, Profile] = {
     "fusesnap": Profile(
         "fusesnap", mount_fusesnap,
         {"whiteout": difflowers.WHITEOUT_NOTATIONS, "opaque": difflowers.OPAQUE_NOTATIONS},
+        upper_interop=True,
         why="strict: must behave like kernel overlayfs with redirect_dir=on,index=on",
     ),
     "fuse-overlayfs": Profile(
@@ -233,6 +235,7 @@ class SeedRun:
         self.gen = diffops.Generator(case.seed) if case.ops is None else None
         self.kernel_alive = True
         self.inos: tuple[dict[str, int], dict[str, int]] | None = None  # since this mount began
+        self.final: difftree.Tree | None = None  # the target's tree after the last op
         self.done = False  # stops at the first op mismatch: later ops would only echo it
 
     def snapshot(self, root: str) -> difftree.Tree:
@@ -309,6 +312,7 @@ class SeedRun:
         if self.done:
             return
         ttree, otree = self.snapshot(self.troot), self.snapshot(self.oroot)
+        self.final = ttree
         if self.kernel_alive:
             ktree = self.snapshot(self.kroot)
             self.out.oracle_notes += [f"final tree: {d}" for d in difftree.compare(ktree, otree, "kernel", "oracle")]
@@ -397,9 +401,36 @@ def run_batch(cases: list[Case], profile: Profile, parent: str | os.PathLike | N
                                 other.done = True
             for r in runs:
                 r.finish()
+            if profile.upper_interop:
+                check_upper_interop(batch, runs)
             return [r.out for r in runs]
         finally:
             batch.unmount()
+
+
+def check_upper_interop(batch: Batch, runs: list[SeedRun]) -> None:
+    """The target's upper is a plain overlay upper: kernel overlayfs mounted on it (over
+    the same logical lowers in kernel notation) must show exactly the target's tree. That
+    is what lets podman/containerd switch mount programs over the same storage."""
+    umount_any(batch.tdirs[2])
+    work, mnt = batch.base / "x" / "work", batch.base / "x" / "mnt"
+    work.mkdir(parents=True)
+    mnt.mkdir(parents=True)
+    opts = _overlay_opts(batch.klow, batch.tdirs[0], work) + ",redirect_dir=on,index=off"
+    r = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        for run in runs:
+            run.out.failures.append(f"kernel overlayfs refuses the {batch.profile.name} upper: {r.stderr.strip()}")
+        return
+    try:
+        for run in runs:
+            if run.final is None or run.done:
+                continue
+            again = run.snapshot(str(mnt / difflowers.seed_dirname(run.case.seed)))
+            diffs = difftree.compare(run.final, again, batch.profile.name, "kernel-on-its-upper")
+            run.out.failures += [f"upper read by kernel overlayfs: {d}" for d in diffs]
+    finally:
+        umount_any(mnt)
 
 
 def run_seeds(seeds: list[int], profile: Profile, batch_size: int = 50, nops: int = DEFAULT_OPS,
@@ -421,6 +452,10 @@ def run_seeds(seeds: list[int], profile: Profile, batch_size: int = 50, nops: in
 def signature(failure: str) -> str:
     """What kind of failure a report line is, so minimizing keeps chasing the same bug:
     'op:<op>:<target result>' for an op mismatch, '<phase>:<fields>' for trees."""
+    if failure.startswith("upper read by kernel"):
+        if "listed by readdir" in failure:
+            return "upper-interop:whiteout-listed"
+        return "upper-interop:" + signature("final tree: " + failure.split(": ", 1)[1]).split(":", 1)[1]
     if failure.startswith("inode of "):
         return "inode-changed"
     if failure.startswith("op "):

@@ -89,7 +89,7 @@ def snapshot(root: str, dir_mtimes: bool = True) -> Tree:
             names = os.listxattr(path, follow_symlinks=False)
         except OSError as ex:
             names = []
-            tree.problems.append(f"{rel}: listxattr failed: {ex}")
+            tree.problems.append(f"{rel}: listxattr failed: {ex.strerror}")
         xs = {}
         for n in sorted(names):
             if n.startswith("user."):
@@ -109,7 +109,7 @@ def snapshot(root: str, dir_mtimes: bool = True) -> Tree:
             with os.scandir(d) as it:
                 ents = list(it)
         except OSError as ex:
-            tree.problems.append(f"{rel or '.'}: readdir failed: {ex}")
+            tree.problems.append(f"{rel or '.'}: readdir failed: {ex.strerror}")
             return
         names = [e.name for e in ents]
         if len(names) != len(set(names)):
@@ -127,7 +127,7 @@ def snapshot(root: str, dir_mtimes: bool = True) -> Tree:
             try:
                 kind = record(e.path, r, dk)
             except OSError as ex:
-                tree.problems.append(f"{r}: listed by readdir but lstat failed: {ex}")
+                tree.problems.append(f"{r}: listed by readdir but lstat failed: {ex.strerror}")
                 continue
             if kind == "dir":
                 rec(e.path, r)

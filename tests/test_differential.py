@@ -38,7 +38,9 @@ KNOWN_FAILING: dict[int, str] = {}
 # testing the same thing whatever the generators do later), named after their entry
 # in /work/notes/FS_BUGS.md. Cases of bugs still open run as strict xfails.
 CASES_DIR = Path(__file__).parent / "diffcases"
-OPEN_BUGS: dict[str, str] = {}
+OPEN_BUGS: dict[str, str] = {
+    "D10": "D10: whiteouts left inside opaque upper dirs (kernel overlayfs on that upper lists them)",
+}
 
 
 def _load_case(path: Path, seed: int | None = None) -> diffrun.Case:
@@ -79,12 +81,35 @@ def _batches() -> list[list[int]]:
     return [seeds[i:i + BATCH] for i in range(0, len(seeds), BATCH)]
 
 
+# Failure kinds (diffrun.signature) of bugs still open that hit too many seeds to list
+# them one by one: filtered out of the seed batches; test_open_failure_kinds_still_seen
+# fails once a kind stops showing up (the bug got fixed: remove it here).
+OPEN_KINDS: dict[str, str] = {
+    "upper-interop:whiteout-listed": "D10: whiteouts left inside opaque upper dirs",
+}
+_seen_open_kinds: set[str] = set()
+_batches_run: list[int] = []
+
+
 @pytest.mark.parametrize("seeds", _batches(), ids=lambda s: f"seeds{s[0]}-{s[-1]}")
 def test_fusesnap_matches_kernel_overlayfs(seeds, shared_tmp):
     outs = diffrun.run_seeds(seeds, diffrun.PROFILES["fusesnap"], batch_size=BATCH, parent=shared_tmp)
     assert len(outs) == len(seeds)
+    for o in outs:
+        kinds = {diffrun.signature(f) for f in o.failures}
+        _seen_open_kinds.update(kinds & set(OPEN_KINDS))
+        o.failures = [f for f in o.failures if diffrun.signature(f) not in OPEN_KINDS]
+    _batches_run.append(seeds[0])
     if any(o.failed for o in outs):
         pytest.fail(_report(outs), pytrace=False)
+
+
+def test_open_failure_kinds_still_seen():
+    """Strict counterpart of OPEN_KINDS (runs after the batches)."""
+    if len(_batches_run) < len(_batches()):
+        pytest.skip("needs all seed batches in the same session")
+    fixed = set(OPEN_KINDS) - _seen_open_kinds
+    assert not fixed, f"no longer seen, remove from OPEN_KINDS: {sorted(fixed)}"
 
 
 @pytest.mark.parametrize(
@@ -102,6 +127,8 @@ def test_minimized_case(path, shared_tmp):
     case = _load_case(path)
     out = diffrun.run_batch([case], diffrun.PROFILES["fusesnap"], parent=shared_tmp)[0]
     assert not out.oracle_notes, out.oracle_notes
+    bug = path.stem.split("-", 1)[0]
+    out.failures = [f for f in out.failures if OPEN_KINDS.get(diffrun.signature(f), bug).split(":")[0] == bug]
     if out.failed:
         pytest.fail(diffrun.format_case(case, out), pytrace=False)
 
