@@ -452,6 +452,20 @@ class Union:
         fd = os.open(path + b"/" + uf.OPQ_NAME, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         os.close(fd)
 
+    def _drop_whiteouts(self, i: Inode, path: bytes) -> None:
+        """An opaque dir needs no whiteouts, and kernel overlayfs lists them in one."""
+        if not i.wh:
+            return
+        for name in i.wh:
+            for p in (path + b"/" + name, path + b"/.wh." + name):
+                try:
+                    st = os.lstat(p)
+                except FileNotFoundError:
+                    continue
+                if not S.S_ISDIR(st.st_mode):
+                    os.unlink(p)
+        i.wh = None
+
     def _whiteout(self, d: Inode, name: bytes) -> None:
         """Hide NAME of the lowers below directory d (d must be in the upper)."""
         path = self.child_path(d, name)
@@ -658,6 +672,7 @@ class Union:
                 self.copy_up(k)
         if i.lower is not None and not i.opaque:
             self._set_opaque(self.up(i))
+        self._drop_whiteouts(i, self.up(i))
         i.opaque = True
 
     # ---------------------------------------------------------------- creating
@@ -883,6 +898,7 @@ class Union:
             short.invalidate()
         if need_opaque:
             self._set_opaque(newpath)
+            self._drop_whiteouts(src, newpath)
             src.opaque = True
         if src.is_dir and self.lower_has(nd, new):
             src.opaque = True
@@ -908,6 +924,7 @@ class Union:
         for x, d, name in ((a, nd, new), (b, od, old)):
             if x.is_dir and self.lower_has(d, name):
                 self._set_opaque(self.child_path(d, name))
+                self._drop_whiteouts(x, self.child_path(d, name))
                 x.opaque = True
         od.kids[old], nd.kids[new] = b, a
         a.drop_name(od, old)
