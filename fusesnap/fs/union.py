@@ -456,6 +456,7 @@ class Union:
         """An opaque dir needs no whiteouts, and kernel overlayfs lists them in one."""
         if not i.wh:
             return
+        times = self._dir_times(path)      # dropping hidden markers changes nothing visible
         for name in i.wh:
             for p in (path + b"/" + name, path + b"/.wh." + name):
                 try:
@@ -465,6 +466,7 @@ class Union:
                 if not S.S_ISDIR(st.st_mode):
                     os.unlink(p)
         i.wh = None
+        self._restore_times(path, times)
 
     def _whiteout(self, d: Inode, name: bytes) -> None:
         """Hide NAME of the lowers below directory d (d must be in the upper)."""
