@@ -199,15 +199,18 @@ def ino_map(root: str) -> dict[str, int]:
     out: dict[str, int] = {}
 
     def rec(d: str, rel: str) -> None:
-        with os.scandir(d) as it:
-            for e in it:
-                r = f"{rel}/{e.name}" if rel else e.name
-                try:
-                    out[r] = e.stat(follow_symlinks=False).st_ino
-                except OSError:
-                    continue  # listed but gone: the tree comparison reports that
-                if e.is_dir(follow_symlinks=False):
-                    rec(e.path, r)
+        try:
+            ents = list(os.scandir(d))
+        except OSError:
+            return  # the tree comparison reports unreadable dirs
+        for e in ents:
+            r = f"{rel}/{e.name}" if rel else e.name
+            try:
+                out[r] = e.stat(follow_symlinks=False).st_ino
+            except OSError:
+                continue  # listed but gone: the tree comparison reports that
+            if e.is_dir(follow_symlinks=False):
+                rec(e.path, r)
 
     rec(root, "")
     return out
@@ -358,7 +361,8 @@ def workspace(parent: str | os.PathLike | None = None, tmpfs: bool = True) -> It
 
 
 def run_batch(cases: list[Case], profile: Profile, parent: str | os.PathLike | None = None,
-              persistence: bool = True, check_every: bool = False) -> list[Outcome]:
+              persistence: bool = True, check_every: bool = False,
+              reader: Profile | None = None) -> list[Outcome]:
     """Run cases side by side in one mount pair.
 
     Generated cases run 60% of their ops, the target is remounted (its trees must
@@ -403,9 +407,34 @@ def run_batch(cases: list[Case], profile: Profile, parent: str | os.PathLike | N
                 r.finish()
             if profile.upper_interop:
                 check_upper_interop(batch, runs)
+            if reader is not None:
+                check_upper_reader(batch, runs, reader)
             return [r.out for r in runs]
         finally:
             batch.unmount()
+
+
+def check_upper_reader(batch: Batch, runs: list[SeedRun], reader: Profile) -> None:
+    """Another FUSE overlay mounted on the target's upper (same lowers, same notation)
+    must show what the target itself shows after a fresh mount: e.g. fusesnap must read
+    what fuse-overlayfs wrote, so podman can switch mount programs over its storage."""
+    umount_any(batch.tdirs[2])
+    batch.mount_target()
+    own = {id(r): r.snapshot(r.troot) for r in runs}  # also seeds that failed: still an upper
+    umount_any(batch.tdirs[2])
+    work, mnt = batch.base / "r" / "work", batch.base / "r" / "mnt"
+    work.mkdir(parents=True)
+    mnt.mkdir(parents=True)
+    reader.mount(batch.tlow, batch.tdirs[0], work, mnt)
+    try:
+        for r in runs:
+            if id(r) not in own:
+                continue
+            theirs = difftree.snapshot(str(mnt / difflowers.seed_dirname(r.case.seed)), r.prof.dir_mtimes)
+            diffs = difftree.compare(own[id(r)], theirs, batch.profile.name, reader.name)
+            r.out.failures += [f"upper read by {reader.name}: {d}" for d in diffs]
+    finally:
+        umount_any(mnt)
 
 
 def check_upper_interop(batch: Batch, runs: list[SeedRun]) -> None:
@@ -435,11 +464,12 @@ def check_upper_interop(batch: Batch, runs: list[SeedRun]) -> None:
 
 def run_seeds(seeds: list[int], profile: Profile, batch_size: int = 50, nops: int = DEFAULT_OPS,
               parent: str | os.PathLike | None = None, persistence: bool = True,
-              progress: Callable[[list[Outcome]], None] | None = None) -> list[Outcome]:
+              progress: Callable[[list[Outcome]], None] | None = None,
+              reader: Profile | None = None) -> list[Outcome]:
     outs: list[Outcome] = []
     for i in range(0, len(seeds), batch_size):
         chunk = [Case.from_seed(s, nops) for s in seeds[i:i + batch_size]]
-        res = run_batch(chunk, profile, parent, persistence)
+        res = run_batch(chunk, profile, parent, persistence, reader=reader)
         outs += res
         if progress:
             progress(res)
@@ -452,6 +482,8 @@ def run_seeds(seeds: list[int], profile: Profile, batch_size: int = 50, nops: in
 def signature(failure: str) -> str:
     """What kind of failure a report line is, so minimizing keeps chasing the same bug:
     'op:<op>:<target result>' for an op mismatch, '<phase>:<fields>' for trees."""
+    if failure.startswith("upper read by") and not failure.startswith("upper read by kernel"):
+        return "upper-reader:" + signature("final tree: " + failure.split(": ", 1)[1]).split(":", 1)[1]
     if failure.startswith("upper read by kernel"):
         if "listed by readdir" in failure:
             return "upper-interop:whiteout-listed"
@@ -607,6 +639,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", help="e.g. 0-999 or 3,17,40-49")
     ap.add_argument("--replay", help="a JSON case saved by --minimize / --save")
     ap.add_argument("--target", default="fusesnap", choices=sorted(PROFILES))
+    ap.add_argument("--read-upper-with", choices=sorted(PROFILES),
+                    help="afterwards mount this one on the target's upper: it must show the same trees "
+                         "(with --target fuse-overlayfs, judge by hand: fuse-overlayfs 1.10's own "
+                         "remounted view of its upper is often wrong, e.g. hard links)")
     ap.add_argument("--ops", type=int, default=DEFAULT_OPS, help="ops per seed")
     ap.add_argument("--batch", type=int, default=50, help="seeds per mount pair")
     ap.add_argument("--minimize", action="store_true", help="shrink failing cases and save them")
@@ -657,7 +693,8 @@ def main(argv: list[str] | None = None) -> int:
         bad = [o.seed for o in res if o.failed]
         print(f"{done}/{len(seeds)} seeds, {time.monotonic() - t0:.1f}s; failing here: {bad}", flush=True)
 
-    outs = run_seeds(seeds, prof, a.batch, a.ops, persistence=persist, progress=progress)
+    reader = PROFILES[a.read_upper_with] if a.read_upper_with else None
+    outs = run_seeds(seeds, prof, a.batch, a.ops, persistence=persist, progress=progress, reader=reader)
     failed = [o for o in outs if o.failed]
     noted = [o for o in outs if o.oracle_notes]
     for o in outs:
