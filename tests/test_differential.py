@@ -1,4 +1,4 @@
-"""Differential test: seeded random ops on kernel overlayfs vs fusesnap-overlay.
+"""Differential test: seeded random ops on kernel overlayfs vs fusesnap-overlay (500 seeds).
 
 Each batch mounts one kernel overlayfs (redirect_dir=on,index=on) and one
 fusesnap-overlay over the same logical lowers, runs 50 seeds side by side in their
@@ -33,7 +33,7 @@ from difflowers import T_MIN
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="kernel overlayfs mounts need root")
 
-CI_SEEDS = range(0, 300)
+CI_SEEDS = range(0, 500)
 BATCH = 50
 # seed -> bug (an entry in the fs helper's bug list); strict xfail, run alone
 KNOWN_FAILING: dict[int, str] = {}
@@ -43,9 +43,7 @@ KNOWN_FAILING: dict[int, str] = {}
 # testing the same thing whatever the generators do later), named after their entry
 # in /work/notes/FS_BUGS.md. Cases of bugs still open run as strict xfails.
 CASES_DIR = Path(__file__).parent / "diffcases"
-OPEN_BUGS: dict[str, str] = {
-    "D10": "D10: whiteouts left inside opaque upper dirs (kernel overlayfs on that upper lists them)",
-}
+OPEN_BUGS: dict[str, str] = {}
 
 
 def _load_case(path: Path, seed: int | None = None) -> diffrun.Case:
@@ -89,9 +87,7 @@ def _batches() -> list[list[int]]:
 # Failure kinds (diffrun.signature) of bugs still open that hit too many seeds to list
 # them one by one: filtered out of the seed batches; test_open_failure_kinds_still_seen
 # fails once a kind stops showing up (the bug got fixed: remove it here).
-OPEN_KINDS: dict[str, str] = {
-    "upper-interop:whiteout-listed": "D10: whiteouts left inside opaque upper dirs",
-}
+OPEN_KINDS: dict[str, str] = {}
 _seen_open_kinds: set[str] = set()
 _batches_run: list[int] = []
 
