@@ -343,6 +343,20 @@ def _try_tmpfs(base: Path) -> bool:
         return False
 
 
+def tmpfs_usable() -> bool:
+    """Whether batches get their fast tmpfs on this machine (root, Linux >= 6.6)."""
+    if os.geteuid() != 0:
+        return False
+    d = Path(tempfile.mkdtemp(prefix="fusesnap-diff-probe-", dir="/var/tmp"))
+    try:
+        ok = _try_tmpfs(d)
+        if ok:
+            umount_any(d)
+        return ok
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def workspace(parent: str | os.PathLike | None = None, tmpfs: bool = True) -> Iterator[Path]:
     base = Path(tempfile.mkdtemp(prefix="fusesnap-diff-", dir=parent or "/var/tmp"))
