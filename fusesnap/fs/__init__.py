@@ -14,6 +14,6 @@ Public API (see docs/ARCHITECTURE.md, "Filesystem API"):
 
 Internals: union.py (all merge/copy-up/whiteout logic, plain Python, unit-testable),
 inodes.py (runtime Inode), copyup.py, longpath.py (paths beyond PATH_MAX),
-operations.py (thin pyfuse3 glue), fastloop.py (cheaper request wait, kernel
-readdir caching), overlay_cli.py (`fusesnap-overlay`).
+operations.py (thin pyfuse3 glue), fastloop.py (cheaper wait for the next
+request), overlay_cli.py (`fusesnap-overlay`).
 """

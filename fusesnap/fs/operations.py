@@ -16,12 +16,12 @@ import trio
 
 from fusesnap.fs import spaceops
 from fusesnap.fs.copyup import BIG, copy_data
-from fusesnap.fs.fastloop import DirCacheHint
 from fusesnap.fs.inodes import Inode
 from fusesnap.fs.union import Union
 
 FUSEError = pyfuse3.FUSEError
-# a pyfuse3 whose opendir() may return a FileInfo (with cache_readdir); else DirCacheHint
+# fusesnap's patched pyfuse3 (third_party/pyfuse3) lets opendir() return a FileInfo with cache_readdir;
+# with stock pyfuse3 listings are simply not cached by the kernel.
 _OPENDIR_FILEINFO = bool(getattr(pyfuse3, "OPENDIR_FILEINFO", False))
 log = logging.getLogger("fusesnap.fs")
 
@@ -52,7 +52,6 @@ class Operations(pyfuse3.Operations):
         self.next_dh = 1
         self.noxattrs = union.opts.noxattrs
         self.fsync_enabled = union.opts.fsync
-        self.dircache = DirCacheHint()
 
     # ------------------------------------------------------------------ helpers
     def _entry(self, i: Inode) -> pyfuse3.EntryAttributes:
@@ -153,7 +152,6 @@ class Operations(pyfuse3.Operations):
             fi = pyfuse3.FileInfo(fh=dh, keep_cache=True)
             fi.cache_readdir = True
             return fi
-        self.dircache.apply(inode)
         return dh
 
     async def readdir(self, fh, start_id, token):
