@@ -403,6 +403,12 @@ def test_every_committed_name_resolves_to_its_layer(sn):
     assert chain_of_name(sn.root, "first") == chain_of_name(sn.root, "second") == chain
     assert chain_of_name(sn.root, "nope") is None
     assert chain_of_name(sn.root / "elsewhere", "first") is None
+    sn.close()
+    # the CLI's export and inspect accept every committed name, not only the one in the layer's label
+    tars = {name: run(sn.root, "export", name).stdout for name in ("first", "second", chain)}
+    assert tars["first"] == tars["second"] == tars[chain] and tars[chain]
+    assert json.loads(run(sn.root, "--json", "inspect", "second").stdout)["chain_id"] == chain
+    assert run(sn.root, "export", "nope").returncode != 0
 
 
 def test_concurrent_prepares_of_one_key_keep_the_parent_referenced(tmp_path):

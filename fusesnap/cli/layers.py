@@ -34,6 +34,21 @@ def _store(args: argparse.Namespace) -> Any:
     return LayerStore(args.root)
 
 
+def _resolve(st: Any, args: argparse.Namespace, ref: str) -> Any:
+    """A layer by chainID, hex prefix or name label; else by any committed snapshot name."""
+    from ..errors import NotFound
+
+    try:
+        return st.get(ref)
+    except NotFound:
+        from ..snapshots.names import chain_of_name
+
+        chain = chain_of_name(args.root, ref)
+        if chain is None:
+            raise
+        return st.get(chain)
+
+
 def _emit(args: argparse.Namespace, obj: Any) -> None:
     from .main import emit_json
 
@@ -77,7 +92,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     with _store(args) as st:
-        info = st.get(args.ref)
+        info = _resolve(st, args, args.ref)
         if args.output:
             tmp = f"{args.output}.fusesnap-tmp-{os.getpid()}"
             try:
@@ -113,7 +128,7 @@ def cmd_layers(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     with _store(args) as st:
-        info = st.get(args.ref)
+        info = _resolve(st, args, args.ref)
         chain = st.chain(info.chain_id)
     obj = info.to_json()
     obj["chain"] = chain
