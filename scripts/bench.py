@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib.build import DEFAULT_CACHE, SCALES, build, describe  # noqa: E402
 from benchlib.profile import find_pyspy, summarize  # noqa: E402
 from benchlib.report import as_json, table  # noqa: E402
-from benchlib.runner import Options, Runner, log  # noqa: E402
+from benchlib.runner import Cell, Options, Runner, log  # noqa: E402
 from benchlib.sysutil import BenchError, is_root, rmtree  # noqa: E402
 from benchlib.targets import ALL_TARGETS, find_program, make_targets  # noqa: E402
 from benchlib.workloads import WORKLOADS, titles_for, walk  # noqa: E402
@@ -57,6 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", type=Path, default=None, metavar="DIR",
                    help="after each workload, one extra unrecorded run of the fusesnap targets under py-spy; "
                         "raw profiles and a summary go to DIR")
+    p.add_argument("--from-json", type=Path, default=None, metavar="FILE",
+                   help="print the table of a saved --json result (no measuring)")
     p.add_argument("--build-only", action="store_true", help="build the workloads and exit")
     p.add_argument("--list", action="store_true", help="list workloads and exit")
     args = p.parse_args(argv)
@@ -117,7 +119,7 @@ def markdown_report(meta: dict[str, object], intro: str, md: str) -> str:
     return (
         f"- date: {meta['date']}\n"
         f"- machine: {meta['nproc']} CPUs, {meta['ram_gib']} GiB RAM, Linux {meta['kernel']}, Python {meta['python']}\n"
-        f"- fuse-overlayfs: {meta['fuse-overlayfs']}; fusesnap: {meta['fusesnap']}\n"
+        f"- versions: {meta['fuse-overlayfs']}; {meta['fusesnap']}\n"
         f"- command: `{meta['command']}`\n"
         f"- workloads: rootfs {w['rootfs_entries']} entries / {w['rootfs_bytes'] / 1e6:.0f} MB merged from 2 layers "
         f"(layer 2: {w['rootfs_layer2_whiteouts']} whiteouts, {w['rootfs_layer2_opaque_dirs']} opaque dirs); "
@@ -127,12 +129,31 @@ def markdown_report(meta: dict[str, object], intro: str, md: str) -> str:
     )
 
 
+def rerender(path: Path) -> int:
+    """The table (and the markdown header) of a saved --json result."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        print(f"bench: error: cannot read {path}: {e}", file=sys.stderr)
+        return 1
+    byname = {w.name: w for w in WORKLOADS}
+    rows = [r for r in data["workloads"] if r["name"] in byname]
+    workloads = [byname[r["name"]] for r in rows]
+    targets = list(rows[0]["targets"]) if rows else []
+    results = {r["name"]: {t: Cell(runs=c["runs"], error=c["error"]) for t, c in r["targets"].items()} for r in rows}
+    titles = {r["name"]: r["title"] for r in rows}
+    print(table(workloads, titles, results, targets))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.list:
         for w in WORKLOADS:
             print(f"{w.name:18} {w.title}")
         return 0
+    if args.from_json:
+        return rerender(args.from_json)
     args.cache.mkdir(parents=True, exist_ok=True)
     lock = open(args.cache / ".lock", "w")
     try:

@@ -102,3 +102,11 @@ def test_bad_arguments_are_one_line_errors():
     assert p.returncode == 2 and "unknown workload no-such-workload" in p.stderr
     p = bench("--targets", "plain,zfs")
     assert p.returncode == 2 and "unknown target zfs" in p.stderr
+
+
+def test_saved_json_renders_the_same_table(tiny_run, tiny_cache):
+    p, _ = tiny_run
+    again = bench("--from-json", str(tiny_cache.parent / "result.json"))
+    assert again.returncode == 0, again.stderr
+    rows = [line for line in again.stdout.splitlines() if line.startswith("|")]
+    assert len(rows) >= 22 and all(r in p.stdout for r in rows)

@@ -30,6 +30,14 @@ def fmt_value(w: Workload, v: float | None) -> str:
     return f"{v:.1f} MB"
 
 
+def fmt_ratio(x: float | None) -> str:
+    if x is None:
+        return "—"
+    if x >= 100:
+        return f"{x:,.0f}"
+    return f"{x:.2f}" if x >= 0.1 else f"{x:.2g}"
+
+
 def table(workloads: list[Workload], titles: dict[str, str], results: dict[str, dict[str, Cell]],
           targets: list[str]) -> str:
     """The markdown table plus numbered footnotes giving each n/a's reason."""
@@ -56,8 +64,7 @@ def table(workloads: list[Workload], titles: dict[str, str], results: dict[str, 
             c = cells[t]
             row.append(note(c.error) if c.error else fmt_value(w, c.median) or "—")
         for t, r in ratio_cols:
-            x = ratio(w, cells[t].median, cells[r].median)
-            row.append(f"{x:.2f}" if x is not None else "—")
+            row.append(fmt_ratio(ratio(w, cells[t].median, cells[r].median)))
         lines.append("| " + " | ".join(row) + " |")
     out = "\n".join(lines) + "\n"
     if notes:
