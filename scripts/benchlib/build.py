@@ -92,8 +92,10 @@ def _cached(dst: Path, builder: Callable[[Path], None]) -> Path:
     if dst.exists():
         return dst
     tmp = dst.with_name(dst.name + ".tmp")
-    if tmp.exists() or tmp.is_symlink():
-        rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+    if tmp.is_dir() and not tmp.is_symlink():
+        rmtree(tmp)  # an interrupted earlier build
+    elif tmp.exists() or tmp.is_symlink():
+        tmp.unlink()
     builder(tmp)
     os.rename(tmp, dst)
     return dst
