@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from helpers import is_root
-from unionmount import (KINDS, Union, errno_of, is_opaque_in_upper, is_whiteout_in_upper, layout, mkdir,
-                        mkfile, mount_union, scratch, snapshot_tree, tree_diff, upper_has_name)
+from unionmount import (KINDS, Union, built_union, errno_of, is_opaque_in_upper, is_whiteout_in_upper, mkdir,
+                        mkfile, snapshot_tree, tree_diff, upper_has_name)
 
 pytestmark = pytest.mark.skipif(not is_root(), reason="needs root to mount and to set owners")
 
@@ -71,12 +71,8 @@ def _build(l0: Path, l1: Path) -> None:
 
 @pytest.fixture(scope="module", params=KINDS)
 def u(request):
-    with scratch() as base:
-        lowers, upper, work, mnt = layout(base, 2)
-        _build(*lowers)
-        un = mount_union(request.param, mnt, lowers, upper, work)
+    with built_union(request.param, _build) as un:
         yield un
-        un.unmount()
 
 
 def _meta(p: Path) -> tuple:

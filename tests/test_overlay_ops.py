@@ -15,8 +15,8 @@ import pytest
 
 from helpers import is_root
 from unionmount import (FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, KINDS, RENAME_EXCHANGE, RENAME_NOREPLACE,
-                        UTIME_NOW, UTIME_OMIT, Union, errno_of, fallocate, layout, mkdir, mkfile, mount_union,
-                        renameat2, scratch, snapshot_tree, tree_diff, utimensat)
+                        UTIME_NOW, UTIME_OMIT, Union, built_union, errno_of, fallocate, mkdir, mkfile,
+                        renameat2, snapshot_tree, tree_diff, utimensat)
 
 pytestmark = pytest.mark.skipif(not is_root(), reason="needs root to mount")
 
@@ -56,12 +56,8 @@ def _build(l0: Path, l1: Path) -> None:
 
 @pytest.fixture(scope="module", params=KINDS)
 def u(request):
-    with scratch() as base:
-        lowers, upper, work, mnt = layout(base, 2)
-        _build(*lowers)
-        un = mount_union(request.param, mnt, lowers, upper, work)
+    with built_union(request.param, _build) as un:
         yield un
-        un.unmount()
 
 
 # ------------------------------------------------------------------ setattr

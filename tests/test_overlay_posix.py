@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from helpers import is_root
-from unionmount import FUSESNAP, KINDS, Union, errno_of, layout, mkdir, mkfile, mount_union, scratch
+from unionmount import FUSESNAP, KINDS, Union, built_union, errno_of, layout, mkdir, mkfile, mount_union
 
 pytestmark = pytest.mark.skipif(not is_root(), reason="needs root to mount")
 
@@ -53,12 +53,8 @@ def _build(l0: Path, l1: Path) -> None:
 
 @pytest.fixture(scope="module", params=KINDS)
 def u(request):
-    with scratch() as base:
-        lowers, upper, work, mnt = layout(base, 2)
-        _build(*lowers)
-        un = mount_union(request.param, mnt, lowers, upper, work)
+    with built_union(request.param, _build) as un:
         yield un
-        un.unmount()
 
 
 def test_names_longer_than_255_bytes(u: Union):

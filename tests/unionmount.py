@@ -27,7 +27,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import pytest
 
@@ -233,6 +233,19 @@ def scratch(prefix: str = "fusesnap-ov-") -> Iterator[Path]:
                 unmount(mp)
             wait_gone(pids, 5)
         shutil.rmtree(d, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def built_union(kind: str, build: Callable[..., None], nlowers: int = 2) -> Iterator[Union]:
+    """A mount of `kind` over nlowers lowers filled by build(*lowers); unmounted and removed after."""
+    with scratch() as base:
+        lowers, upper, work, mnt = layout(base, nlowers)
+        build(*lowers)
+        un = mount_union(kind, mnt, lowers, upper, work)
+        try:
+            yield un
+        finally:
+            un.unmount()
 
 
 def layout(base: Path, nlowers: int = 1) -> tuple[list[Path], Path, Path, Path]:
