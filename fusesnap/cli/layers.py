@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import FusesnapError, InvalidInput
+from .main import parse_labels
 
 
 def _os_errors(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -55,20 +56,10 @@ def _emit(args: argparse.Namespace, obj: Any) -> None:
     emit_json(obj)
 
 
-def _labels(items: list[str] | None) -> dict[str, str]:
-    out = {}
-    for it in items or []:
-        k, eq, v = it.partition("=")
-        if not eq or not k:
-            raise InvalidInput(f"bad label {it!r} (want KEY=VALUE)")
-        out[k] = v
-    return out
-
-
 def cmd_import(args: argparse.Namespace) -> int:
     from ..store.layerstore import GC_ROOT_LABEL
 
-    labels = {GC_ROOT_LABEL: "true", **_labels(args.label)}
+    labels = {GC_ROOT_LABEL: "true", **parse_labels(args.label)}
     if args.name:
         from ..store.layerstore import NAME_LABEL
         labels[NAME_LABEL] = args.name

@@ -56,6 +56,19 @@ def emit_json(obj: Any) -> None:
     sys.stdout.write("\n")
 
 
+def parse_labels(items: list[str] | None) -> dict[str, str]:
+    """KEY=VALUE arguments (repeatable --label) as a dict; a malformed one is a one-line error."""
+    from ..errors import InvalidInput
+
+    out: dict[str, str] = {}
+    for item in items or []:
+        k, sep, v = item.partition("=")
+        if not k or not sep:
+            raise InvalidInput(f"bad label {item!r}: expected KEY=VALUE")
+        out[k] = v
+    return out
+
+
 def setup_logging(verbosity: int) -> None:
     level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="fusesnap: %(levelname)s: %(message)s", stream=sys.stderr)

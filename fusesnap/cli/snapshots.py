@@ -12,21 +12,12 @@ import sys
 from typing import Any
 
 from ..errors import InvalidInput
+from .main import parse_labels
 
 
 def _json_flag(p: argparse.ArgumentParser) -> None:
     # SUPPRESS keeps a global `fusesnap --json CMD` from being reset by the subcommand default.
     p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable JSON output")
-
-
-def _labels(items: list[str] | None) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in items or []:
-        k, sep, v = item.partition("=")
-        if not k or not sep:
-            raise InvalidInput(f"bad label {item!r}: expected KEY=VALUE")
-        out[k] = v
-    return out
 
 
 def _emit(obj: Any) -> None:
@@ -43,7 +34,7 @@ def _open(args: argparse.Namespace):
 def cmd_prepare(args: argparse.Namespace) -> int:
     with _open(args) as sn:
         fn = sn.prepare if args.command == "prepare" else sn.view
-        mounts = fn(args.key, args.parent or "", _labels(args.label))
+        mounts = fn(args.key, args.parent or "", parse_labels(args.label))
         if getattr(args, "json", False):
             _emit([m.to_json() for m in mounts])
     return 0
@@ -51,7 +42,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_commit(args: argparse.Namespace) -> int:
     with _open(args) as sn:
-        info = sn.commit(args.name, args.key, _labels(args.label))
+        info = sn.commit(args.name, args.key, parse_labels(args.label))
     if getattr(args, "json", False):
         _emit(info.to_json())
     else:
