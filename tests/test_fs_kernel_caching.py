@@ -1,8 +1,9 @@
 """The kernel caches directory listings and symlink targets of a fusesnap-overlay mount
-(pyfuse3 patches 0002/0003, third_party/pyfuse3/README.md): a second readdir of an unchanged
-directory and a second readlink of a symlink never reach the daemon, and every change made
-through the mount is seen at once. A file system written for stock pyfuse3 keeps the old
-uncached behaviour.
+(pyfuse3 patches 0002-0004, third_party/pyfuse3/README.md): a second readdir of an unchanged
+directory and a second readlink of a symlink never reach the daemon, directories are opened
+by the kernel itself (one OPENDIR answered ENOSYS per mount, then none), so a warm walk of an
+unchanged tree sends no request at all, and every change made through the mount is seen at
+once. A file system written for stock pyfuse3 keeps the old uncached behaviour.
 
 Requests are counted in the daemon itself: the mount program runs with fusesnap's Operations
 handlers wrapped so that each call appends a line to a log (a call = a request that reached
@@ -15,6 +16,7 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from stat import S_ISDIR
 
 import pytest
 
@@ -23,7 +25,7 @@ from unionmount import FUSESNAP, Union, layout, mkdir, mkfile, mount_union, scra
 
 pytestmark = pytest.mark.skipif(not is_root(), reason="needs root to mount")
 
-# fusesnap-overlay with opendir/readdir/readlink counted (FUSESNAP_COUNT_LOG names the log).
+# fusesnap-overlay with its request handlers counted (FUSESNAP_COUNT_LOG names the log).
 COUNTING_OVERLAY = r'''
 import os, sys
 import fusesnap.fs.operations as fo
@@ -37,7 +39,8 @@ def counted(name, orig):
         return await orig(self, *args)
     return wrapper
 
-for name in ("opendir", "readdir", "readlink"):
+for name in ("opendir", "readdir", "releasedir", "readlink", "lookup", "getattr", "open",
+             "release", "flush", "getxattr", "listxattr", "statfs"):
     setattr(fo.Operations, name, counted(name, getattr(fo.Operations, name)))
 
 from fusesnap.fs.overlay_cli import main
@@ -137,7 +140,7 @@ def test_unchanged_directory_is_listed_from_the_kernel_cache(counted_mount: tupl
 
     assert sorted(os.listdir(d)) == ["a", "b", "c"]
     second = requests()
-    assert second["opendir"] > first["opendir"], "the second listdir must open the dir again"
+    assert second["opendir"] == first["opendir"] == 1, "directories are opened by the kernel"
     assert second["readdir"] == first["readdir"], "the second readdir reached the daemon"
 
     # Changes through the mount are seen at once (and the new listing is cached again).
@@ -206,3 +209,55 @@ def test_stock_pyfuse3_style_filesystem_is_not_cached(tmp_path: Path) -> None:
             proc.kill()
             _, err = proc.communicate()
     assert proc.returncode == 0, err.decode(errors="replace")
+
+
+def walk(top: Path) -> dict[str, tuple[int, int]]:
+    """scandir + lstat of every entry below top: relative path -> (mode, size)."""
+    out: dict[str, tuple[int, int]] = {}
+    todo = [top]
+    while todo:
+        d = todo.pop()
+        with os.scandir(d) as it:
+            for e in it:
+                st = os.lstat(e.path)
+                out[os.path.relpath(e.path, top)] = (st.st_mode, st.st_size)
+                if e.is_dir(follow_symlinks=False):
+                    todo.append(Path(e.path))
+    return out
+
+
+def walk_until_silent(top: Path, requests: Requests, expect: dict[str, tuple[int, int]]) -> None:
+    """After a cold walk: the next walk sends no opendir/readdir/lookup, only one GETATTR per
+    directory (the kernel's uncached readdir invalidated its atime), and the one after it
+    sends no request at all."""
+    before = requests()
+    assert walk(top) == expect
+    second = requests() - before
+    ndirs = 1 + sum(1 for mode, _ in expect.values() if S_ISDIR(mode))
+    assert set(second) <= {"getattr"} and second["getattr"] <= ndirs, second
+    third = requests()
+    assert walk(top) == expect
+    assert requests() == third, "a warm walk of an unchanged tree reached the daemon"
+
+
+def test_warm_walk_of_an_unchanged_tree_sends_no_request(counted_mount: tuple[Union, Requests]) -> None:
+    u, requests = counted_mount
+    first = walk(u.mnt)
+    assert {"d", "d/a", "d/b", "d/c", "links", "links/s"} <= set(first)
+    cold = requests()
+    assert cold["opendir"] == 1 and cold["readdir"] >= 3, cold
+    walk_until_silent(u.mnt, requests, first)
+
+    # Changes through the mount are seen by the next walk, which is then warm again.
+    (u.p("d", "new")).write_bytes(b"new")
+    os.unlink(u.p("d", "a"))
+    os.rename(u.p("d", "c"), u.p("links", "c"))
+    os.mkdir(u.p("links", "sub"))
+    (u.p("links", "sub", "f")).write_bytes(b"ff")
+    seen = requests()
+    changed = walk(u.mnt)
+    assert set(changed) == set(first) - {"d/a", "d/c"} | {"d/new", "links/c", "links/sub", "links/sub/f"}
+    assert changed["d/new"][1] == 3 and changed["links/sub/f"][1] == 2
+    after = requests()
+    assert after["readdir"] > seen["readdir"] and after["opendir"] == 1, after
+    walk_until_silent(u.mnt, requests, changed)

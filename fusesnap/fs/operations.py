@@ -23,6 +23,8 @@ FUSEError = pyfuse3.FUSEError
 # fusesnap's patched pyfuse3 (third_party/pyfuse3) lets opendir() return a FileInfo with cache_readdir;
 # with stock pyfuse3 listings are simply not cached by the kernel.
 _OPENDIR_FILEINFO = bool(getattr(pyfuse3, "OPENDIR_FILEINFO", False))
+# ... and (patch 0004) passes the inode to readdir/fsyncdir when the kernel opens directories itself.
+_NO_OPENDIR = bool(getattr(pyfuse3, "NO_OPENDIR", False))
 log = logging.getLogger("fusesnap.fs")
 
 
@@ -43,13 +45,13 @@ class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
     enable_symlink_cache = True     # honoured by a pyfuse3 that knows FUSE_CAP_CACHE_SYMLINKS
+    # Zero-message opendir (pyfuse3 patch 0004); pyfuse3 resets it when the kernel lacks it.
+    readdir_without_opendir = _NO_OPENDIR
 
     def __init__(self, union: Union) -> None:
         super().__init__()
         self.u = union
         self.timeout = union.timeout
-        self.dirs: dict[int, list] = {}
-        self.next_dh = 1
         self.noxattrs = union.opts.noxattrs
         self.fsync_enabled = union.opts.fsync
 
@@ -142,27 +144,25 @@ class Operations(pyfuse3.Operations):
 
     # ------------------------------------------------------------------ directories
     async def opendir(self, inode, ctx):
+        if self.readdir_without_opendir:
+            # The kernel opens directories itself from now on (keep_cache +
+            # cache_readdir, no RELEASEDIR): a warm walk sends no requests.
+            raise FUSEError(errno.ENOSYS)
         i = self._inode(inode)
         if not i.is_dir:
             raise FUSEError(errno.ENOTDIR)
-        dh = self.next_dh
-        self.next_dh += 1
-        self.dirs[dh] = [i, None]
+        # The handle is the inode: readdir works by inode either way.
         if _OPENDIR_FILEINFO:
-            fi = pyfuse3.FileInfo(fh=dh, keep_cache=True)
+            fi = pyfuse3.FileInfo(fh=inode, keep_cache=True)
             fi.cache_readdir = True
             return fi
-        return dh
+        return inode
 
     async def readdir(self, fh, start_id, token):
-        h = self.dirs[fh]
-        d = h[0]
         u = self.u
         try:
-            if start_id == 0 or h[1] is None:
-                h[1] = u.listing(d)
-            ents = h[1]
-            kids = d.kids
+            d = self._inode(fh)
+            li = u.listing(d, start_id == 0)
             reply = pyfuse3.readdir_reply
             if start_id == 0:
                 if not reply(token, b".", u.attr(d), 1):
@@ -173,27 +173,32 @@ class Operations(pyfuse3.Operations):
                 if not reply(token, b"..", u.attr(p), 2):
                     return
                 start_id = 2
-            for idx in range(start_id - 2, len(ents)):
+            kids = u.kids(d)
+            ents, cookies = li.ents, li.cookies
+            for idx in range(li.index(start_id - 2), len(ents)):
                 name, i = ents[idx]
                 if kids.get(name) is not i:
                     continue
-                if not reply(token, name, u.attr(i), idx + 3):
+                off = (idx if cookies is None else cookies[idx]) + 3
+                if not reply(token, name, u.attr(i), off):
                     return
                 i.lookups += 1
         except OSError as e:
             raise FUSEError(e.errno) from None
+        except FUSEError:
+            raise
         except Exception:
             raise _bug() from None
 
     async def releasedir(self, fh):
-        self.dirs.pop(fh, None)
+        pass
 
     async def fsyncdir(self, fh, datasync):
-        h = self.dirs.get(fh)
-        if h is None or not h[0].upper or not self.fsync_enabled:
+        h = self.u.inodes.get(fh)
+        if h is None or not h.upper or not self.fsync_enabled:
             return
         try:
-            fd = os.open(self.u.up(h[0]), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fd = os.open(self.u.up(h), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
                 os.fsync(fd)
             finally:

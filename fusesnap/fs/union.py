@@ -7,6 +7,7 @@ tests drive it on plain directories without a mount.
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import errno
 import os
@@ -29,6 +30,43 @@ RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+class Listing:
+    """A directory's entries in a fixed order, each with a cookie that never changes.
+
+    Entries are only appended (by ``sync``); a removed or replaced entry stays
+    in place, dead, and readers skip it (``kids.get(name) is not inode``), so a
+    reader resuming at any cookie neither skips nor repeats live entries. When
+    dead slots outnumber live ones they are dropped; cookies are kept, so from
+    then on they are looked up by bisection instead of used as indexes."""
+
+    __slots__ = ("d", "ents", "cookies", "next")
+
+    def __init__(self, d: Inode, kids: dict[bytes, Inode]) -> None:
+        self.d = d
+        self.ents: list[tuple[bytes, Inode]] = list(kids.items())
+        self.cookies: list[int] | None = None    # None: cookie == index
+        self.next = len(self.ents)
+
+    def sync(self, kids: dict[bytes, Inode]) -> None:
+        have = set(self.ents)
+        new = [kv for kv in kids.items() if kv not in have]
+        if len(self.ents) + len(new) > 2 * len(kids) + 64:
+            live = [(c, kv) for c, kv in zip(self.cookies or range(len(self.ents)), self.ents)
+                    if kids.get(kv[0]) is kv[1]]
+            self.cookies = [c for c, _ in live]
+            self.ents = [kv for _, kv in live]
+        self.ents.extend(new)
+        if self.cookies is not None:
+            self.cookies.extend(range(self.next, self.next + len(new)))
+        self.next += len(new)
+
+    def index(self, cookie: int) -> int:
+        """Position of the first entry whose cookie is >= ``cookie``."""
+        if self.cookies is None:
+            return cookie
+        return bisect.bisect_left(self.cookies, cookie)
 
 
 def _renameat2(old: bytes, new: bytes, flags: int) -> None:
@@ -108,6 +146,7 @@ class Union:
         self.next_ino = tree.max_ino + 1
         self._tree_ino = getattr(tree, 'new_ino', None)   # lazy trees hand out numbers as they grow
         self.fd_ino: dict[int, Inode] = {}
+        self.listings: dict[int, Listing] = {}   # dir ino -> entries with stable offsets
         self.lower_fds: dict[int, int] = {}      # lower ino -> shared read-only fd
         self.lower_refs: dict[int, int] = {}     # that fd -> open handles using it
         self.lower_fd_cap = _fd_cap()
@@ -286,8 +325,19 @@ class Union:
                 raise _err(errno.ENAMETOOLONG)
         return i
 
-    def listing(self, d: Inode) -> list[tuple[bytes, Inode]]:
-        return list(self.kids(d).items())
+    def listing(self, d: Inode, restart: bool) -> "Listing":
+        """d's entries with offsets that stay valid for the life of the mount.
+
+        Readdir is served by inode, not by an open handle (the kernel opens
+        directories itself: no OPENDIR/RELEASEDIR), so any offset ever handed
+        out may come back. ``restart`` (a read from offset 0) appends entries
+        added since the last restart; removed ones are skipped when read."""
+        li = self.listings.get(d.ino)
+        if li is None or li.d is not d:
+            li = self.listings[d.ino] = Listing(d, self.kids(d))
+        elif restart:
+            li.sync(self.kids(d))
+        return li
 
     # ---------------------------------------------------------------- attributes
     def attr(self, i: Inode) -> pyfuse3.EntryAttributes:
@@ -1170,6 +1220,7 @@ class Union:
         i.lookups -= n
         if i.lookups <= 0 and i.parent is None and i not in self.fd_ino.values():
             del self.inodes[ino]
+            self.listings.pop(ino, None)
 
     def statfs(self) -> os.statvfs_result:
         if self.U is not None:
