@@ -11,6 +11,7 @@ from typing import Any
 
 from ..errors import FusesnapError, InvalidInput
 from .main import parse_labels
+from .progress import Progress, ProgressReader, ProgressWriter, file_size
 
 
 def _os_errors(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -56,6 +57,22 @@ def _emit(args: argparse.Namespace, obj: Any) -> None:
     emit_json(obj)
 
 
+def _import_with_progress(st: Any, f: Any, args: argparse.Namespace, labels: dict[str, str]) -> Any:
+    bar = Progress("importing", file_size(f))
+    try:
+        return st.import_tar(ProgressReader(f, bar), args.parent, labels=labels)
+    finally:
+        bar.close()
+
+
+def _export_with_progress(st: Any, info: Any, f: Any) -> None:
+    bar = Progress("exporting", info.tar_size)
+    try:
+        st.export(info.chain_id, ProgressWriter(f, bar))
+    finally:
+        bar.close()
+
+
 def cmd_import(args: argparse.Namespace) -> int:
     from ..store.layerstore import GC_ROOT_LABEL
 
@@ -65,14 +82,14 @@ def cmd_import(args: argparse.Namespace) -> int:
         labels[NAME_LABEL] = args.name
     with _store(args) as st:
         if args.file == "-":
-            info = st.import_tar(sys.stdin.buffer, args.parent, labels=labels)
+            info = _import_with_progress(st, sys.stdin.buffer, args, labels)
         else:
             try:
                 f = open(args.file, "rb")
             except OSError as e:
                 raise InvalidInput(f"cannot open {args.file}: {e.strerror}") from None
             with f:
-                info = st.import_tar(f, args.parent, labels=labels)
+                info = _import_with_progress(st, f, args, labels)
     if args.json:
         _emit(args, info.to_json())
     else:
@@ -88,7 +105,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             tmp = f"{args.output}.fusesnap-tmp-{os.getpid()}"
             try:
                 with open(tmp, "wb") as f:
-                    st.export(info.chain_id, f)
+                    _export_with_progress(st, info, f)
                 os.replace(tmp, args.output)
             except BaseException:
                 if os.path.exists(tmp):
@@ -97,7 +114,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         else:
             if sys.stdout.isatty():
                 raise InvalidInput("refusing to write a tar to a terminal (use -o FILE or a redirect)")
-            st.export(info.chain_id, sys.stdout.buffer)
+            _export_with_progress(st, info, sys.stdout.buffer)
             sys.stdout.buffer.flush()
     return 0
 
