@@ -261,3 +261,43 @@ def test_warm_walk_of_an_unchanged_tree_sends_no_request(counted_mount: tuple[Un
     after = requests()
     assert after["readdir"] > seen["readdir"] and after["opendir"] == 1, after
     walk_until_silent(u.mnt, requests, changed)
+
+
+def _read_from(li, kids: dict, cookie: int) -> list[tuple[bytes, int]]:
+    """What fusesnap's readdir returns from offset cookie + 2: live entries, with cookies."""
+    cookies = li.cookies
+    return [(n, idx if cookies is None else cookies[idx])
+            for idx in range(li.index(cookie), len(li.ents))
+            for n, i in [li.ents[idx]] if kids.get(n) is i]
+
+
+def test_listing_offsets_survive_removals_additions_and_compaction() -> None:
+    """Readdir has no handle, so any offset handed out may come back later: the entries of
+    a directory keep their cookies through syncs, also once dead slots are dropped."""
+    from fusesnap.fs.union import Listing
+
+    kids = {b"f%03d" % k: object() for k in range(300)}
+    li = Listing(object(), kids)  # type: ignore[arg-type]
+    first = _read_from(li, kids, 0)
+    assert [n for n, _ in first] == list(kids)
+    pos = first[49][1] + 1                       # a reader stopped after 50 entries
+    for k in range(20, 300):                     # most entries go away ...
+        if k % 20:
+            del kids[b"f%03d" % k]
+    kids[b"f101"] = object()                     # ... one name comes back as a new object
+    for k in range(10):
+        kids[b"new%d" % k] = object()
+    li.sync(kids)                                # a new reader starts at 0
+    assert li.cookies is not None, "dead slots outnumbered live ones: compacted"
+    assert len(li.ents) == len(kids)
+    rest = _read_from(li, kids, pos)
+    names = [n for n, _ in rest]
+    assert len(names) == len(set(names))
+    assert set(names) == set(kids) - {n for n, _ in first[:50]}
+    kept = dict(first)
+    again = _read_from(li, kids, 0)
+    for n, c in again:
+        if n != b"f101" and not n.startswith(b"new"):
+            assert c == kept[n], f"{n!r} changed its offset"
+    assert [n for n, _ in again] == [n for n, _ in first if n in kids and n != b"f101"] + \
+        [b"f101"] + [b"new%d" % k for k in range(10)]
