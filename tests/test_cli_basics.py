@@ -1,5 +1,6 @@
 """The CLI's global contract: --version, --help, non-zero exit with a one-line error."""
 
+import json
 import subprocess
 
 from helpers import script
@@ -19,3 +20,11 @@ def test_help_lists_global_options():
 def test_unknown_command_fails():
     out = subprocess.run([script("fusesnap"), "no-such-command"], capture_output=True, text=True)
     assert out.returncode != 0
+
+
+def test_json_is_accepted_before_and_after_the_command(tmp_path):
+    for args in (["--json", "layers"], ["layers", "--json"], ["list", "--json"], ["--json", "list"]):
+        out = subprocess.run([script("fusesnap"), "--root", str(tmp_path), *args],
+                             capture_output=True, text=True)
+        assert out.returncode == 0, (args, out.stderr)
+        assert json.loads(out.stdout) == [], args

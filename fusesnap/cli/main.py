@@ -48,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    for p in sub.choices.values():
+        # `fusesnap CMD --json` works as well as `fusesnap --json CMD`; SUPPRESS keeps the
+        # subcommand's default from resetting a global --json.
+        if "--json" not in p._option_string_actions:
+            p.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                           help="machine-readable JSON output")
     return parser
 
 

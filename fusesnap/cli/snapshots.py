@@ -15,11 +15,6 @@ from ..errors import InvalidInput
 from .main import parse_labels
 
 
-def _json_flag(p: argparse.ArgumentParser) -> None:
-    # SUPPRESS keeps a global `fusesnap --json CMD` from being reset by the subcommand default.
-    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable JSON output")
-
-
 def _emit(obj: Any) -> None:
     json.dump(obj, sys.stdout, indent=2, sort_keys=True, default=str)
     sys.stdout.write("\n")
@@ -226,7 +221,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("parent", metavar="PARENT", nargs="?", default="",
                        help="committed snapshot name or layer chainID (default: empty base)")
         p.add_argument("--label", action="append", metavar="KEY=VALUE", help="set a label (repeatable)")
-        _json_flag(p)
         p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("commit", help="turn active KEY into committed layer NAME (prints its chainID)",
@@ -235,7 +229,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("name", metavar="NAME")
     p.add_argument("key", metavar="KEY")
     p.add_argument("--label", action="append", metavar="KEY=VALUE", help="set a label (repeatable)")
-    _json_flag(p)
     p.set_defaults(func=cmd_commit)
 
     p = sub.add_parser("remove", help="remove snapshots (refused while children exist)")
@@ -244,7 +237,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("stat", help="show a snapshot's info (containerd Info fields)")
     p.add_argument("key", metavar="KEY")
-    _json_flag(p)
     p.set_defaults(func=cmd_stat)
 
     p = sub.add_parser("list", help="list snapshots, optionally filtered",
@@ -253,7 +245,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "several filters OR.")
     p.add_argument("filters", metavar="FILTER", nargs="*")
     p.add_argument("--no-trunc", action="store_true", help="print full chainIDs in the table")
-    _json_flag(p)
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("update", help="change a snapshot's labels",
@@ -263,12 +254,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--label", action="append", metavar="KEY[=VALUE]")
     p.add_argument("--fieldpath", action="append", metavar="PATH", help="containerd field path to update")
     p.add_argument("--parent", default=None, help=argparse.SUPPRESS)
-    _json_flag(p)
     p.set_defaults(func=cmd_update)
 
     p = sub.add_parser("usage", help="disk bytes and inodes a snapshot holds")
     p.add_argument("key", metavar="KEY")
-    _json_flag(p)
     p.set_defaults(func=cmd_usage)
 
     p = sub.add_parser("mounts", help="print, as JSON, the mounts a client performs for KEY")
@@ -276,7 +265,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_mounts)
 
     p = sub.add_parser("cleanup", help="delete unreferenced snapshot directories and caches")
-    _json_flag(p)
     p.set_defaults(func=cmd_cleanup)
 
     p = sub.add_parser("diff", help="write the changeset tar of active KEY (same bytes commit stores)")
