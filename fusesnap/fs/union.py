@@ -208,6 +208,17 @@ class Union:
             i.add_name(d, name)
         return i
 
+    @staticmethod
+    def _hide(d: Inode, kids: dict[bytes, Inode], wh: set[bytes] | None, name: bytes) -> set[bytes]:
+        """An upper whiteout for NAME: it hides the lower entry and is remembered (lazily made set)."""
+        if wh is None:
+            wh = set()
+        wh.add(name)
+        old = kids.pop(name, None)
+        if old is not None:
+            old.drop_name(d, name)
+        return wh
+
     def _load(self, d: Inode) -> dict[bytes, Inode]:
         kids: dict[bytes, Inode] = {}
         low = d.lower if not d.opaque else None
@@ -229,13 +240,7 @@ class Union:
                     if name.startswith(b".wh."):
                         if name == uf.OPQ_NAME:
                             continue
-                        t = name[4:]
-                        if wh is None:
-                            wh = set()
-                        wh.add(t)
-                        old = kids.pop(t, None)
-                        if old is not None:
-                            old.drop_name(d, t)
+                        wh = self._hide(d, kids, wh, name[4:])
                         continue
                     st = None
                     if de.is_dir(follow_symlinks=False):
@@ -247,24 +252,14 @@ class Union:
                     else:
                         st = de.stat(follow_symlinks=False)
                         if S.S_ISCHR(st.st_mode) and st.st_rdev == 0:
-                            if wh is None:
-                                wh = set()
-                            wh.add(name)
-                            old = kids.pop(name, None)
-                            if old is not None:
-                                old.drop_name(d, name)
+                            wh = self._hide(d, kids, wh, name)
                             continue
                         kind = S.S_IFMT(st.st_mode)
                     if kind == S.S_IFREG and self.read_overrides:
                         ov = uf.read_override(de.path, self.override_names)
                         if ov is not None and ov.fmt is not None and ov.fmt != kind:
                             if ov.fmt == S.S_IFCHR and ov.rdev == 0:
-                                if wh is None:
-                                    wh = set()
-                                wh.add(name)
-                                old = kids.pop(name, None)
-                                if old is not None:
-                                    old.drop_name(d, name)
+                                wh = self._hide(d, kids, wh, name)
                                 continue
                             kind = ov.fmt
                     if kind != S.S_IFDIR and st is None:
