@@ -74,42 +74,33 @@ _IGNORED = {"rw", "redirect_dir", "index", "metacopy", "xino", "userxattr", "con
             "uuid", "writeback"}
 
 
-def split_lowerdir(value: str) -> list[str]:
-    """Split lowerdir= on ':' honouring '\\:' escapes; empty items are dropped."""
+def _split_escaped(text: str, sep: str, escapes_any: bool) -> list[str]:
+    """Split on sep; a backslash escapes the next character (any, or only sep)."""
     out, cur, i = [], [], 0
-    while i < len(value):
-        c = value[i]
-        if c == "\\" and i + 1 < len(value):
-            cur.append(value[i + 1])
+    while i < len(text):
+        c = text[i]
+        if c == "\\" and i + 1 < len(text) and (escapes_any or text[i + 1] == sep):
+            cur.append(text[i + 1])
             i += 2
             continue
-        if c == ":":
+        if c == sep:
             out.append("".join(cur))
             cur = []
         else:
             cur.append(c)
         i += 1
     out.append("".join(cur))
-    return [p for p in out if p]
+    return out
+
+
+def split_lowerdir(value: str) -> list[str]:
+    """Split lowerdir= on ':' honouring '\\:' escapes; empty items are dropped."""
+    return [p for p in _split_escaped(value, ":", True) if p]
 
 
 def split_options(text: str) -> list[str]:
     """Split an -o string on commas; a comma inside a lowerdir escaped as '\\,' is kept."""
-    out, cur, i = [], [], 0
-    while i < len(text):
-        c = text[i]
-        if c == "\\" and i + 1 < len(text) and text[i + 1] == ",":
-            cur.append(",")
-            i += 2
-            continue
-        if c == ",":
-            out.append("".join(cur))
-            cur = []
-        else:
-            cur.append(c)
-        i += 1
-    out.append("".join(cur))
-    return [o for o in out if o.strip()]
+    return [o for o in _split_escaped(text, ",", False) if o.strip()]
 
 
 def parse_options(opt_strings: list[str], opts: MountOptions | None = None,
