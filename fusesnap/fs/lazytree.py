@@ -16,7 +16,7 @@ import stat as S
 from typing import Sequence
 
 from fusesnap.fs import upperformat as uf
-from fusesnap.fs.longpath import short
+from fusesnap.fs.longpath import LIMIT, short
 from fusesnap.fs.lower import _read_xattrs
 from fusesnap.fs.lowertree import LNode
 
@@ -141,9 +141,13 @@ class LazyLowerTree:
         kids: dict[bytes, LNode] = {}
         hidden: set[bytes] = set()
         subdirs: dict[bytes, list[tuple[int, bytes]]] = {}
+        listxattr = os.listxattr
+        IFMT, IFREG, IFCHR = 0o170000, S.S_IFREG, S.S_IFCHR
         for layer, hd in d.hostdirs:
             layer_wh: list[bytes] = []
             opaque = False
+            # NAME_MAX is 255: below this every child path is short as it is
+            short_ok = len(hd) + 257 < LIMIT
             try:
                 it = os.scandir(short(hd))
             except OSError:
@@ -169,12 +173,25 @@ class LazyLowerTree:
                                 del subdirs[name]   # a non-directory or a whiteout ends the merge of NAME
                         continue
                     st = de.stat(follow_symlinks=False)
-                    fmt = S.S_IFMT(st.st_mode)
-                    if fmt == S.S_IFCHR and st.st_rdev == 0:
+                    fmt = st.st_mode & IFMT
+                    if fmt == IFCHR and st.st_rdev == 0:
                         layer_wh.append(name)
                         continue
                     full = hd + b"/" + name
-                    xattrs = _read_xattrs(short(full))
+                    sp = full if short_ok else short(full)
+                    # one listxattr per entry; the values only when there are names
+                    try:
+                        xattrs = _read_xattrs(sp) if listxattr(sp, follow_symlinks=False) else None
+                    except OSError:
+                        xattrs = None
+                    if xattrs is None and fmt == IFREG and st.st_nlink == 1:
+                        # the common case (a plain file, no xattrs, no hard links): host metadata as is
+                        n = LNode(st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns,
+                                  0, None, full, None, None)
+                        n.ino = self._next
+                        self._next += 1
+                        kids[name] = n
+                        continue
                     if fmt == S.S_IFDIR:
                         hds = [(layer, full)]
                         n = self._dir_node(st, xattrs, hds)

@@ -175,12 +175,15 @@ class Operations(pyfuse3.Operations):
                 start_id = 2
             kids = u.kids(d)
             ents, cookies = li.ents, li.cookies
+            attr, get = u.attr, kids.get
             for idx in range(li.index(start_id - 2), len(ents)):
                 name, i = ents[idx]
-                if kids.get(name) is not i:
+                if get(name) is not i:
                     continue
                 off = (idx if cookies is None else cookies[idx]) + 3
-                if not reply(token, name, u.attr(i), off):
+                # u.attr's cached lower attributes, without the call
+                a = i.attr if not i.upper else None
+                if not reply(token, name, a if a is not None else attr(i), off):
                     return
                 i.lookups += 1
         except OSError as e:

@@ -41,15 +41,22 @@ class Listing:
     dead slots outnumber live ones they are dropped; cookies are kept, so from
     then on they are looked up by bisection instead of used as indexes."""
 
-    __slots__ = ("d", "ents", "cookies", "next")
+    __slots__ = ("d", "ents", "cookies", "next", "seen")
 
     def __init__(self, d: Inode, kids: dict[bytes, Inode]) -> None:
         self.d = d
         self.ents: list[tuple[bytes, Inode]] = list(kids.items())
         self.cookies: list[int] | None = None    # None: cookie == index
         self.next = len(self.ents)
+        self.seen = dict(kids)                   # the entries as of the last sync
 
     def sync(self, kids: dict[bytes, Inode]) -> None:
+        # Unchanged since the last sync (every re-read of an untouched directory):
+        # nothing to append and no compaction due, so skip building the pair set.
+        # (Inode has no __eq__: the comparison is by identity, in C.)
+        if kids == self.seen:
+            return
+        self.seen = dict(kids)
         have = set(self.ents)
         new = [kv for kv in kids.items() if kv not in have]
         if len(self.ents) + len(new) > 2 * len(kids) + 64:
@@ -230,8 +237,13 @@ class Union:
                 low = None
         if low is not None:
             li = self._lower_inode
+            inodes = self.inodes
             for name, ln in low.kids.items():
-                kids[name] = li(ln, d, name)
+                if ln.ino in inodes:
+                    kids[name] = li(ln, d, name)
+                else:       # first sight (the common case): no lookup in _lower_inode
+                    i = inodes[ln.ino] = Inode(ln.ino, ln.mode & 0o170000, ln, False, d, name)
+                    kids[name] = i
         if upath is not None:
             wh: set[bytes] | None = None
             with os.scandir(upath) as it:
