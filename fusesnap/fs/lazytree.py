@@ -18,7 +18,7 @@ from typing import Sequence
 from fusesnap.fs import upperformat as uf
 from fusesnap.fs.longpath import LIMIT, short
 from fusesnap.fs.lower import _read_xattrs
-from fusesnap.fs.lowertree import LNode
+from fusesnap.fs.lowertree import LNode, lookup_path
 
 _KIDS = LNode.__dict__["kids"]
 _NLINK = LNode.__dict__["nlink"]
@@ -55,16 +55,11 @@ class LazyDir(LNode):
 
 
 def _presented(st: os.stat_result, xattrs: dict[bytes, bytes] | None) -> tuple[int, int, int, int]:
-    mode, uid, gid, rdev = st.st_mode, st.st_uid, st.st_gid, st.st_rdev
-    if xattrs:
-        for k in uf.OVERRIDE_XATTRS:
-            v = xattrs.get(k)
-            if v is not None:
-                ov = uf.parse_override(v)
-                if ov is not None:
-                    p = uf.presented_stat(st, ov)
-                    return p.mode, p.uid, p.gid, p.rdev
-    return mode, uid, gid, rdev
+    ov = uf.override_in(xattrs) if xattrs else None
+    if ov is None:
+        return st.st_mode, st.st_uid, st.st_gid, st.st_rdev
+    p = uf.presented_stat(st, ov)
+    return p.mode, p.uid, p.gid, p.rdev
 
 
 class LazyLowerTree:
@@ -97,17 +92,7 @@ class LazyLowerTree:
         return n
 
     def lookup(self, path: bytes | str) -> LNode | None:
-        node = self.root
-        p = os.fsencode(path).strip(b"/")
-        if not p:
-            return node
-        for part in p.split(b"/"):
-            if not S.S_ISDIR(node.mode):
-                return None
-            node = node.kids.get(part)
-            if node is None:
-                return None
-        return node
+        return lookup_path(self.root, path)
 
     def link_paths(self, ln: LNode) -> list[bytes] | None:
         """All merged paths of a hard-linked lower file (scans the lowers: copy-up only)."""

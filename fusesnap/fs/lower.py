@@ -80,16 +80,10 @@ class DirLower:
                     xattrs = _read_xattrs(full)
                     mode = st.st_mode
                     uid, gid, rdev = st.st_uid, st.st_gid, st.st_rdev
-                    if xattrs:
-                        ov = None
-                        for k in uf.OVERRIDE_XATTRS:
-                            if k in xattrs:
-                                ov = uf.parse_override(xattrs[k])
-                                if ov is not None:
-                                    break
-                        if ov is not None:
-                            p = uf.presented_stat(st, ov)
-                            mode, uid, gid, rdev = p.mode, p.uid, p.gid, p.rdev
+                    ov = uf.override_in(xattrs) if xattrs else None
+                    if ov is not None:
+                        p = uf.presented_stat(st, ov)
+                        mode, uid, gid, rdev = p.mode, p.uid, p.gid, p.rdev
                     fmt = S.S_IFMT(mode)
                     kind = _KIND.get(fmt, "reg")
                     if fmt == S.S_IFDIR:

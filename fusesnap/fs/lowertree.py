@@ -57,6 +57,21 @@ class LNode:
         return n
 
 
+def lookup_path(root: LNode, path: bytes | str) -> LNode | None:
+    """Node at a slash-separated path below root; shared by the eager and the lazy tree."""
+    node = root
+    p = os.fsencode(path).strip(b"/")
+    if not p:
+        return node
+    for part in p.split(b"/"):
+        if not node.is_dir():
+            return None
+        node = node.kids.get(part)
+        if node is None:
+            return None
+    return node
+
+
 def _new_root() -> LNode:
     return LNode(S.S_IFDIR | 0o755, kids={})
 
@@ -75,17 +90,7 @@ class LowerTree:
     # -- queries -------------------------------------------------------------------
     def lookup(self, path: bytes | str) -> LNode | None:
         """Node at a slash-separated path relative to the root (b"" is the root)."""
-        node = self.root
-        p = os.fsencode(path).strip(b"/")
-        if not p:
-            return node
-        for part in p.split(b"/"):
-            if node.kids is None:
-                return None
-            node = node.kids.get(part)
-            if node is None:
-                return None
-        return node
+        return lookup_path(self.root, path)
 
     def link_paths(self, ln: LNode) -> list[bytes] | None:
         """All merged paths of a hard-linked lower file, or None."""

@@ -164,6 +164,17 @@ def format_override(uid: int, gid: int, mode: int, fmt: int | None = None, rdev:
     return s + b":%s-%d-%d" % (kind, os.major(rdev), os.minor(rdev))
 
 
+def override_in(xattrs: dict[bytes, bytes], names: tuple[bytes, ...] = OVERRIDE_XATTRS) -> Override | None:
+    """The first valid override among already-read xattrs (same precedence as read_override)."""
+    for n in names:
+        v = xattrs.get(n)
+        if v is not None:
+            o = parse_override(v)
+            if o is not None:
+                return o
+    return None
+
+
 def read_override(path: bytes | int, names: tuple[bytes, ...] = OVERRIDE_XATTRS) -> Override | None:
     """The override stored on a host object (fd or absolute path; symlinks not followed)."""
     for n in names:
