@@ -179,3 +179,25 @@ def test_uid_mapping_keeps_on_disk_ids_through_copy_up_and_chown(tmp_path):
     st = os.lstat(up / "f")
     assert (st.st_uid, st.st_gid) == (3, 0)
     assert (u.attr(f).st_uid, u.attr(f).st_gid) == (1003, 2000)
+
+
+async def test_request_errors_keep_their_errno(env, caplog):
+    """Handlers answer an unknown inode with ESTALE, a host error with its errno, a bug with EIO."""
+    import pyfuse3
+
+    from fusesnap.fs.operations import Operations
+
+    ops = Operations(env.u)
+    with pytest.raises(pyfuse3.FUSEError) as e:
+        await ops.getattr(999_999)
+    assert e.value.errno == errno.ESTALE
+    with pytest.raises(pyfuse3.FUSEError) as e:
+        await ops.lookup(env.root.ino, b"x" * 256)
+    assert e.value.errno == errno.ENAMETOOLONG
+    with pytest.raises(pyfuse3.FUSEError) as e:
+        await ops.read(-1, 0, 10)        # EBADF from the host
+    assert e.value.errno == errno.EBADF
+    with pytest.raises(pyfuse3.FUSEError) as e:
+        await ops.mkdir(env.root.ino, b"n", 0o755, None)   # no ctx: a bug, not a crash
+    assert e.value.errno == errno.EIO
+    assert "internal error" in caplog.text

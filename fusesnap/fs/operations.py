@@ -7,9 +7,11 @@ synchronous (no thread hop per request) and only big copy-ups leave the loop.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import stat as S
+from typing import Any, Awaitable, Callable, TypeVar
 
 import pyfuse3
 import trio
@@ -26,6 +28,7 @@ _OPENDIR_FILEINFO = bool(getattr(pyfuse3, "OPENDIR_FILEINFO", False))
 # ... and (patch 0004) passes the inode to readdir/fsyncdir when the kernel opens directories itself.
 _NO_OPENDIR = bool(getattr(pyfuse3, "NO_OPENDIR", False))
 log = logging.getLogger("fusesnap.fs")
+T = TypeVar("T")
 
 
 def _sup_groups(pid: int) -> set[int]:
@@ -39,6 +42,23 @@ def _bug() -> FUSEError:
     """An unexpected exception must not kill the daemon: log it, answer EIO."""
     log.exception("internal error while serving a request")
     return FUSEError(errno.EIO)
+
+
+def _fuse_errors(handler: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """One error mapping for every request: FUSEError as raised, OSError as its errno, a bug as EIO."""
+
+    @functools.wraps(handler)
+    async def serve(*args: Any) -> T:
+        try:
+            return await handler(*args)
+        except FUSEError:
+            raise
+        except OSError as e:
+            raise FUSEError(e.errno) from None
+        except Exception:
+            raise _bug() from None
+
+    return serve
 
 
 class Operations(pyfuse3.Operations):
@@ -110,13 +130,9 @@ class Operations(pyfuse3.Operations):
         return i
 
     # ------------------------------------------------------------------ lookups
+    @_fuse_errors
     async def lookup(self, parent_inode, name, ctx=None):
-        try:
-            i = self.u.lookup(self._inode(parent_inode), name)
-        except OSError as e:
-            raise FUSEError(e.errno) from None
-        except Exception:
-            raise _bug() from None
+        i = self.u.lookup(self._inode(parent_inode), name)
         if i is None:
             return self._neg()
         return self._entry(i)
@@ -126,23 +142,16 @@ class Operations(pyfuse3.Operations):
         for ino, n in inode_list:
             f(ino, n)
 
+    @_fuse_errors
     async def getattr(self, inode, ctx=None):
-        try:
-            return self.u.attr(self._inode(inode))
-        except OSError as e:
-            raise FUSEError(e.errno) from None
-        except Exception:
-            raise _bug() from None
+        return self.u.attr(self._inode(inode))
 
+    @_fuse_errors
     async def readlink(self, inode, ctx):
-        try:
-            return self.u.readlink(self._inode(inode))
-        except OSError as e:
-            raise FUSEError(e.errno) from None
-        except Exception:
-            raise _bug() from None
+        return self.u.readlink(self._inode(inode))
 
     # ------------------------------------------------------------------ directories
+    @_fuse_errors
     async def opendir(self, inode, ctx):
         if self.readdir_without_opendir:
             # The kernel opens directories itself from now on (keep_cache +
@@ -158,231 +167,153 @@ class Operations(pyfuse3.Operations):
             return fi
         return inode
 
+    @_fuse_errors
     async def readdir(self, fh, start_id, token):
         u = self.u
-        try:
-            d = self._inode(fh)
-            li = u.listing(d, start_id == 0)
-            reply = pyfuse3.readdir_reply
-            if start_id == 0:
-                if not reply(token, b".", u.attr(d), 1):
-                    return
-                start_id = 1
-            if start_id == 1:
-                p = d.parent if d.parent is not None else d
-                if not reply(token, b"..", u.attr(p), 2):
-                    return
-                start_id = 2
-            kids = u.kids(d)
-            ents, cookies = li.ents, li.cookies
-            attr, get = u.attr, kids.get
-            for idx in range(li.index(start_id - 2), len(ents)):
-                name, i = ents[idx]
-                if get(name) is not i:
-                    continue
-                off = (idx if cookies is None else cookies[idx]) + 3
-                # u.attr's cached lower attributes, without the call
-                a = i.attr if not i.upper else None
-                if not reply(token, name, a if a is not None else attr(i), off):
-                    return
-                i.lookups += 1
-        except OSError as e:
-            raise FUSEError(e.errno) from None
-        except FUSEError:
-            raise
-        except Exception:
-            raise _bug() from None
+        d = self._inode(fh)
+        li = u.listing(d, start_id == 0)
+        reply = pyfuse3.readdir_reply
+        if start_id == 0:
+            if not reply(token, b".", u.attr(d), 1):
+                return
+            start_id = 1
+        if start_id == 1:
+            p = d.parent if d.parent is not None else d
+            if not reply(token, b"..", u.attr(p), 2):
+                return
+            start_id = 2
+        kids = u.kids(d)
+        ents, cookies = li.ents, li.cookies
+        attr, get = u.attr, kids.get
+        for idx in range(li.index(start_id - 2), len(ents)):
+            name, i = ents[idx]
+            if get(name) is not i:
+                continue
+            off = (idx if cookies is None else cookies[idx]) + 3
+            # u.attr's cached lower attributes, without the call
+            a = i.attr if not i.upper else None
+            if not reply(token, name, a if a is not None else attr(i), off):
+                return
+            i.lookups += 1
 
     async def releasedir(self, fh):
         pass
 
+    @_fuse_errors
     async def fsyncdir(self, fh, datasync):
         h = self.u.inodes.get(fh)
         if h is None or not h.upper or not self.fsync_enabled:
             return
+        fd = os.open(self.u.up(h), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            fd = os.open(self.u.up(h), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError as e:
-            raise FUSEError(e.errno) from None
-        except Exception:
-            raise _bug() from None
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
+    @_fuse_errors
     async def mkdir(self, parent_inode, name, mode, ctx):
-        try:
-            return self._entry(self.u.mkdir(self._inode(parent_inode), name, mode, ctx))
-        except OSError as e:
-            raise FUSEError(e.errno) from None
-        except Exception:
-            raise _bug() from None
+        return self._entry(self.u.mkdir(self._inode(parent_inode), name, mode, ctx))
 
+    @_fuse_errors
     async def rmdir(self, parent_inode, name, ctx):
-        try:
-            self.u.rmdir(self._inode(parent_inode), name)
-        except OSError as e:
-            raise FUSEError(e.errno) from None
-        except Exception:
-            raise _bug() from None
+        self.u.rmdir(self._inode(parent_inode), name)
 
+    @_fuse_errors
     async def unlink(self, parent_inode, name, ctx):
-        try:
-            self.u.unlink(self._inode(parent_inode), name)
-        except OSError as e:
-            raise FUSEError(e.errno) from None
-        except Exception:
-            raise _bug() from None
+        self.u.unlink(self._inode(parent_inode), name)
 
+    @_fuse_errors
     async def symlink(self, parent_inode, name, target, ctx):
-        try:
-            return self._entry(self.u.symlink(self._inode(parent_inode), name, target, ctx))
-        except OSError as e:
-            raise FUSEError(e.errno) from None
-        except Exception:
-            raise _bug() from None
+        return self._entry(self.u.symlink(self._inode(parent_inode), name, target, ctx))
 
+    @_fuse_errors
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        try:
-            return self._entry(self.u.mknod(self._inode(parent_inode), name, mode, rdev, ctx))
-        except OSError as e:
-            raise FUSEError(e.errno) from None
-        except Exception:
-            raise _bug() from None
+        return self._entry(self.u.mknod(self._inode(parent_inode), name, mode, rdev, ctx))
 
+    @_fuse_errors
     async def link(self, inode, new_parent_inode, new_name, ctx):
-        try:
-            i = self._inode(inode)
-            await self._copy_up(i)
-            return self._entry(self.u.link(i, self._inode(new_parent_inode), new_name))
-        except OSError as e:
-            raise FUSEError(e.errno) from None
-        except Exception:
-            raise _bug() from None
+        i = self._inode(inode)
+        await self._copy_up(i)
+        return self._entry(self.u.link(i, self._inode(new_parent_inode), new_name))
 
+    @_fuse_errors
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
-        try:
-            od = self._inode(parent_inode_old)
-            nd = self._inode(parent_inode_new)
-            src = self.u.lookup(od, name_old)
-            dst = self.u.lookup(nd, name_new) if flags & 2 else None     # RENAME_EXCHANGE
-            for x in (src, dst):
-                if x is None:
-                    continue
-                if x.is_dir:
-                    if x.lower is not None and not x.opaque:
-                        await self._copy_up_files(x)   # big files off the loop first
-                else:
-                    await self._copy_up(x)
-            self.u.rename(od, name_old, nd, name_new, flags)
-        except OSError as e:
-            raise FUSEError(e.errno) from None
-        except Exception:
-            raise _bug() from None
+        od = self._inode(parent_inode_old)
+        nd = self._inode(parent_inode_new)
+        src = self.u.lookup(od, name_old)
+        dst = self.u.lookup(nd, name_new) if flags & 2 else None     # RENAME_EXCHANGE
+        for x in (src, dst):
+            if x is None:
+                continue
+            if x.is_dir:
+                if x.lower is not None and not x.opaque:
+                    await self._copy_up_files(x)   # big files off the loop first
+            else:
+                await self._copy_up(x)
+        self.u.rename(od, name_old, nd, name_new, flags)
 
     # ------------------------------------------------------------------ files
+    @_fuse_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
-        try:
-            fd, i = self.u.create(self._inode(parent_inode), name, mode, flags, ctx)
-        except OSError as e:
-            raise FUSEError(e.errno) from None
-        except Exception:
-            raise _bug() from None
+        fd, i = self.u.create(self._inode(parent_inode), name, mode, flags, ctx)
         return pyfuse3.FileInfo(fh=fd, keep_cache=True), self._entry(i)
 
+    @_fuse_errors
     async def open(self, inode, flags, ctx):
-        try:
-            i = self._inode(inode)
-            if (flags & os.O_ACCMODE != os.O_RDONLY) and not (flags & os.O_TRUNC) and not i.upper:
-                self.u._writable()
-                await self._copy_up(i)
-            fd = self.u.open(i, flags, ctx.uid)
-        except OSError as e:
-            raise FUSEError(e.errno) from None
-        except Exception:
-            raise _bug() from None
+        i = self._inode(inode)
+        if (flags & os.O_ACCMODE != os.O_RDONLY) and not (flags & os.O_TRUNC) and not i.upper:
+            self.u._writable()
+            await self._copy_up(i)
+        fd = self.u.open(i, flags, ctx.uid)
         return pyfuse3.FileInfo(fh=fd, keep_cache=True)
 
+    @_fuse_errors
     async def read(self, fh, off, size):
-        try:
-            return os.pread(fh, size, off)
-        except OSError as e:
-            raise FUSEError(e.errno) from None
-        except Exception:
-            raise _bug() from None
+        return os.pread(fh, size, off)
 
+    @_fuse_errors
     async def write(self, fh, off, buf):
-        try:
-            return os.pwrite(fh, buf, off)
-        except OSError as e:
-            raise FUSEError(e.errno) from None
-        except Exception:
-            raise _bug() from None
+        return os.pwrite(fh, buf, off)
 
     async def flush(self, fh):
         # writes go straight to the host file: nothing to flush. ENOSYS makes the
         # kernel stop sending FLUSH on every close().
         raise FUSEError(errno.ENOSYS)
 
+    @_fuse_errors
     async def release(self, fh):
-        try:
-            self.u.release(fh)
-        except OSError as e:
-            raise FUSEError(e.errno) from None
-        except Exception:
-            raise _bug() from None
+        self.u.release(fh)
 
+    @_fuse_errors
     async def fsync(self, fh, datasync):
         if not self.fsync_enabled:
             return
-        try:
-            if datasync:
-                os.fdatasync(fh)
-            else:
-                os.fsync(fh)
-        except OSError as e:
-            raise FUSEError(e.errno) from None
-        except Exception:
-            raise _bug() from None
+        if datasync:
+            os.fdatasync(fh)
+        else:
+            os.fsync(fh)
 
+    @_fuse_errors
     async def fallocate(self, fh, mode, offset, length):
         # needs the patched pyfuse3 (third_party/pyfuse3); logic in spaceops
-        try:
-            spaceops.fallocate(self.u, fh, mode, offset, length)
-        except OSError as e:
-            raise FUSEError(e.errno) from None
-        except Exception:
-            raise _bug() from None
+        spaceops.fallocate(self.u, fh, mode, offset, length)
 
+    @_fuse_errors
     async def lseek(self, fh, offset, whence):
-        try:
-            return spaceops.lseek(self.u, fh, offset, whence)
-        except OSError as e:
-            raise FUSEError(e.errno) from None
-        except Exception:
-            raise _bug() from None
+        return spaceops.lseek(self.u, fh, offset, whence)
 
+    @_fuse_errors
     async def setattr(self, inode, attr, fields, fh, ctx):
-        try:
-            i = self._inode(inode)
-            if not i.upper and not (fields.update_size and attr.st_size == 0):
-                await self._copy_up(i)
-            self.u.setattr(i, fields, attr, fh)
-            return self.u.attr(i)
-        except OSError as e:
-            raise FUSEError(e.errno) from None
-        except Exception:
-            raise _bug() from None
+        i = self._inode(inode)
+        if not i.upper and not (fields.update_size and attr.st_size == 0):
+            await self._copy_up(i)
+        self.u.setattr(i, fields, attr, fh)
+        return self.u.attr(i)
 
+    @_fuse_errors
     async def access(self, inode, mode, ctx):
         # only asked without default_permissions (rootless): check the presented mode
-        try:
-            a = self.u.attr(self._inode(inode))
-        except OSError as e:
-            raise FUSEError(e.errno) from None
-        except Exception:
-            raise _bug() from None
+        a = self.u.attr(self._inode(inode))
         m = a.st_mode
         if ctx.uid == 0:
             return not (mode & os.X_OK) or bool(m & 0o111) or S.S_ISDIR(m)
@@ -394,13 +325,9 @@ class Operations(pyfuse3.Operations):
             bits = m & 7
         return (mode & bits) == mode
 
+    @_fuse_errors
     async def statfs(self, ctx):
-        try:
-            v = self.u.statfs()
-        except OSError as e:
-            raise FUSEError(e.errno) from None
-        except Exception:
-            raise _bug() from None
+        v = self.u.statfs()
         s = pyfuse3.StatvfsData()
         s.f_bsize = v.f_bsize
         s.f_frsize = v.f_frsize
@@ -414,45 +341,29 @@ class Operations(pyfuse3.Operations):
         return s
 
     # ------------------------------------------------------------------ xattrs
+    @_fuse_errors
     async def getxattr(self, inode, name, ctx):
         if self.noxattrs:
             raise FUSEError(errno.ENOSYS)
-        try:
-            return self.u.getxattr(self._inode(inode), name)
-        except OSError as e:
-            raise FUSEError(e.errno) from None
-        except Exception:
-            raise _bug() from None
+        return self.u.getxattr(self._inode(inode), name)
 
+    @_fuse_errors
     async def listxattr(self, inode, ctx):
         if self.noxattrs:
             raise FUSEError(errno.ENOSYS)
-        try:
-            return self.u.listxattr(self._inode(inode))
-        except OSError as e:
-            raise FUSEError(e.errno) from None
-        except Exception:
-            raise _bug() from None
+        return self.u.listxattr(self._inode(inode))
 
+    @_fuse_errors
     async def setxattr(self, inode, name, value, ctx):
         if self.noxattrs:
             raise FUSEError(errno.ENOSYS)
-        try:
-            i = self._inode(inode)
-            await self._copy_up(i)
-            self.u.setxattr(i, name, value)
-        except OSError as e:
-            raise FUSEError(e.errno) from None
-        except Exception:
-            raise _bug() from None
+        i = self._inode(inode)
+        await self._copy_up(i)
+        self.u.setxattr(i, name, value)
 
+    @_fuse_errors
     async def removexattr(self, inode, name, ctx):
         if self.noxattrs:
             raise FUSEError(errno.ENOSYS)
-        try:
-            i = self._inode(inode)
-            self.u.removexattr(i, name)
-        except OSError as e:
-            raise FUSEError(e.errno) from None
-        except Exception:
-            raise _bug() from None
+        i = self._inode(inode)
+        self.u.removexattr(i, name)
