@@ -332,8 +332,7 @@ class LayerStore:
                     with self._lock, dbm.Tx(self.conn) as c:
                         self._add_compressed(c, diff_id, ls)
                         if retain:
-                            c.execute("INSERT OR IGNORE INTO layer_refs(chain_id, holder, kind) VALUES (?,?,?)",
-                                      (chain, retain, "retain"))
+                            self._ref_row(c, chain, retain, "retain")
             return self.get(chain)
         finally:
             if ls is not None:
@@ -375,7 +374,7 @@ class LayerStore:
                 c.execute("INSERT OR REPLACE INTO layer_labels(chain_id, key, value) VALUES (?,?,?)", (chain, k, v))
             self._add_compressed(c, diff_id, ls)
             if retain:
-                c.execute("INSERT INTO layer_refs(chain_id, holder, kind) VALUES (?,?,?)", (chain, retain, "retain"))
+                self._ref_row(c, chain, retain, "retain")
 
     # -- export -------------------------------------------------------------------------------
     def export(self, ref: str, dst: BinaryIO) -> None:
@@ -384,10 +383,14 @@ class LayerStore:
         export_layer(self.layer_dir(info.chain_id), info.diff_id, dst, label=info.chain_id)
 
     # -- references, labels -------------------------------------------------------------------
+    @staticmethod
+    def _ref_row(c: Any, chain: str, holder: str, kind: str) -> None:
+        c.execute("INSERT OR IGNORE INTO layer_refs(chain_id, holder, kind) VALUES (?,?,?)", (chain, holder, kind))
+
     def _add_ref(self, chain_id: str, holder: str, kind: str) -> None:
         chain = self._resolve(chain_id)
         with self._lock, dbm.Tx(self.conn) as c:
-            c.execute("INSERT OR IGNORE INTO layer_refs(chain_id, holder, kind) VALUES (?,?,?)", (chain, holder, kind))
+            self._ref_row(c, chain, holder, kind)
 
     def _drop_ref(self, chain_id: str, holder: str, kind: str) -> None:
         chain = self._resolve(chain_id)
