@@ -519,7 +519,7 @@ def test_rootless_subset(shared_tmp, test_user):
 
 
 def test_api_mounts_leave_no_daemon_behind(env):
-    """The Python API forks the FUSE daemon in-process; umount waits for it and reaps it."""
+    """The Python API forks the FUSE daemon in-process (double fork): no zombie per mount."""
     sn, work = env
 
     def zombies() -> set[int]:

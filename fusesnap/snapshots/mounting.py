@@ -72,54 +72,6 @@ def check_not_mounted(sn: "Snapshotter", sid: int, key: str, action: str) -> Non
         raise InUse(f"cannot {action} snapshot {key!r}: it is mounted at {mps[0]} (unmount it first)")
 
 
-# Daemons this process forked, by mount point: umount() reaps them so a long-lived
-# caller (the Python API, a test run) does not collect one zombie per mount.
-_daemons: dict[str, list[int]] = {}
-
-
-def _children() -> set[int]:
-    me = os.getpid()
-    kids: set[int] = set()
-    try:
-        for tid in os.listdir(f"/proc/{me}/task"):
-            with open(f"/proc/{me}/task/{tid}/children") as f:
-                kids.update(int(x) for x in f.read().split())
-    except OSError:
-        pass
-    return kids
-
-
-def _forked_daemons(before: set[int]) -> list[int]:
-    """New children that are forks of this process (same command line), i.e. FUSE daemons."""
-    try:
-        with open("/proc/self/cmdline", "rb") as f:
-            mine = f.read()
-    except OSError:
-        return []
-    out = []
-    for pid in _children() - before:
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if f.read() == mine:
-                    out.append(pid)
-        except OSError:
-            continue
-    return out
-
-
-def _reap(pids: list[int], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    for pid in pids:
-        while True:
-            try:
-                done, _ = os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if done or time.monotonic() > deadline:
-                break
-            time.sleep(0.01)
-
-
 def mount_snapshot(sn: "Snapshotter", key: str, mountpoint: str | os.PathLike, *, foreground: bool = False,
                    options: Iterable[str] = ()) -> int:
     """Mount active `key` read-write or view `key` read-only at mountpoint.
@@ -148,15 +100,8 @@ def mount_snapshot(sn: "Snapshotter", key: str, mountpoint: str | os.PathLike, *
         opts.upperdir, opts.workdir = str(upper), str(work)
     else:
         opts.read_only = True
-    before = set() if foreground else _children()
-    rc = mount(tree, upper, work, mp, opts, foreground)
-    if not foreground:
-        pids = _forked_daemons(before)
-        if rc == 0:
-            _daemons.setdefault(os.path.realpath(mp), []).extend(pids)
-        else:
-            _reap(pids, 5.0)
-    return rc
+    # fs.mount double-forks: the daemon is init's child, no zombie is left to reap here
+    return mount(tree, upper, work, mp, opts, foreground)
 
 
 def umount(mountpoint: str | os.PathLike, timeout: float = 30.0) -> None:
@@ -182,7 +127,6 @@ def umount(mountpoint: str | os.PathLike, timeout: float = 30.0) -> None:
         if time.monotonic() > deadline:
             raise FusesnapError(f"could not unmount {mp}: {'; '.join(errors) or 'still mounted'}")
         time.sleep(0.01)
-    _reap(_daemons.pop(mp, []), max(0.0, deadline - time.monotonic()))
 
 
 def mount_all(mounts: Iterable["Mount"], target: str | os.PathLike) -> None:
