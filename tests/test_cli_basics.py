@@ -28,3 +28,11 @@ def test_json_is_accepted_before_and_after_the_command(tmp_path):
                              capture_output=True, text=True)
         assert out.returncode == 0, (args, out.stderr)
         assert json.loads(out.stdout) == [], args
+
+
+def test_os_errors_are_one_line_for_every_command():
+    for cmd in (["layers"], ["list"]):
+        out = subprocess.run([script("fusesnap"), "--root", "/proc/self/nonexistent/root", *cmd],
+                             capture_output=True, text=True)
+        assert out.returncode == 1, cmd
+        assert out.stderr.startswith("fusesnap: error: ") and out.stderr.count("\n") == 1, out.stderr

@@ -3,31 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
-from collections.abc import Callable
 from typing import Any
 
 from ..errors import FusesnapError, InvalidInput
 from .main import parse_labels
 from .progress import Progress, ProgressReader, ProgressWriter, file_size
-
-
-def _os_errors(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """OS-level failures (no space, permission denied...) become one-line errors too."""
-
-    @functools.wraps(func)
-    def wrapper(args: argparse.Namespace) -> int:
-        try:
-            return func(args)
-        except BrokenPipeError:
-            raise
-        except OSError as e:
-            where = f": {e.filename}" if e.filename else ""
-            raise FusesnapError(f"{e.strerror or e}{where}") from None
-
-    return wrapper
 
 
 def _store(args: argparse.Namespace) -> Any:
@@ -197,27 +179,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--parent", metavar="CHAINID", help="chainID (or name) of the parent layer")
     p.add_argument("--name", help="set the name label (fusesnap.io/name)")
     p.add_argument("--label", action="append", metavar="KEY=VALUE", help="set a label (repeatable)")
-    p.set_defaults(func=_os_errors(cmd_import))
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("export", help="write a layer's original tar, byte for byte, to stdout or -o FILE")
     p.add_argument("ref", metavar="CHAINID|NAME")
     p.add_argument("-o", "--output", metavar="FILE")
-    p.set_defaults(func=_os_errors(cmd_export))
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("layers", help="list layers")
-    p.set_defaults(func=_os_errors(cmd_layers))
+    p.set_defaults(func=cmd_layers)
 
     p = sub.add_parser("inspect", help="show one layer")
     p.add_argument("ref", metavar="CHAINID|NAME")
-    p.set_defaults(func=_os_errors(cmd_inspect))
+    p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("rm", help="remove layers (refused while a child or a reference needs them)")
     p.add_argument("refs", nargs="+", metavar="CHAINID|NAME")
-    p.set_defaults(func=_os_errors(cmd_rm))
+    p.set_defaults(func=cmd_rm)
 
     p = sub.add_parser("gc", help="remove leftovers and layers nothing references")
-    p.set_defaults(func=_os_errors(cmd_gc))
+    p.set_defaults(func=cmd_gc)
 
     p = sub.add_parser("fsck", help="verify layers against their index and the database against disk")
     p.add_argument("--repair", action="store_true", help="remove half-made leftovers")
-    p.set_defaults(func=_os_errors(cmd_fsck))
+    p.set_defaults(func=cmd_fsck)

@@ -99,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 141
+    except OSError as e:  # no space, permission denied...: one line too, for every command
+        where = f": {e.filename}" if e.filename else ""
+        print(f"fusesnap: error: {e.strerror or e}{where}", file=sys.stderr)
+        return FusesnapError.exit_code
     return int(rc or 0)
 
 
