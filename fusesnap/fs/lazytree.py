@@ -17,7 +17,6 @@ from typing import Sequence
 
 from fusesnap.fs import upperformat as uf
 from fusesnap.fs.longpath import LIMIT, short
-from fusesnap.fs.lower import _read_xattrs
 from fusesnap.fs.lowertree import LNode, lookup_path
 
 _KIDS = LNode.__dict__["kids"]
@@ -73,7 +72,7 @@ class LazyLowerTree:
         self._next = 2
         self.by_host: dict[tuple[int, int, int], LNode] = {}
         top = os.lstat(self.dirs[0])
-        xattrs = _read_xattrs(self.dirs[0])
+        xattrs = uf.read_xattrs(self.dirs[0])
         root = self._dir_node(top, xattrs, list(enumerate(self.dirs)))
         root.ino = 1
         self._next = 2
@@ -126,7 +125,6 @@ class LazyLowerTree:
         kids: dict[bytes, LNode] = {}
         hidden: set[bytes] = set()
         subdirs: dict[bytes, list[tuple[int, bytes]]] = {}
-        listxattr = os.listxattr
         IFMT, IFREG, IFCHR = 0o170000, S.S_IFREG, S.S_IFCHR
         for layer, hd in d.hostdirs:
             layer_wh: list[bytes] = []
@@ -152,7 +150,7 @@ class LazyLowerTree:
                             if de.is_dir(follow_symlinks=False):
                                 full = hd + b"/" + name
                                 sub.append((layer, full))
-                                if uf.xattrs_say_opaque(_read_xattrs(short(full))):
+                                if uf.xattrs_say_opaque(uf.read_xattrs(short(full))):
                                     del subdirs[name]
                             else:
                                 del subdirs[name]   # a non-directory or a whiteout ends the merge of NAME
@@ -164,11 +162,7 @@ class LazyLowerTree:
                         continue
                     full = hd + b"/" + name
                     sp = full if short_ok else short(full)
-                    # one listxattr per entry; the values only when there are names
-                    try:
-                        xattrs = _read_xattrs(sp) if listxattr(sp, follow_symlinks=False) else None
-                    except OSError:
-                        xattrs = None
+                    xattrs = uf.read_xattrs(sp)   # one listxattr; the values only when there are names
                     if xattrs is None and fmt == IFREG and st.st_nlink == 1:
                         # the common case (a plain file, no xattrs, no hard links): host metadata as is
                         n = LNode(st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns,

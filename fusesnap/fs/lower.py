@@ -30,22 +30,6 @@ _KIND = {S.S_IFREG: "reg", S.S_IFDIR: "dir", S.S_IFLNK: "sym", S.S_IFCHR: "chr",
          S.S_IFBLK: "blk", S.S_IFIFO: "fifo", S.S_IFSOCK: "sock"}  # "sock": host sockets only (tars hold none)
 
 
-def _read_xattrs(path: bytes) -> dict[bytes, bytes] | None:
-    try:
-        names = os.listxattr(path, follow_symlinks=False)
-    except OSError:
-        return None
-    if not names:
-        return None
-    out = {}
-    for n in names:
-        try:
-            out[os.fsencode(n)] = os.getxattr(path, n, follow_symlinks=False)
-        except OSError:
-            pass
-    return out or None
-
-
 class DirLower:
     """A plain host directory as a layer (the fuse-overlayfs front end's lowerdir).
 
@@ -62,7 +46,7 @@ class DirLower:
         seen: dict[tuple[int, int], bytes] = {}
         st = os.lstat(root)
         yield LayerEntry(b".", "dir", st.st_mode & 0o7777, st.st_uid, st.st_gid, st.st_mtime_ns,
-                         xattrs=_read_xattrs(root) or {})
+                         xattrs=uf.read_xattrs(root) or {})
         stack: list[bytes] = [b""]
         while stack:
             rel = stack.pop()
@@ -77,7 +61,7 @@ class DirLower:
                     relp = rel + b"/" + name if rel else name
                     st = de.stat(follow_symlinks=False)
                     full = short(base + b"/" + name)
-                    xattrs = _read_xattrs(full)
+                    xattrs = uf.read_xattrs(full)
                     mode = st.st_mode
                     uid, gid, rdev = st.st_uid, st.st_gid, st.st_rdev
                     ov = uf.override_in(xattrs) if xattrs else None

@@ -97,6 +97,23 @@ def _abs(path: str | bytes, dir_fd: int | None) -> bytes:
     return b"/proc/self/fd/%d/%s" % (dir_fd, p)
 
 
+def read_xattrs(path: bytes) -> dict[bytes, bytes] | None:
+    """All xattrs of a host object (symlinks not followed), or None when it has none."""
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return None
+    if not names:
+        return None
+    out = {}
+    for n in names:
+        try:
+            out[os.fsencode(n)] = os.getxattr(path, n, follow_symlinks=False)
+        except OSError:
+            pass
+    return out or None
+
+
 def is_hidden_xattr(name: bytes) -> bool:
     return name.startswith(HIDDEN_PREFIXES)
 

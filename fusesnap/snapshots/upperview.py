@@ -68,18 +68,4 @@ def visible_xattrs(path: Path, kind: Kind) -> dict[bytes, bytes]:
     """User-visible xattrs of an upper entry (the filesystem's bookkeeping removed)."""
     if kind == "sym":
         return {}
-    bpath = os.fsencode(path)
-    try:
-        names = os.listxattr(bpath, follow_symlinks=False)
-    except OSError:
-        return {}
-    raw: dict[bytes, bytes] = {}
-    for n in names:
-        nb = os.fsencode(n)
-        if uf.is_hidden_xattr(nb):
-            continue
-        try:
-            raw[nb] = os.getxattr(bpath, nb, follow_symlinks=False)
-        except OSError:
-            continue
-    return uf.visible_xattrs(raw)
+    return uf.visible_xattrs(uf.read_xattrs(os.fsencode(path)))
