@@ -1,9 +1,10 @@
-"""The kernel caches directory listings and symlink targets of a fusesnap-overlay mount
-(pyfuse3 patches 0002-0004, third_party/pyfuse3/README.md): a second readdir of an unchanged
-directory and a second readlink of a symlink never reach the daemon, directories are opened
-by the kernel itself (one OPENDIR answered ENOSYS per mount, then none), so a warm walk of an
-unchanged tree sends no request at all, and every change made through the mount is seen at
-once. A file system written for stock pyfuse3 keeps the old uncached behaviour.
+"""The kernel caches directory listings, symlink targets and file pages of a fusesnap-overlay
+mount (pyfuse3 patches 0002-0006, third_party/pyfuse3/README.md): a second readdir of an
+unchanged directory and a second readlink of a symlink never reach the daemon, directories and
+files are opened by the kernel itself (one OPENDIR and one OPEN answered ENOSYS per mount, then
+none), so a warm walk or a warm read of an unchanged tree sends no request at all, and every
+change made through the mount is seen at once. Big listings come as plain READDIR where only
+names are read. A file system written for stock pyfuse3 keeps the old uncached behaviour.
 
 Requests are counted in the daemon itself: the mount program runs with fusesnap's Operations
 handlers wrapped so that each call appends a line to a log (a call = a request that reached
@@ -36,11 +37,13 @@ def counted(name, orig):
     async def wrapper(self, *args):
         with open(LOG, "a") as f:
             f.write(f"{name} {args[0]}\n")
+            if name == "readdir" and not getattr(args[2], "plus", True):
+                f.write(f"readdir-plain {args[0]}\n")
         return await orig(self, *args)
     return wrapper
 
 for name in ("opendir", "readdir", "releasedir", "readlink", "lookup", "getattr", "open",
-             "release", "flush", "getxattr", "listxattr", "statfs"):
+             "release", "flush", "read", "write", "setattr", "getxattr", "listxattr", "statfs"):
     setattr(fo.Operations, name, counted(name, getattr(fo.Operations, name)))
 
 from fusesnap.fs.overlay_cli import main
@@ -109,9 +112,13 @@ class Requests:
         return Counter(line.split()[0] for line in self.log.read_text().splitlines())
 
 
-@pytest.fixture
-def counted_mount(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """A fusesnap-overlay mount (two lowers, upper) whose daemon logs its requests."""
+BIG_DIR_ENTRIES = 3000
+
+
+@pytest.fixture(params=[False])
+def counted_mount(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A fusesnap-overlay mount (two lowers, upper) whose daemon logs its requests;
+    parametrized True, the first lower also holds big/ with BIG_DIR_ENTRIES files + sub/."""
     prog = tmp_path / "counting_overlay.py"
     prog.write_text(COUNTING_OVERLAY)
     log = tmp_path / "requests.log"
@@ -124,6 +131,12 @@ def counted_mount(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         mkfile(l1 / "d" / "c", b"c")
         mkdir(l1 / "links")
         os.symlink("t1", l1 / "links" / "s")
+        if request.param:
+            big = l0 / "big"
+            big.mkdir()
+            for k in range(BIG_DIR_ENTRIES):
+                (big / f"entry-with-a-longer-name-{k:05d}").write_bytes(b"x" * (k % 7))
+            (big / "sub").mkdir()
         u = mount_union(FUSESNAP, mnt, [l0, l1], upper, work)
         try:
             yield u, Requests(log)
@@ -301,3 +314,58 @@ def test_listing_offsets_survive_removals_additions_and_compaction() -> None:
             assert c == kept[n], f"{n!r} changed its offset"
     assert [n for n, _ in again] == [n for n, _ in first if n in kids and n != b"f101"] + \
         [b"f101"] + [b"new%d" % k for k in range(10)]
+
+
+def read_all(top: Path) -> dict[str, bytes]:
+    return {os.path.relpath(os.path.join(d, n), top): Path(d, n).read_bytes()
+            for d, _, names in os.walk(top) for n in names if not Path(d, n).is_symlink()}
+
+
+def test_warm_read_of_unchanged_files_sends_no_request(counted_mount: tuple[Union, Requests]) -> None:
+    u, requests = counted_mount
+    want = {"d/a": b"a", "d/b": b"b", "d/c": b"c"}
+    assert read_all(u.mnt) == want
+    cold = requests()
+    assert cold["open"] <= 1 and cold["release"] == 0 and cold["flush"] <= 1, cold
+    assert cold["read"] >= 3, cold
+    walk(u.mnt)
+    warm = requests()
+    assert read_all(u.mnt) == want
+    assert requests() == warm, "a warm read of unchanged files reached the daemon"
+
+    # Writes through the mount (no OPEN: the first write copies up) are seen at once,
+    # O_TRUNC arrives as a size SETATTR, and the lower stays untouched.
+    with open(u.p("d", "a"), "r+b") as f:
+        f.seek(1)
+        f.write(b"AA")
+    with open(u.p("d", "b"), "wb") as f:
+        f.write(b"new b")
+    with open(u.p("d", "c"), "ab") as f:
+        f.write(b"+")
+    after = {"d/a": b"aAA", "d/b": b"new b", "d/c": b"c+"}
+    assert read_all(u.mnt) == after
+    assert {k: Path(u.up(*k.split("/"))).read_bytes() for k in after} == after
+    assert Path(u.lowers[0], "d", "a").read_bytes() == b"a"
+    assert requests()["setattr"] > warm["setattr"]
+    read_all(u.mnt)         # the writes invalidated cached attributes: one GETATTR each
+    seen = requests()
+    assert read_all(u.mnt) == after
+    assert requests() == seen
+
+
+@pytest.mark.parametrize("counted_mount", [True], indirect=True)
+def test_listing_a_big_directory_uses_plain_readdir(counted_mount: tuple[Union, Requests]) -> None:
+    """Listing names only: after the first chunk the kernel asks for plain READDIR (no
+    dentry and inode per entry); d_ino and d_type stay right, and stat still works."""
+    u, requests = counted_mount
+    names = os.listdir(u.p("big"))
+    assert len(names) == BIG_DIR_ENTRIES + 1
+    n = requests()
+    assert n["readdir-plain"] >= 1 and n["readdir"] > n["readdir-plain"], n
+    with os.scandir(u.p("big")) as it:
+        ents = {e.name: (e.inode(), e.is_dir(follow_symlinks=False)) for e in it}
+    for name, (ino, is_dir) in ents.items():
+        st = os.lstat(u.p("big", name))
+        assert (st.st_ino, S_ISDIR(st.st_mode)) == (ino, is_dir), name
+        if not is_dir:
+            assert st.st_size == int(name.rsplit("-", 1)[1]) % 7

@@ -56,7 +56,6 @@ def test_copy_up_keeps_inode_and_links_every_name_of_a_lower_hard_link_group(env
     ino = big.ino
     fd = u.open(big, os.O_RDWR)
     os.pwrite(fd, b"x", 0)
-    u.release(fd)
     assert big.ino == ino and big.upper
     a, b = os.stat(env.up / "big"), os.stat(env.up / "d" / "biglink")
     assert a.st_ino == b.st_ino and a.st_nlink == 2
@@ -112,8 +111,7 @@ def test_rename_of_lower_directory_copies_subtree_and_is_a_plain_diff(env):
 
 def test_rename_flags_and_errors(env):
     u = env.u
-    fd, _ = u.create(env.root, b"n", 0o600, os.O_WRONLY, env.ctx)
-    u.release(fd)
+    u.create(env.root, b"n", 0o600, os.O_WRONLY, env.ctx)
     with pytest.raises(OSError) as e:
         u.rename(env.root, b"n", env.root, b"big", 1)           # RENAME_NOREPLACE
     assert e.value.errno == errno.EEXIST
@@ -134,7 +132,6 @@ def test_create_over_whiteout_and_read_only_union(env, tmp_path):
     u.unlink(env.root, b"big")
     fd, i = u.create(env.root, b"big", 0o640, os.O_WRONLY, env.ctx)
     os.write(fd, b"new")
-    u.release(fd)
     assert (env.up / "big").read_bytes() == b"new"
     assert stat.S_IMODE(u.attr(i).st_mode) == 0o640
     ro = Union(u.tree, None, None, MountOptions())
@@ -169,13 +166,12 @@ def test_uid_mapping_keeps_on_disk_ids_through_copy_up_and_chown(tmp_path):
     f = u.lookup(u.root, b"f")
     a = u.attr(f)
     assert (a.st_uid, a.st_gid) == (1000, 2000)
-    fd = u.open(f, os.O_WRONLY)
-    u.release(fd)
+    u.open(f, os.O_WRONLY)
     st = os.lstat(up / "f")
     assert (st.st_uid, st.st_gid) == (0, 0), "copy-up must keep the on-disk owner"
     fields = SimpleNamespace(update_size=False, update_uid=True, update_gid=False, update_mode=False,
                              update_atime=False, update_mtime=False)
-    u.setattr(f, fields, SimpleNamespace(st_uid=1003), None)
+    u.setattr(f, fields, SimpleNamespace(st_uid=1003))
     st = os.lstat(up / "f")
     assert (st.st_uid, st.st_gid) == (3, 0)
     assert (u.attr(f).st_uid, u.attr(f).st_gid) == (1003, 2000)
@@ -195,8 +191,10 @@ async def test_request_errors_keep_their_errno(env, caplog):
         await ops.lookup(env.root.ino, b"x" * 256)
     assert e.value.errno == errno.ENAMETOOLONG
     with pytest.raises(pyfuse3.FUSEError) as e:
-        await ops.read(-1, 0, 10)        # EBADF from the host
-    assert e.value.errno == errno.EBADF
+        f = env.u.lookup(env.u.lookup(env.root, b"d"), b"f")
+        os.unlink(env.low / "d" / "f")          # a lower broken behind our back
+        await ops.read(f.ino, 0, 10)            # ENOENT from the host
+    assert e.value.errno == errno.ENOENT
     with pytest.raises(pyfuse3.FUSEError) as e:
         await ops.mkdir(env.root.ino, b"n", 0o755, None)   # no ctx: a bug, not a crash
     assert e.value.errno == errno.EIO

@@ -27,6 +27,8 @@ FUSEError = pyfuse3.FUSEError
 _OPENDIR_FILEINFO = bool(getattr(pyfuse3, "OPENDIR_FILEINFO", False))
 # ... and (patch 0004) passes the inode to readdir/fsyncdir when the kernel opens directories itself.
 _NO_OPENDIR = bool(getattr(pyfuse3, "NO_OPENDIR", False))
+# ... and (patch 0005) passes the inode to read/write/... when the kernel opens files itself.
+_NO_OPEN = bool(getattr(pyfuse3, "NO_OPEN", False))
 log = logging.getLogger("fusesnap.fs")
 T = TypeVar("T")
 
@@ -67,10 +69,18 @@ class Operations(pyfuse3.Operations):
     enable_symlink_cache = True     # honoured by a pyfuse3 that knows FUSE_CAP_CACHE_SYMLINKS
     # Zero-message opendir (pyfuse3 patch 0004); pyfuse3 resets it when the kernel lacks it.
     readdir_without_opendir = _NO_OPENDIR
+    # Plain READDIR where entries are only listed (pyfuse3 patch 0006): the kernel
+    # then instantiates no dentry and inode per entry of a big listing.
+    readdirplus_auto = True
 
     def __init__(self, union: Union) -> None:
         super().__init__()
         self.u = union
+        # Zero-message open (pyfuse3 patch 0005; reset by pyfuse3 when the kernel
+        # lacks it): no OPEN/RELEASE round trip per open(2). Only where the kernel
+        # checks permissions itself: without default_permissions OPEN is where the
+        # daemon checks them.
+        self.files_without_open = _NO_OPEN and union.kernel_checks_permissions
         self.timeout = union.timeout
         self.noxattrs = union.opts.noxattrs
         self.fsync_enabled = union.opts.fsync
@@ -185,7 +195,20 @@ class Operations(pyfuse3.Operations):
         kids = u.kids(d)
         ents, cookies = li.ents, li.cookies
         attr, get = u.attr, kids.get
-        for idx in range(li.index(start_id - 2), len(ents)):
+        start = li.index(start_id - 2)
+        if not getattr(token, "plus", True):
+            # plain READDIR: inode number and type only, no lookup reference
+            a = pyfuse3.EntryAttributes()
+            for idx in range(start, len(ents)):
+                name, i = ents[idx]
+                if get(name) is not i:
+                    continue
+                a.st_ino = i.ino
+                a.st_mode = i.kind
+                if not reply(token, name, a, (idx if cookies is None else cookies[idx]) + 3):
+                    return
+            return
+        for idx in range(start, len(ents)):
             name, i = ents[idx]
             if get(name) is not i:
                 continue
@@ -253,61 +276,80 @@ class Operations(pyfuse3.Operations):
         self.u.rename(od, name_old, nd, name_new, flags)
 
     # ------------------------------------------------------------------ files
+    # Every file handle is the inode number: the kernel opens files itself
+    # (files_without_open) and sends the inode, or open/create return it.
     @_fuse_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
-        fd, i = self.u.create(self._inode(parent_inode), name, mode, flags, ctx)
-        return pyfuse3.FileInfo(fh=fd, keep_cache=True), self._entry(i)
+        _fd, i = self.u.create(self._inode(parent_inode), name, mode, flags, ctx)
+        return pyfuse3.FileInfo(fh=i.ino, keep_cache=True), self._entry(i)
 
     @_fuse_errors
     async def open(self, inode, flags, ctx):
+        if self.files_without_open:
+            # the kernel opens files itself from now on (keep_cache, no RELEASE)
+            raise FUSEError(errno.ENOSYS)
         i = self._inode(inode)
         if (flags & os.O_ACCMODE != os.O_RDONLY) and not (flags & os.O_TRUNC) and not i.upper:
             self.u._writable()
             await self._copy_up(i)
-        fd = self.u.open(i, flags, ctx.uid)
-        return pyfuse3.FileInfo(fh=fd, keep_cache=True)
+        self.u.open(i, flags, ctx.uid)
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
     @_fuse_errors
     async def read(self, fh, off, size):
-        return os.pread(fh, size, off)
+        return os.pread(self.u.read_fd(self._inode(fh)), size, off)
+
+    async def _for_write(self, fh: int) -> Inode:
+        """The inode behind a write access: copied up first (the open did not)."""
+        i = self._inode(fh)
+        if not i.upper:
+            self.u._writable()
+            await self._copy_up(i)
+        return i
 
     @_fuse_errors
     async def write(self, fh, off, buf):
-        return os.pwrite(fh, buf, off)
+        i = await self._for_write(fh)
+        return os.pwrite(self.u.write_fd(i), buf, off)
 
     async def flush(self, fh):
         # writes go straight to the host file: nothing to flush. ENOSYS makes the
         # kernel stop sending FLUSH on every close().
         raise FUSEError(errno.ENOSYS)
 
-    @_fuse_errors
     async def release(self, fh):
-        self.u.release(fh)
+        # fds are kept per inode (fusesnap.fs.filefds), not per open
+        pass
 
     @_fuse_errors
     async def fsync(self, fh, datasync):
-        if not self.fsync_enabled:
+        i = self._inode(fh)
+        if not self.fsync_enabled or not i.upper:
             return
+        fd = self.u.read_fd(i)
         if datasync:
-            os.fdatasync(fh)
+            os.fdatasync(fd)
         else:
-            os.fsync(fh)
+            os.fsync(fd)
 
     @_fuse_errors
     async def fallocate(self, fh, mode, offset, length):
-        # needs the patched pyfuse3 (third_party/pyfuse3); logic in spaceops
-        spaceops.fallocate(self.u, fh, mode, offset, length)
+        # needs the patched pyfuse3 (third_party/pyfuse3); the kernel has checked
+        # that the file is open for writing
+        i = await self._for_write(fh)
+        spaceops.fallocate(self.u.write_fd(i), mode, offset, length)
+        i.attr = None
 
     @_fuse_errors
     async def lseek(self, fh, offset, whence):
-        return spaceops.lseek(self.u, fh, offset, whence)
+        return spaceops.lseek(self.u.read_fd(self._inode(fh)), offset, whence)
 
     @_fuse_errors
     async def setattr(self, inode, attr, fields, fh, ctx):
         i = self._inode(inode)
         if not i.upper and not (fields.update_size and attr.st_size == 0):
             await self._copy_up(i)
-        self.u.setattr(i, fields, attr, fh)
+        self.u.setattr(i, fields, attr)
         return self.u.attr(i)
 
     @_fuse_errors

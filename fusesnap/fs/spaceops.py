@@ -1,11 +1,10 @@
-"""fallocate(2) and lseek(SEEK_DATA/SEEK_HOLE) on the host file behind an open handle.
+"""fallocate(2) and lseek(SEEK_DATA/SEEK_HOLE) on the host file behind a file.
 
-The FUSE handle (fh) is the host fd that Union.open/create returned: the upper file
-for every open with write access (open already copied the file up), the lower file
-for read-only opens of a not yet copied-up file. So both operations simply act on
-that fd, and the host file system's answer (space allocated, holes it keeps,
-ENXIO, EOPNOTSUPP) is what the caller sees — as with kernel overlayfs. These need
-the patched pyfuse3 (third_party/pyfuse3) that passes the two requests on.
+fallocate acts on the upper file (a write access copies the file up first),
+lseek on whichever file serves reads (lower until copy-up). The host file
+system's answer (space allocated, holes it keeps, ENXIO, EOPNOTSUPP) is what
+the caller sees — as with kernel overlayfs. These need the patched pyfuse3
+(third_party/pyfuse3) that passes the two requests on.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ import ctypes
 import errno
 import os
 
-from fusesnap.fs.union import Union
 
 # Kernel FUSE forwards only these modes (others fail with EOPNOTSUPP before us);
 # the host call gets whatever the kernel sent.
@@ -35,29 +33,19 @@ def host_fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(e, os.strerror(e))
 
 
-def fallocate(u: Union, fh: int, mode: int, offset: int, length: int) -> None:
-    """Apply fallocate to the host file of handle fh.
-
-    The kernel has already checked that the file is open for writing, so fh is
-    the upper file (open copied it up). A handle still on a lower file can only
-    be a read-only one: answer EBADF as the host would, never touch the lower.
-    """
-    i = u.fd_ino.get(fh)
-    if i is not None and not i.upper:
-        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """Apply fallocate to the upper file behind fd (the caller copied it up)."""
     try:
-        host_fallocate(fh, mode, offset, length)
+        host_fallocate(fd, mode, offset, length)
     except OSError as e:
         if e.errno == errno.ENOSYS:
             # ENOSYS would make the kernel disable fallocate for the whole mount
             raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP)) from None
         raise
-    if i is not None:
-        i.attr = None   # size/blocks changed; upper attrs are re-read from the host anyway
 
 
-def lseek(u: Union, fh: int, offset: int, whence: int) -> int:
-    """Next data (SEEK_DATA) or hole (SEEK_HOLE) at or after offset in fh's host file.
+def lseek(fd: int, offset: int, whence: int) -> int:
+    """Next data (SEEK_DATA) or hole (SEEK_HOLE) at or after offset in fd's host file.
 
     ENXIO when offset is at/after EOF, or no data follows it (SEEK_DATA), exactly as
     the host reports it. The host fd's own position is irrelevant (reads and writes
@@ -65,4 +53,4 @@ def lseek(u: Union, fh: int, offset: int, whence: int) -> int:
     """
     if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
         raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
-    return os.lseek(fh, offset, whence)
+    return os.lseek(fd, offset, whence)

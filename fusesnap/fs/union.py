@@ -19,6 +19,7 @@ import pyfuse3
 
 from fusesnap.fs import upperformat as uf
 from fusesnap.fs.copyup import copy_data
+from fusesnap.fs.filefds import FileFds
 from fusesnap.fs.inodes import Inode
 from fusesnap.fs.longpath import short
 from fusesnap.fs.lowertree import LNode, LowerTree
@@ -92,7 +93,7 @@ def _link_tmpfile(fd: int, dest: bytes) -> None:
 
 
 def _fd_cap() -> int:
-    """How many idle lower fds to keep: half the (raised) RLIMIT_NOFILE, at most 16384."""
+    """How many fds each cache of FileFds keeps: a quarter of the (raised) RLIMIT_NOFILE, at most 16384."""
     import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = min(hard, 1 << 16) if hard != resource.RLIM_INFINITY else 1 << 16
@@ -102,7 +103,7 @@ def _fd_cap() -> int:
             soft = want
         except (ValueError, OSError):
             pass
-    return max(64, min(16384, soft // 2))
+    return max(64, min(16384, soft // 4))
 
 
 def _err(code: int) -> OSError:
@@ -126,7 +127,7 @@ class CopyJob:
     dst_fd: int
     size: int
     tmp_path: bytes | None       # named temp to rename, or None for an O_TMPFILE
-    dest: bytes
+    dest: bytes | None           # None: the file has no name left (kept fd only)
 
 
 class Union:
@@ -144,6 +145,9 @@ class Union:
         self.readonly = self.U is None or self.opts.read_only
         self.euid, self.egid = os.geteuid(), os.getegid()
         self.privileged = self.euid == 0 and self.opts.xattr_permissions == 0
+        dp = self.opts.default_permissions
+        # mount option default_permissions: the kernel checks access against our attributes
+        self.kernel_checks_permissions = dp if dp is not None else self.euid == 0
         self.override_name = uf.XATTR_PERMISSIONS_NAMES[self.opts.xattr_permissions]
         self.read_overrides = (not self.privileged) or self.opts.xattr_permissions != 0
         self.override_names = (self.override_name,) + tuple(
@@ -152,11 +156,8 @@ class Union:
         self.inodes: dict[int, Inode] = {}
         self.next_ino = tree.max_ino + 1
         self._tree_ino = getattr(tree, 'new_ino', None)   # lazy trees hand out numbers as they grow
-        self.fd_ino: dict[int, Inode] = {}
         self.listings: dict[int, Listing] = {}   # dir ino -> entries with stable offsets
-        self.lower_fds: dict[int, int] = {}      # lower ino -> shared read-only fd
-        self.lower_refs: dict[int, int] = {}     # that fd -> open handles using it
-        self.lower_fd_cap = _fd_cap()
+        self.files = FileFds(_fd_cap(), self.readonly)
         self.upper_links: dict[int, Inode] = {}
         self.tmp_counter = 0
         self.uidmap, self.gidmap = self.opts.uidmap, self.opts.gidmap
@@ -385,10 +386,7 @@ class Union:
 
     def host_stat(self, i: Inode) -> os.stat_result:
         if i.parent is None and i.ino != ROOT:
-            for fd, j in self.fd_ino.items():
-                if j is i:
-                    return os.fstat(fd)
-            raise _err(errno.ENOENT)
+            return os.fstat(self._any_fd(i))
         return os.lstat(self.up(i))
 
     def presented(self, i: Inode, st: os.stat_result | None = None) -> uf.Presented:
@@ -404,11 +402,11 @@ class Union:
                 ov = None
         return uf.presented_stat(st, ov)
 
-    def _any_fd(self, i: Inode) -> int:
-        for fd, j in self.fd_ino.items():
-            if j is i:
-                return fd
-        raise _err(errno.ENOENT)
+    def _any_fd(self, i: Inode, write: bool = False) -> int:
+        """The fd kept for an upper file that has no name left."""
+        if i.kind != S.S_IFREG or self.files.kept(i.ino) is None:
+            raise _err(errno.ENOENT)
+        return self.files.upper_fd(i.ino, None, write)
 
     def _upper_attr(self, i: Inode) -> pyfuse3.EntryAttributes:
         if i.parent is None and i.ino != ROOT and i.attr is not None:
@@ -592,7 +590,9 @@ class Union:
         if i.parent is None:
             if i.ino == ROOT:
                 return None
-            raise _err(errno.ENOENT)
+            if i.kind != S.S_IFREG:
+                raise _err(errno.ENOENT)
+            return self._orphan_copy_job(i, data)
         p = i.parent
         if not p.upper:
             self.copy_up(p)
@@ -626,6 +626,20 @@ class Union:
             raise
         return CopyJob(i, src_fd, dst_fd, ln.size if data else 0, tmp, dest)
 
+    def _orphan_copy_job(self, i: Inode, data: bool) -> CopyJob:
+        """A lower file written after its last name went (opened, unlinked, then
+        written; the kernel opened it without telling us): its copy is an unnamed
+        upper file only the kept fd reaches, as kernel overlayfs's open copy-up is."""
+        src_fd = os.open(short(i.lower.src), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            dst_fd, tmp = self._tmpfile(self.root)
+            if tmp is not None:
+                os.unlink(tmp)
+        except BaseException:
+            os.close(src_fd)
+            raise
+        return CopyJob(i, src_fd, dst_fd, i.lower.size if data else 0, None, None)
+
     def abort_copy_up(self, job: CopyJob) -> None:
         os.close(job.src_fd)
         os.close(job.dst_fd)
@@ -638,6 +652,17 @@ class Union:
     def finish_copy_up(self, job: CopyJob) -> None:
         i = job.inode
         ln = i.lower
+        if job.dest is None:
+            try:
+                self._apply_meta(None, job.dst_fd, S.S_IFREG, ln.mode, ln.uid, ln.gid, 0, ln.xattrs,
+                                 ln.mtime_ns, on_disk_ids=True)
+            except BaseException:
+                self.abort_copy_up(job)
+                raise
+            os.close(job.src_fd)
+            self.files.adopt(i.ino, job.dst_fd)
+            self._mark_copied(i)
+            return
         try:
             self._apply_meta(job.dest, job.dst_fd, S.S_IFREG, ln.mode, ln.uid, ln.gid, 0, ln.xattrs,
                              ln.mtime_ns, on_disk_ids=True)
@@ -774,7 +799,7 @@ class Union:
             os.unlink(path)
             raise
         i = self._add(d, name, S.S_IFREG)
-        self.fd_ino[fd] = i
+        self.files.put_upper(i.ino, fd, oflags & os.O_ACCMODE == os.O_RDWR)
         return fd, i
 
     def mkdir(self, d: Inode, name: bytes, mode: int, ctx) -> Inode:
@@ -802,10 +827,7 @@ class Union:
     def mknod(self, d: Inode, name: bytes, mode: int, rdev: int, ctx) -> Inode:
         fmt = S.S_IFMT(mode)
         if fmt == S.S_IFREG:
-            fd, i = self.create(d, name, mode, os.O_WRONLY, ctx)
-            del self.fd_ino[fd]
-            os.close(fd)
-            return i
+            return self.create(d, name, mode, os.O_WRONLY, ctx)[1]
         if fmt not in (S.S_IFCHR, S.S_IFBLK, S.S_IFIFO, S.S_IFSOCK):
             raise _err(errno.EINVAL)
         if fmt == S.S_IFCHR and rdev == 0:
@@ -846,8 +868,17 @@ class Union:
         """Attributes to keep answering with once the last name of an upper object is gone.
 
         Fifos, devices, sockets and directories are opened by the kernel itself (or
-        not at all), so no daemon fd keeps them alive; regular files have one."""
-        if not i.upper or i.kind == S.S_IFREG or (i.kind != S.S_IFDIR and i.nlink > 1):
+        not at all), so no daemon fd keeps them alive; a regular file the kernel
+        still knows gets its fd pinned, and attributes come from that fd."""
+        if not i.upper:
+            return None
+        if i.kind == S.S_IFREG:
+            # by known names, not nlink: a lower link group's other names may be
+            # whited out or not loaded yet
+            if i.lookups > 0 and len(i.names()) <= 1:
+                self.files.pin(i.ino, self.up(i))
+            return None
+        if i.kind != S.S_IFDIR and i.nlink > 1:
             return None
         try:
             return self._upper_attr(i)
@@ -993,7 +1024,7 @@ class Union:
         return a, b
 
     # ---------------------------------------------------------------- setattr / xattrs
-    def setattr(self, i: Inode, fields, attr, fh: int | None) -> None:
+    def setattr(self, i: Inode, fields, attr) -> None:
         self._writable()
         truncated_copy = False
         if fields.update_size and not i.upper and i.kind == S.S_IFREG and attr.st_size == 0:
@@ -1005,12 +1036,14 @@ class Union:
         if fields.update_size:
             if i.kind == S.S_IFDIR:
                 raise _err(errno.EISDIR)
-            if fh is not None:
-                os.ftruncate(fh, attr.st_size)
+            kept = self.files.upper.get(i.ino)
+            if kept is not None and kept[1]:
+                # an fd kept open for writing, as ftruncate(2) on an open file uses
+                os.ftruncate(kept[0], attr.st_size)
             elif path is not None:
                 os.truncate(path, attr.st_size)
             else:
-                os.ftruncate(self._any_fd(i), attr.st_size)
+                os.ftruncate(self._any_fd(i, write=True), attr.st_size)
             if truncated_copy and not fields.update_mtime:
                 # the view's size changed even though the fresh upper file's did not:
                 # some filesystems (tmpfs) then keep the old mtime
@@ -1158,60 +1191,47 @@ class Union:
             pg = self.gidmap.to_presented(cur.gid) if self.gidmap else cur.gid
             self._set_owner_mode(i, target, st, cur, pu, pg, new, False, True)
 
+    def read_fd(self, i: Inode) -> int:
+        if i.upper:
+            return self.files.upper_fd(i.ino, self._name_path(i), False)
+        # lower files never change: one read-only fd per lower object
+        return self.files.lower_fd(i.lower.ino, short(i.lower.src))
+
+    def write_fd(self, i: Inode) -> int:
+        """The upper file's writable fd; the caller has copied i up."""
+        return self.files.upper_fd(i.ino, self._name_path(i), True)
+
+    def _name_path(self, i: Inode) -> bytes | None:
+        return self.up(i) if (i.parent is not None or i.ino == ROOT) else None
+
     def open(self, i: Inode, flags: int, caller_uid: int = 0) -> int:
+        """An open(2) the kernel passed on (mounts without zero-message opens).
+
+        Checks what the host would check on its own open (kept fds do not),
+        copies up for write access and applies O_TRUNC (atomic_o_trunc).
+        Returns the fd that serves the file from now on."""
         acc = flags & os.O_ACCMODE
-        oflags = (flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_DIRECT | os.O_NOATIME)) | os.O_CLOEXEC
-        if acc != os.O_RDONLY or flags & os.O_TRUNC:
+        write = acc != os.O_RDONLY
+        if write or flags & os.O_TRUNC:
             self._writable()
             if not i.upper:
                 self.copy_up(i, data=not (flags & os.O_TRUNC))
-        if i.upper:
-            if i.parent is None and i.ino != ROOT:
-                fd = os.open(b"/proc/self/fd/%d" % self._any_fd(i), oflags)
-            else:
-                fd = os.open(self.up(i), oflags | os.O_NOFOLLOW)
-            if flags & os.O_TRUNC and caller_uid != 0 and i.kind == S.S_IFREG:
+        if not i.upper:
+            return self.read_fd(i)
+        path = self._name_path(i)
+        if path is not None:
+            want = {os.O_RDONLY: os.R_OK, os.O_WRONLY: os.W_OK}.get(acc, os.R_OK | os.W_OK)
+            if not os.access(path, want, follow_symlinks=False):
+                raise _err(errno.EACCES)
+        fd = self.write_fd(i) if write or flags & os.O_TRUNC else self.read_fd(i)
+        if flags & os.O_TRUNC and i.kind == S.S_IFREG:
+            os.ftruncate(fd, 0)
+            i.attr = None
+            if caller_uid != 0:
                 # open(O_TRUNC) reaches us instead of a size setattr (atomic_o_trunc):
                 # kill the privileges the kernel would have killed for that caller
-                try:
-                    self.kill_suid(i)
-                except BaseException:
-                    os.close(fd)
-                    raise
-        else:
-            # lower files never change: one read-only fd per lower object, shared
-            # by every open of it and kept after the last close (no open/close
-            # syscalls for files read again)
-            key = i.lower.ino
-            fd = self.lower_fds.get(key)
-            if fd is None:
-                fd = os.open(short(i.lower.src), os.O_RDONLY | os.O_CLOEXEC)
-                if len(self.lower_fds) >= self.lower_fd_cap:
-                    self._evict_lower_fds()
-                self.lower_fds[key] = fd
-            self.lower_refs[fd] = self.lower_refs.get(fd, 0) + 1
-        self.fd_ino[fd] = i
+                self.kill_suid(i)
         return fd
-
-    def _evict_lower_fds(self) -> None:
-        refs = self.lower_refs
-        for key, fd in list(self.lower_fds.items()):
-            if not refs.get(fd):
-                del self.lower_fds[key]
-                refs.pop(fd, None)
-                os.close(fd)
-                if len(self.lower_fds) < self.lower_fd_cap // 2:
-                    break
-
-    def release(self, fd: int) -> None:
-        r = self.lower_refs.get(fd)
-        if r is not None:
-            self.lower_refs[fd] = r - 1
-            if r == 1:
-                self.fd_ino.pop(fd, None)
-            return
-        self.fd_ino.pop(fd, None)
-        os.close(fd)
 
     def readlink(self, i: Inode) -> bytes:
         if i.kind != S.S_IFLNK:
@@ -1225,9 +1245,10 @@ class Union:
         if i is None or ino == ROOT:
             return
         i.lookups -= n
-        if i.lookups <= 0 and i.parent is None and i not in self.fd_ino.values():
+        if i.lookups <= 0 and i.parent is None:
             del self.inodes[ino]
             self.listings.pop(ino, None)
+            self.files.drop(ino)
 
     def statfs(self) -> os.statvfs_result:
         if self.U is not None:
