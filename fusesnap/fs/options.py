@@ -65,6 +65,7 @@ class MountOptions:
     fuse_options: list[str] = field(default_factory=list)   # passed through to libfuse (dev, suid, ...)
     fsname: str = "fusesnap-overlay"
     keep_atime: bool = False                 # relatime/strictatime given: do not add noatime
+    read_ahead_kb: int | None = None         # read_ahead_kb=N: the mount's read-ahead (root only); None: default
 
 
 _PASSTHROUGH = {"dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
@@ -158,6 +159,10 @@ def parse_options(opt_strings: list[str], opts: MountOptions | None = None,
                 o.debug = True
             elif key == "fsname":
                 o.fsname = val or o.fsname
+            elif key == "read_ahead_kb":
+                o.read_ahead_kb = _int(key, val)
+                if o.read_ahead_kb < 0:
+                    raise InvalidInput(f"invalid read_ahead_kb={val!r}: negative")
             elif key in ("relatime", "strictatime"):
                 o.keep_atime = True          # the kernel's default; libfuse has no such option
             elif key in _PASSTHROUGH:
