@@ -43,7 +43,8 @@ def counted(name, orig):
     return wrapper
 
 for name in ("opendir", "readdir", "releasedir", "readlink", "lookup", "getattr", "open",
-             "release", "flush", "read", "write", "setattr", "getxattr", "listxattr", "statfs"):
+             "release", "flush", "read", "write", "setattr", "create", "mknod", "getxattr", "listxattr",
+             "statfs"):
     setattr(fo.Operations, name, counted(name, getattr(fo.Operations, name)))
 
 from fusesnap.fs.overlay_cli import main
@@ -369,3 +370,28 @@ def test_listing_a_big_directory_uses_plain_readdir(counted_mount: tuple[Union, 
         assert (st.st_ino, S_ISDIR(st.st_mode)) == (ino, is_dir), name
         if not is_dir:
             assert st.st_size == int(name.rsplit("-", 1)[1]) % 7
+
+
+def test_new_files_cost_one_request_each_and_no_release(counted_mount: tuple[Union, Requests]) -> None:
+    """The kernel creates files with MKNOD and opens them itself (the first CREATE is
+    answered ENOSYS): no CREATE + RELEASE pair per new file; O_EXCL and a mode without
+    write permission behave as with CREATE."""
+    u, requests = counted_mount
+    before = requests()
+    for k in range(20):
+        fd = os.open(u.p("d", f"new{k}"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o444)
+        try:
+            assert os.write(fd, b"n%d" % k) == len(b"n%d" % k)
+        finally:
+            os.close(fd)
+    n = requests() - before
+    assert n["mknod"] == 20 and n["create"] <= 1 and n["release"] == 0 and n["open"] <= 1, n
+    try:
+        os.open(u.p("d", "new3"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        raise AssertionError("O_EXCL on an existing file succeeded")
+    except FileExistsError:
+        pass
+    for k in range(20):
+        host = os.stat(u.up("d", f"new{k}"))
+        assert Path(u.up("d", f"new{k}")).read_bytes() == b"n%d" % k
+        assert host.st_mode & 0o777 == 0o444

@@ -280,6 +280,10 @@ class Operations(pyfuse3.Operations):
     # (files_without_open) and sends the inode, or open/create return it.
     @_fuse_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
+        if self.files_without_open:
+            # the kernel creates files with MKNOD and opens them itself (no_create):
+            # one request per new file instead of CREATE + RELEASE
+            raise FUSEError(errno.ENOSYS)
         _fd, i = self.u.create(self._inode(parent_inode), name, mode, flags, ctx)
         return pyfuse3.FileInfo(fh=i.ino, keep_cache=True), self._entry(i)
 
