@@ -168,11 +168,25 @@ def cmd_diff(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_mount(args: argparse.Namespace) -> int:
-    from ..snapshots.mounting import mount_snapshot
+def _daemon(foreground: bool) -> Any:
+    """A daemon forked before the store is opened (it imports pyfuse3/trio meanwhile);
+    a no-op context for --foreground, which serves in this process."""
+    if foreground:
+        from contextlib import nullcontext
 
-    with _open(args) as sn:
-        return mount_snapshot(sn, args.key, args.mountpoint, foreground=args.foreground, options=args.options)
+        return nullcontext()
+    from ..fs.mount import spawn_daemon
+
+    return spawn_daemon()
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    with _daemon(args.foreground) as daemon:
+        from ..snapshots.mounting import mount_snapshot
+
+        with _open(args) as sn:
+            return mount_snapshot(sn, args.key, args.mountpoint, foreground=args.foreground, options=args.options,
+                                  daemon=daemon)
 
 
 # Options of `mount -t fuse3.fusesnap` that describe the snapshot rather than the FUSE mount.
@@ -183,9 +197,6 @@ _GENERIC_OPTS = {"rw", "ro", "defaults", "auto", "noauto", "user", "nouser", "us
 
 def cmd_mount_helper(args: argparse.Namespace) -> int:
     """`mount -t fuse3.fusesnap fusesnap TARGET -o root=R,snapshot=KEY,...` (via mount.fuse3)."""
-    from ..snapshots.mounting import mount_snapshot
-    from ..snapshots.snapshotter import Snapshotter
-
     kv: dict[str, str] = {}
     fuse_opts: list[str] = []
     for text in args.options:
@@ -198,9 +209,13 @@ def cmd_mount_helper(args: argparse.Namespace) -> int:
     if "snapshot" not in kv:
         raise InvalidInput("missing -o snapshot=KEY (use the options `fusesnap mounts KEY` prints)")
     root = kv.get("root") or args.root
-    with Snapshotter(root) as sn:
-        return mount_snapshot(sn, kv["snapshot"], args.mountpoint, foreground=args.foreground,
-                              options=[",".join(fuse_opts)] if fuse_opts else [])
+    with _daemon(args.foreground) as daemon:
+        from ..snapshots.mounting import mount_snapshot
+        from ..snapshots.snapshotter import Snapshotter
+
+        with Snapshotter(root) as sn:
+            return mount_snapshot(sn, kv["snapshot"], args.mountpoint, foreground=args.foreground,
+                                  options=[",".join(fuse_opts)] if fuse_opts else [], daemon=daemon)
 
 
 def cmd_umount(args: argparse.Namespace) -> int:

@@ -1,4 +1,12 @@
-"""Mounting a Union with pyfuse3: foreground or daemonized once the mount is live."""
+"""Mounting a Union with pyfuse3: foreground or daemonized once the mount is live.
+
+Importing pyfuse3 and trio is most of what a mount costs (tens of ms). This
+module therefore imports neither at load time: `mount()` imports them when
+called, and `spawn_daemon()` forks the daemon *first*, so that it imports them
+on the other core while the caller is still opening the store and picking the
+lower tree; `PendingDaemon.start()` then hands it what to mount and returns
+once the mount is live, exactly like `mount()`.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +14,29 @@ import os
 import signal
 import sys
 from pathlib import Path
-
-import pyfuse3
-import trio
+from typing import TYPE_CHECKING, Any
 
 from fusesnap.errors import FusesnapError
-from fusesnap.fs import fastloop
-from fusesnap.fs.lowertree import LowerTree
-from fusesnap.fs.operations import Operations
 from fusesnap.fs.options import MountOptions
-from fusesnap.fs.union import Union
 
+if TYPE_CHECKING:
+    from fusesnap.fs.lowertree import LowerTree
+    from fusesnap.fs.operations import Operations
+    from fusesnap.fs.union import Union
+
+# What a pending daemon mounts as its lower tree (it builds the tree itself):
+#   ("cache", path)          LowerTree.load(path), the snapshotter's per-chain cache
+#   ("dirs", [dir...], eager) host directories, top-most first (LazyLowerTree, or eager)
+#   ("empty",)               no lower layers
+TreeSpec = tuple
+
+_TREE_FAILED = b"\0tree\0"   # notify-pipe prefix: the daemon could not build the lower tree
+
+
+class TreeUnavailable(FusesnapError):
+    """A pending daemon could not build its lower tree (nothing was mounted).
+
+    The caller may fall back to building the tree itself and calling mount()."""
 
 def fuse_options(union: Union, opts: MountOptions) -> set[str]:
     o = {f"fsname={opts.fsname}", "subtype=fusesnap"}
@@ -50,6 +70,8 @@ def mount(tree: LowerTree, upper: Path | str | None, work: Path | str | None,
     try:
         if not os.path.isdir(mountpoint):
             raise FusesnapError(f"mountpoint {mountpoint!r} does not exist or is not a directory")
+        from fusesnap.fs.operations import Operations
+        from fusesnap.fs.union import Union
         union = Union(tree, upper, work, opts)
     except (OSError, FusesnapError) as e:
         print(f"fusesnap: cannot mount {mountpoint}: {e}", file=sys.stderr)
@@ -59,40 +81,195 @@ def mount(tree: LowerTree, upper: Path | str | None, work: Path | str | None,
     if foreground:
         return _serve(ops, mountpoint, fopts, None, opts.debug)
     r, w = os.pipe()
+    _fork_daemon(lambda: _serve(ops, mountpoint, fopts, w, opts.debug), close_in_child=(r,))
+    os.close(w)
+    msg = _read_all(r)
+    if msg.startswith(b"ok"):
+        return 0
+    print(f"fusesnap: cannot mount {mountpoint}: {_reason(msg)}", file=sys.stderr)
+    return 1
+
+
+def _fork_daemon(body: Any, close_in_child: tuple[int, ...] = ()) -> None:
+    """Run body() in a daemon: double fork, so it is init's child and long-lived
+    callers (the snapshotter, tests) collect no zombies. Returns once the
+    intermediate child has exited; body's return value is the daemon's exit code."""
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:
-        # double fork: the daemon is reparented to init, so long-lived callers
-        # (the snapshotter, tests) collect no zombies
         code = 1
         try:
-            os.close(r)
+            for fd in close_in_child:
+                os.close(fd)
             os.setsid()
             if os.fork() == 0:
-                code = _serve(ops, mountpoint, fopts, w, opts.debug)
+                code = body()
             else:
                 code = 0
         finally:
             os._exit(code)
-    os.close(w)
     try:
         os.waitpid(pid, 0)
     except ChildProcessError:
         pass
+
+
+def _read_all(fd: int) -> bytes:
     chunks = []
-    while True:
-        b = os.read(r, 4096)
-        if not b:
-            break
-        chunks.append(b)
-    os.close(r)
-    msg = b"".join(chunks)
-    if msg.startswith(b"ok"):
-        return 0
-    reason = msg.decode(errors="replace").strip() or "the filesystem daemon exited before the mount was live"
-    print(f"fusesnap: cannot mount {mountpoint}: {reason}", file=sys.stderr)
-    return 1
+    try:
+        while True:
+            b = os.read(fd, 65536)
+            if not b:
+                break
+            chunks.append(b)
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
+def _reason(msg: bytes) -> str:
+    return msg.decode(errors="replace").strip() or "the filesystem daemon exited before the mount was live"
+
+
+def spawn_daemon() -> "PendingDaemon":
+    """Fork a daemon now; it imports pyfuse3/trio while the caller prepares the mount.
+
+    Use it as a context manager: leaving the block without start() lets the
+    daemon exit without mounting anything."""
+    return PendingDaemon()
+
+
+class PendingDaemon:
+    """A daemon that is importing what it needs and waits to be told what to mount."""
+
+    def __init__(self) -> None:
+        spec_r, self._spec_w = os.pipe()
+        self._note_r, note_w = os.pipe()
+        _fork_daemon(lambda: _pending_main(spec_r, note_w), close_in_child=(self._spec_w, self._note_r))
+        os.close(spec_r)
+        os.close(note_w)
+        self._done = False
+
+    def start(self, tree: TreeSpec, upper: Path | str | None, work: Path | str | None,
+              mountpoint: Path | str, opts: MountOptions | None = None) -> int:
+        """Mount like mount(..., foreground=False): 0 once the mount is live, else 1
+        with the reason on stderr. Raises TreeUnavailable if the daemon could not
+        build the lower tree (then nothing is mounted and the daemon is gone)."""
+        import pickle
+
+        if self._done:
+            raise RuntimeError("PendingDaemon.start() called twice")
+        opts = opts or MountOptions()
+        mountpoint = os.path.abspath(mountpoint)
+        if not os.path.isdir(mountpoint):
+            self.cancel()
+            print(f"fusesnap: cannot mount {mountpoint}: mountpoint {mountpoint!r} does not exist "
+                  "or is not a directory", file=sys.stderr)
+            return 1
+        try:
+            spec = pickle.dumps((tree, None if upper is None else str(upper),
+                                 None if work is None else str(work), mountpoint, opts))
+        except BaseException:
+            self.cancel()
+            raise
+        self._done = True
+        try:
+            _write_all(self._spec_w, spec)
+        except BrokenPipeError:
+            pass                      # the daemon died early; its note (if any) says why
+        except BaseException:
+            os.close(self._note_r)
+            raise
+        finally:
+            os.close(self._spec_w)
+        msg = _read_all(self._note_r)
+        if msg.startswith(b"ok"):
+            return 0
+        if msg.startswith(_TREE_FAILED):
+            raise TreeUnavailable(_reason(msg[len(_TREE_FAILED):]))
+        print(f"fusesnap: cannot mount {mountpoint}: {_reason(msg)}", file=sys.stderr)
+        return 1
+
+    def cancel(self) -> None:
+        """Let the daemon go without mounting anything (it exits on its own)."""
+        if not self._done:
+            self._done = True
+            os.close(self._spec_w)
+            os.close(self._note_r)
+
+    def __enter__(self) -> "PendingDaemon":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cancel()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _pending_main(spec_r: int, note_w: int) -> int:
+    """The daemon side of PendingDaemon: import, wait for the spec, mount, serve."""
+    def fail(msg: bytes) -> int:
+        try:
+            os.write(note_w, msg)
+        except OSError:
+            pass
+        return 1
+
+    try:
+        # Reasons go through note_w; the caller's stderr stays for libfuse's own
+        # messages until the mount is live (as with mount()), stdin/stdout are let go now.
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1):
+            os.dup2(devnull, fd)
+        os.close(devnull)
+        # The expensive part, overlapped with the caller's own work.
+        import pickle
+
+        import pyfuse3  # noqa: F401
+        import trio  # noqa: F401
+
+        from fusesnap.fs import fastloop  # noqa: F401
+        from fusesnap.fs.operations import Operations
+        from fusesnap.fs.union import Union
+
+        data = _read_all(spec_r)
+        if not data:
+            return 0              # cancelled: the caller found an error first
+        tree_spec, upper, work, mountpoint, opts = pickle.loads(data)
+    except BaseException as e:   # noqa: BLE001 -- reported to the caller, not lost
+        return fail(f"the filesystem daemon failed to start: {type(e).__name__}: {e}".encode())
+    try:
+        tree = _build_tree(tree_spec)
+    except Exception as e:   # noqa: BLE001
+        return fail(_TREE_FAILED + str(e).encode(errors="replace"))
+    try:
+        union = Union(tree, upper, work, opts)
+    except (OSError, FusesnapError) as e:
+        return fail(str(e).encode(errors="replace"))
+    ops = Operations(union)
+    return _serve(ops, mountpoint, fuse_options(union, opts), note_w, opts.debug)
+
+
+def _build_tree(spec: TreeSpec) -> Any:
+    kind = spec[0]
+    if kind == "cache":
+        from fusesnap.fs.lowertree import LowerTree
+        return LowerTree.load(spec[1])
+    if kind == "dirs":
+        if spec[2]:
+            from fusesnap.fs.lowertree import lower_tree_from_dirs
+            return lower_tree_from_dirs(spec[1])
+        from fusesnap.fs.lazytree import LazyLowerTree
+        return LazyLowerTree(spec[1])
+    if kind == "empty":
+        from fusesnap.fs.lowertree import build_lower_tree
+        return build_lower_tree([])
+    raise ValueError(f"unknown lower tree spec {kind!r}")
 
 
 def _raise_readahead(mountpoint: str, kb: int = 1024) -> None:
@@ -117,6 +294,11 @@ def _raise_readahead(mountpoint: str, kb: int = 1024) -> None:
 
 
 def _serve(ops: Operations, mountpoint: str, fopts: set[str], notify_fd: int | None, debug: bool) -> int:
+    import pyfuse3
+    import trio
+
+    from fusesnap.fs import fastloop
+
     os.umask(0)
     if debug:
         import logging

@@ -70,11 +70,31 @@ def main(argv: list[str] | None = None) -> int:
             raise FusesnapError(f"workdir {opts.workdir!r} does not exist or is not a directory")
         if not os.path.isdir(mountpoint):
             raise FusesnapError(f"mountpoint {mountpoint!r} does not exist or is not a directory")
-        from fusesnap.fs.lazytree import LazyLowerTree    # imports pyfuse3/trio only when mounting
-        from fusesnap.fs.lowertree import lower_tree_from_dirs
-        from fusesnap.fs.mount import mount
-        tree = (lower_tree_from_dirs(opts.lowerdirs) if os.environ.get("FUSESNAP_EAGER_TREE") == "1"
-                else LazyLowerTree(opts.lowerdirs))
+    except (FusesnapError, OSError) as e:
+        print(f"fusesnap-overlay: {e}", file=sys.stderr)
+        return 1
+    eager = os.environ.get("FUSESNAP_EAGER_TREE") == "1"
+    if opts.debug or foreground:
+        return _mount_here(opts, mountpoint, foreground, eager)
+    # Daemonizing: fork the daemon before importing pyfuse3/trio, so that this process
+    # never loads them and the daemon builds its own (lazy) lower tree.
+    from fusesnap.fs.mount import TreeUnavailable, spawn_daemon
+
+    with spawn_daemon() as daemon:
+        try:
+            return daemon.start(("dirs", opts.lowerdirs, eager), opts.upperdir, opts.workdir, mountpoint, opts)
+        except TreeUnavailable as e:
+            print(f"fusesnap-overlay: {e}", file=sys.stderr)
+            return 1
+
+
+def _mount_here(opts: MountOptions, mountpoint: str, foreground: bool, eager: bool) -> int:
+    """Build the lower tree in this process, then mount (serving here if foreground)."""
+    from fusesnap.fs.lazytree import LazyLowerTree
+    from fusesnap.fs.lowertree import lower_tree_from_dirs
+    from fusesnap.fs.mount import mount
+    try:
+        tree = lower_tree_from_dirs(opts.lowerdirs) if eager else LazyLowerTree(opts.lowerdirs)
     except (FusesnapError, OSError) as e:
         print(f"fusesnap-overlay: {e}", file=sys.stderr)
         return 1

@@ -9,6 +9,7 @@ a live mount).
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import subprocess
 import time
@@ -18,7 +19,10 @@ from typing import TYPE_CHECKING, Iterable
 from ..errors import FusesnapError, InUse, InvalidInput
 
 if TYPE_CHECKING:
+    from ..fs.mount import PendingDaemon
     from .snapshotter import Mount, Snapshotter
+
+log = logging.getLogger(__name__)
 
 
 def store_tag(root: Path) -> str:
@@ -73,13 +77,15 @@ def check_not_mounted(sn: "Snapshotter", sid: int, key: str, action: str) -> Non
 
 
 def mount_snapshot(sn: "Snapshotter", key: str, mountpoint: str | os.PathLike, *, foreground: bool = False,
-                   options: Iterable[str] = ()) -> int:
+                   options: Iterable[str] = (), daemon: "PendingDaemon | None" = None) -> int:
     """Mount active `key` read-write or view `key` read-only at mountpoint.
 
     Returns once the mount is live (the daemon runs on in the background) or,
-    with foreground=True, once it has been unmounted again.
+    with foreground=True, once it has been unmounted again. With `daemon` (from
+    fs.mount.spawn_daemon(), forked before the store was opened) that daemon
+    loads the chain's cached lower tree itself and mounts; it is cancelled if
+    anything fails here first.
     """
-    from ..fs.mount import mount
     from ..fs.options import parse_options
 
     info = sn.stat(key)
@@ -91,7 +97,6 @@ def mount_snapshot(sn: "Snapshotter", key: str, mountpoint: str | os.PathLike, *
     rec = sn._record(key)
     opts = parse_options(list(options))
     opts.fsname = fsname_for(sn, rec.id)
-    tree = sn.trees.get(rec.parent_chain)
     upper = work = None
     if info.kind == "active":
         check_not_mounted(sn, rec.id, key, "mount")  # two daemons must never share an upper
@@ -100,8 +105,34 @@ def mount_snapshot(sn: "Snapshotter", key: str, mountpoint: str | os.PathLike, *
         opts.upperdir, opts.workdir = str(upper), str(work)
     else:
         opts.read_only = True
+    if daemon is not None and not foreground:
+        from ..fs.mount import TreeUnavailable
+
+        spec = _tree_spec(sn, rec.parent_chain)
+        if spec is not None:
+            try:
+                return daemon.start(spec, upper, work, mp, opts)
+            except TreeUnavailable as e:   # e.g. the cache file went bad: rebuild it here
+                log.info("mounting %s: cached lower tree unusable (%s); rebuilding it", key, e)
+        daemon.cancel()
+    from ..fs.mount import mount
+
+    tree = sn.trees.get(rec.parent_chain)
     # fs.mount double-forks: the daemon is init's child, no zombie is left to reap here
     return mount(tree, upper, work, mp, opts, foreground)
+
+
+def _tree_spec(sn: "Snapshotter", chain: str | None) -> tuple | None:
+    """How a pending daemon gets the chain's merged lower tree: from the cache file
+    (built and saved here first if missing), None if it cannot be cached."""
+    if not chain:
+        return ("empty",)
+    path = sn.trees.path(chain)
+    if not path.exists():
+        sn.trees.get(chain)          # builds and saves it (a failed save only logs)
+        if not path.exists():
+            return None
+    return ("cache", str(path))
 
 
 def umount(mountpoint: str | os.PathLike, timeout: float = 30.0) -> None:

@@ -1,0 +1,187 @@
+"""How `fusesnap mount` and `fusesnap-overlay` start their daemon (issue 5, mount time).
+
+The daemon is forked before pyfuse3/trio are imported, so the command's own
+process never loads them: it parses arguments and opens the store while the
+daemon imports on the other core, and returns once the mount is live. These
+tests pin the behaviour that must survive that: the command returns with the
+mount live, errors found by either process are one line and a non-zero exit,
+a daemon that is not needed goes away, and a bad tree cache falls back to a
+rebuilt tree. No timings here (scripts/bench.py measures them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from helpers import is_mounted, script, unmount
+
+HEAVY = ("trio", "pyfuse3", "sqlite3")
+
+
+def fusesnap(root: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([script("fusesnap"), "--root", str(root), *args], capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
+def _in_python(code: str, *args: str) -> dict:
+    """Run code in a fresh interpreter of the venv; it prints one JSON object last."""
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+# Calls a console script's main() in-process, then reports which heavy modules this
+# (the caller's) process holds and what the mount shows right after main() returned.
+_CALL_MAIN = """
+import json, os, sys
+module, mp, *argv = sys.argv[1:]
+main = __import__(module, fromlist=["main"]).main
+rc = main(argv)
+live = any(l.split()[4] == mp for l in open("/proc/self/mountinfo"))
+names = sorted(os.listdir(mp)) if live else []
+print(json.dumps({"rc": rc, "live": live, "names": names,
+                  "loaded": [m for m in ("trio", "pyfuse3") if m in sys.modules]}))
+"""
+
+
+def _layer_store(tmp: Path) -> tuple[Path, str]:
+    """A store with a two-layer chain: /a/one from the base, /b/two from the top."""
+    root = tmp / "root"
+    chain = ""
+    for i, (d, f) in enumerate([("a", "one"), ("b", "two")]):
+        src = tmp / f"src{i}"
+        (src / d).mkdir(parents=True)
+        (src / d / f).write_text(f)
+        tar = tmp / f"l{i}.tar"
+        subprocess.run(["tar", "-C", str(src), "-cf", str(tar), d], check=True)
+        r = fusesnap(root, "import", str(tar), *(["--parent", chain] if chain else []))
+        assert r.returncode == 0, r.stderr
+        chain = r.stdout.splitlines()[0]
+    return root, chain
+
+
+def test_parsing_and_help_do_not_import_the_fuse_stack():
+    code = """
+import contextlib, io, json, sys
+from fusesnap.cli.main import build_parser, main
+build_parser().parse_args(["mount", "k", "/nonexistent"])
+with contextlib.redirect_stdout(io.StringIO()):
+    for argv in (["--help"], ["mount", "--help"]):
+        try:
+            main(argv)
+        except SystemExit:
+            pass
+print(json.dumps([m for m in %r if m in sys.modules]))
+""" % (HEAVY,)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == []
+
+
+def test_snapshot_mount_is_live_on_return_and_caller_never_loads_pyfuse3(shared_tmp):
+    root, chain = _layer_store(shared_tmp)
+    mp = shared_tmp / "mp"
+    mp.mkdir()
+    for key, args in (("rw", ("prepare", "rw", chain)), ("ro", ("view", "ro", chain))):
+        assert fusesnap(root, *args).returncode == 0
+        out = _in_python(_CALL_MAIN, "fusesnap.cli.main", str(mp), "--root", str(root), "mount", key, str(mp))
+        try:
+            assert out["rc"] == 0
+            assert out["live"], "mount returned before the mount was live"
+            assert out["names"] == ["a", "b"]
+            assert (mp / "a" / "one").read_text() == "one"
+            assert out["loaded"] == [], f"the mount command's own process imported {out['loaded']}"
+        finally:
+            unmount(mp)
+
+
+def test_overlay_mount_is_live_on_return_and_caller_never_loads_pyfuse3(shared_tmp):
+    lower, upper, work, mp = (shared_tmp / n for n in ("lower", "upper", "work", "mp"))
+    for d in (lower, upper, work, mp):
+        d.mkdir()
+    (lower / "f").write_text("x")
+    opts = f"lowerdir={lower},upperdir={upper},workdir={work}"
+    out = _in_python(_CALL_MAIN, "fusesnap.fs.overlay_cli", str(mp), "-o", opts, str(mp))
+    try:
+        assert out["rc"] == 0 and out["live"] and out["names"] == ["f"]
+        assert out["loaded"] == []
+    finally:
+        unmount(mp)
+
+
+def test_error_found_by_the_daemon_is_one_line_and_nonzero(shared_tmp):
+    """The upper is checked by the daemon (Union), after the command handed it over."""
+    root, chain = _layer_store(shared_tmp)
+    mp = shared_tmp / "mp"
+    mp.mkdir()
+    assert fusesnap(root, "prepare", "k", chain).returncode == 0
+    uppers = list(root.glob("snapshots/*/upper"))
+    assert len(uppers) == 1
+    uppers[0].rmdir()
+    r = fusesnap(root, "mount", "k", str(mp))
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "upper" in lines[0] and str(mp) in lines[0], r.stderr
+    assert not is_mounted(mp)
+
+
+def _marked_processes(marker: str) -> list[int]:
+    pids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                if marker.encode() in Path(f"/proc/{d}/environ").read_bytes():
+                    pids.append(int(d))
+            except OSError:
+                pass
+    return pids
+
+
+@pytest.mark.parametrize("case", ["committed", "missing-key", "not-a-dir"])
+def test_error_found_by_the_command_sends_the_daemon_away(shared_tmp, case):
+    root, chain = _layer_store(shared_tmp)
+    mp = shared_tmp / "mp"
+    mp.mkdir()
+    assert fusesnap(root, "prepare", "k", chain).returncode == 0
+    assert fusesnap(root, "commit", "c", "k").returncode == 0
+    assert fusesnap(root, "prepare", "k2", "c").returncode == 0
+    key, target = {"committed": ("c", mp), "missing-key": ("nope", mp),
+                   "not-a-dir": ("k2", root / "does-not-exist")}[case]
+    marker = f"FUSESNAP_TEST_MARKER={uuid.uuid4().hex}"
+    env = {**os.environ, marker.split("=")[0]: marker.split("=")[1]}
+    r = fusesnap(root, "mount", key, str(target), env=env)
+    assert r.returncode != 0
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not is_mounted(target)
+    deadline = time.monotonic() + 30
+    while _marked_processes(marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _marked_processes(marker), "a daemon forked for the failed mount is still running"
+
+
+def test_unreadable_tree_cache_falls_back_to_a_rebuilt_tree(shared_tmp):
+    root, chain = _layer_store(shared_tmp)
+    mp = shared_tmp / "mp"
+    mp.mkdir()
+    assert fusesnap(root, "prepare", "k", chain).returncode == 0
+    assert fusesnap(root, "mount", "k", str(mp)).returncode == 0   # builds and caches the tree
+    unmount(mp)
+    caches = list((root / "cache" / "lowertrees").iterdir())
+    assert caches, "no lower tree cache was written"
+    for c in caches:
+        c.write_bytes(b"not a marshalled tree")
+    r = fusesnap(root, "mount", "k", str(mp))
+    try:
+        assert r.returncode == 0, r.stderr
+        assert sorted(os.listdir(mp)) == ["a", "b"]
+        assert (mp / "b" / "two").read_text() == "two"
+    finally:
+        unmount(mp)
