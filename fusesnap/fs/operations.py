@@ -16,7 +16,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 import pyfuse3
 import trio
 
-from fusesnap.fs import spaceops
+from fusesnap.fs import callers, spaceops
 from fusesnap.fs.copyup import BIG, copy_data
 from fusesnap.fs.inodes import Inode
 from fusesnap.fs.union import Union
@@ -353,7 +353,11 @@ class Operations(pyfuse3.Operations):
         i = self._inode(inode)
         if not i.upper and not (fields.update_size and attr.st_size == 0):
             await self._copy_up(i)
-        self.u.setattr(i, fields, attr)
+        opening = False
+        if fields.update_size and attr.st_size == 0 and fh is None and self.files_without_open:
+            # open(O_TRUNC) or truncate(2)? Unknown counts as the (common) open.
+            opening = callers.in_open(ctx.pid) is not False
+        self.u.setattr(i, fields, attr, on_open_file=fh is not None, opening=opening)
         return self.u.attr(i)
 
     @_fuse_errors

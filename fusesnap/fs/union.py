@@ -1024,11 +1024,16 @@ class Union:
         return a, b
 
     # ---------------------------------------------------------------- setattr / xattrs
-    def setattr(self, i: Inode, fields, attr) -> None:
+    def setattr(self, i: Inode, fields, attr, on_open_file: bool = False,
+                opening: bool = False) -> None:
+        """Apply a SETATTR. on_open_file: the request named an open file (ftruncate),
+        so the host's ftruncate marks the times as the caller's would; opening: the
+        size change is an open(O_TRUNC)'s, which marks them even if the size stays."""
         self._writable()
-        truncated_copy = False
+        touch = False
         if fields.update_size and not i.upper and i.kind == S.S_IFREG and attr.st_size == 0:
-            truncated_copy = i.lower.size != 0
+            # the view's size changes even where the fresh upper file's does not
+            touch = i.lower.size != 0
             self.copy_up(i, data=False)
         else:
             self.copy_up(i)
@@ -1036,17 +1041,12 @@ class Union:
         if fields.update_size:
             if i.kind == S.S_IFDIR:
                 raise _err(errno.EISDIR)
-            kept = self.files.upper.get(i.ino)
-            if kept is not None and kept[1]:
-                # an fd kept open for writing, as ftruncate(2) on an open file uses
-                os.ftruncate(kept[0], attr.st_size)
-            elif path is not None:
-                os.truncate(path, attr.st_size)
+            if on_open_file or path is None:
+                os.ftruncate(self.write_fd(i), attr.st_size)
             else:
-                os.ftruncate(self._any_fd(i, write=True), attr.st_size)
-            if truncated_copy and not fields.update_mtime:
-                # the view's size changed even though the fresh upper file's did not:
-                # some filesystems (tmpfs) then keep the old mtime
+                os.truncate(path, attr.st_size)
+            if (touch or opening) and not fields.update_mtime:
+                # a size kept by the host keeps its mtime on some filesystems (tmpfs)
                 st = self.host_stat(i)
                 now = time.time_ns()
                 os.utime(path if path is not None else self._any_fd(i), ns=(st.st_atime_ns, now))
