@@ -295,7 +295,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground until unmounted")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPT",
                    help="FUSE mount option (repeatable, comma-separated)")
-    p.set_defaults(func=cmd_mount)
+    p.set_defaults(func=cmd_mount, quick_exit=True)
 
     # mount.fuse3 runs `fusesnap SOURCE TARGET -o OPTS` for `mount -t fuse3.fusesnap SOURCE TARGET`;
     # `fusesnap mounts` gives SOURCE "fusesnap", so that is a (hidden) command of its own.
@@ -303,7 +303,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("mountpoint", metavar="TARGET")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS")
     p.add_argument("-f", dest="foreground", action="store_true")
-    p.set_defaults(func=cmd_mount_helper)
+    p.set_defaults(func=cmd_mount_helper, quick_exit=True)
 
     p = sub.add_parser("umount", help="unmount a fusesnap mount and wait until it is gone")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")

@@ -82,10 +82,15 @@ def main(argv: list[str] | None = None) -> int:
 
     with spawn_daemon() as daemon:
         try:
-            return daemon.start(("dirs", opts.lowerdirs, eager), opts.upperdir, opts.workdir, mountpoint, opts)
+            rc = daemon.start(("dirs", opts.lowerdirs, eager), opts.upperdir, opts.workdir, mountpoint, opts)
         except TreeUnavailable as e:
             print(f"fusesnap-overlay: {e}", file=sys.stderr)
-            return 1
+            rc = 1
+    if argv is None:      # the console script: this process has nothing left to tear down
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    return rc
 
 
 def _mount_here(opts: MountOptions, mountpoint: str, foreground: bool, eager: bool) -> int:
