@@ -145,26 +145,38 @@ def _marked_processes(marker: str) -> list[int]:
     return pids
 
 
-@pytest.mark.parametrize("case", ["committed", "missing-key", "not-a-dir"])
+@pytest.mark.parametrize("case", ["committed", "missing-key", "not-a-dir", "usage-error", "helper-no-key"])
 def test_error_found_by_the_command_sends_the_daemon_away(shared_tmp, case):
+    """The daemon is forked before these errors are found (even before argparse runs)."""
     root, chain = _layer_store(shared_tmp)
     mp = shared_tmp / "mp"
     mp.mkdir()
     assert fusesnap(root, "prepare", "k", chain).returncode == 0
     assert fusesnap(root, "commit", "c", "k").returncode == 0
     assert fusesnap(root, "prepare", "k2", "c").returncode == 0
-    key, target = {"committed": ("c", mp), "missing-key": ("nope", mp),
-                   "not-a-dir": ("k2", root / "does-not-exist")}[case]
-    marker = f"FUSESNAP_TEST_MARKER={uuid.uuid4().hex}"
-    env = {**os.environ, marker.split("=")[0]: marker.split("=")[1]}
-    r = fusesnap(root, "mount", key, str(target), env=env)
+    args = {"committed": ["mount", "c", str(mp)], "missing-key": ["mount", "nope", str(mp)],
+            "not-a-dir": ["mount", "k2", str(root / "does-not-exist")],
+            "usage-error": ["mount", "k2"],
+            "helper-no-key": ["fusesnap", str(mp), "-o", f"root={root}"]}[case]
+    marker = uuid.uuid4().hex
+    r = fusesnap(root, *args, env={**os.environ, "FUSESNAP_TEST_MARKER": marker})
     assert r.returncode != 0
-    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert not is_mounted(target)
+    if case != "usage-error":      # argparse prints usage + error
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not is_mounted(mp)
     deadline = time.monotonic() + 30
     while _marked_processes(marker) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _marked_processes(marker), "a daemon forked for the failed mount is still running"
+
+
+def test_mount_help_forks_no_daemon(shared_tmp):
+    root, chain = _layer_store(shared_tmp)
+    marker = uuid.uuid4().hex
+    env = {**os.environ, "FUSESNAP_TEST_MARKER": marker}
+    r = fusesnap(root, "mount", "--help", env=env)
+    assert r.returncode == 0 and "MOUNTPOINT" in r.stdout
+    assert not _marked_processes(marker)
 
 
 def test_unreadable_tree_cache_falls_back_to_a_rebuilt_tree(shared_tmp):

@@ -3,21 +3,22 @@
 Each command module exposes `register(subparsers)`, adding subparsers whose
 `func(args) -> int | None` does the work. Errors derived from FusesnapError
 become a one-line message on stderr and a non-zero exit code.
+
+Module-level imports stay minimal: a mount command line forks its daemon
+before argparse and the command modules are even imported (issue 5, mount
+time); everything else is imported after that.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import json
-import logging
 import sys
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..errors import FusesnapError
-from ..paths import default_root
+
+if TYPE_CHECKING:
+    import argparse
 
 # Modules that contribute subcommands, in --help order.
 COMMAND_MODULES = (
@@ -27,6 +28,10 @@ COMMAND_MODULES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import argparse
+    import importlib
+    from pathlib import Path
+
     parser = argparse.ArgumentParser(
         prog="fusesnap",
         description=(
@@ -58,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def emit_json(obj: Any) -> None:
+    import json
+
     json.dump(obj, sys.stdout, indent=2, sort_keys=True, default=str)
     sys.stdout.write("\n")
 
@@ -76,23 +83,69 @@ def parse_labels(items: list[str] | None) -> dict[str, str]:
 
 
 def setup_logging(verbosity: int) -> None:
+    import logging
+
     level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="fusesnap: %(levelname)s: %(message)s", stream=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    setup_logging(args.verbose)
-    if args.root is None:
-        args.root = default_root()
-    if not getattr(args, "func", None):
-        parser.print_help(sys.stderr)
-        return 2
-    rc = run(args)
+    early = _early_daemon(sys.argv[1:] if argv is None else argv)
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        setup_logging(args.verbose)
+        if args.root is None:
+            from ..paths import default_root
+
+            args.root = default_root()
+        if not getattr(args, "func", None):
+            parser.print_help(sys.stderr)
+            return 2
+        args.early_daemon = early
+        rc = run(args)
+    finally:
+        if early is not None:
+            early.cancel()        # not used (parse error, --help...): it exits by itself
     if argv is None and getattr(args, "quick_exit", False):
         quick_exit(rc)
     return rc
+
+
+# Commands that daemonize a mount, and the options they take that need no argparse to skip.
+_MOUNT_COMMANDS = ("mount", "fusesnap")
+_GLOBAL_FLAGS = ("-v", "-vv", "-vvv", "--verbose", "--json")
+
+
+def _early_daemon(argv: list[str]) -> Any:
+    """For `fusesnap [--root R] [-v] [--json] mount KEY MP [-o OPT]...` (or the mount.fuse3
+    helper form): fork the daemon now, before argparse and the store are imported, so it
+    imports pyfuse3/trio meanwhile. Anything else (-f, --help, unknown options) returns
+    None and the command spawns its daemon later, if at all. A wrong guess costs only a
+    daemon that is cancelled."""
+    i = 0
+    while i < len(argv) and argv[i].startswith("-"):
+        a = argv[i]
+        if a == "--root":
+            i += 2
+        elif a.startswith("--root=") or a in _GLOBAL_FLAGS:
+            i += 1
+        else:
+            return None
+    if i >= len(argv) or argv[i] not in _MOUNT_COMMANDS:
+        return None
+    rest, j = argv[i + 1:], 0
+    while j < len(rest):
+        a = rest[j]
+        if a == "-o":
+            j += 2
+            continue
+        if a.startswith("-") and not (a.startswith("-o") or a in ("--json",)):
+            return None           # -f, --help, anything argparse must judge first
+        j += 1
+    from ..fs.mount import spawn_daemon
+
+    return spawn_daemon()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -120,6 +173,7 @@ def quick_exit(rc: int) -> None:
     For commands that own their process and have nothing left to clean up (a
     mount whose daemon is live): output is flushed, log handlers closed, then
     os._exit. Callers of main(argv) in-process never get here."""
+    import logging
     import os
 
     for f in (sys.stdout, sys.stderr):

@@ -168,20 +168,26 @@ def cmd_diff(args: argparse.Namespace) -> int:
     return 0
 
 
-def _daemon(foreground: bool) -> Any:
-    """A daemon forked before the store is opened (it imports pyfuse3/trio meanwhile);
+def _daemon(args: argparse.Namespace) -> Any:
+    """The daemon to mount with: forked before the store is opened (it imports
+    pyfuse3/trio meanwhile), by main() if it saw a mount command line early enough;
     a no-op context for --foreground, which serves in this process."""
-    if foreground:
+    early = getattr(args, "early_daemon", None)
+    if args.foreground:
+        if early is not None:
+            early.cancel()
         from contextlib import nullcontext
 
         return nullcontext()
+    if early is not None:
+        return early
     from ..fs.mount import spawn_daemon
 
     return spawn_daemon()
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    with _daemon(args.foreground) as daemon:
+    with _daemon(args) as daemon:
         from ..snapshots.mounting import mount_snapshot
 
         with _open(args) as sn:
@@ -209,7 +215,7 @@ def cmd_mount_helper(args: argparse.Namespace) -> int:
     if "snapshot" not in kv:
         raise InvalidInput("missing -o snapshot=KEY (use the options `fusesnap mounts KEY` prints)")
     root = kv.get("root") or args.root
-    with _daemon(args.foreground) as daemon:
+    with _daemon(args) as daemon:
         from ..snapshots.mounting import mount_snapshot
         from ..snapshots.snapshotter import Snapshotter
 
