@@ -13,13 +13,14 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fusesnap.errors import FusesnapError
 from fusesnap.fs.options import MountOptions
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from fusesnap.fs.lowertree import LowerTree
     from fusesnap.fs.operations import Operations
     from fusesnap.fs.union import Union
@@ -37,6 +38,7 @@ class TreeUnavailable(FusesnapError):
     """A pending daemon could not build its lower tree (nothing was mounted).
 
     The caller may fall back to building the tree itself and calling mount()."""
+
 
 def fuse_options(union: Union, opts: MountOptions) -> set[str]:
     o = {f"fsname={opts.fsname}", "subtype=fusesnap"}
