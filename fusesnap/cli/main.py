@@ -143,9 +143,15 @@ def _early_daemon(argv: list[str]) -> Any:
         if a.startswith("-") and not (a.startswith("-o") or a in ("--json",)):
             return None           # -f, --help, anything argparse must judge first
         j += 1
-    from ..fs.mount import spawn_daemon
+    import gc
 
-    return spawn_daemon()
+    gc.disable()           # the imports before the fork allocate a lot and free nothing
+    try:
+        from ..fs.mount import spawn_daemon
+
+        return spawn_daemon()
+    finally:
+        gc.enable()
 
 
 def run(args: argparse.Namespace) -> int:

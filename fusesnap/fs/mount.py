@@ -10,6 +10,7 @@ once the mount is live, exactly like `mount()`.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import sys
@@ -222,6 +223,10 @@ def _pending_main(spec_r: int, note_w: int) -> int:
             pass
         return 1
 
+    # No cyclic garbage collection until the mount is live (_serve turns it back on):
+    # importing trio/attrs and building the lower tree allocate enough objects to
+    # trigger dozens of collections that find nothing to free.
+    gc.disable()
     try:
         # Reasons go through note_w; the caller's stderr stays for libfuse's own
         # messages until the mount is live (as with mount()), stdin/stdout are let go now.
@@ -327,6 +332,7 @@ def _serve(ops: Operations, mountpoint: str, fopts: set[str], notify_fd: int | N
             for fd in (0, 1, 2):
                 os.dup2(devnull, fd)
             os.close(devnull)
+    gc.enable()      # off while a pending daemon was starting up
     state = {"signalled": False}
 
     async def main() -> None:
