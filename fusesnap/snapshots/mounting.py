@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import subprocess
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
@@ -137,6 +136,8 @@ def _tree_spec(sn: "Snapshotter", chain: str | None) -> tuple | None:
 
 def umount(mountpoint: str | os.PathLike, timeout: float = 30.0) -> None:
     """Unmount a FUSE mount and wait until it is gone from the mount table."""
+    import subprocess
+
     mp = os.path.realpath(mountpoint)
     if not is_mountpoint(mp):
         raise InvalidInput(f"{mp} is not a mount point")
