@@ -150,6 +150,8 @@ def _early_daemon(argv: list[str]) -> Any:
         from ..fs.mount import spawn_daemon
 
         return spawn_daemon()
+    except OSError:
+        return None            # cannot fork now: the command tries again and reports it
     finally:
         gc.enable()
 

@@ -80,12 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     # never loads them and the daemon builds its own (lazy) lower tree.
     from fusesnap.fs.mount import TreeUnavailable, spawn_daemon
 
-    with spawn_daemon() as daemon:
-        try:
+    try:
+        with spawn_daemon() as daemon:
             rc = daemon.start(("dirs", opts.lowerdirs, eager), opts.upperdir, opts.workdir, mountpoint, opts)
-        except TreeUnavailable as e:
-            print(f"fusesnap-overlay: {e}", file=sys.stderr)
-            rc = 1
+    except (TreeUnavailable, OSError) as e:     # OSError: no fork, no pipe
+        print(f"fusesnap-overlay: {e}", file=sys.stderr)
+        rc = 1
     if argv is None:      # the console script: this process has nothing left to tear down
         sys.stdout.flush()
         sys.stderr.flush()
