@@ -107,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if early is not None:
             early.cancel()        # not used (parse error, --help...): it exits by itself
+            import gc
+
+            gc.enable()
     if argv is None and getattr(args, "quick_exit", False):
         quick_exit(rc)
     return rc
@@ -145,15 +148,17 @@ def _early_daemon(argv: list[str]) -> Any:
         j += 1
     import gc
 
-    gc.disable()           # the imports before the fork allocate a lot and free nothing
+    # No cyclic GC for the rest of this short-lived command (main() turns it back on):
+    # the imports and the store's setup allocate a lot and free nothing, and every
+    # millisecond of CPU here competes with the daemon's imports on a busy machine.
+    gc.disable()
     try:
         from ..fs.mount import spawn_daemon
 
         return spawn_daemon()
     except OSError:
-        return None            # cannot fork now: the command tries again and reports it
-    finally:
         gc.enable()
+        return None            # cannot fork now: the command tries again and reports it
 
 
 def run(args: argparse.Namespace) -> int:
