@@ -48,7 +48,7 @@ rc = main(argv)
 live = any(l.split()[4] == mp for l in open("/proc/self/mountinfo"))
 names = sorted(os.listdir(mp)) if live else []
 print(json.dumps({"rc": rc, "live": live, "names": names,
-                  "loaded": [m for m in ("trio", "pyfuse3") if m in sys.modules]}))
+                  "loaded": [m for m in ("trio", "pyfuse3", "argparse") if m in sys.modules]}))
 """
 
 
@@ -84,6 +84,43 @@ print(json.dumps([m for m in %r if m in sys.modules]))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.strip().splitlines()[-1]) == []
+
+
+# Plain mount command lines main() parses without argparse, and ones it must leave to argparse.
+PLAIN = [
+    ["mount", "k", "/m"],
+    ["--root", "/r", "-vv", "--json", "mount", "k", "/m", "-o", "ro", "-oallow_other,noatime"],
+    ["--root=/r", "-v", "--verbose", "mount", "k", "-o", "a=1", "/m", "--json"],
+    ["fusesnap", "/m", "-o", "rw,root=/r,snapshot=k", "-o", "dev"],
+]
+NOT_PLAIN = [
+    ["mount", "-f", "k", "/m"], ["mount", "--foreground", "k", "/m"], ["mount", "k", "/m", "--help"],
+    ["mount", "k"], ["mount", "k", "/m", "extra"], ["mount", "k", "/m", "-o"], ["mount", "k", "/m", "-o=x"],
+    ["mount", "k", "/m", "-o", "-x"], ["--ro", "/r", "mount", "k", "/m"], ["--root", "mount", "k", "/m"],
+    ["-h", "mount", "k", "/m"], ["mount", "-v", "k", "/m"], ["mount", "--", "k", "/m"], ["view", "k", "p"],
+    ["fusesnap", "/m", "-f"], [],
+]
+
+
+def test_plain_mount_command_lines_parse_as_argparse_does():
+    code = """
+import json, sys
+from fusesnap.cli.main import _plain_mount_args, build_parser
+plain, not_plain = json.loads(sys.argv[1])
+out = {"same": [], "loaded_argparse": None, "not_none": []}
+fast = [_plain_mount_args(a) for a in plain]
+out["loaded_argparse"] = "argparse" in sys.modules
+for a, f in zip(plain, fast):
+    ref = vars(build_parser().parse_args(a))
+    got = vars(f) if f is not None else None
+    out["same"].append(got is not None and {k: str(v) for k, v in got.items()} == {k: str(v) for k, v in ref.items()})
+out["not_none"] = [a for a in not_plain if _plain_mount_args(a) is not None]
+print(json.dumps(out))
+"""
+    out = _in_python(code, json.dumps([PLAIN, NOT_PLAIN]))
+    assert out["same"] == [True] * len(PLAIN)
+    assert out["not_none"] == []
+    assert out["loaded_argparse"] is False
 
 
 def test_snapshot_mount_is_live_on_return_and_caller_never_loads_pyfuse3(shared_tmp):
@@ -147,7 +184,8 @@ def _marked_processes(marker: str) -> list[int]:
 
 @pytest.mark.parametrize("case", ["committed", "missing-key", "not-a-dir", "usage-error", "helper-no-key"])
 def test_error_found_by_the_command_sends_the_daemon_away(shared_tmp, case):
-    """The daemon is forked before these errors are found (even before argparse runs)."""
+    """Plain command lines fork the daemon before these errors are found; the usage
+    error goes through argparse (no daemon at all)."""
     root, chain = _layer_store(shared_tmp)
     mp = shared_tmp / "mp"
     mp.mkdir()

@@ -90,10 +90,16 @@ def setup_logging(verbosity: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    early = _early_daemon(sys.argv[1:] if argv is None else argv)
+    fast = _plain_mount_args(sys.argv[1:] if argv is None else argv)
+    early = _early_daemon() if fast is not None else None
     try:
-        parser = build_parser()
-        args = parser.parse_args(argv)
+        if early is not None:
+            # argparse would give the same result (tests/test_mount_startup.py checks);
+            # skipping it keeps this process's CPU off the daemon's core
+            args = fast
+        else:
+            parser = build_parser()
+            args = parser.parse_args(argv)
         setup_logging(args.verbose)
         if args.root is None:
             from ..paths import default_root
@@ -106,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         rc = run(args)
     finally:
         if early is not None:
-            early.cancel()        # not used (parse error, --help...): it exits by itself
+            early.cancel()        # not used (an error came first): it exits by itself
             import gc
 
             gc.enable()
@@ -115,37 +121,73 @@ def main(argv: list[str] | None = None) -> int:
     return rc
 
 
-# Commands that daemonize a mount, and the options they take that need no argparse to skip.
-_MOUNT_COMMANDS = ("mount", "fusesnap")
-_GLOBAL_FLAGS = ("-v", "-vv", "-vvv", "--verbose", "--json")
+_GLOBAL_FLAGS = {"-v": 1, "-vv": 2, "-vvv": 3, "--verbose": 1}
 
 
-def _early_daemon(argv: list[str]) -> Any:
-    """For `fusesnap [--root R] [-v] [--json] mount KEY MP [-o OPT]...` (or the mount.fuse3
-    helper form): fork the daemon now, before argparse and the store are imported, so it
-    imports pyfuse3/trio meanwhile. Anything else (-f, --help, unknown options) returns
-    None and the command spawns its daemon later, if at all. A wrong guess costs only a
-    daemon that is cancelled."""
+def _plain_mount_args(argv: list[str]) -> Any:
+    """The parsed arguments of a plain mount command line, without argparse:
+    `fusesnap [--root R] [-v] [--json] mount KEY MP [-o OPT]... [--json]` or the
+    mount.fuse3 helper form `fusesnap ... fusesnap TARGET [-o OPTS]...`. Anything
+    else (-f, --help, abbreviations, a missing or extra argument) returns None and
+    goes through argparse as usual. The result equals what build_parser() gives."""
+    from types import SimpleNamespace
+
+    root, verbose, json_out = None, 0, False
     i = 0
     while i < len(argv) and argv[i].startswith("-"):
         a = argv[i]
-        if a == "--root":
-            i += 2
-        elif a.startswith("--root=") or a in _GLOBAL_FLAGS:
-            i += 1
+        if a == "--root" and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+            root, i = argv[i + 1], i + 2
+        elif a.startswith("--root=") and len(a) > 7:
+            root, i = a[7:], i + 1
+        elif a in _GLOBAL_FLAGS:
+            verbose, i = verbose + _GLOBAL_FLAGS[a], i + 1
+        elif a == "--json":
+            json_out, i = True, i + 1
         else:
             return None
-    if i >= len(argv) or argv[i] not in _MOUNT_COMMANDS:
+    if i >= len(argv) or argv[i] not in ("mount", "fusesnap"):
         return None
-    rest, j = argv[i + 1:], 0
+    command, rest = argv[i], argv[i + 1:]
+    positional: list[str] = []
+    options: list[str] = []
+    j = 0
     while j < len(rest):
         a = rest[j]
-        if a == "-o":
+        if a == "-o" and j + 1 < len(rest) and not rest[j + 1].startswith("-"):
+            options.append(rest[j + 1])
             j += 2
             continue
-        if a.startswith("-") and not (a.startswith("-o") or a in ("--json",)):
-            return None           # -f, --help, anything argparse must judge first
+        if a.startswith("-o") and len(a) > 2 and a[2] not in "=-":
+            options.append(a[2:])
+        elif a == "--json":
+            json_out = True
+        elif a.startswith("-"):
+            return None           # -f, --help, anything argparse must judge
+        else:
+            positional.append(a)
         j += 1
+    from pathlib import Path
+
+    from . import snapshots
+
+    ns = SimpleNamespace(root=Path(root) if root is not None else None, verbose=verbose, json=json_out,
+                         command=command, foreground=False, options=options, quick_exit=True)
+    if command == "mount" and len(positional) == 2:
+        ns.key, ns.mountpoint = positional
+        ns.func = snapshots.cmd_mount
+    elif command == "fusesnap" and len(positional) == 1:
+        ns.mountpoint, = positional
+        ns.func = snapshots.cmd_mount_helper
+    else:
+        return None
+    return ns
+
+
+def _early_daemon() -> Any:
+    """Fork the mount's daemon now, before the store is opened, so that it imports
+    pyfuse3/trio meanwhile (None if the fork fails: the command tries again and
+    reports it)."""
     import gc
 
     # No cyclic GC for the rest of this short-lived command (main() turns it back on):
@@ -158,7 +200,7 @@ def _early_daemon(argv: list[str]) -> Any:
         return spawn_daemon()
     except OSError:
         gc.enable()
-        return None            # cannot fork now: the command tries again and reports it
+        return None
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,16 +6,19 @@ Heavy modules are imported inside the commands so `fusesnap --help` stays fast.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidInput
 from .main import parse_labels
 
+if TYPE_CHECKING:   # argparse is imported by build_parser(); a plain mount parses without it
+    import argparse
+
 
 def _emit(obj: Any) -> None:
+    import json
+
     json.dump(obj, sys.stdout, indent=2, sort_keys=True, default=str)
     sys.stdout.write("\n")
 
@@ -233,6 +236,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this module's subcommands."""
+    import argparse
     for name, helptext in (
         ("prepare", "create an active (writable) snapshot on top of a committed PARENT"),
         ("view", "create a read-only view of a committed PARENT"),
