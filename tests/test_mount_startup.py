@@ -105,10 +105,11 @@ NOT_PLAIN = [
 def test_plain_mount_command_lines_parse_as_argparse_does():
     code = """
 import json, sys
-from fusesnap.cli.main import _plain_mount_args, build_parser
+from fusesnap.cli.main import _namespace, _plain_mount_args, build_parser
 plain, not_plain = json.loads(sys.argv[1])
 out = {"same": [], "loaded_argparse": None, "not_none": []}
 fast = [_plain_mount_args(a) for a in plain]
+fast = [_namespace(f) if f is not None else None for f in fast]
 out["loaded_argparse"] = "argparse" in sys.modules
 for a, f in zip(plain, fast):
     ref = vars(build_parser().parse_args(a))

@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         if early is not None:
             # argparse would give the same result (tests/test_mount_startup.py checks);
             # skipping it keeps this process's CPU off the daemon's core
-            args = fast
+            args = _namespace(fast)
         else:
             parser = build_parser()
             args = parser.parse_args(argv)
@@ -124,14 +124,13 @@ def main(argv: list[str] | None = None) -> int:
 _GLOBAL_FLAGS = {"-v": 1, "-vv": 2, "-vvv": 3, "--verbose": 1}
 
 
-def _plain_mount_args(argv: list[str]) -> Any:
-    """The parsed arguments of a plain mount command line, without argparse:
+def _plain_mount_args(argv: list[str]) -> dict[str, Any] | None:
+    """The arguments of a plain mount command line, without argparse or any import:
     `fusesnap [--root R] [-v] [--json] mount KEY MP [-o OPT]... [--json]` or the
     mount.fuse3 helper form `fusesnap ... fusesnap TARGET [-o OPTS]...`. Anything
     else (-f, --help, abbreviations, a missing or extra argument) returns None and
-    goes through argparse as usual. The result equals what build_parser() gives."""
-    from types import SimpleNamespace
-
+    goes through argparse as usual. _namespace() of the result equals what
+    build_parser() gives."""
     root, verbose, json_out = None, 0, False
     i = 0
     while i < len(argv) and argv[i].startswith("-"):
@@ -167,20 +166,28 @@ def _plain_mount_args(argv: list[str]) -> Any:
         else:
             positional.append(a)
         j += 1
+    if (command, len(positional)) not in (("mount", 2), ("fusesnap", 1)):
+        return None
+    return {"root": root, "verbose": verbose, "json": json_out, "command": command,
+            "positional": positional, "options": options}
+
+
+def _namespace(plain: dict[str, Any]) -> Any:
+    """What build_parser().parse_args() returns for a plain mount command line."""
     from pathlib import Path
+    from types import SimpleNamespace
 
     from . import snapshots
 
-    ns = SimpleNamespace(root=Path(root) if root is not None else None, verbose=verbose, json=json_out,
-                         command=command, foreground=False, options=options, quick_exit=True)
-    if command == "mount" and len(positional) == 2:
-        ns.key, ns.mountpoint = positional
+    ns = SimpleNamespace(root=Path(plain["root"]) if plain["root"] is not None else None,
+                         verbose=plain["verbose"], json=plain["json"], command=plain["command"],
+                         foreground=False, options=plain["options"], quick_exit=True)
+    if plain["command"] == "mount":
+        ns.key, ns.mountpoint = plain["positional"]
         ns.func = snapshots.cmd_mount
-    elif command == "fusesnap" and len(positional) == 1:
-        ns.mountpoint, = positional
-        ns.func = snapshots.cmd_mount_helper
     else:
-        return None
+        ns.mountpoint, = plain["positional"]
+        ns.func = snapshots.cmd_mount_helper
     return ns
 
 
