@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install pyfuse3 3.5.0 with fusesnap's patches (0001-0006) into the venv $1
+# Install pyfuse3 3.5.0 with fusesnap's patches (0001-0007) into the venv $1
 # (see README.md here). Idempotent: does nothing when the venv already has this
 # build; reuses a wheel built earlier for the same patch from $2 (cache dir).
 set -euo pipefail
@@ -7,7 +7,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 venv=$1
 cache=${2:-$(dirname "$venv")/wheels}
 upstream=3.5.0
-local_tag=fusesnap4
+local_tag=fusesnap5
 version="$upstream+$local_tag"
 
 have=$("$venv/bin/python" - <<'PY' 2>/dev/null || true
@@ -33,6 +33,8 @@ if [ -z "$whl" ]; then
     tar -xzf "$work/pyfuse3-$upstream.tar.gz" -C "$work"
     src="$work/pyfuse3-$upstream"
     for p in "$here"/*.patch; do patch -s -p1 -d "$src" < "$p"; done
+    # 0007 leaves the version to fill in (no importlib.metadata lookup at import)
+    sed -i "s/@PYFUSE3_VERSION@/$version/" "$src/src/pyfuse3/_pyfuse3.py"
     # The sdist ships a pre-generated __init__.c; force Cython to regenerate it.
     rm -f "$src/src/pyfuse3/__init__.c"
     mkdir -p "$whl_dir"
