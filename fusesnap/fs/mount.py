@@ -44,7 +44,7 @@ class TreeUnavailable(FusesnapError):
 def fuse_options(union: Union, opts: MountOptions) -> set[str]:
     o = {f"fsname={opts.fsname}", "subtype=fusesnap"}
     root = os.geteuid() == 0
-    if opts.default_permissions if opts.default_permissions is not None else root:
+    if union.kernel_checks_permissions:
         o.add("default_permissions")
     allow_other = opts.allow_other if opts.allow_other is not None else os.geteuid() == 0
     if allow_other:
@@ -279,32 +279,12 @@ def _build_tree(spec: TreeSpec) -> Any:
     raise ValueError(f"unknown lower tree spec {kind!r}")
 
 
-def _raise_readahead(mountpoint: str, kb: int = 1024) -> None:
-    """Let the kernel read ahead 1 MiB per request instead of 128 KiB (root only).
-
-    FUSE reads are bounded by the mount's bdi readahead; bigger requests mean
-    8x fewer round trips for sequential reads. Read from mountinfo: a stat of
-    the mountpoint would wait for the loop that is not running yet."""
-    if os.geteuid() != 0:
-        return
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                parts = line.split()
-                mp = parts[4].encode().decode("unicode_escape")
-                if mp == mountpoint:
-                    dev = parts[2]
-            with open(f"/sys/class/bdi/{dev}/read_ahead_kb", "w") as g:
-                g.write(str(kb))
-    except (OSError, UnboundLocalError, IndexError):
-        pass
-
-
 def _serve(ops: Operations, mountpoint: str, fopts: set[str], notify_fd: int | None, debug: bool) -> int:
     import pyfuse3
     import trio
 
     from fusesnap.fs import fastloop
+    from fusesnap.fs.readahead import DEFAULT_KB, set_read_ahead
 
     os.umask(0)
     if debug:
@@ -347,9 +327,10 @@ def _serve(ops: Operations, mountpoint: str, fopts: set[str], notify_fd: int | N
 
             async def readahead() -> None:
                 # after FUSE_INIT: its reply caps the readahead at what the kernel offered
+                kb = ops.u.opts.read_ahead_kb
                 for delay in (0.05, 0.5):
                     await trio.sleep(delay)
-                    _raise_readahead(mountpoint)
+                    set_read_ahead(mountpoint, DEFAULT_KB if kb is None else kb)
             n.start_soon(readahead)
             await pyfuse3.main(1, 8)
             n.cancel_scope.cancel()
