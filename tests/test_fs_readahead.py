@@ -98,3 +98,22 @@ def test_read_ahead_kb_mount_option():
         with pytest.raises(InvalidInput):
             parse_options([bad])
 
+
+
+@pytest.mark.parametrize("option, want", [(None, 1024), ("read_ahead_kb=512", 512)])
+def test_the_daemon_sets_its_mounts_read_ahead(shared_tmp: Path, option: str | None, want: int):
+    """fusesnap-overlay raises its own mount's read-ahead after FUSE_INIT (1 MiB requests),
+    or to what read_ahead_kb= asks."""
+    if not is_root():
+        pytest.skip("needs root to write sysfs")
+    lower, upper, work, mnt = (shared_tmp / n for n in ("lower", "upper", "work", "mnt"))
+    for d in (lower, upper, work):
+        d.mkdir()
+    un = mount_union(FUSESNAP, mnt, [lower], upper, work, [option] if option else [])
+    try:
+        deadline = time.monotonic() + 10
+        while _sysfs_value(mnt) != want and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _sysfs_value(mnt) == want
+    finally:
+        un.unmount()
