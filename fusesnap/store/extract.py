@@ -35,7 +35,7 @@ import os
 import stat
 from pathlib import Path
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from ..errors import InvalidInput
 from ..tarsplit import header as H
@@ -83,6 +83,26 @@ def normalize(name: bytes, what: bytes | None = None) -> bytes:
         raise InvalidInput(f"refusing member {show(what or name)}: path longer than {MAX_PATH} bytes"
                            f" or deeper than {MAX_DEPTH} levels")
     return out
+
+
+class MemberSink(Protocol):
+    """Extractor itself, or ExtractPipeline feeding one from another thread."""
+
+    def begin(self, m: Member) -> None: ...
+    def data(self, mv: memoryview) -> None: ...
+    def end(self) -> None: ...
+
+
+def feed_member(sink: MemberSink, m: Member, stream: ByteStream) -> int | None:
+    """Pass member m and its payload from stream to sink; returns the payload's CRC-64
+    (None without payload), as the tar-split index records it."""
+    sink.begin(m)
+    crc = 0
+    for mv in stream.chunks(m.size, "file data"):
+        crc = crc64_update(mv, crc)
+        sink.data(mv)
+    sink.end()
+    return crc if m.size else None
 
 
 class Extractor:
@@ -180,16 +200,6 @@ class Extractor:
         self.kinds.pop(path, None)
 
     # -- members ------------------------------------------------------------------------------
-    def add(self, m: Member, stream: ByteStream) -> int | None:
-        """Create member `m` and consume its payload from `stream`; returns the payload CRC."""
-        self.begin(m)
-        crc = 0
-        for mv in stream.chunks(m.size, "file data"):
-            crc = crc64_update(mv, crc)
-            self.data(mv)
-        self.end()
-        return crc if m.size else None
-
     def begin(self, m: Member) -> None:
         """Create member `m` on the host (or record it only); its payload follows via data()/end()."""
         if len(self._fds) > MAX_OPEN_DIRS:

@@ -28,7 +28,6 @@ from typing import Any, BinaryIO
 from ..digest import chain_id as compute_chain_id, hex_of, is_digest
 from ..errors import AlreadyExists, InUse, IntegrityError, InvalidInput, NotFound
 from ..layerentry import LayerEntry
-from ..tarsplit.crc64 import crc64_update
 from ..tarsplit.index import IndexWriter
 from ..tarsplit.parser import TarParser
 from ..tarsplit.stream import ByteStream
@@ -36,7 +35,7 @@ from . import db as dbm
 from . import entriesfile
 from .decompress import LayerStream
 from .exporter import export_layer
-from .extract import Extractor
+from .extract import Extractor, feed_member
 from .pipeline import ExtractPipeline
 from .locks import FileLock
 
@@ -288,13 +287,7 @@ class LayerStore:
                     w = IndexWriter(tsf)
                     while (m := parser.next()) is not None:
                         w.segment(m.segment)
-                        pipe.begin(m)
-                        crc = 0
-                        for mv in stream.chunks(m.size, "file data"):
-                            crc = crc64_update(mv, crc)
-                            pipe.data(mv)
-                        pipe.end()
-                        w.file(m.name, m.size, crc if m.size else None)
+                        w.file(m.name, m.size, feed_member(pipe, m, stream))
                     w.segment(parser.end_segment)
                     for junk in stream.rest():
                         w.segment(junk)
