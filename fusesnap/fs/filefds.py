@@ -14,6 +14,8 @@ from __future__ import annotations
 import errno
 import os
 
+from fusesnap.fs.longpath import short
+
 _READ_ONLY_ERRNOS = (errno.EACCES, errno.EPERM, errno.ETXTBSY, errno.EROFS)
 
 
@@ -28,20 +30,27 @@ class FileFds:
     def lower_fd(self, key: int, path: bytes) -> int:
         fd = self.lower.get(key)
         if fd is None:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(short(path), os.O_RDONLY | os.O_CLOEXEC)
             if len(self.lower) >= self.cap:
                 self._evict_lower()
             self.lower[key] = fd
         return fd
+
+    def cached(self, ino: int, write: bool) -> int | None:
+        """The kept fd of ino's upper file if it serves this access: the per-request
+        path, without building the file's path."""
+        e = self.upper.get(ino)
+        return e[0] if e is not None and (e[1] or not write) else None
 
     def upper_fd(self, ino: int, path: bytes | None, write: bool) -> int:
         """The upper file's fd, writable if asked; path None: reopen the kept fd.
 
         Read access opens O_RDWR where the host allows it, so a later write needs
         no second open; a file the daemon may only read gets O_RDONLY."""
+        fd = self.cached(ino, write)
+        if fd is not None:
+            return fd
         e = self.upper.get(ino)
-        if e is not None and (e[1] or not write):
-            return e[0]
         if path is None:
             if e is None:
                 raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))

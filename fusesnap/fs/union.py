@@ -1193,13 +1193,18 @@ class Union:
 
     def read_fd(self, i: Inode) -> int:
         if i.upper:
-            return self.files.upper_fd(i.ino, self._name_path(i), False)
+            return self._upper_fd(i, False)
         # lower files never change: one read-only fd per lower object
-        return self.files.lower_fd(i.lower.ino, short(i.lower.src))
+        return self.files.lower_fd(i.lower.ino, i.lower.src)
 
     def write_fd(self, i: Inode) -> int:
         """The upper file's writable fd; the caller has copied i up."""
-        return self.files.upper_fd(i.ino, self._name_path(i), True)
+        return self._upper_fd(i, True)
+
+    def _upper_fd(self, i: Inode, write: bool) -> int:
+        # every READ/WRITE comes here: build the path only when no kept fd serves
+        fd = self.files.cached(i.ino, write)
+        return fd if fd is not None else self.files.upper_fd(i.ino, self._name_path(i), write)
 
     def _name_path(self, i: Inode) -> bytes | None:
         return self.up(i) if (i.parent is not None or i.ino == ROOT) else None
