@@ -84,6 +84,12 @@ class Operations(pyfuse3.Operations):
         self.timeout = union.timeout
         self.noxattrs = union.opts.noxattrs
         self.fsync_enabled = union.opts.fsync
+        # writeback=1: the kernel merges small writes into big WRITEs (untar, builds), and
+        # then owns mtime, size and dirty pages the host file does not have yet. Off by
+        # default: with it the kernel forgets st_blocks on every close(), so the next
+        # stat of an unchanged file costs a GETATTR (docs/BENCHMARKS.md, "Untar").
+        self.writeback = union.opts.writeback
+        self.enable_writeback_cache = self.writeback
 
     # ------------------------------------------------------------------ helpers
     def _entry(self, i: Inode) -> pyfuse3.EntryAttributes:
@@ -314,7 +320,26 @@ class Operations(pyfuse3.Operations):
     @_fuse_errors
     async def write(self, fh, off, buf):
         i = await self._for_write(fh)
-        return os.pwrite(self.u.write_fd(i), buf, off)
+        fd = self.u.write_fd(i)
+        if not self.writeback:
+            return os.pwrite(fd, buf, off)
+        # The kernel owns mtime under the writeback cache and sends it as a SETATTR,
+        # which may overtake the last cached pages: the host's own mtime update is undone.
+        st = os.fstat(fd)
+        n = os.pwrite(fd, buf, off)
+        os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+        return n
+
+    async def _launder(self, ino: int) -> None:
+        """Have the kernel write this inode's dirty pages back (and drop its pages).
+
+        The notification blocks until the WRITEs it causes are answered, so it runs
+        in a thread while the loop serves them."""
+        try:
+            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino, False)
+        except OSError as e:
+            if e.errno != errno.ENOENT:       # ENOENT: the kernel holds no pages of it
+                raise
 
     async def flush(self, fh):
         # writes go straight to the host file: nothing to flush. ENOSYS makes the
@@ -341,11 +366,15 @@ class Operations(pyfuse3.Operations):
         # needs the patched pyfuse3 (third_party/pyfuse3); the kernel has checked
         # that the file is open for writing
         i = await self._for_write(fh)
+        if self.writeback:
+            await self._launder(fh)   # allocation next to pages the host has not seen: st_blocks
         spaceops.fallocate(self.u.write_fd(i), mode, offset, length)
         i.attr = None
 
     @_fuse_errors
     async def lseek(self, fh, offset, whence):
+        if self.writeback and whence in (os.SEEK_DATA, os.SEEK_HOLE):
+            await self._launder(fh)           # data still in the kernel is data
         return spaceops.lseek(self.u.read_fd(self._inode(fh)), offset, whence)
 
     @_fuse_errors
@@ -357,7 +386,13 @@ class Operations(pyfuse3.Operations):
         if fields.update_size and attr.st_size == 0 and fh is None and self.files_without_open:
             # open(O_TRUNC) or truncate(2)? Unknown counts as the (common) open.
             opening = callers.in_open(ctx.pid) is not False
+        kept = None
+        if self.writeback and fields.update_size and not fields.update_mtime and i.kind == S.S_IFREG:
+            # the kernel owns mtime here and leaves it for a size it did not change: so must the host
+            kept = self.u.attr(i).st_mtime_ns
         self.u.setattr(i, fields, attr, on_open_file=fh is not None, opening=opening)
+        if kept is not None:
+            self.u.set_mtime(i, kept)
         return self.u.attr(i)
 
     @_fuse_errors

@@ -60,7 +60,7 @@ class MountOptions:
     noxattrs: bool = False
     volatile: bool = False
     fsync: bool = True
-    writeback: bool = False
+    writeback: bool = False                 # writeback=1: the kernel's writeback cache (off: see docs/BENCHMARKS.md)
     debug: bool = False
     fuse_options: list[str] = field(default_factory=list)   # passed through to libfuse (dev, suid, ...)
     fsname: str = "fusesnap-overlay"
@@ -72,7 +72,7 @@ _PASSTHROUGH = {"dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "no
                 "diratime", "nodiratime", "sync", "async", "dirsync"}
 _IGNORED = {"rw", "redirect_dir", "index", "metacopy", "xino", "userxattr", "context",
             "fsync", "threaded", "fast_ino", "plugins", "noacl", "lazytime", "nfs_export",
-            "uuid", "writeback"}
+            "uuid"}
 
 
 def _split_escaped(text: str, sep: str, escapes_any: bool) -> list[str]:
@@ -155,6 +155,8 @@ def parse_options(opt_strings: list[str], opts: MountOptions | None = None,
                 o.fsync = False
             elif key == "fsync":
                 o.fsync = val != "0"
+            elif key == "writeback":
+                o.writeback = val != "0"
             elif key == "debug":
                 o.debug = True
             elif key == "fsname":

@@ -1078,6 +1078,15 @@ class Union:
                 os.utime(target, ns=(at, mt), follow_symlinks=False)
         i.attr = None
 
+    def set_mtime(self, i: Inode, mtime_ns: int) -> None:
+        """Put an upper file's mtime back (atime kept): the writeback cache's kernel owns it."""
+        at = self.host_stat(i).st_atime_ns
+        if i.parent is not None:
+            os.utime(self.up(i), ns=(at, mtime_ns), follow_symlinks=False)
+        else:
+            os.utime(self._any_fd(i), ns=(at, mtime_ns))
+        i.attr = None
+
     def _set_owner_mode(self, i: Inode, target, st: os.stat_result, cur: uf.Presented, uid: int,
                         gid: int, mode: int, owner: bool, chmod: bool) -> None:
         is_link = i.kind == S.S_IFLNK
