@@ -107,6 +107,19 @@ def test_fusesnap_matches_kernel_overlayfs(seeds, shared_tmp):
         pytest.fail(_report(outs), pytrace=False)
 
 
+# -o writeback=1 (the kernel's writeback cache): fewer seeds, the same strictness
+WRITEBACK_SEEDS = range(0, 100)
+
+
+@pytest.mark.parametrize("seeds", [list(WRITEBACK_SEEDS[i:i + BATCH]) for i in range(0, len(WRITEBACK_SEEDS), BATCH)],
+                         ids=lambda s: f"seeds{s[0]}-{s[-1]}")
+def test_fusesnap_with_writeback_cache_matches_kernel_overlayfs(seeds, shared_tmp):
+    outs = diffrun.run_seeds(seeds, diffrun.PROFILES["fusesnap-writeback"], batch_size=BATCH, parent=shared_tmp)
+    assert len(outs) == len(seeds)
+    if any(o.failed for o in outs):
+        pytest.fail(_report(outs), pytrace=False)
+
+
 def test_open_failure_kinds_still_seen():
     """Strict counterpart of OPEN_KINDS (runs after the batches)."""
     if len(_batches_run) < len(_batches()):
