@@ -8,6 +8,7 @@ mode too: tests/test_differential.py, profile fusesnap-writeback.)"""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -15,9 +16,10 @@ from pathlib import Path
 import pytest
 
 from fusesnap.fs.options import parse_options
-from helpers import is_root
+from helpers import is_root, run_as
 from test_fs_kernel_caching import COUNTING_OVERLAY, Requests
-from unionmount import FALLOC_FL_KEEP_SIZE, FUSESNAP, fallocate, layout, mkfile, mount_union, scratch
+from unionmount import (FALLOC_FL_KEEP_SIZE, FUSESNAP, chown_tree, fallocate, layout, mkfile, mount_union,
+                        scratch)
 
 needs_root = pytest.mark.skipif(not is_root(), reason="needs root to mount")
 
@@ -165,3 +167,41 @@ def test_truncate_to_the_same_size_keeps_its_mtime_across_a_remount(mount):
             assert seen == (T_LOWER if name == "lower.bin" else T_SET)   # the kernel's own mtime
         u.remount()
         assert os.stat(u.p(name)).st_mtime_ns == seen, name
+
+
+WRITER = r'''
+import json, os, sys
+mnt = sys.argv[1]
+p = os.path.join(mnt, "new")
+with open(p, "wb") as f:
+    for _ in range(64):
+        f.write(b"x" * 100)
+with open(os.path.join(mnt, "lower.bin"), "r+b") as f:
+    f.seek(5000)
+    f.write(b"PATCH")
+with open(os.path.join(mnt, "sparse"), "w+b") as f:
+    os.pwrite(f.fileno(), b"d" * 4096, 1 << 20)
+    data_at = os.lseek(f.fileno(), 0, os.SEEK_DATA)
+print(json.dumps({"new": open(p, "rb").read() == b"x" * 6400, "data_at": data_at,
+                  "lower": open(os.path.join(mnt, "lower.bin"), "rb").read()[4998:5007].hex()}))
+'''
+
+
+@needs_root
+def test_writeback_mount_as_an_unprivileged_user(test_user):
+    with scratch("fusesnap-wbu-") as base:
+        (l0,), upper, work, mnt = layout(base, 1)
+        mkfile(l0 / "lower.bin", LOWER)
+        for d in (l0, upper, work, mnt):
+            chown_tree(d, test_user.pw_uid, test_user.pw_gid)
+        u = mount_union(FUSESNAP, mnt, [l0], upper, work, ["writeback=1"], user=test_user)
+        try:
+            prog = base / "writer.py"
+            prog.write_text(WRITER)
+            r = run_as(test_user, ["/usr/bin/python3", str(prog), str(mnt)], text=True, timeout=60)
+            assert r.returncode == 0, r.stderr
+            got = json.loads(r.stdout)
+        finally:
+            u.unmount()
+        assert got == {"new": True, "data_at": GAP, "lower": (LOWER[4998:5000] + b"PATCH" + LOWER[5005:5007]).hex()}
+        assert (upper / "new").read_bytes() == b"x" * 6400
