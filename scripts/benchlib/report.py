@@ -10,7 +10,7 @@ from .runner import Cell
 from .workloads import Workload
 
 REFS = ("plain", "fuse-overlayfs")
-RATIO_TARGETS = ("kernel", "fuse-overlayfs", "fusesnap-overlay", "fusesnap")
+RATIO_TARGETS = ("kernel", "fuse-overlayfs", "fusesnap-overlay", "fusesnap", "fusesnap-writeback")
 
 
 def ratio(w: Workload, value: float | None, ref: float | None) -> float | None:

@@ -279,6 +279,8 @@ def find_program(name: str, bindir: Path | None) -> str | None:
 
 
 ALL_TARGETS = ("plain", "kernel", "fuse-overlayfs", "fusesnap-overlay", "fusesnap")
+# on request (--targets): fusesnap-overlay -o writeback=1, the kernel's writeback cache
+EXTRA_TARGETS = ("fusesnap-writeback",)
 
 
 def make_targets(names: list[str], bindir: Path | None, store_root: Path) -> list[Target]:
@@ -287,6 +289,8 @@ def make_targets(names: list[str], bindir: Path | None, store_root: Path) -> lis
         "kernel": KernelOverlay(),
         "fuse-overlayfs": FuseProgram("fuse-overlayfs", shutil.which("fuse-overlayfs")),
         "fusesnap-overlay": FuseProgram("fusesnap-overlay", find_program("fusesnap-overlay", bindir)),
+        "fusesnap-writeback": FuseProgram("fusesnap-writeback", find_program("fusesnap-overlay", bindir),
+                                          "writeback=1"),
         "fusesnap": FusesnapStore(find_program("fusesnap", bindir), store_root),
     }
     return [made[n] for n in names]
