@@ -113,6 +113,16 @@ class Requests:
         return Counter(line.split()[0] for line in self.log.read_text().splitlines())
 
 
+def count_requests(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Requests:
+    """Have the next fusesnap-overlay mount log its requests; returns their counter."""
+    prog = tmp_path / "counting_overlay.py"
+    prog.write_text(COUNTING_OVERLAY)
+    log = tmp_path / "requests.log"
+    monkeypatch.setenv("FUSESNAP_OVERLAY_PROG", f"{sys.executable} {prog}")
+    monkeypatch.setenv("FUSESNAP_COUNT_LOG", str(log))
+    return Requests(log)
+
+
 BIG_DIR_ENTRIES = 3000
 
 
@@ -120,11 +130,7 @@ BIG_DIR_ENTRIES = 3000
 def counted_mount(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """A fusesnap-overlay mount (two lowers, upper) whose daemon logs its requests;
     parametrized True, the first lower also holds big/ with BIG_DIR_ENTRIES files + sub/."""
-    prog = tmp_path / "counting_overlay.py"
-    prog.write_text(COUNTING_OVERLAY)
-    log = tmp_path / "requests.log"
-    monkeypatch.setenv("FUSESNAP_OVERLAY_PROG", f"{sys.executable} {prog}")
-    monkeypatch.setenv("FUSESNAP_COUNT_LOG", str(log))
+    requests = count_requests(tmp_path, monkeypatch)
     with scratch("fusesnap-kcache-") as base:
         (l0, l1), upper, work, mnt = layout(base, 2)
         mkfile(l0 / "d" / "a", b"a")
@@ -140,7 +146,7 @@ def counted_mount(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: p
             (big / "sub").mkdir()
         u = mount_union(FUSESNAP, mnt, [l0, l1], upper, work)
         try:
-            yield u, Requests(log)
+            yield u, requests
         finally:
             u.unmount()
 

@@ -17,7 +17,7 @@ import pytest
 
 from fusesnap.fs.options import parse_options
 from helpers import is_root, run_as
-from test_fs_kernel_caching import COUNTING_OVERLAY, Requests
+from test_fs_kernel_caching import count_requests
 from unionmount import (FALLOC_FL_KEEP_SIZE, FUSESNAP, chown_tree, fallocate, layout, mkfile, mount_union,
                         scratch)
 
@@ -40,17 +40,13 @@ def test_writeback_option_follows_fuse_overlayfs_spelling():
 @pytest.fixture(params=["writeback=1", "writeback=0"])
 def mount(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """A fusesnap-overlay mount over one lower holding lower.bin; its daemon logs its requests."""
-    prog = tmp_path / "counting_overlay.py"
-    prog.write_text(COUNTING_OVERLAY)
-    log = tmp_path / "requests.log"
-    monkeypatch.setenv("FUSESNAP_OVERLAY_PROG", f"{sys.executable} {prog}")
-    monkeypatch.setenv("FUSESNAP_COUNT_LOG", str(log))
+    requests = count_requests(tmp_path, monkeypatch)
     with scratch("fusesnap-wb-") as base:
         (l0,), upper, work, mnt = layout(base, 1)
         mkfile(l0 / "lower.bin", LOWER, mtime_ns=T_LOWER)
         u = mount_union(FUSESNAP, mnt, [l0], upper, work, [request.param])
         try:
-            yield u, Requests(log), request.param == "writeback=1"
+            yield u, requests, request.param == "writeback=1"
         finally:
             u.unmount()
 
