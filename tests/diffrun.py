@@ -90,7 +90,7 @@ def _same_size_truncate(op: diffops.Op, root: str) -> bool:
     if op["op"] != "truncate":
         return False
     try:
-        return os.lstat(os.path.join(root, op["path"])).st_size == op["length"]
+        return os.stat(os.path.join(root, op["path"])).st_size == op["length"]   # truncate follows links
     except OSError:
         return False
 

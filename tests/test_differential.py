@@ -5,7 +5,8 @@ fusesnap-overlay over the same logical lowers, runs 50 seeds side by side in the
 own subdirectories and compares every op's result (errno included, 15% of ops as an
 unprivileged uid), the trees after remounting fusesnap on the same upper (mid-way
 and at the end), the final trees, inode-number stability, and finally what kernel
-overlayfs shows when mounted on fusesnap's upper. A plain-directory oracle checks
+overlayfs shows when mounted on fusesnap's upper. The same runs with -o writeback=1 (profile
+fusesnap-writeback, 100 seeds). A plain-directory oracle checks
 the kernel side itself. More seeds on demand: ``python tests/diffrun.py --seeds
 0-9999`` (see its --help; --minimize shrinks failures into replay files).
 
