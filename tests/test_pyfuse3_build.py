@@ -14,6 +14,8 @@ def test_patched_pyfuse3_has_every_feature_and_its_own_version() -> None:
     for flag in ("OPENDIR_FILEINFO", "NO_OPENDIR", "NO_OPEN", "READDIRPLUS_AUTO"):
         assert getattr(pyfuse3, flag, False) is True, flag
     assert hasattr(pyfuse3.Operations, "fallocate") and hasattr(pyfuse3.Operations, "lseek")
+    assert hasattr(pyfuse3.Operations, "handle_killpriv_v2") and callable(pyfuse3.killpriv_v2_active)
+    assert hasattr(pyfuse3.SetattrFields(), "kill_suidgid")
     assert pyfuse3.__version__ == version("pyfuse3")
     assert "+fusesnap" in pyfuse3.__version__
 

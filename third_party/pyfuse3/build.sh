@@ -7,7 +7,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 venv=$1
 cache=${2:-$(dirname "$venv")/wheels}
 upstream=3.5.0
-local_tag=fusesnap5
+local_tag=fusesnap6
 version="$upstream+$local_tag"
 
 have=$("$venv/bin/python" - <<'PY' 2>/dev/null || true
