@@ -33,6 +33,18 @@ log = logging.getLogger("fusesnap.fs")
 T = TypeVar("T")
 
 
+def _killpriv_v2_active() -> bool:
+    """FUSE_HANDLE_KILLPRIV_V2 negotiated (pyfuse3 patch 0008)."""
+    active = getattr(pyfuse3, "killpriv_v2_active", None)
+    return bool(active and active())
+
+
+def _no_ids_or_mode(fields) -> bool:
+    """A SETATTR of nothing but perhaps the ctime: what chown(f, -1, -1) leaves of itself."""
+    return not (fields.update_uid or fields.update_gid or fields.update_mode or fields.update_size
+                or fields.update_atime or fields.update_mtime)
+
+
 def _sup_groups(pid: int) -> set[int]:
     try:
         return pyfuse3.get_sup_groups(pid)
@@ -72,6 +84,10 @@ class Operations(pyfuse3.Operations):
     # Plain READDIR where entries are only listed (pyfuse3 patch 0006): the kernel
     # then instantiates no dentry and inode per entry of a big listing.
     readdirplus_auto = True
+    # FUSE_HANDLE_KILLPRIV_V2 (pyfuse3 patch 0008): the kernel sets SB_NOSEC, so a
+    # write no longer asks for security.capability every time (27k GETXATTRs in an
+    # untar of a rootfs); killing setuid/setgid on write, truncate and chown is ours.
+    handle_killpriv_v2 = True
 
     def __init__(self, union: Union) -> None:
         super().__init__()
@@ -318,8 +334,10 @@ class Operations(pyfuse3.Operations):
         return i
 
     @_fuse_errors
-    async def write(self, fh, off, buf):
+    async def write(self, fh, off, buf, kill_suidgid=False):
         i = await self._for_write(fh)
+        if kill_suidgid:
+            self.u.kill_suidgid(i)
         fd = self.u.write_fd(i)
         if not self.writeback:
             return os.pwrite(fd, buf, off)
@@ -391,9 +409,30 @@ class Operations(pyfuse3.Operations):
             # the kernel owns mtime here and leaves it for a size it did not change: so must the host
             kept = self.u.attr(i).st_mtime_ns
         self.u.setattr(i, fields, attr, on_open_file=fh is not None, opening=opening)
+        self._drop_suidgid(i, fields, ctx)
         if kept is not None:
             self.u.set_mtime(i, kept)
         return self.u.attr(i)
+
+    def _drop_suidgid(self, i: Inode, fields, ctx) -> None:
+        """Under HANDLE_KILLPRIV_V2 setuid/setgid are ours to drop after a SETATTR.
+
+        A truncate by a caller without CAP_FSETID says so (kill_suidgid). Otherwise the
+        kernel strips the mode it would have set and sends a SETATTR of nothing (the
+        ctime under writeback): for chown(f, -1, -1), and before a write or fallocate by
+        a caller without CAP_FSETID; a caller with CAP_FSETID sends one only when
+        security.capability went, and keeps the bits."""
+        if fields.update_size:
+            if getattr(fields, "kill_suidgid", False):
+                self.u.kill_suidgid(i)
+            return
+        if not _no_ids_or_mode(fields) or not _killpriv_v2_active() or not self.u.keeps_suidgid(i):
+            return
+        chown = callers.in_chown(ctx.pid)
+        if chown or callers.has_cap(ctx.pid, callers.CAP_FSETID) is False:
+            if chown and ctx.uid != self.u.attr(i).st_uid and not callers.has_cap(ctx.pid, callers.CAP_FOWNER):
+                raise FUSEError(errno.EPERM)      # the mode change a non-owner may not make
+            self.u.kill_suidgid(i)
 
     @_fuse_errors
     async def access(self, inode, mode, ctx):

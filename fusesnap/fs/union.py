@@ -130,6 +130,14 @@ class CopyJob:
     dest: bytes | None           # None: the file has no name left (kept fd only)
 
 
+
+def _killed_suidgid(mode: int) -> int:
+    """mode without setuid, and without setgid when group-executable (write, truncate, chown)."""
+    mode &= ~S.S_ISUID
+    if mode & S.S_IXGRP:
+        mode &= ~S.S_ISGID
+    return mode
+
 class Union:
     """The merged view of a LowerTree and an optional writable upper directory."""
 
@@ -1060,12 +1068,10 @@ class Union:
             gid = attr.st_gid if fields.update_gid else (
                 self.gidmap.to_presented(cur.gid) if self.gidmap else cur.gid)
             mode = (attr.st_mode & 0o7777) if fields.update_mode else (cur.mode & 0o7777)
-            if (fields.update_uid or fields.update_gid) and not fields.update_mode and i.kind == S.S_IFREG:
-                # chown drops setuid, and setgid when group-executable
-                if uid != cur.uid or gid != cur.gid:
-                    mode &= ~S.S_ISUID
-                    if mode & S.S_IXGRP:
-                        mode &= ~S.S_ISGID
+            if (fields.update_uid or fields.update_gid) and not fields.update_mode and i.kind != S.S_IFDIR:
+                # chown drops setuid, and setgid when group-executable, even to the same
+                # owner (the kernel leaves it to us under HANDLE_KILLPRIV_V2)
+                mode = _killed_suidgid(mode)
             self._set_owner_mode(i, target, st, cur, uid, gid, mode,
                                  fields.update_uid or fields.update_gid, fields.update_mode)
         if fields.update_atime or fields.update_mtime:
@@ -1076,6 +1082,27 @@ class Union:
                 os.utime(target, ns=(at, mt))
             else:
                 os.utime(target, ns=(at, mt), follow_symlinks=False)
+        i.attr = None
+
+    def keeps_suidgid(self, i: Inode) -> bool:
+        """Whether an upper non-directory has bits a write, truncate or chown drops."""
+        if i.kind in (S.S_IFDIR, S.S_IFLNK) or not i.upper:
+            return False
+        mode = self.attr(i).st_mode & 0o7777
+        return _killed_suidgid(mode) != mode
+
+    def kill_suidgid(self, i: Inode) -> None:
+        """A write or truncate by a caller without CAP_FSETID drops setuid, and setgid
+        when group-executable (the kernel asks, FUSE_HANDLE_KILLPRIV_V2)."""
+        if not self.keeps_suidgid(i):
+            return
+        st = self.host_stat(i)
+        cur = self.presented(i, st)
+        mode = cur.mode & 0o7777
+        uid = self.uidmap.to_presented(cur.uid) if self.uidmap else cur.uid
+        gid = self.gidmap.to_presented(cur.gid) if self.gidmap else cur.gid
+        target = self.up(i) if i.parent is not None else self._any_fd(i)
+        self._set_owner_mode(i, target, st, cur, uid, gid, _killed_suidgid(mode), False, True)
         i.attr = None
 
     def set_mtime(self, i: Inode, mtime_ns: int) -> None:
