@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import sys
 from pathlib import Path
 
@@ -44,6 +45,9 @@ def mount(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.Mo
     with scratch("fusesnap-wb-") as base:
         (l0,), upper, work, mnt = layout(base, 1)
         mkfile(l0 / "lower.bin", LOWER, mtime_ns=T_LOWER)
+        mkfile(l0 / "pair-a", LOWER)
+        os.link(l0 / "pair-a", l0 / "pair-b")
+        mkfile(l0 / "tree" / "f", LOWER)
         u = mount_union(FUSESNAP, mnt, [l0], upper, work, [request.param])
         try:
             yield u, requests, request.param == "writeback=1"
@@ -201,3 +205,17 @@ def test_writeback_mount_as_an_unprivileged_user(test_user):
             u.unmount()
         assert got == {"new": True, "data_at": GAP, "lower": (LOWER[4998:5000] + b"PATCH" + LOWER[5005:5007]).hex()}
         assert (upper / "new").read_bytes() == b"x" * 6400
+
+
+@needs_root
+def test_deletes_copy_nothing_up(mount):
+    """The writeback cache flushes the ctime of a file it unlinked (a SETATTR of the
+    times): that is no reason to copy up the lower file, nor its other hard link."""
+    u, _, _ = mount
+    os.unlink(u.p("pair-a"))
+    os.unlink(u.p("tree", "f"))
+    os.rmdir(u.p("tree"))
+    assert u.p("pair-b").read_bytes() == LOWER
+    assert not u.up("pair-b").exists()
+    assert sorted(os.listdir(u.upper)) == ["pair-a", "tree"]
+    assert all(stat.S_ISCHR(os.lstat(u.up(n)).st_mode) for n in ("pair-a", "tree"))
