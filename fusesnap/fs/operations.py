@@ -39,10 +39,11 @@ def _killpriv_v2_active() -> bool:
     return bool(active and active())
 
 
-def _mtime_ctime_only(fields) -> bool:
-    """A SETATTR of at most mtime and ctime: how the writeback cache flushes times."""
-    return not (fields.update_uid or fields.update_gid or fields.update_mode or fields.update_size
-                or fields.update_atime)
+def _flushed_times(fields) -> bool:
+    """A SETATTR of mtime (and ctime) alone: how the writeback cache flushes times. (Not
+    a SETATTR of nothing or of the ctime alone: those may ask to drop setuid bits.)"""
+    return fields.update_mtime and not (fields.update_uid or fields.update_gid or fields.update_mode
+                                        or fields.update_size or fields.update_atime)
 
 
 def _no_ids_or_mode(fields) -> bool:
@@ -404,8 +405,8 @@ class Operations(pyfuse3.Operations):
     @_fuse_errors
     async def setattr(self, inode, attr, fields, fh, ctx):
         i = self._inode(inode)
-        if self.writeback and not i.upper and _mtime_ctime_only(fields) \
-                and (not fields.update_mtime or attr.st_mtime_ns == self.u.attr(i).st_mtime_ns):
+        if self.writeback and not i.upper and _flushed_times(fields) \
+                and attr.st_mtime_ns == self.u.attr(i).st_mtime_ns:
             # The writeback cache flushes a lower file's times after a change that kept its
             # mtime (an unlink: the ctime, which no file keeps): nothing to copy up for that.
             return self.u.attr(i)
