@@ -148,3 +148,17 @@ def test_writes_no_longer_ask_for_security_capability(tmp_path, monkeypatch):
     seen = requests()
     assert seen["write"] >= 100
     assert seen["getxattr"] <= 2, f"{seen['getxattr']} GETXATTRs for 100 writes (SB_NOSEC not set)"
+
+
+def test_killpriv_v2_is_asked_for_only_in_the_initial_user_namespace():
+    """Root of a user namespace keeps setuid bits on its writes under kernel overlayfs, but
+    the kernel would flag its WRITEs as coming from a caller without CAP_FSETID."""
+    import subprocess
+    import sys
+
+    probe = "from fusesnap.fs.operations import _in_initial_user_namespace as f; print(f())"
+    here = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    inside = subprocess.run(["unshare", "-Ur", sys.executable, "-c", probe], capture_output=True, text=True)
+    assert here.stdout.strip() == "True"
+    assert inside.returncode == 0, inside.stderr
+    assert inside.stdout.strip() == "False"

@@ -46,6 +46,15 @@ def _flushed_times(fields) -> bool:
                                         or fields.update_size or fields.update_atime)
 
 
+def _in_initial_user_namespace() -> bool:
+    """Whether this process sees every uid unmapped, as only the initial user namespace does."""
+    try:
+        with open("/proc/self/uid_map") as f:
+            return f.read().split() == ["0", "0", "4294967295"]
+    except OSError:
+        return False
+
+
 def _no_ids_or_mode(fields) -> bool:
     """A SETATTR of nothing but perhaps the ctime: what chown(f, -1, -1) leaves of itself."""
     return not (fields.update_uid or fields.update_gid or fields.update_mode or fields.update_size
@@ -113,6 +122,11 @@ class Operations(pyfuse3.Operations):
         # stat of an unchanged file costs a GETATTR (docs/BENCHMARKS.md, "Untar").
         self.writeback = union.opts.writeback
         self.enable_writeback_cache = self.writeback
+        # Under HANDLE_KILLPRIV_V2 the kernel flags a WRITE for a writer without
+        # CAP_FSETID in the initial user namespace; root of a user namespace (a daemon
+        # started by rootless podman, and its containers) would then lose setuid bits
+        # that kernel overlayfs lets it keep, so there the kernel keeps deciding.
+        self.handle_killpriv_v2 = _in_initial_user_namespace()
 
     # ------------------------------------------------------------------ helpers
     def _entry(self, i: Inode) -> pyfuse3.EntryAttributes:
