@@ -130,13 +130,13 @@ class CopyJob:
     dest: bytes | None           # None: the file has no name left (kept fd only)
 
 
-
 def _killed_suidgid(mode: int) -> int:
     """mode without setuid, and without setgid when group-executable (write, truncate, chown)."""
     mode &= ~S.S_ISUID
     if mode & S.S_IXGRP:
         mode &= ~S.S_ISGID
     return mode
+
 
 class Union:
     """The merged view of a LowerTree and an optional writable upper directory."""
@@ -1084,34 +1084,41 @@ class Union:
                 os.utime(target, ns=(at, mt), follow_symlinks=False)
         i.attr = None
 
-    def keeps_suidgid(self, i: Inode) -> bool:
-        """Whether an upper non-directory has bits a write, truncate or chown drops."""
+    def _suidgid_to_drop(self, i: Inode) -> tuple[os.stat_result, uf.Presented] | None:
+        """The host stat and presented view of an upper non-directory whose setuid, or
+        group-executable setgid, a write, truncate or chown drops; None if it has none."""
         if i.kind in (S.S_IFDIR, S.S_IFLNK) or not i.upper:
-            return False
-        mode = self.attr(i).st_mode & 0o7777
-        return _killed_suidgid(mode) != mode
-
-    def kill_suidgid(self, i: Inode) -> None:
-        """A write or truncate by a caller without CAP_FSETID drops setuid, and setgid
-        when group-executable (the kernel asks, FUSE_HANDLE_KILLPRIV_V2)."""
-        if not self.keeps_suidgid(i):
-            return
+            return None
         st = self.host_stat(i)
         cur = self.presented(i, st)
         mode = cur.mode & 0o7777
+        return (st, cur) if _killed_suidgid(mode) != mode else None
+
+    def keeps_suidgid(self, i: Inode) -> bool:
+        """Whether an upper non-directory has bits a write, truncate or chown drops."""
+        return self._suidgid_to_drop(i) is not None
+
+    def kill_suidgid(self, i: Inode) -> None:
+        """Drop setuid, and setgid when group-executable, as a write or truncate by a
+        caller without CAP_FSETID does (the kernel asks, or an open(O_TRUNC) by non-root)."""
+        found = self._suidgid_to_drop(i)
+        if found is None:
+            return
+        st, cur = found
         uid = self.uidmap.to_presented(cur.uid) if self.uidmap else cur.uid
         gid = self.gidmap.to_presented(cur.gid) if self.gidmap else cur.gid
-        target = self.up(i) if i.parent is not None else self._any_fd(i)
-        self._set_owner_mode(i, target, st, cur, uid, gid, _killed_suidgid(mode), False, True)
+        self._set_owner_mode(i, self._xtarget(i), st, cur, uid, gid, _killed_suidgid(cur.mode & 0o7777),
+                             False, True)
         i.attr = None
 
     def set_mtime(self, i: Inode, mtime_ns: int) -> None:
         """Put an upper file's mtime back (atime kept): the writeback cache's kernel owns it."""
         at = self.host_stat(i).st_atime_ns
-        if i.parent is not None:
-            os.utime(self.up(i), ns=(at, mtime_ns), follow_symlinks=False)
+        target = self._xtarget(i)
+        if isinstance(target, int):
+            os.utime(target, ns=(at, mtime_ns))
         else:
-            os.utime(self._any_fd(i), ns=(at, mtime_ns))
+            os.utime(target, ns=(at, mtime_ns), follow_symlinks=False)
         i.attr = None
 
     def _set_owner_mode(self, i: Inode, target, st: os.stat_result, cur: uf.Presented, uid: int,
@@ -1213,20 +1220,6 @@ class Union:
             os.removexattr(t, name, follow_symlinks=False)
 
     # ---------------------------------------------------------------- files
-    def kill_suid(self, i: Inode) -> None:
-        """Drop setuid, and setgid when group-executable, as a write by a non-root caller does."""
-        st = self.host_stat(i)
-        cur = self.presented(i, st)
-        mode = cur.mode & 0o7777
-        new = mode & ~S.S_ISUID
-        if mode & S.S_IXGRP:
-            new &= ~S.S_ISGID
-        if new != mode:
-            target = self.up(i) if (i.parent is not None or i.ino == ROOT) else self._any_fd(i)
-            pu = self.uidmap.to_presented(cur.uid) if self.uidmap else cur.uid
-            pg = self.gidmap.to_presented(cur.gid) if self.gidmap else cur.gid
-            self._set_owner_mode(i, target, st, cur, pu, pg, new, False, True)
-
     def read_fd(self, i: Inode) -> int:
         if i.upper:
             return self._upper_fd(i, False)
@@ -1271,7 +1264,7 @@ class Union:
             if caller_uid != 0:
                 # open(O_TRUNC) reaches us instead of a size setattr (atomic_o_trunc):
                 # kill the privileges the kernel would have killed for that caller
-                self.kill_suid(i)
+                self.kill_suidgid(i)
         return fd
 
     def readlink(self, i: Inode) -> bytes:
