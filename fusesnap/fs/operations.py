@@ -39,11 +39,16 @@ def _killpriv_v2_active() -> bool:
     return bool(active and active())
 
 
+def _more_than_mctime(fields) -> bool:
+    """A SETATTR of something beside mtime and ctime."""
+    return (fields.update_uid or fields.update_gid or fields.update_mode or fields.update_size
+            or fields.update_atime)
+
+
 def _flushed_times(fields) -> bool:
     """A SETATTR of mtime (and ctime) alone: how the writeback cache flushes times. (Not
     a SETATTR of nothing or of the ctime alone: those may ask to drop setuid bits.)"""
-    return fields.update_mtime and not (fields.update_uid or fields.update_gid or fields.update_mode
-                                        or fields.update_size or fields.update_atime)
+    return fields.update_mtime and not _more_than_mctime(fields)
 
 
 def _in_initial_user_namespace() -> bool:
@@ -57,8 +62,7 @@ def _in_initial_user_namespace() -> bool:
 
 def _no_ids_or_mode(fields) -> bool:
     """A SETATTR of nothing but perhaps the ctime: what chown(f, -1, -1) leaves of itself."""
-    return not (fields.update_uid or fields.update_gid or fields.update_mode or fields.update_size
-                or fields.update_atime or fields.update_mtime)
+    return not (fields.update_mtime or _more_than_mctime(fields))
 
 
 def _sup_groups(pid: int) -> set[int]:
