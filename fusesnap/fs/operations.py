@@ -104,10 +104,6 @@ class Operations(pyfuse3.Operations):
     # Plain READDIR where entries are only listed (pyfuse3 patch 0006): the kernel
     # then instantiates no dentry and inode per entry of a big listing.
     readdirplus_auto = True
-    # FUSE_HANDLE_KILLPRIV_V2 (pyfuse3 patch 0008): the kernel sets SB_NOSEC, so a
-    # write no longer asks for security.capability every time (27k GETXATTRs in an
-    # untar of a rootfs); killing setuid/setgid on write, truncate and chown is ours.
-    handle_killpriv_v2 = True
 
     def __init__(self, union: Union) -> None:
         super().__init__()
@@ -126,10 +122,13 @@ class Operations(pyfuse3.Operations):
         # stat of an unchanged file costs a GETATTR (docs/BENCHMARKS.md, "Untar").
         self.writeback = union.opts.writeback
         self.enable_writeback_cache = self.writeback
-        # Under HANDLE_KILLPRIV_V2 the kernel flags a WRITE for a writer without
-        # CAP_FSETID in the initial user namespace; root of a user namespace (a daemon
-        # started by rootless podman, and its containers) would then lose setuid bits
-        # that kernel overlayfs lets it keep, so there the kernel keeps deciding.
+        # FUSE_HANDLE_KILLPRIV_V2 (pyfuse3 patch 0008): the kernel sets SB_NOSEC, so a
+        # write no longer asks for security.capability every time (27k GETXATTRs in an
+        # untar of a rootfs); dropping setuid/setgid on write, truncate and chown is
+        # ours. The kernel flags a WRITE for a writer without CAP_FSETID in the initial
+        # user namespace; root of a user namespace (a daemon started by rootless podman,
+        # and its containers) would then lose setuid bits that kernel overlayfs lets it
+        # keep, so there the kernel keeps deciding.
         self.handle_killpriv_v2 = _in_initial_user_namespace()
 
     # ------------------------------------------------------------------ helpers
