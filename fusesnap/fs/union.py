@@ -364,11 +364,16 @@ class Union:
             return a
         return self._upper_attr(i)
 
+    def _shown_gid(self, gid: int) -> int:
+        """The group the view shows for an on-disk (or layer) group."""
+        o = self.opts
+        return o.squash_gid if o.squash_gid is not None else (self.gidmap.to_presented(gid) if self.gidmap else gid)
+
     def _fill_common(self, a: pyfuse3.EntryAttributes, mode: int, uid: int, gid: int) -> None:
         o = self.opts
         a.st_mode = mode
         a.st_uid = o.squash_uid if o.squash_uid is not None else (self.uidmap.to_presented(uid) if self.uidmap else uid)
-        a.st_gid = o.squash_gid if o.squash_gid is not None else (self.gidmap.to_presented(gid) if self.gidmap else gid)
+        a.st_gid = self._shown_gid(gid)
         a.entry_timeout = self.timeout
         a.attr_timeout = self.timeout
 
@@ -393,9 +398,8 @@ class Union:
         return a
 
     def host_stat(self, i: Inode) -> os.stat_result:
-        if i.parent is None and i.ino != ROOT:
-            return os.fstat(self._any_fd(i))
-        return os.lstat(self.up(i))
+        t = self._xtarget(i)
+        return os.fstat(t) if isinstance(t, int) else os.lstat(t)
 
     def presented(self, i: Inode, st: os.stat_result | None = None) -> uf.Presented:
         """Mode/owner/rdev the view shows for an upper object (override xattr applied)."""
@@ -404,17 +408,10 @@ class Union:
         ov = None
         if self.read_overrides and not S.S_ISLNK(st.st_mode):
             try:
-                ov = uf.read_override(self.up(i) if i.parent is not None or i.ino == ROOT
-                                      else self._any_fd(i), self.override_names)
+                ov = uf.read_override(self._xtarget(i), self.override_names)
             except OSError:
                 ov = None
         return uf.presented_stat(st, ov)
-
-    def _any_fd(self, i: Inode, write: bool = False) -> int:
-        """The fd kept for an upper file that has no name left."""
-        if i.kind != S.S_IFREG or self.files.kept(i.ino) is None:
-            raise _err(errno.ENOENT)
-        return self.files.upper_fd(i.ino, None, write)
 
     def _upper_attr(self, i: Inode) -> pyfuse3.EntryAttributes:
         if i.parent is None and i.ino != ROOT and i.attr is not None:
@@ -769,10 +766,17 @@ class Union:
 
     # ---------------------------------------------------------------- creating
     def _owner_for_new(self, d: Inode, ctx) -> tuple[int, int, bool]:
-        """(uid, gid, parent_setgid) of an object ctx creates in directory d."""
-        pa = self.attr(d)
-        sgid = bool(pa.st_mode & S.S_ISGID)
-        return ctx.uid, (pa.st_gid if sgid else ctx.gid), sgid
+        """(uid, gid, parent_setgid) of an object ctx creates in directory d.
+
+        From d's mode and group alone: its full attributes would count a merged
+        directory's subdirectories, on every file created in it."""
+        if d.upper:
+            p = self.presented(d)
+            mode, gid = p.mode, p.gid
+        else:
+            mode, gid = d.lower.mode, d.lower.gid
+        sgid = bool(mode & S.S_ISGID)
+        return ctx.uid, (self._shown_gid(gid) if sgid else ctx.gid), sgid
 
     def _prepare_new(self, d: Inode, name: bytes) -> tuple[bytes, bool]:
         self._writable()
@@ -1045,11 +1049,13 @@ class Union:
             self.copy_up(i, data=False)
         else:
             self.copy_up(i)
-        path = self.up(i) if (i.parent is not None or i.ino == ROOT) else None
+        target = self._xtarget(i)
         if fields.update_size:
             if i.kind == S.S_IFDIR:
                 raise _err(errno.EISDIR)
-            if on_open_file or path is None:
+            # truncate(2) by name leaves the times of an unchanged size, ftruncate(2) does not
+            path = None if on_open_file else self._name_path(i)
+            if path is None:
                 os.ftruncate(self.write_fd(i), attr.st_size)
             else:
                 os.truncate(path, attr.st_size)
@@ -1057,8 +1063,7 @@ class Union:
                 # a size kept by the host keeps its mtime on some filesystems (tmpfs)
                 st = self.host_stat(i)
                 now = time.time_ns()
-                os.utime(path if path is not None else self._any_fd(i), ns=(st.st_atime_ns, now))
-        target = path if path is not None else self._any_fd(i)
+                os.utime(target, ns=(st.st_atime_ns, now))
         if fields.update_uid or fields.update_gid or fields.update_mode:
             st = self.host_stat(i)
             cur = self.presented(i, st)
@@ -1166,8 +1171,15 @@ class Union:
             os.chmod(target, (mode & 0o777) | (0o700 if fmt == S.S_IFDIR else 0o600))
 
     def _xtarget(self, i: Inode):
+        """An upper object's host inode for metadata calls: the file's kept fd when there
+        is one (no path to build and walk: a file being written is stat'ed, chowned and
+        timestamped through it), else its path; ENOENT for a nameless one without."""
+        if i.kind == S.S_IFREG:
+            fd = self.files.kept(i.ino)
+            if fd is not None:
+                return fd
         if i.parent is None and i.ino != ROOT:
-            return self._any_fd(i)
+            raise _err(errno.ENOENT)
         return self.up(i)
 
     def getxattr(self, i: Inode, name: bytes) -> bytes:
