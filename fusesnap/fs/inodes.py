@@ -14,7 +14,7 @@ from fusesnap.fs.lowertree import LNode
 
 class Inode:
     __slots__ = ("ino", "kind", "lower", "upper", "parent", "name", "extra", "kids", "wh",
-                 "opaque", "nlink", "attr", "lookups", "busy")
+                 "opaque", "nlink", "attr", "lookups", "busy", "kernel_times")
 
     def __init__(self, ino: int, kind: int, lower: LNode | None, upper: bool,
                  parent: "Inode | None", name: bytes) -> None:
@@ -32,6 +32,9 @@ class Inode:
         self.attr = None               # cached pyfuse3.EntryAttributes for lower objects
         self.lookups = 0
         self.busy = None               # trio.Event while a copy-up is running
+        # writeback cache: (atime, mtime) of the kernel's last SETATTR of the mtime,
+        # which later WRITEs of the same file put back on the host
+        self.kernel_times: tuple[int, int] | None = None
 
     @property
     def is_dir(self) -> bool:

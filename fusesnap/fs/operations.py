@@ -363,13 +363,13 @@ class Operations(pyfuse3.Operations):
         if kill_suidgid:
             self.u.kill_suidgid(i)
         fd = self.u.write_fd(i)
-        if not self.writeback:
-            return os.pwrite(fd, buf, off)
-        # The kernel owns mtime under the writeback cache and sends it as a SETATTR,
-        # which may overtake the last cached pages: the host's own mtime update is undone.
-        st = os.fstat(fd)
         n = os.pwrite(fd, buf, off)
-        os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+        t = i.kernel_times
+        if t is not None:
+            # The kernel owns mtime under the writeback cache and sends it as a SETATTR,
+            # which may overtake the last cached pages: the host's own update is undone.
+            # (Pages written back before that SETATTR need nothing: it follows them.)
+            os.utime(fd, ns=t)
         return n
 
     async def _launder(self, ino: int) -> None:
@@ -441,7 +441,10 @@ class Operations(pyfuse3.Operations):
         self._drop_suidgid(i, fields, ctx)
         if kept is not None:
             self.u.set_mtime(i, kept)
-        return self.u.attr(i)
+        a = self.u.attr(i)
+        if self.writeback and fields.update_mtime and i.kind == S.S_IFREG:
+            i.kernel_times = (a.st_atime_ns, a.st_mtime_ns)
+        return a
 
     def _drop_suidgid(self, i: Inode, fields, ctx) -> None:
         """Under HANDLE_KILLPRIV_V2 setuid/setgid are ours to drop after a SETATTR.
