@@ -359,7 +359,9 @@ class Operations(pyfuse3.Operations):
 
     @_fuse_errors
     async def write(self, fh, off, buf, kill_suidgid=False):
-        i = await self._for_write(fh)
+        i = self.u.inodes.get(fh)
+        if i is None or not i.upper:       # _for_write's work, inline on the busiest request
+            i = await self._for_write(fh)
         if kill_suidgid:
             self.u.kill_suidgid(i)
         fd = self.u.write_fd(i)

@@ -1080,9 +1080,12 @@ class Union:
             self._set_owner_mode(i, target, st, cur, uid, gid, mode,
                                  fields.update_uid or fields.update_gid, fields.update_mode)
         if fields.update_atime or fields.update_mtime:
-            st = self.host_stat(i)
-            at = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
-            mt = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
+            if fields.update_atime and fields.update_mtime:
+                at, mt = attr.st_atime_ns, attr.st_mtime_ns
+            else:
+                st = self.host_stat(i)
+                at = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
+                mt = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
             if isinstance(target, int):
                 os.utime(target, ns=(at, mt))
             else:
