@@ -32,6 +32,7 @@ from benchlib.build import DEFAULT_CACHE, SCALES, build, describe  # noqa: E402
 from benchlib.profile import find_pyspy, summarize  # noqa: E402
 from benchlib.report import as_json, table  # noqa: E402
 from benchlib.runner import Cell, Options, Runner, log  # noqa: E402
+from benchlib.scratchfs import CHOICES, default_choice, scratch_fs  # noqa: E402
 from benchlib.sysutil import BenchError, is_root, rmtree  # noqa: E402
 from benchlib.targets import ALL_TARGETS, EXTRA_TARGETS, find_program, make_targets  # noqa: E402
 from benchlib.workloads import WORKLOADS, titles_for, walk  # noqa: E402
@@ -56,6 +57,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fusesnap-bin", type=Path, default=None, help="directory holding fusesnap and fusesnap-overlay")
     p.add_argument("--timeout", type=float, default=None, help="seconds before a step counts as hung (default 900)")
     p.add_argument("--no-drop-caches", action="store_true", help="cold steps without dropping caches (tests)")
+    p.add_argument("--scratch-fs", choices=CHOICES, default=None,
+                   help="where uppers, stores and untar write: a fresh journaled ext4 made for the run "
+                        "(default as root), or the host filesystem under --cache, whose state after "
+                        "earlier deletes can move create/untar by seconds (benchlib/scratchfs.py)")
     p.add_argument("--profile", type=Path, default=None, metavar="DIR",
                    help="after each workload, one extra unrecorded run of the fusesnap targets under py-spy; "
                         "raw profiles and a summary go to DIR")
@@ -123,6 +128,7 @@ def markdown_report(meta: dict[str, object], intro: str, md: str) -> str:
         f"- machine: {meta['nproc']} CPUs, {meta['ram_gib']} GiB RAM, Linux {meta['kernel']}, Python {meta['python']}\n"
         f"- versions: {meta['fuse-overlayfs']}; {meta['fusesnap']}\n"
         f"- command: `{meta['command']}`\n"
+        f"- writable workloads on: {meta.get('scratch_fs', 'host filesystem under --cache')}\n"
         f"- workloads: rootfs {w['rootfs_entries']} entries / {w['rootfs_bytes'] / 1e6:.0f} MB merged from 2 layers "
         f"(layer 2: {w['rootfs_layer2_whiteouts']} whiteouts, {w['rootfs_layer2_opaque_dirs']} opaque dirs); "
         f"{w['chain_layers']}-layer chain of {w['chain_files']} files; {w['dir_entries']}-entry directory; "
@@ -186,27 +192,34 @@ def main(argv: list[str] | None = None) -> int:
     rmtree(scratch)
     scratch.mkdir(parents=True)
     os.chmod(scratch, 0o755)
-    targets = make_targets(args.targets, args.fusesnap_bin, scratch / "store")
-    for t in targets:
-        why = t.unavailable()
-        if why:
-            log(f"target {t.name}: n/a: {why}")
     timeout = args.timeout or (900.0 if args.scale == "full" else 120.0)
     pyspy = find_pyspy() if args.profile else None
     if args.profile and not pyspy:
         log("--profile: py-spy not found (pip install py-spy); not profiling")
-    runner = Runner(ws, targets, Options(args.runs, drop, timeout, scratch, args.profile, pyspy), expect)
     try:
-        results = runner.run(workloads)
+        with scratch_fs(args.scratch_fs or default_choice(), scratch) as scratch_desc:
+            log(f"writable workloads write to: {scratch_desc}")
+            targets = make_targets(args.targets, args.fusesnap_bin, scratch / "store")
+            for t in targets:
+                why = t.unavailable()
+                if why:
+                    log(f"target {t.name}: n/a: {why}")
+            runner = Runner(ws, targets, Options(args.runs, drop, timeout, scratch, args.profile, pyspy), expect)
+            results = runner.run(workloads)
+    except BenchError as e:
+        print(f"bench: error: {e}", file=sys.stderr)
+        return 1
     finally:
         rmtree(scratch)
     meta = machine(args)
-    meta.update({"runs": args.runs, "scale": args.scale, "caches_dropped": drop, "workset": describe(ws)})
+    meta.update({"runs": args.runs, "scale": args.scale, "caches_dropped": drop, "workset": describe(ws),
+                 "scratch_fs": scratch_desc})
     md = table(workloads, titles, results, args.targets)
     intro = (f"Medians of {args.runs} runs, targets alternating within each repetition "
              f"({'cold = `sync; echo 3 > /proc/sys/vm/drop_caches` before the step' if drop else 'caches NOT dropped'}). "
              "Ratios are cost ratios: above 1.0 means slower (more time, fewer MB/s, more memory) "
-             "than the reference; ↑ marks higher-is-better rows.\n")
+             "than the reference; ↑ marks higher-is-better rows. "
+             f"Writable workloads on: {scratch_desc}.\n")
     print(f"\nfusesnap benchmark, {meta['date']}. {intro}")
     print(md)
     if args.markdown:

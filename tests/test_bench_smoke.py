@@ -110,3 +110,10 @@ def test_saved_json_renders_the_same_table(tiny_run, tiny_cache):
     assert again.returncode == 0, again.stderr
     rows = [line for line in again.stdout.splitlines() if line.startswith("|")]
     assert len(rows) >= 22 and all(r in p.stdout for r in rows)
+
+
+def test_writable_workloads_run_on_a_fresh_ext4_gone_afterwards(tiny_run, tiny_cache):
+    _, data = tiny_run
+    assert data["meta"]["scratch_fs"].startswith("fresh ext4")      # the default as root
+    assert not (tiny_cache / "run.img").exists()
+    assert str(tiny_cache) not in Path("/proc/self/mountinfo").read_text()
