@@ -118,8 +118,10 @@ class Operations(pyfuse3.Operations):
         self.fsync_enabled = union.opts.fsync
         # writeback=1: the kernel merges small writes into big WRITEs (untar, builds), and
         # then owns mtime, size and dirty pages the host file does not have yet. Off by
-        # default: with it the kernel forgets st_blocks on every close(), so the next
-        # stat of an unchanged file costs a GETATTR (docs/BENCHMARKS.md, "Untar").
+        # default: a full disk then fails close() after every write() succeeded
+        # (tests/test_overlay_full_disk.py), and the kernel forgets st_blocks on every
+        # close(), so the next stat of an unchanged file costs a GETATTR
+        # (docs/BENCHMARKS.md, "Untar, request by request").
         self.writeback = union.opts.writeback
         self.enable_writeback_cache = self.writeback
         # FUSE_HANDLE_KILLPRIV_V2 (pyfuse3 patch 0008): the kernel sets SB_NOSEC, so a
