@@ -32,7 +32,7 @@ from benchlib.build import DEFAULT_CACHE, SCALES, build, describe  # noqa: E402
 from benchlib.profile import find_pyspy, summarize  # noqa: E402
 from benchlib.report import as_json, table  # noqa: E402
 from benchlib.runner import Cell, Options, Runner, log  # noqa: E402
-from benchlib.scratchfs import CHOICES, default_choice, scratch_fs  # noqa: E402
+from benchlib.scratchfs import CHOICES, scratch_fs  # noqa: E402
 from benchlib.sysutil import BenchError, is_root, rmtree  # noqa: E402
 from benchlib.targets import ALL_TARGETS, EXTRA_TARGETS, find_program, make_targets  # noqa: E402
 from benchlib.workloads import WORKLOADS, titles_for, walk  # noqa: E402
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile and not pyspy:
         log("--profile: py-spy not found (pip install py-spy); not profiling")
     try:
-        with scratch_fs(args.scratch_fs or default_choice(), scratch) as scratch_desc:
+        with scratch_fs(args.scratch_fs, scratch) as scratch_desc:
             log(f"writable workloads write to: {scratch_desc}")
             targets = make_targets(args.targets, args.fusesnap_bin, scratch / "store")
             for t in targets:

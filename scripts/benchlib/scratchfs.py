@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
+from benchlib.runner import log
 from benchlib.sysutil import BenchError, is_root, run, unmount
 
 IMAGE_BYTES = 64 << 30      # sparse: the store, a 2 GiB copy-up and untar fit many times over
@@ -30,9 +31,15 @@ def default_choice() -> str:
 
 
 @contextlib.contextmanager
-def scratch_fs(kind: str, scratch: Path) -> Iterator[str]:
+def scratch_fs(kind: str | None, scratch: Path) -> Iterator[str]:
     """Mount a fresh ext4 on the (empty) directory scratch for the duration; yield a
-    description for the report. kind "host" leaves scratch on the host filesystem."""
+    description for the report. kind "host" leaves scratch on the host filesystem;
+    None: ext4 where it can be made (root, mkfs.ext4, a loop device), else the host."""
+    if kind is None:
+        kind = default_choice()
+        fallback = True
+    else:
+        fallback = False
     if kind == "host":
         yield "host filesystem under --cache"
         return
@@ -44,8 +51,15 @@ def scratch_fs(kind: str, scratch: Path) -> Iterator[str]:
     with open(image, "wb") as f:
         f.truncate(IMAGE_BYTES)
     try:
-        run(["mkfs.ext4", "-q", "-F", "-E", "nodiscard", str(image)], timeout=300)
-        run(["mount", "-o", "loop,noinit_itable", str(image), str(scratch)], timeout=60)
+        try:
+            run(["mkfs.ext4", "-q", "-F", "-E", "nodiscard", str(image)], timeout=300)
+            run(["mount", "-o", "loop,noinit_itable", str(image), str(scratch)], timeout=60)
+        except BenchError as e:
+            if not fallback:
+                raise
+            log(f"no fresh ext4 for the writable workloads ({e}); they write to the host filesystem")
+            yield "host filesystem under --cache (a fresh ext4 could not be made)"
+            return
         try:
             os.chmod(scratch, 0o755)
             yield f"fresh ext4 ({IMAGE_BYTES >> 30} GiB sparse image, loop-mounted)"
