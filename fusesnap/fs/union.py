@@ -130,6 +130,19 @@ class CopyJob:
     dest: bytes | None           # None: the file has no name left (kept fd only)
 
 
+def _stat(target: int | bytes) -> os.stat_result:
+    """stat of a host object by fd or by path (never through a symlink)."""
+    return os.fstat(target) if isinstance(target, int) else os.lstat(target)
+
+
+def _utime(target: int | bytes, ns: tuple[int, int]) -> None:
+    """Set atime and mtime of a host object by fd or by path (never through a symlink)."""
+    if isinstance(target, int):
+        os.utime(target, ns=ns)
+    else:
+        os.utime(target, ns=ns, follow_symlinks=False)
+
+
 def _killed_suidgid(mode: int) -> int:
     """mode without setuid, and without setgid when group-executable (write, truncate, chown)."""
     mode &= ~S.S_ISUID
@@ -398,8 +411,7 @@ class Union:
         return a
 
     def host_stat(self, i: Inode) -> os.stat_result:
-        t = self._xtarget(i)
-        return os.fstat(t) if isinstance(t, int) else os.lstat(t)
+        return _stat(self._xtarget(i))
 
     def presented(self, i: Inode, st: os.stat_result | None = None) -> uf.Presented:
         """Mode/owner/rdev the view shows for an upper object (override xattr applied)."""
@@ -494,10 +506,7 @@ class Union:
             else:
                 os.chmod(path, hmode)
         if mtime_ns is not None:
-            if fd is not None:
-                os.utime(fd, ns=(mtime_ns, mtime_ns))
-            else:
-                os.utime(path, ns=(mtime_ns, mtime_ns), follow_symlinks=False)
+            _utime(fd if fd is not None else path, (mtime_ns, mtime_ns))
 
     def _set_opaque(self, path: bytes) -> None:
         names = (b"trusted.overlay.opaque",) if self.euid == 0 else ()
@@ -1061,11 +1070,9 @@ class Union:
                 os.truncate(path, attr.st_size)
             if (touch or opening) and not fields.update_mtime:
                 # a size kept by the host keeps its mtime on some filesystems (tmpfs)
-                st = self.host_stat(i)
-                now = time.time_ns()
-                os.utime(target, ns=(st.st_atime_ns, now))
+                _utime(target, (_stat(target).st_atime_ns, time.time_ns()))
         if fields.update_uid or fields.update_gid or fields.update_mode:
-            st = self.host_stat(i)
+            st = _stat(target)
             cur = self.presented(i, st)
             # presented ids (what the kernel sends); cur holds on-disk ones
             uid = attr.st_uid if fields.update_uid else (
@@ -1083,13 +1090,10 @@ class Union:
             if fields.update_atime and fields.update_mtime:
                 at, mt = attr.st_atime_ns, attr.st_mtime_ns
             else:
-                st = self.host_stat(i)
+                st = _stat(target)
                 at = attr.st_atime_ns if fields.update_atime else st.st_atime_ns
                 mt = attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns
-            if isinstance(target, int):
-                os.utime(target, ns=(at, mt))
-            else:
-                os.utime(target, ns=(at, mt), follow_symlinks=False)
+            _utime(target, (at, mt))
         i.attr = None
 
     def _suidgid_to_drop(self, i: Inode) -> tuple[os.stat_result, uf.Presented] | None:
@@ -1121,12 +1125,8 @@ class Union:
 
     def set_mtime(self, i: Inode, mtime_ns: int) -> None:
         """Put an upper file's mtime back (atime kept): the writeback cache's kernel owns it."""
-        at = self.host_stat(i).st_atime_ns
         target = self._xtarget(i)
-        if isinstance(target, int):
-            os.utime(target, ns=(at, mtime_ns))
-        else:
-            os.utime(target, ns=(at, mtime_ns), follow_symlinks=False)
+        _utime(target, (_stat(target).st_atime_ns, mtime_ns))
         i.attr = None
 
     def _set_owner_mode(self, i: Inode, target, st: os.stat_result, cur: uf.Presented, uid: int,
