@@ -37,6 +37,8 @@ from benchlib.sysutil import BenchError, is_root, rmtree  # noqa: E402
 from benchlib.targets import ALL_TARGETS, EXTRA_TARGETS, find_program, make_targets  # noqa: E402
 from benchlib.workloads import WORKLOADS, titles_for, walk  # noqa: E402
 
+KNOWN_TARGETS = ALL_TARGETS + EXTRA_TARGETS
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[1],
@@ -45,7 +47,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="a short run: 3 repetitions")
     p.add_argument("--only", default="", help="comma-separated workload names (see --list)")
     p.add_argument("--targets", default=",".join(ALL_TARGETS),
-                   help=f"comma-separated, from {', '.join(ALL_TARGETS + EXTRA_TARGETS)} "
+                   help=f"comma-separated, from {', '.join(KNOWN_TARGETS)} "
                    "(default: all but the last)")
     p.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
                    help="also write JSON results to FILE (stdout when no FILE)")
@@ -80,9 +82,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if bad:
         p.error(f"unknown workload {', '.join(bad)} (known: {', '.join(w.name for w in WORKLOADS)})")
     args.targets = [x for x in args.targets.split(",") if x]
-    bad = [x for x in args.targets if x not in ALL_TARGETS + EXTRA_TARGETS]
+    bad = [x for x in args.targets if x not in KNOWN_TARGETS]
     if bad or not args.targets:
-        p.error(f"unknown target {', '.join(bad) or '(none)'} (known: {', '.join(ALL_TARGETS + EXTRA_TARGETS)})")
+        p.error(f"unknown target {', '.join(bad) or '(none)'} (known: {', '.join(KNOWN_TARGETS)})")
     return args
 
 

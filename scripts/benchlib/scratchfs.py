@@ -35,11 +35,8 @@ def scratch_fs(kind: str | None, scratch: Path) -> Iterator[str]:
     """Mount a fresh ext4 on the (empty) directory scratch for the duration; yield a
     description for the report. kind "host" leaves scratch on the host filesystem;
     None: ext4 where it can be made (root, mkfs.ext4, a loop device), else the host."""
-    if kind is None:
-        kind = default_choice()
-        fallback = True
-    else:
-        fallback = False
+    fallback = kind is None
+    kind = kind or default_choice()
     if kind == "host":
         yield "host filesystem under --cache"
         return
