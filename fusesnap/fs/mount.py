@@ -303,7 +303,8 @@ def _serve(ops: Operations, mountpoint: str, fopts: set[str], notify_fd: int | N
         return 1
     new = fastloop.fuse_fds() - before
     if len(new) == 1 and os.environ.get("FUSESNAP_STOCK_LOOP") != "1":
-        fastloop.install(new.pop())
+        busy = ops.u.opts.busy_poll_us
+        fastloop.install(new.pop(), busy_poll_us=fastloop.default_busy_poll_us() if busy is None else busy)
     if notify_fd is not None:
         os.write(notify_fd, b"ok")
         os.close(notify_fd)

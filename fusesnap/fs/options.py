@@ -66,6 +66,7 @@ class MountOptions:
     fsname: str = "fusesnap-overlay"
     keep_atime: bool = False                 # relatime/strictatime given: do not add noatime
     read_ahead_kb: int | None = None         # read_ahead_kb=N: the mount's read-ahead (root only); None: default
+    busy_poll_us: int | None = None          # busy_poll=N: spin N us for the next request (0: never); None: auto (fs/fastloop.py)
 
 
 _PASSTHROUGH = {"dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
@@ -165,6 +166,10 @@ def parse_options(opt_strings: list[str], opts: MountOptions | None = None,
                 o.read_ahead_kb = _int(key, val)
                 if o.read_ahead_kb < 0:
                     raise InvalidInput(f"invalid read_ahead_kb={val!r}: negative")
+            elif key == "busy_poll":
+                o.busy_poll_us = _int(key, val)
+                if o.busy_poll_us < 0:
+                    raise InvalidInput(f"invalid busy_poll={val!r}: negative")
             elif key in ("relatime", "strictatime"):
                 o.keep_atime = True          # the kernel's default; libfuse has no such option
             elif key in _PASSTHROUGH:
