@@ -130,7 +130,7 @@ def test_rename_flags_and_errors(env):
 def test_create_over_whiteout_and_read_only_union(env, tmp_path):
     u = env.u
     u.unlink(env.root, b"big")
-    fd, i = u.create(env.root, b"big", 0o640, os.O_WRONLY, env.ctx)
+    fd, i, _st = u.create(env.root, b"big", 0o640, os.O_WRONLY, env.ctx)
     os.write(fd, b"new")
     assert (env.up / "big").read_bytes() == b"new"
     assert stat.S_IMODE(u.attr(i).st_mode) == 0o640

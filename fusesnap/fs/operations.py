@@ -350,12 +350,14 @@ class Operations(pyfuse3.Operations):
             # the kernel creates files with MKNOD and opens them itself (no_create):
             # one request per new file instead of CREATE + RELEASE
             raise FUSEError(errno.ENOSYS)
-        _fd, i = self.u.create(self._inode(parent_inode), name, mode, flags, ctx)
+        _fd, i, st = self.u.create(self._inode(parent_inode), name, mode, flags, ctx)
         fi = pyfuse3.FileInfo(fh=i.ino, keep_cache=True)
         if self.files_without_open and flags & os.O_ACCMODE == os.O_WRONLY and not flags & os.O_APPEND:
             # (an appender is likely a log someone tails: it keeps the page cache)
             fi.direct_io = True
-        return fi, self._entry(i)
+        a = self.u.attr(i, st)
+        i.lookups += 1
+        return fi, a
 
     @_fuse_errors
     async def open(self, inode, flags, ctx):

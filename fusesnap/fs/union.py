@@ -182,6 +182,9 @@ class Union:
         self.upper_links: dict[int, Inode] = {}
         self.tmp_counter = 0
         self.uidmap, self.gidmap = self.opts.uidmap, self.opts.gidmap
+        # nothing between on-disk and presented owners (the common root mount)
+        self._plain_ids = not self.uidmap and not self.gidmap and self.opts.squash_uid is None \
+            and self.opts.squash_gid is None
         root = Inode(ROOT, S.S_IFDIR, tree.root, self.U is not None, None, b"")
         if self.U is not None:
             root.opaque = uf.is_opaque(self.U)
@@ -369,13 +372,14 @@ class Union:
         return li
 
     # ---------------------------------------------------------------- attributes
-    def attr(self, i: Inode) -> pyfuse3.EntryAttributes:
+    def attr(self, i: Inode, st: os.stat_result | None = None) -> pyfuse3.EntryAttributes:
+        """The view's attributes; st: a host stat of the upper object taken just now."""
         if not i.upper:
             a = i.attr
             if a is None:
                 a = i.attr = self._lower_attr(i)
             return a
-        return self._upper_attr(i)
+        return self._upper_attr(i, st)
 
     def _shown_gid(self, gid: int) -> int:
         """The group the view shows for an on-disk (or layer) group."""
@@ -425,14 +429,24 @@ class Union:
                 ov = None
         return uf.presented_stat(st, ov)
 
-    def _upper_attr(self, i: Inode) -> pyfuse3.EntryAttributes:
+    def _upper_attr(self, i: Inode, st: os.stat_result | None = None) -> pyfuse3.EntryAttributes:
         if i.parent is None and i.ino != ROOT and i.attr is not None:
             return i.attr          # gone from the upper, still referenced by the kernel
-        st = self.host_stat(i)
-        p = self.presented(i, st)
+        if st is None:
+            st = self.host_stat(i)
         a = pyfuse3.EntryAttributes()
         a.st_ino = i.ino
-        self._fill_common(a, p.mode, p.uid, p.gid)
+        if self.read_overrides or not self._plain_ids:
+            p = self.presented(i, st)
+            self._fill_common(a, p.mode, p.uid, p.gid)
+            a.st_rdev = p.rdev
+        else:
+            # root without id mapping: the view shows the host's owner and mode
+            a.st_mode = st.st_mode
+            a.st_uid = st.st_uid
+            a.st_gid = st.st_gid
+            a.st_rdev = st.st_rdev
+            a.entry_timeout = a.attr_timeout = self.timeout
         if i.kind == S.S_IFDIR:
             if self.opts.static_nlink:
                 a.st_nlink = 1
@@ -445,7 +459,6 @@ class Union:
         a.st_size = st.st_size
         a.st_blocks = st.st_blocks
         a.st_blksize = st.st_blksize
-        a.st_rdev = p.rdev
         a.st_atime_ns = st.st_atime_ns
         a.st_mtime_ns = st.st_mtime_ns
         a.st_ctime_ns = st.st_ctime_ns
@@ -806,22 +819,33 @@ class Union:
         d.kids[name] = i
         return i
 
-    def create(self, d: Inode, name: bytes, mode: int, flags: int, ctx) -> tuple[int, Inode]:
+    def create(self, d: Inode, name: bytes, mode: int, flags: int, ctx
+               ) -> tuple[int, Inode, os.stat_result | None]:
+        """Create and open a regular file; also returns its host stat when that is
+        final (the reply's attributes need no second one)."""
         path, _ = self._prepare_new(d, name)
         uid, gid, _sgid = self._owner_for_new(d, ctx)
         oflags = (flags & ~(os.O_NOCTTY | os.O_DIRECT | os.O_NOATIME)) | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         if oflags & os.O_ACCMODE == os.O_WRONLY:
             oflags = (oflags & ~os.O_ACCMODE) | os.O_RDWR
-        fd = os.open(path, oflags, 0o600)
+        mode &= 0o7777
+        # Permission bits at once (the daemon's umask is 0), setuid/setgid only after
+        # the owner is set (a chown would drop them).
+        fd = os.open(path, oflags, mode & 0o777)
+        st: os.stat_result | None = None
         try:
-            self._apply_meta(path, fd, S.S_IFREG, mode & 0o7777, uid, gid)
+            st = os.fstat(fd)
+            if (st.st_uid, st.st_gid) != self._host_ids(uid, gid) or S.S_IMODE(st.st_mode) != mode:
+                # another owner (or a setgid parent's group), a masked or special mode
+                self._apply_meta(path, fd, S.S_IFREG, mode, uid, gid)
+                st = None
         except BaseException:
             os.close(fd)
             os.unlink(path)
             raise
         i = self._add(d, name, S.S_IFREG)
         self.files.put_upper(i.ino, fd, oflags & os.O_ACCMODE == os.O_RDWR)
-        return fd, i
+        return fd, i, st
 
     def mkdir(self, d: Inode, name: bytes, mode: int, ctx) -> Inode:
         path, had_wh = self._prepare_new(d, name)
@@ -1142,7 +1166,8 @@ class Union:
                         os.fchown(target, huid, hgid)
                     else:
                         os.chown(target, huid, hgid, follow_symlinks=False)
-                if not is_link and (chmod or owner):
+                # (a chown alone leaves a mode without setuid/setgid as it is)
+                if not is_link and (chmod or (owner and (mode != S.S_IMODE(st.st_mode) or mode & 0o6000))):
                     if isinstance(target, int):
                         os.fchmod(target, mode)
                     else:
