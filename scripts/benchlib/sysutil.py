@@ -159,6 +159,17 @@ def rss_mb(pid: int | None) -> float:
     raise BenchError(f"no VmRSS for pid {pid}")
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time pid has used so far, in seconds."""
+    if pid is None:
+        raise BenchError("daemon process not found")
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError as e:
+        raise BenchError(f"cannot read /proc/{pid}/stat: {e}") from e
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def call_with_timeout(fn: Callable[[], T], timeout: float, on_timeout: Callable[[], None]) -> T:
     """Run fn in a thread; after timeout call on_timeout (e.g. abort the FUSE connection
     that the step is stuck on) and raise BenchError. A wedged daemon never hangs the run."""

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from .build import Workset
-from .sysutil import BenchError, rss_mb, run, syncfs
+from .sysutil import BenchError, cpu_seconds, rss_mb, run, syncfs
 from .targets import FusesnapStore, Mounted, Target
 
 BUF = 1 << 20
@@ -173,6 +173,13 @@ def s_untar(c: Ctx) -> float:
     return 0.0
 
 
+def s_untar_cpu(c: Ctx) -> float:
+    """The daemon's CPU time for the untar: what busy polling and Python cost."""
+    c0 = cpu_seconds(c.m.pid)
+    s_untar(c)
+    return cpu_seconds(c.m.pid) - c0
+
+
 def s_copyup(c: Ctx) -> float:
     p = c.root / c.ws.big_file
     with open(p, "ab") as f:
@@ -284,6 +291,8 @@ WORKLOADS: list[Workload] = [
     Workload("readdirstat-warm", "readdir+stat of 100k entries, warm", "dir", "s", "ro", False, s_readdir_stat),
     Workload("create", "create 10k x 4 KiB files + syncfs", "empty", "s", "rw", False, s_create),
     Workload("untar", "untar the rootfs into an empty mount", "empty", "s", "rw", False, s_untar),
+    Workload("untar-cpu", "daemon CPU (user+sys) during the untar", "empty", "s", "rw", False, s_untar_cpu,
+             applies=needs_daemon, timed_inside=True),
     Workload("copyup", "copy-up of a 2 GiB lower file (append 1 byte)", "big", "s", "rw", True, s_copyup),
     Workload("delete", "delete a 2 GiB lower file", "big", "s", "rw", True, s_delete),
     Workload("rmrf", "rm -rf a 10k-file lower tree", "tree", "s", "rw", True, s_rmrf),
