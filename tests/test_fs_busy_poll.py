@@ -55,6 +55,33 @@ def test_default_spins_only_where_the_daemon_can_run_beside_its_client() -> None
         assert fastloop.default_busy_poll_us() == fastloop.BUSY_POLL_US > 0
 
 
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_a_container_cpu_quota_counts_as_fewer_cpus(tmp_path: Path) -> None:
+    """A CI container limited to one CPU's time by its cgroup does not spin, though it
+    sees all the host's CPUs; an ancestor's quota counts too (v2 cpu.max, v1 cfs)."""
+    proc = tmp_path / "cgroup"
+    v2 = tmp_path / "v2"
+    _write(proc, "0::/ci/job\n")
+    _write(v2 / "ci/job/cpu.max", "max 100000\n")
+    assert fastloop._cgroup_cpu_limit(str(proc), str(v2)) is None
+    _write(v2 / "ci/cpu.max", "150000 100000\n")
+    assert fastloop._cgroup_cpu_limit(str(proc), str(v2)) == 1.5
+    _write(v2 / "ci/job/cpu.max", "400000 100000\n")
+    assert fastloop._cgroup_cpu_limit(str(proc), str(v2)) == 1.5
+    v1 = tmp_path / "v1"
+    _write(proc, "12:memory:/x\n4:cpu,cpuacct:/docker/abc\n")
+    _write(v1 / "cpu,cpuacct/docker/abc/cpu.cfs_quota_us", "-1\n")
+    _write(v1 / "cpu,cpuacct/docker/abc/cpu.cfs_period_us", "100000\n")
+    assert fastloop._cgroup_cpu_limit(str(proc), str(v1)) is None
+    _write(v1 / "cpu,cpuacct/docker/abc/cpu.cfs_quota_us", "100000\n")
+    assert fastloop._cgroup_cpu_limit(str(proc), str(v1)) == 1.0
+    assert fastloop._cgroup_cpu_limit(str(tmp_path / "none"), str(v1)) is None
+
+
 def _cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -48,13 +48,54 @@ def fuse_fds() -> set[int]:
     return out
 
 
-def default_busy_poll_us() -> int:
-    """BUSY_POLL_US where this process may run on two CPUs or more, else 0: on one
-    CPU a spinning daemon only delays the client it waits for."""
+def _cgroup_cpu_limit(cgroup_file: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> float | None:
+    """CPUs' worth of time the cgroup quota (v2 cpu.max, v1 cfs_quota_us) of this
+    process and its ancestors allows, or None without a quota."""
     try:
-        cpus = len(os.sched_getaffinity(0))
+        lines = open(cgroup_file).read().splitlines()
+    except OSError:
+        return None
+    limit: float | None = None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            base, v2 = root, True                   # cgroup v2 (unified at /sys/fs/cgroup)
+        elif "cpu" in controllers.split(","):
+            base, v2 = f"{root}/{controllers}", False
+            if not os.path.isdir(base):
+                base = f"{root}/cpu"
+        else:
+            continue
+        d = base + path.rstrip("/")
+        while True:
+            try:
+                if v2:
+                    quota, period = open(f"{d}/cpu.max").read().split()
+                else:
+                    quota = open(f"{d}/cpu.cfs_quota_us").read().strip()
+                    period = open(f"{d}/cpu.cfs_period_us").read().strip()
+                if quota not in ("max", "-1") and int(period) > 0:
+                    cpus = int(quota) / int(period)
+                    limit = cpus if limit is None else min(limit, cpus)
+            except (OSError, ValueError):
+                pass
+            if len(d) <= len(base):
+                break
+            d = os.path.dirname(d)
+    return limit
+
+
+def default_busy_poll_us() -> int:
+    """BUSY_POLL_US where this process may use two CPUs or more (its affinity, and
+    a container's CPU quota), else 0: on one CPU a spinning daemon only delays
+    the client it waits for."""
+    try:
+        cpus: float = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cpus = os.cpu_count() or 1
+    limit = _cgroup_cpu_limit()
+    if limit is not None:
+        cpus = min(cpus, limit)
     return BUSY_POLL_US if cpus >= 2 else 0
 
 
