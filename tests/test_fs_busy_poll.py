@@ -37,7 +37,10 @@ def test_a_hit_keeps_spinning_and_misses_back_off_to_one_spin_in_64_waits() -> N
     assert fastloop.SpinBudget(0).take() == 0
 
 
-def test_busy_poll_option() -> None:
+def test_busy_poll_option(capsys: pytest.CaptureFixture[str]) -> None:
+    from fusesnap.fs.overlay_cli import main
+    assert main(["--help"]) == 0
+    assert "busy_poll=US" in capsys.readouterr().out
     assert parse_options([]).busy_poll_us is None
     assert parse_options(["busy_poll=0"]).busy_poll_us == 0
     assert parse_options(["lowerdir=/a,busy_poll=200"]).busy_poll_us == 200

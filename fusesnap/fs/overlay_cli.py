@@ -12,6 +12,39 @@ from fusesnap.fs.options import MountOptions, parse_options
 USAGE = """usage: fusesnap-overlay [-f] [-d] -o lowerdir=A:B[,upperdir=U,workdir=W,...] MOUNTPOINT
        fusesnap-overlay SOURCE MOUNTPOINT -o OPTIONS     (mount.fuse3 form)"""
 
+HELP = USAGE + """
+
+Mount a union of read-only lower directories (leftmost on top) and a writable
+upper directory, with overlayfs/OCI whiteouts, without root or kernel overlayfs.
+A drop-in for fuse-overlayfs (podman's mount_program). Returns once the mount is
+live; the daemon exits when the filesystem is unmounted (fusermount3 -u).
+
+flags:
+  -f            stay in the foreground
+  -d, --debug   foreground, log every request
+  -o OPTIONS    comma-separated; may be given more than once
+  -V, --version print the version
+
+options (fuse-overlayfs' vocabulary):
+  lowerdir=A:B:...      lower directories, top first (\\: escapes a colon)
+  upperdir=U,workdir=W  writable upper and its work directory (none: read-only)
+  ro                    read-only even with an upper
+  uidmapping=H:P:N, gidmapping=H:P:N   on-disk to presented id ranges
+  squash_to_root, squash_to_uid=N, squash_to_gid=N   present every owner as one
+  xattr_permissions=0|1|2   keep owners/modes the host refuses in an xattr
+  static_nlink          directories report st_nlink 1
+  noxattrs=1            no extended attributes through the mount
+  timeout=SECONDS       kernel cache timeout for entries and attributes (3600)
+  volatile, fsync=0     fsync does nothing
+  writeback=1           the kernel's writeback cache (off: a full disk then
+                        fails close() after every write() succeeded)
+  busy_poll=US          spin up to US microseconds for the next request before
+                        sleeping (default 50 with two CPUs or more, else 0)
+  read_ahead_kb=N       the mount's read-ahead (root only; default 1024)
+  default_permissions, allow_other, fsname=NAME, and the mount flags
+  dev/nodev, suid/nosuid, exec/noexec, atime/noatime, sync/async ...
+Unknown options are ignored with a warning."""
+
 
 def _version() -> str:
     return f"fusesnap-overlay: version {__version__}"
@@ -27,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     while i < len(args):
         a = args[i]
         if a in ("-h", "--help"):
-            print(USAGE)
+            print(HELP)
             return 0
         if a in ("-V", "--version"):
             print(_version())
