@@ -14,7 +14,8 @@ import pytest
 
 from fusesnap.errors import InvalidInput
 from fusesnap.fs.options import parse_options
-from fusesnap.fs.readahead import device_of, read_ahead_kb, set_read_ahead
+from fusesnap.fs import splicing
+from fusesnap.fs.readahead import DEFAULT_KB, device_of, read_ahead_kb, set_read_ahead
 from helpers import is_root, run_as
 from unionmount import FUSESNAP, mount_union
 
@@ -100,10 +101,14 @@ def test_read_ahead_kb_mount_option():
 
 
 
-@pytest.mark.parametrize("option, want", [(None, 1024), ("read_ahead_kb=512", 512)])
+# 1 MiB, or the largest READ libfuse can splice without CAP_SYS_RESOURCE (fs/splicing.py)
+_DEFAULT = splicing.read_ahead_that_splices(DEFAULT_KB, splicing.max_spliced_read())
+
+
+@pytest.mark.parametrize("option, want", [(None, _DEFAULT), ("read_ahead_kb=512", 512)])
 def test_the_daemon_sets_its_mounts_read_ahead(shared_tmp: Path, option: str | None, want: int):
-    """fusesnap-overlay raises its own mount's read-ahead after FUSE_INIT (1 MiB requests),
-    or to what read_ahead_kb= asks."""
+    """fusesnap-overlay raises its own mount's read-ahead after FUSE_INIT (1 MiB requests,
+    or what still splices), or to what read_ahead_kb= asks."""
     if not is_root():
         pytest.skip("needs root to write sysfs")
     lower, upper, work, mnt = (shared_tmp / n for n in ("lower", "upper", "work", "mnt"))

@@ -285,6 +285,7 @@ def _serve(ops: Operations, mountpoint: str, fopts: set[str], notify_fd: int | N
 
     from fusesnap.fs import fastloop
     from fusesnap.fs.readahead import DEFAULT_KB, set_read_ahead
+    from fusesnap.fs.splicing import max_spliced_read, read_ahead_that_splices
 
     os.umask(0)
     if debug:
@@ -331,7 +332,8 @@ def _serve(ops: Operations, mountpoint: str, fopts: set[str], notify_fd: int | N
                 kb = ops.u.opts.read_ahead_kb
                 for delay in (0.05, 0.5):
                     await trio.sleep(delay)
-                    set_read_ahead(mountpoint, DEFAULT_KB if kb is None else kb)
+                    set_read_ahead(mountpoint, read_ahead_that_splices(DEFAULT_KB, max_spliced_read())
+                                   if kb is None else kb)
             n.start_soon(readahead)
             await pyfuse3.main(1, 8)
             n.cancel_scope.cancel()
