@@ -15,5 +15,6 @@ Public API (see docs/ARCHITECTURE.md, "Filesystem API"):
 Internals: union.py (all merge/copy-up/whiteout logic, plain Python, unit-testable),
 inodes.py (runtime Inode), copyup.py, longpath.py (paths beyond PATH_MAX),
 operations.py (thin pyfuse3 glue), fastloop.py (cheaper wait for the next
-request), overlay_cli.py (`fusesnap-overlay`).
+request, busy polling), splicing.py (how big a spliced READ reply may be),
+readahead.py (the mount's read-ahead), overlay_cli.py (`fusesnap-overlay`).
 """
