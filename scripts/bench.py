@@ -32,6 +32,7 @@ from benchlib.build import DEFAULT_CACHE, SCALES, build, describe  # noqa: E402
 from benchlib.profile import find_pyspy, summarize  # noqa: E402
 from benchlib.report import as_json, table  # noqa: E402
 from benchlib.runner import Cell, Options, Runner, log  # noqa: E402
+from benchlib.memreport import no_free_page_reporting  # noqa: E402
 from benchlib.scratchfs import CHOICES, scratch_fs  # noqa: E402
 from benchlib.sysutil import BenchError, is_root, rmtree  # noqa: E402
 from benchlib.targets import ALL_TARGETS, EXTRA_TARGETS, find_program, make_targets  # noqa: E402
@@ -131,6 +132,7 @@ def markdown_report(meta: dict[str, object], intro: str, md: str) -> str:
         f"- versions: {meta['fuse-overlayfs']}; {meta['fusesnap']}\n"
         f"- command: `{meta['command']}`\n"
         f"- writable workloads on: {meta.get('scratch_fs', 'host filesystem under --cache')}\n"
+        f"- free page reporting (virtio-balloon): {meta.get('free_page_reporting', 'not changed')}\n"
         f"- workloads: rootfs {w['rootfs_entries']} entries / {w['rootfs_bytes'] / 1e6:.0f} MB merged from 2 layers "
         f"(layer 2: {w['rootfs_layer2_whiteouts']} whiteouts, {w['rootfs_layer2_opaque_dirs']} opaque dirs); "
         f"{w['chain_layers']}-layer chain of {w['chain_files']} files; {w['dir_entries']}-entry directory; "
@@ -199,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile and not pyspy:
         log("--profile: py-spy not found (pip install py-spy); not profiling")
     try:
-        with scratch_fs(args.scratch_fs, scratch) as scratch_desc:
+        with no_free_page_reporting() as reporting, scratch_fs(args.scratch_fs, scratch) as scratch_desc:
             log(f"writable workloads write to: {scratch_desc}")
             targets = make_targets(args.targets, args.fusesnap_bin, scratch / "store")
             for t in targets:
@@ -215,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         rmtree(scratch)
     meta = machine(args)
     meta.update({"runs": args.runs, "scale": args.scale, "caches_dropped": drop, "workset": describe(ws),
-                 "scratch_fs": scratch_desc})
+                 "scratch_fs": scratch_desc, "free_page_reporting": reporting})
     md = table(workloads, titles, results, args.targets)
     intro = (f"Medians of {args.runs} runs, targets alternating within each repetition "
              f"({'cold = `sync; echo 3 > /proc/sys/vm/drop_caches` before the step' if drop else 'caches NOT dropped'}). "

@@ -117,3 +117,18 @@ def test_writable_workloads_run_on_a_fresh_ext4_gone_afterwards(tiny_run, tiny_c
     assert data["meta"]["scratch_fs"].startswith("fresh ext4")      # the default as root
     assert not (tiny_cache / "run.img").exists()
     assert str(tiny_cache) not in Path("/proc/self/mountinfo").read_text()
+
+
+def test_free_page_reporting_is_off_during_a_run_and_restored_after(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from benchlib.memreport import NEVER, no_free_page_reporting
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    param = tmp_path / "page_reporting_order"
+    param.write_text("9\n")
+    with no_free_page_reporting(param) as what:
+        assert param.read_text().strip() == str(NEVER) and "9 ->" in what
+    assert param.read_text().strip() == "9"
+    with no_free_page_reporting(tmp_path / "missing") as what:
+        assert "not changed" in what
