@@ -65,8 +65,13 @@ def has_cap(pid: int, cap: int) -> bool | None:
     that namespace maps."""
     if pid <= 0:
         return None
+    return cap_in_status(f"/proc/{pid}/status", cap)
+
+
+def cap_in_status(status: str, cap: int) -> bool | None:
+    """Whether the CapEff line of a /proc/PID/status file has cap, None if unreadable."""
     try:
-        with open(f"/proc/{pid}/status", "rb") as f:
+        with open(status, "rb") as f:
             for line in f:
                 if line.startswith(b"CapEff:"):
                     return bool(int(line.split()[1], 16) >> cap & 1)

@@ -285,7 +285,7 @@ def _serve(ops: Operations, mountpoint: str, fopts: set[str], notify_fd: int | N
 
     from fusesnap.fs import fastloop
     from fusesnap.fs.readahead import DEFAULT_KB, set_read_ahead
-    from fusesnap.fs.splicing import max_spliced_read, read_ahead_that_splices
+    from fusesnap.fs.splicing import read_ahead_that_splices
 
     os.umask(0)
     if debug:
@@ -330,10 +330,11 @@ def _serve(ops: Operations, mountpoint: str, fopts: set[str], notify_fd: int | N
             async def readahead() -> None:
                 # after FUSE_INIT: its reply caps the readahead at what the kernel offered
                 kb = ops.u.opts.read_ahead_kb
+                if kb is None:
+                    kb = read_ahead_that_splices(DEFAULT_KB, ops.splice_max)
                 for delay in (0.05, 0.5):
                     await trio.sleep(delay)
-                    set_read_ahead(mountpoint, read_ahead_that_splices(DEFAULT_KB, max_spliced_read())
-                                   if kb is None else kb)
+                    set_read_ahead(mountpoint, kb)
             n.start_soon(readahead)
             await pyfuse3.main(1, 8)
             n.cancel_scope.cancel()

@@ -150,15 +150,17 @@ class Operations(pyfuse3.Operations):
         # WRITEs instead of 21k in an untar of a rootfs), for one RELEASE per file.
         # Readers of the file stay coherent only where the kernel invalidates their pages
         # before such a write; setuid bits only where the kernel flags the write for us.
-        # READ replies libfuse splices from the host fd (see fs/splicing.py); -1: none
-        limit = splicing.max_spliced_read()
-        self.splice_max = (-1 if not _READ_FD else (1 << 62) if limit is None else limit)
         self.direct_create = self.files_without_open and not self.writeback \
             and self.handle_killpriv_v2 and _kernel_invalidates_before_direct_writes()
+        # The largest READ answered with the host fd, which libfuse splices
+        # (fs/splicing.py); -1: none is (a pyfuse3 without patch 0009).
+        limit = splicing.max_spliced_read() if _READ_FD else -1
+        self.splice_max = (1 << 62) if limit is None else limit
 
     # ------------------------------------------------------------------ helpers
-    def _entry(self, i: Inode) -> pyfuse3.EntryAttributes:
-        a = self.u.attr(i)
+    def _entry(self, i: Inode, st: os.stat_result | None = None) -> pyfuse3.EntryAttributes:
+        """Attributes for a reply that hands the kernel a reference (st: see Union.attr)."""
+        a = self.u.attr(i, st)
         i.lookups += 1
         return a
 
@@ -360,9 +362,7 @@ class Operations(pyfuse3.Operations):
         if self.files_without_open and flags & os.O_ACCMODE == os.O_WRONLY and not flags & os.O_APPEND:
             # (an appender is likely a log someone tails: it keeps the page cache)
             fi.direct_io = True
-        a = self.u.attr(i, st)
-        i.lookups += 1
-        return fi, a
+        return fi, self._entry(i, st)
 
     @_fuse_errors
     async def open(self, inode, flags, ctx):

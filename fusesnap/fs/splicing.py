@@ -14,26 +14,17 @@ from __future__ import annotations
 
 import os
 
+from fusesnap.fs.callers import cap_in_status
+
 PAGE = os.sysconf("SC_PAGE_SIZE")
 CAP_SYS_RESOURCE = 24
 _HEADER = 16            # struct fuse_out_header
 
 
-def _has_cap(cap: int, status: str = "/proc/self/status") -> bool:
-    try:
-        with open(status) as f:
-            for line in f:
-                if line.startswith("CapEff:"):
-                    return bool(int(line.split()[1], 16) >> cap & 1)
-    except (OSError, ValueError):
-        pass
-    return False
-
-
 def max_spliced_read(status: str = "/proc/self/status",
                      pipe_max: str = "/proc/sys/fs/pipe-max-size") -> int | None:
     """The largest READ libfuse can splice here, or None for no limit."""
-    if _has_cap(CAP_SYS_RESOURCE, status):
+    if cap_in_status(status, CAP_SYS_RESOURCE):
         return None
     try:
         with open(pipe_max) as f:
@@ -44,7 +35,8 @@ def max_spliced_read(status: str = "/proc/self/status",
 
 
 def read_ahead_that_splices(kb: int, limit: int | None) -> int:
-    """kb, lowered to whole pages that fit `limit` bytes (a READ is at most the read-ahead)."""
-    if limit is None or kb * 1024 <= limit:
+    """kb, lowered to whole pages that fit `limit` bytes (a READ is at most the
+    read-ahead); None or a negative limit (reads not spliced): kb."""
+    if limit is None or limit < 0 or kb * 1024 <= limit:
         return kb
     return max(PAGE, limit // PAGE * PAGE) // 1024

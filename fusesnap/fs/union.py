@@ -387,10 +387,14 @@ class Union:
         return o.squash_gid if o.squash_gid is not None else (self.gidmap.to_presented(gid) if self.gidmap else gid)
 
     def _fill_common(self, a: pyfuse3.EntryAttributes, mode: int, uid: int, gid: int) -> None:
-        o = self.opts
         a.st_mode = mode
-        a.st_uid = o.squash_uid if o.squash_uid is not None else (self.uidmap.to_presented(uid) if self.uidmap else uid)
-        a.st_gid = self._shown_gid(gid)
+        if self._plain_ids:
+            a.st_uid = uid
+            a.st_gid = gid
+        else:
+            o = self.opts
+            a.st_uid = o.squash_uid if o.squash_uid is not None else (self.uidmap.to_presented(uid) if self.uidmap else uid)
+            a.st_gid = self._shown_gid(gid)
         a.entry_timeout = self.timeout
         a.attr_timeout = self.timeout
 
@@ -436,17 +440,13 @@ class Union:
             st = self.host_stat(i)
         a = pyfuse3.EntryAttributes()
         a.st_ino = i.ino
-        if self.read_overrides or not self._plain_ids:
+        if self.read_overrides:
             p = self.presented(i, st)
             self._fill_common(a, p.mode, p.uid, p.gid)
             a.st_rdev = p.rdev
-        else:
-            # root without id mapping: the view shows the host's owner and mode
-            a.st_mode = st.st_mode
-            a.st_uid = st.st_uid
-            a.st_gid = st.st_gid
+        else:       # no override xattrs: the host's owner and mode (presented() without the call)
+            self._fill_common(a, st.st_mode, st.st_uid, st.st_gid)
             a.st_rdev = st.st_rdev
-            a.entry_timeout = a.attr_timeout = self.timeout
         if i.kind == S.S_IFDIR:
             if self.opts.static_nlink:
                 a.st_nlink = 1
@@ -1168,10 +1168,7 @@ class Union:
                         os.chown(target, huid, hgid, follow_symlinks=False)
                 # (a chown alone leaves a mode without setuid/setgid as it is)
                 if not is_link and (chmod or (owner and (mode != S.S_IMODE(st.st_mode) or mode & 0o6000))):
-                    if isinstance(target, int):
-                        os.fchmod(target, mode)
-                    else:
-                        os.chmod(target, mode)
+                    os.chmod(target, mode)          # by fd or by path (never a symlink here)
                 return
             except OSError as e:
                 if e.errno not in (errno.EPERM, errno.EINVAL) or is_link:
@@ -1185,18 +1182,14 @@ class Union:
         host_fmt = S.S_IFMT(st.st_mode)
         if (huid, hgid) == (st.st_uid, st.st_gid) and not (mode & 0o7000) and host_fmt == fmt \
                 and not has_override:
-            if isinstance(target, int):
-                os.fchmod(target, mode)
-            else:
-                os.chmod(target, mode)
+            os.chmod(target, mode)
             return
         val = uf.format_override(huid, hgid, mode, fmt if host_fmt != fmt else None, cur.rdev)
         if isinstance(target, int):
             os.setxattr(target, self.override_name, val)
-            os.fchmod(target, (mode & 0o777) | (0o700 if fmt == S.S_IFDIR else 0o600))
         else:
             os.setxattr(target, self.override_name, val, follow_symlinks=False)
-            os.chmod(target, (mode & 0o777) | (0o700 if fmt == S.S_IFDIR else 0o600))
+        os.chmod(target, (mode & 0o777) | (0o700 if fmt == S.S_IFDIR else 0o600))
 
     def _xtarget(self, i: Inode):
         """An upper object's host inode for metadata calls: the file's kept fd when there
