@@ -202,7 +202,7 @@ def _early_daemon() -> Any:
     # millisecond of CPU here competes with the daemon's imports on a busy machine.
     gc.disable()
     try:
-        from ..fs.mount import spawn_daemon
+        from ..fs.fuse.mount import spawn_daemon
 
         return spawn_daemon()
     except OSError:

@@ -184,7 +184,7 @@ def _daemon(args: argparse.Namespace) -> Any:
         return nullcontext()
     if early is not None:
         return early
-    from ..fs.mount import spawn_daemon
+    from ..fs.fuse.mount import spawn_daemon
 
     return spawn_daemon()
 

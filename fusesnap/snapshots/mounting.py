@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Iterable
 from ..errors import FusesnapError, InUse, InvalidInput
 
 if TYPE_CHECKING:
-    from ..fs.mount import PendingDaemon
+    from ..fs.fuse.mount import PendingDaemon
     from .snapshotter import Mount, Snapshotter
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ def mount_snapshot(sn: "Snapshotter", key: str, mountpoint: str | os.PathLike, *
     else:
         opts.read_only = True
     if daemon is not None and not foreground:
-        from ..fs.mount import TreeUnavailable
+        from ..fs.fuse.mount import TreeUnavailable
 
         spec = _tree_spec(sn, rec.parent_chain)
         if spec is not None:
@@ -114,7 +114,7 @@ def mount_snapshot(sn: "Snapshotter", key: str, mountpoint: str | os.PathLike, *
             except TreeUnavailable as e:   # e.g. the cache file went bad: rebuild it here
                 log.info("mounting %s: cached lower tree unusable (%s); rebuilding it", key, e)
         daemon.cancel()
-    from ..fs.mount import mount
+    from ..fs.fuse.mount import mount
 
     tree = sn.trees.get(rec.parent_chain)
     # fs.mount double-forks: the daemon is init's child, no zombie is left to reap here

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 
 from ..digest import hex_of, is_digest
 from ..errors import FusesnapError
-from ..fs.lower import IndexLower
-from ..fs.lowertree import LowerTree, build_lower_tree
+from ..fs.core.lower import IndexLower
+from ..fs.core.lowertree import LowerTree, build_lower_tree
 
 if TYPE_CHECKING:
     from ..store.layerstore import LayerStore

@@ -14,7 +14,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..fs import upperformat as uf
+from ..fs.core import upperformat as uf
 from ..layerentry import Kind
 
 

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.skipif(not is_root(), reason="needs root to mount")
 # fusesnap-overlay with its request handlers counted (FUSESNAP_COUNT_LOG names the log).
 COUNTING_OVERLAY = r'''
 import os, sys
-import fusesnap.fs.operations as fo
+import fusesnap.fs.fuse.operations as fo
 
 LOG = os.environ["FUSESNAP_COUNT_LOG"]
 
@@ -49,7 +49,7 @@ for name in ("opendir", "readdir", "releasedir", "readlink", "lookup", "getattr"
              "statfs"):
     setattr(fo.Operations, name, counted(name, getattr(fo.Operations, name)))
 
-from fusesnap.fs.overlay_cli import main
+from fusesnap.cli.overlay import main
 sys.exit(main())
 '''
 
@@ -296,7 +296,7 @@ def _read_from(li, kids: dict, cookie: int) -> list[tuple[bytes, int]]:
 def test_listing_offsets_survive_removals_additions_and_compaction() -> None:
     """Readdir has no handle, so any offset handed out may come back later: the entries of
     a directory keep their cookies through syncs, also once dead slots are dropped."""
-    from fusesnap.fs.union import Listing
+    from fusesnap.fs.core.union import Listing
 
     kids = {b"f%03d" % k: object() for k in range(300)}
     li = Listing(object(), kids)  # type: ignore[arg-type]

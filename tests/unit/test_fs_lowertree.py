@@ -8,9 +8,9 @@ import stat
 import pytest
 
 from fusesnap.errors import InvalidInput
-from fusesnap.fs import upperformat as uf
-from fusesnap.fs.lower import IndexLower
-from fusesnap.fs.lowertree import LowerTree, build_lower_tree, lower_tree_from_dirs
+from fusesnap.fs.core import upperformat as uf
+from fusesnap.fs.core.lower import IndexLower
+from fusesnap.fs.core.lowertree import LowerTree, build_lower_tree, lower_tree_from_dirs
 from fusesnap.fs.options import IdMap, parse_options, split_lowerdir
 from fusesnap.layerentry import LayerEntry
 
@@ -140,7 +140,7 @@ def test_override_stat_format_round_trips():
 
 
 def test_lazy_tree_over_directories_matches_the_eager_build(tmp_path):
-    from fusesnap.fs.lazytree import LazyLowerTree
+    from fusesnap.fs.core.lazytree import LazyLowerTree
     top, mid, bot = tmp_path / "top", tmp_path / "mid", tmp_path / "bot"
     for d in (top, mid, bot):
         d.mkdir()

@@ -22,9 +22,9 @@ from fusesnap.fs.options import MountOptions
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from fusesnap.fs.lowertree import LowerTree
-    from fusesnap.fs.operations import Operations
-    from fusesnap.fs.union import Union
+    from fusesnap.fs.core.lowertree import LowerTree
+    from fusesnap.fs.fuse.operations import Operations
+    from fusesnap.fs.core.union import Union
 
 # What a pending daemon mounts as its lower tree (it builds the tree itself):
 #   ("cache", path)          LowerTree.load(path), the snapshotter's per-chain cache
@@ -73,8 +73,8 @@ def mount(tree: LowerTree, upper: Path | str | None, work: Path | str | None,
     try:
         if not os.path.isdir(mountpoint):
             raise FusesnapError(f"mountpoint {mountpoint!r} does not exist or is not a directory")
-        from fusesnap.fs.operations import Operations
-        from fusesnap.fs.union import Union
+        from fusesnap.fs.fuse.operations import Operations
+        from fusesnap.fs.core.union import Union
         union = Union(tree, upper, work, opts)
     except (OSError, FusesnapError) as e:
         print(f"fusesnap: cannot mount {mountpoint}: {e}", file=sys.stderr)
@@ -240,9 +240,9 @@ def _pending_main(spec_r: int, note_w: int) -> int:
         import pyfuse3  # noqa: F401
         import trio  # noqa: F401
 
-        from fusesnap.fs import fastloop  # noqa: F401
-        from fusesnap.fs.operations import Operations
-        from fusesnap.fs.union import Union
+        from fusesnap.fs.fuse import fastloop  # noqa: F401
+        from fusesnap.fs.fuse.operations import Operations
+        from fusesnap.fs.core.union import Union
 
         data = _read_all(spec_r)
         if not data:
@@ -265,16 +265,16 @@ def _pending_main(spec_r: int, note_w: int) -> int:
 def _build_tree(spec: TreeSpec) -> Any:
     kind = spec[0]
     if kind == "cache":
-        from fusesnap.fs.lowertree import LowerTree
+        from fusesnap.fs.core.lowertree import LowerTree
         return LowerTree.load(spec[1])
     if kind == "dirs":
         if spec[2]:
-            from fusesnap.fs.lowertree import lower_tree_from_dirs
+            from fusesnap.fs.core.lowertree import lower_tree_from_dirs
             return lower_tree_from_dirs(spec[1])
-        from fusesnap.fs.lazytree import LazyLowerTree
+        from fusesnap.fs.core.lazytree import LazyLowerTree
         return LazyLowerTree(spec[1])
     if kind == "empty":
-        from fusesnap.fs.lowertree import build_lower_tree
+        from fusesnap.fs.core.lowertree import build_lower_tree
         return build_lower_tree([])
     raise ValueError(f"unknown lower tree spec {kind!r}")
 
@@ -283,9 +283,9 @@ def _serve(ops: Operations, mountpoint: str, fopts: set[str], notify_fd: int | N
     import pyfuse3
     import trio
 
-    from fusesnap.fs import fastloop
-    from fusesnap.fs.readahead import DEFAULT_KB, set_read_ahead
-    from fusesnap.fs.splicing import read_ahead_that_splices
+    from fusesnap.fs.fuse import fastloop
+    from fusesnap.fs.fuse.readahead import DEFAULT_KB, set_read_ahead
+    from fusesnap.fs.fuse.splicing import read_ahead_that_splices
 
     os.umask(0)
     if debug:

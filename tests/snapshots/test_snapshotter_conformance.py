@@ -507,7 +507,7 @@ def test_rootless_subset(shared_tmp, test_user):
     lib = shared_tmp / "lib"
     lib.mkdir()
     shutil.copy(__file__, lib / "conformance.py")
-    shutil.copy(Path(__file__).with_name("helpers.py"), lib / "helpers.py")
+    shutil.copy(Path(__file__).parent.parent / "helpers.py", lib / "helpers.py")
     (lib / "driver.py").write_text(DRIVER)
     os.chmod(lib, 0o755)
     work = shared_tmp / "rootless"

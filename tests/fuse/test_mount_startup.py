@@ -147,7 +147,7 @@ def test_overlay_mount_is_live_on_return_and_caller_never_loads_pyfuse3(shared_t
         d.mkdir()
     (lower / "f").write_text("x")
     opts = f"lowerdir={lower},upperdir={upper},workdir={work}"
-    out = _in_python(_CALL_MAIN, "fusesnap.fs.overlay_cli", str(mp), "-o", opts, str(mp))
+    out = _in_python(_CALL_MAIN, "fusesnap.cli.overlay", str(mp), "-o", opts, str(mp))
     try:
         assert out["rc"] == 0 and out["live"] and out["names"] == ["f"]
         assert out["loaded"] == []

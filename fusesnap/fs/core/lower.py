@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Iterable, Iterator, Protocol, runtime_checkable
 
 from fusesnap.layerentry import LayerEntry
-from fusesnap.fs import upperformat as uf
-from fusesnap.fs.longpath import short
+from fusesnap.fs.core import upperformat as uf
+from fusesnap.fs.core.longpath import short
 
 
 @runtime_checkable

@@ -16,10 +16,11 @@ from typing import Any, Awaitable, Callable, TypeVar
 import pyfuse3
 import trio
 
-from fusesnap.fs import callers, spaceops, splicing
-from fusesnap.fs.copyup import BIG, copy_data
-from fusesnap.fs.inodes import Inode
-from fusesnap.fs.union import Union
+from fusesnap.fs.fuse import splicing
+from fusesnap.linux import callers, spaceops
+from fusesnap.fs.core.copyup import BIG, copy_data
+from fusesnap.fs.core.inodes import Inode
+from fusesnap.fs.core.union import Union
 
 FUSEError = pyfuse3.FUSEError
 # fusesnap's patched pyfuse3 (third_party/pyfuse3) lets opendir() return a FileInfo with cache_readdir;
@@ -427,7 +428,7 @@ class Operations(pyfuse3.Operations):
         raise FUSEError(errno.ENOSYS)
 
     async def release(self, fh):
-        # fds are kept per inode (fusesnap.fs.filefds), not per open
+        # fds are kept per inode (fusesnap.fs.core.filefds), not per open
         pass
 
     @_fuse_errors

@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         return _mount_here(opts, mountpoint, foreground, eager)
     # Daemonizing: fork the daemon before importing pyfuse3/trio, so that this process
     # never loads them and the daemon builds its own (lazy) lower tree.
-    from fusesnap.fs.mount import TreeUnavailable, spawn_daemon
+    from fusesnap.fs.fuse.mount import TreeUnavailable, spawn_daemon
 
     try:
         with spawn_daemon() as daemon:
@@ -128,9 +128,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _mount_here(opts: MountOptions, mountpoint: str, foreground: bool, eager: bool) -> int:
     """Build the lower tree in this process, then mount (serving here if foreground)."""
-    from fusesnap.fs.lazytree import LazyLowerTree
-    from fusesnap.fs.lowertree import lower_tree_from_dirs
-    from fusesnap.fs.mount import mount
+    from fusesnap.fs.core.lazytree import LazyLowerTree
+    from fusesnap.fs.core.lowertree import lower_tree_from_dirs
+    from fusesnap.fs.fuse.mount import mount
     try:
         tree = lower_tree_from_dirs(opts.lowerdirs) if eager else LazyLowerTree(opts.lowerdirs)
     except (FusesnapError, OSError) as e:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import stat as S
 
-from fusesnap.fs.lowertree import LNode
+from fusesnap.fs.core.lowertree import LNode
 
 
 class Inode:

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 
 import pyfuse3
 
-from fusesnap.fs import upperformat as uf
-from fusesnap.fs.copyup import copy_data
-from fusesnap.fs.filefds import FileFds
-from fusesnap.fs.inodes import Inode
-from fusesnap.fs.longpath import short
-from fusesnap.fs.lowertree import LNode, LowerTree
+from fusesnap.fs.core import upperformat as uf
+from fusesnap.fs.core.copyup import copy_data
+from fusesnap.fs.core.filefds import FileFds
+from fusesnap.fs.core.inodes import Inode
+from fusesnap.fs.core.longpath import short
+from fusesnap.fs.core.lowertree import LNode, LowerTree
 from fusesnap.fs.options import MountOptions
 
 ROOT = pyfuse3.ROOT_INODE

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from fusesnap.fs import copyup
-from fusesnap.fs.copyup import BIG, copy_data, data_extents
+from fusesnap.fs.core import copyup
+from fusesnap.fs.core.copyup import BIG, copy_data, data_extents
 from helpers import is_root
 from unionmount import KINDS, Union, built_union, mkfile
 

@@ -15,9 +15,9 @@ import os
 import stat as S
 from typing import Sequence
 
-from fusesnap.fs import upperformat as uf
-from fusesnap.fs.longpath import LIMIT, short
-from fusesnap.fs.lowertree import LNode, lookup_path
+from fusesnap.fs.core import upperformat as uf
+from fusesnap.fs.core.longpath import LIMIT, short
+from fusesnap.fs.core.lowertree import LNode, lookup_path
 
 _KIDS = LNode.__dict__["kids"]
 _NLINK = LNode.__dict__["nlink"]

@@ -8,8 +8,8 @@ import tarfile
 import pytest
 
 from fusesnap.errors import InUse, InvalidInput
-from fusesnap.fs.lower import IndexLower
-from fusesnap.fs.lowertree import build_lower_tree
+from fusesnap.fs.core.lower import IndexLower
+from fusesnap.fs.core.lowertree import build_lower_tree
 from fusesnap.snapshots.layerapi import Change, LayerAPI
 from fusesnap.snapshots.snapshotter import Snapshotter
 

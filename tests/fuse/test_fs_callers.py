@@ -1,4 +1,4 @@
-"""fusesnap.fs.callers tells open(O_TRUNC) from truncate(2) by the system call the
+"""fusesnap.linux.callers tells open(O_TRUNC) from truncate(2) by the system call the
 caller waits in (both reach a zero-message-open mount as the same size SETATTR)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fusesnap.fs.callers import in_open
+from fusesnap.linux.callers import in_open
 
 pytestmark = pytest.mark.skipif(platform.machine() not in ("x86_64", "aarch64", "riscv64"),
                                 reason="system call numbers known for these architectures")

@@ -14,8 +14,8 @@ import pytest
 
 from fusesnap.errors import InvalidInput
 from fusesnap.fs.options import parse_options
-from fusesnap.fs import splicing
-from fusesnap.fs.readahead import DEFAULT_KB, device_of, read_ahead_kb, set_read_ahead
+from fusesnap.fs.fuse import splicing
+from fusesnap.fs.fuse.readahead import DEFAULT_KB, device_of, read_ahead_kb, set_read_ahead
 from helpers import is_root, run_as
 from unionmount import FUSESNAP, mount_union
 
@@ -59,7 +59,7 @@ def test_root_sets_the_read_ahead_of_a_live_mount(mounted: Path):
 def test_without_permission_nothing_changes(mounted: Path, test_user):
     set_read_ahead(mounted, 384)
     code = ("import json, logging, sys; logging.basicConfig(level=logging.DEBUG);"
-            "from fusesnap.fs.readahead import set_read_ahead;"
+            "from fusesnap.fs.fuse.readahead import set_read_ahead;"
             "print(json.dumps(set_read_ahead(sys.argv[1], 8192)))")
     r = run_as(test_user, [sys.executable, "-c", code, str(mounted)], text=True)
     assert r.returncode == 0, r.stderr

@@ -11,11 +11,11 @@ from pathlib import Path
 import pyfuse3
 import pytest
 
-from fusesnap.fs import splicing
-from fusesnap.fs.lowertree import lower_tree_from_dirs
-from fusesnap.fs.operations import Operations
+from fusesnap.fs.fuse import splicing
+from fusesnap.fs.core.lowertree import lower_tree_from_dirs
+from fusesnap.fs.fuse.operations import Operations
 from fusesnap.fs.options import MountOptions
-from fusesnap.fs.union import Union
+from fusesnap.fs.core.union import Union
 from helpers import is_root
 from unionmount import FUSESNAP, layout, mount_union
 

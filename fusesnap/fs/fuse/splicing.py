@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-from fusesnap.fs.callers import cap_in_status
+from fusesnap.linux.callers import cap_in_status
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 CAP_SYS_RESOURCE = 24

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from fusesnap.errors import InvalidInput
-from fusesnap.fs import upperformat as uf
-from fusesnap.fs.lower import LowerSource
+from fusesnap.fs.core import upperformat as uf
+from fusesnap.fs.core.lower import LowerSource
 from fusesnap.layerentry import LayerEntry
 
 _FMT = {"reg": S.S_IFREG, "dir": S.S_IFDIR, "sym": S.S_IFLNK, "chr": S.S_IFCHR,
@@ -318,5 +318,5 @@ def build_lower_tree(lowers: Sequence[LowerSource]) -> LowerTree:
 
 
 def lower_tree_from_dirs(dirs: Iterable[str | os.PathLike]) -> LowerTree:
-    from fusesnap.fs.lower import DirLower
+    from fusesnap.fs.core.lower import DirLower
     return build_lower_tree([DirLower(d) for d in dirs])

@@ -9,9 +9,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from fusesnap.fs.lowertree import lower_tree_from_dirs
+from fusesnap.fs.core.lowertree import lower_tree_from_dirs
 from fusesnap.fs.options import MountOptions
-from fusesnap.fs.union import Ctx, Union
+from fusesnap.fs.core.union import Ctx, Union
 
 
 @pytest.fixture
@@ -181,7 +181,7 @@ async def test_request_errors_keep_their_errno(env, caplog):
     """Handlers answer an unknown inode with ESTALE, a host error with its errno, a bug with EIO."""
     import pyfuse3
 
-    from fusesnap.fs.operations import Operations
+    from fusesnap.fs.fuse.operations import Operations
 
     ops = Operations(env.u)
     with pytest.raises(pyfuse3.FUSEError) as e:

@@ -1,4 +1,4 @@
-"""Core mount tests of the filesystem API (fusesnap.fs.mount) that the snapshotter builds on."""
+"""Core mount tests of the filesystem API (fusesnap.fs.fuse.mount) that the snapshotter builds on."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 
 from helpers import is_mounted, unmount
 
-from fusesnap.fs.lower import DirLower, IndexLower
-from fusesnap.fs.lowertree import LowerTree, build_lower_tree
-from fusesnap.fs.mount import mount
+from fusesnap.fs.core.lower import DirLower, IndexLower
+from fusesnap.fs.core.lowertree import LowerTree, build_lower_tree
+from fusesnap.fs.fuse.mount import mount
 from fusesnap.fs.options import MountOptions
 from fusesnap.layerentry import LayerEntry
 

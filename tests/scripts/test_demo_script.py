@@ -12,7 +12,7 @@ import pytest
 
 from helpers import is_root
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.skipif(not is_root(), reason="the demo mounts as root")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import errno
 import os
 
-from fusesnap.fs.longpath import short
+from fusesnap.fs.core.longpath import short
 
 _READ_ONLY_ERRNOS = (errno.EACCES, errno.EPERM, errno.ETXTBSY, errno.EROFS)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from fusesnap.errors import InvalidInput
-from fusesnap.fs import fastloop
+from fusesnap.fs.fuse import fastloop
 from fusesnap.fs.options import parse_options
 from helpers import is_root
 from unionmount import FUSESNAP, layout, mkfile, mount_union
@@ -38,7 +38,7 @@ def test_a_hit_keeps_spinning_and_misses_back_off_to_one_spin_in_64_waits() -> N
 
 
 def test_busy_poll_option(capsys: pytest.CaptureFixture[str]) -> None:
-    from fusesnap.fs.overlay_cli import main
+    from fusesnap.cli.overlay import main
     assert main(["--help"]) == 0
     assert "busy_poll=US" in capsys.readouterr().out
     assert parse_options([]).busy_poll_us is None
@@ -50,7 +50,7 @@ def test_busy_poll_option(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_default_spins_only_where_the_daemon_can_run_beside_its_client() -> None:
-    code = "from fusesnap.fs import fastloop; print(fastloop.default_busy_poll_us())"
+    code = "from fusesnap.fs.fuse import fastloop; print(fastloop.default_busy_poll_us())"
     one = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code],
                          capture_output=True, text=True, check=True)
     assert one.stdout.strip() == "0"
