@@ -8,10 +8,21 @@ consumes them. Whiteout markers (`.wh.NAME`, `.wh..wh..opq`) are ordinary
 
 from __future__ import annotations
 
+import stat as S
 from dataclasses import dataclass, field
 from typing import Literal
 
 Kind = Literal["reg", "dir", "sym", "hard", "chr", "blk", "fifo"]
+
+# A file type's st_mode format bits and its kind ("sock": host sockets only, no tar holds one).
+FMT_OF_KIND: dict[str, int] = {"reg": S.S_IFREG, "dir": S.S_IFDIR, "sym": S.S_IFLNK, "chr": S.S_IFCHR,
+                               "blk": S.S_IFBLK, "fifo": S.S_IFIFO, "sock": S.S_IFSOCK}
+KIND_OF_FMT: dict[int, str] = {v: k for k, v in FMT_OF_KIND.items()}
+
+
+def kind_of_mode(mode: int) -> str:
+    """The kind of an st_mode ("reg" for anything unknown)."""
+    return KIND_OF_FMT.get(S.S_IFMT(mode), "reg")
 
 
 @dataclass(slots=True)

@@ -9,9 +9,10 @@ the caller sees — as with kernel overlayfs. These need the patched pyfuse3
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
+
+from fusesnap.linux import libc
 
 
 # Kernel FUSE forwards only these modes (others fail with EOPNOTSUPP before us);
@@ -20,23 +21,10 @@ FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_fallocate = getattr(_libc, "fallocate64", None) or _libc.fallocate
-_fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
-_fallocate.restype = ctypes.c_int
-
-
-def host_fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    """fallocate(2) with a mode (os.posix_fallocate has none); raises OSError."""
-    if _fallocate(fd, mode, offset, length) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
-
-
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     """Apply fallocate to the upper file behind fd (the caller copied it up)."""
     try:
-        host_fallocate(fd, mode, offset, length)
+        libc.fallocate(fd, mode, offset, length)
     except OSError as e:
         if e.errno == errno.ENOSYS:
             # ENOSYS would make the kernel disable fallocate for the whole mount

@@ -24,6 +24,7 @@ from typing import BinaryIO, Callable, Iterable, Iterator
 
 from ..errors import InvalidInput
 from ..layerentry import Kind, LayerEntry
+from ..tarsplit.header import TYPEFLAG_OF_KIND
 from . import upperview
 
 BLOCK = 512
@@ -31,15 +32,6 @@ WHITEOUT_PREFIX = b".wh."
 OPAQUE_MARKER = b".wh..wh..opq"
 CHUNK = 1 << 20
 
-_TYPEFLAGS: dict[str, bytes] = {
-    "reg": tarfile.REGTYPE,
-    "dir": tarfile.DIRTYPE,
-    "sym": tarfile.SYMTYPE,
-    "hard": tarfile.LNKTYPE,
-    "chr": tarfile.CHRTYPE,
-    "blk": tarfile.BLKTYPE,
-    "fifo": tarfile.FIFOTYPE,
-}
 
 
 @dataclass
@@ -67,7 +59,7 @@ def _s(b: bytes) -> str:
 def encode_header(m: Member) -> bytes:
     """The header block(s) of one member, PAX where needed, fixed everywhere else."""
     ti = tarfile.TarInfo(_s(m.path))
-    ti.type = _TYPEFLAGS[m.kind]
+    ti.type = TYPEFLAG_OF_KIND[m.kind]
     ti.mode = m.mode & 0o7777
     ti.uid, ti.gid = m.uid, m.gid
     ti.uname = ti.gname = ""
@@ -270,7 +262,7 @@ def scan_upper(upper: Path) -> UpperChangeset:
         elif stat.S_ISREG(st.st_mode):
             make_readable(hp, st, 0o400)
         ps = upperview.presented(hp, st)
-        if ps.kind not in _TYPEFLAGS:
+        if ps.kind not in TYPEFLAG_OF_KIND:
             return  # a socket (possibly only presented as one): tar has no such member
         mtime = int(st.st_mtime)
         xattrs = upperview.visible_xattrs(hp, ps.kind)

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
 from ..errors import FusesnapError, InUse, InvalidInput
+from ..linux import mountinfo
+from ..linux.mountinfo import is_mountpoint
 
 if TYPE_CHECKING:
     from ..fs.fuse.mount import PendingDaemon
@@ -32,35 +34,10 @@ def fsname_for(sn: "Snapshotter", sid: int) -> str:
     return f"fusesnap:{store_tag(sn.root)}:{sid}"
 
 
-def _unescape(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and len(field[i + 1 : i + 4]) == 3 and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
 def mount_table() -> list[tuple[str, str, str]]:
     """(mountpoint, fstype, source) of every mount this process can see."""
-    out = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            mp = _unescape(left.split()[4])
-            fields = right.split()
-            if len(fields) >= 2:
-                out.append((mp, fields[0], _unescape(fields[1])))
-    return out
+    return [(os.fsdecode(m.mountpoint), m.fstype, os.fsdecode(m.source)) for m in mountinfo.mounts()]
 
-
-def is_mountpoint(path: str | os.PathLike) -> bool:
-    target = os.path.realpath(path)
-    return any(mp == target for mp, _, _ in mount_table())
 
 
 def mounts_of(sn: "Snapshotter", sid: int) -> list[str]:

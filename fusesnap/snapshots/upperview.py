@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..fs.core import upperformat as uf
-from ..layerentry import Kind
+from ..layerentry import Kind, kind_of_mode
 
 
 @dataclass
@@ -27,21 +27,6 @@ class Presented:
     devmajor: int = 0
     devminor: int = 0
 
-
-def _kind_of(mode: int) -> Kind:
-    if stat.S_ISDIR(mode):
-        return "dir"
-    if stat.S_ISLNK(mode):
-        return "sym"
-    if stat.S_ISCHR(mode):
-        return "chr"
-    if stat.S_ISBLK(mode):
-        return "blk"
-    if stat.S_ISFIFO(mode):
-        return "fifo"
-    if stat.S_ISSOCK(mode):
-        return "sock"  # type: ignore[return-value]
-    return "reg"
 
 
 def whiteout_target(path: Path, name: bytes, st: os.stat_result) -> bytes | None:
@@ -59,7 +44,7 @@ def presented(path: Path, st: os.stat_result) -> Presented:
     """Owner, mode and type as the mount presents them (override xattr first, then the host stat)."""
     override = None if stat.S_ISLNK(st.st_mode) else uf.read_override(os.fsencode(path))
     p = uf.presented_stat(st, override)
-    kind = _kind_of(p.mode)
+    kind: Kind = kind_of_mode(p.mode)  # type: ignore[assignment]
     dev = (os.major(p.rdev), os.minor(p.rdev)) if kind in ("chr", "blk") else (0, 0)
     return Presented(kind, stat.S_IMODE(p.mode), p.uid, p.gid, *dev)
 

@@ -48,8 +48,6 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 MAX_OPEN_DIRS = 256
 
-KIND_OF = {H.REG: "reg", H.AREG: "reg", H.CONT: "reg", H.LNK: "hard", H.SYM: "sym", H.CHR: "chr",
-           H.BLK: "blk", H.DIR: "dir", H.FIFO: "fifo", H.GNU_SPARSE: "reg", H.GNU_DUMPDIR: "dir"}
 SKIPPED = {H.GNU_VOLHDR, H.GNU_MULTIVOL}
 
 
@@ -212,7 +210,7 @@ class Extractor:
         idx = len(self.records)
         t = m.typeflag
         path = normalize(m.name)
-        kind = KIND_OF.get(t, "reg")
+        kind = H.KIND_OF_TYPEFLAG.get(t, "reg")
         if kind == "reg" and m.name.endswith(b"/") and t in (H.REG, H.AREG) and not m.size:
             kind = "dir"  # V7/old tars mark directories only by the trailing slash
         if t in SKIPPED or not path:

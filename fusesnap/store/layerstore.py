@@ -12,7 +12,6 @@ fsck --repair removes both.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import time
@@ -28,6 +27,7 @@ from typing import Any, BinaryIO
 from ..digest import chain_id as compute_chain_id, hex_of, is_digest
 from ..errors import AlreadyExists, InUse, IntegrityError, InvalidInput, NotFound
 from ..layerentry import LayerEntry
+from ..linux import libc
 from ..tarsplit.index import IndexWriter
 from ..tarsplit.parser import TarParser
 from ..tarsplit.stream import ByteStream
@@ -46,16 +46,15 @@ GC_ROOT_LABEL = "fusesnap.io/gc.root"
 TAR_SPLIT = "tar-split.json.zst"
 ENTRIES = "entries.json.zst"
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
 def syncfs(path: Path) -> None:
     """Flush the whole filesystem holding `path` once (cheaper than fsync per file)."""
     if os.environ.get("FUSESNAP_NO_SYNC") == "1":
         return
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        if _libc.syncfs(fd) != 0:
+        try:
+            libc.syncfs(fd)
+        except OSError:
             os.fsync(fd)
     finally:
         os.close(fd)

@@ -22,6 +22,10 @@ SOLARIS_XATTR = b"X"
 
 #: types whose size field does not announce data (Go's isHeaderOnlyType, Python tarfile agree)
 HEADER_ONLY = frozenset({LNK, SYM, CHR, BLK, DIR, FIFO})
+# A typeflag's kind (fusesnap.layerentry.Kind) when reading, and the flag written for a kind.
+KIND_OF_TYPEFLAG = {REG: "reg", AREG: "reg", CONT: "reg", LNK: "hard", SYM: "sym", CHR: "chr",
+                    BLK: "blk", DIR: "dir", FIFO: "fifo", GNU_SPARSE: "reg", GNU_DUMPDIR: "dir"}
+TYPEFLAG_OF_KIND = {"reg": REG, "dir": DIR, "sym": SYM, "hard": LNK, "chr": CHR, "blk": BLK, "fifo": FIFO}
 #: extension headers that describe the next member instead of being one
 EXTENSIONS = frozenset({PAX, PAX_GLOBAL, GNU_LONGNAME, GNU_LONGLINK, SOLARIS_XATTR})
 

@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import stat
-import sys
 from pathlib import Path
 from typing import Iterator
 

@@ -8,7 +8,6 @@ import os
 import random
 import tarfile
 
-import pytest
 
 from storeutil import store_state
 

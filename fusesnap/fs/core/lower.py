@@ -13,7 +13,7 @@ import stat as S
 from pathlib import Path
 from typing import Iterable, Iterator, Protocol, runtime_checkable
 
-from fusesnap.layerentry import LayerEntry
+from fusesnap.layerentry import KIND_OF_FMT, LayerEntry
 from fusesnap.fs.core import upperformat as uf
 from fusesnap.fs.core.longpath import short
 
@@ -24,10 +24,6 @@ class LowerSource(Protocol):
     """Directory that the `data` paths of 'reg' entries are relative to."""
 
     def entries(self) -> Iterable[LayerEntry]: ...
-
-
-_KIND = {S.S_IFREG: "reg", S.S_IFDIR: "dir", S.S_IFLNK: "sym", S.S_IFCHR: "chr",
-         S.S_IFBLK: "blk", S.S_IFIFO: "fifo", S.S_IFSOCK: "sock"}  # "sock": host sockets only (tars hold none)
 
 
 class DirLower:
@@ -69,7 +65,7 @@ class DirLower:
                         p = uf.presented_stat(st, ov)
                         mode, uid, gid, rdev = p.mode, p.uid, p.gid, p.rdev
                     fmt = S.S_IFMT(mode)
-                    kind = _KIND.get(fmt, "reg")
+                    kind = KIND_OF_FMT.get(fmt, "reg")
                     if fmt == S.S_IFDIR:
                         stack.append(relp)
                     if S.S_ISREG(st.st_mode) and st.st_nlink > 1:

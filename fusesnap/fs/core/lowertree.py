@@ -18,10 +18,8 @@ from typing import Iterable, Sequence
 from fusesnap.errors import InvalidInput
 from fusesnap.fs.core import upperformat as uf
 from fusesnap.fs.core.lower import LowerSource
-from fusesnap.layerentry import LayerEntry
+from fusesnap.layerentry import FMT_OF_KIND, LayerEntry
 
-_FMT = {"reg": S.S_IFREG, "dir": S.S_IFDIR, "sym": S.S_IFLNK, "chr": S.S_IFCHR,
-        "blk": S.S_IFBLK, "fifo": S.S_IFIFO, "sock": S.S_IFSOCK}
 _FORMAT_VERSION = 1
 
 
@@ -201,7 +199,7 @@ class LowerTree:
             path = e.path.strip(b"/")
             parent, _, name = path.rpartition(b"/")
             pd = self._dir_at(parent, True)
-            fmt = _FMT.get(e.kind, S.S_IFREG)
+            fmt = FMT_OF_KIND.get(e.kind, S.S_IFREG)
             rdev = os.makedev(e.devmajor, e.devminor) if fmt in (S.S_IFCHR, S.S_IFBLK) else 0
             src = None
             if fmt == S.S_IFREG:

@@ -8,7 +8,6 @@ tests drive it on plain directories without a mount.
 from __future__ import annotations
 
 import bisect
-import ctypes
 import errno
 import os
 import stat as S
@@ -24,14 +23,10 @@ from fusesnap.fs.core.inodes import Inode
 from fusesnap.fs.core.longpath import short
 from fusesnap.fs.core.lowertree import LNode, LowerTree
 from fusesnap.fs.options import MountOptions
+from fusesnap.linux.libc import RENAME_EXCHANGE, RENAME_NOREPLACE, link_fd, renameat2
 
 ROOT = pyfuse3.ROOT_INODE
 NAME_MAX = 255
-RENAME_NOREPLACE = 1
-RENAME_EXCHANGE = 2
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
 
 class Listing:
     """A directory's entries in a fixed order, each with a cookie that never changes.
@@ -76,20 +71,6 @@ class Listing:
             return cookie
         return bisect.bisect_left(self.cookies, cookie)
 
-
-def _renameat2(old: bytes, new: bytes, flags: int) -> None:
-    AT_FDCWD = -100
-    if _libc.renameat2(AT_FDCWD, old, AT_FDCWD, new, ctypes.c_uint(flags)) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
-
-
-def _link_tmpfile(fd: int, dest: bytes) -> None:
-    """Give an O_TMPFILE a name (linkat of /proc/self/fd/N with AT_SYMLINK_FOLLOW)."""
-    AT_FDCWD, AT_SYMLINK_FOLLOW = -100, 0x400
-    if _libc.linkat(AT_FDCWD, b"/proc/self/fd/%d" % fd, AT_FDCWD, dest, AT_SYMLINK_FOLLOW) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e), dest)
 
 
 def _fd_cap() -> int:
@@ -696,7 +677,7 @@ class Union:
             ppath = self.up(i.parent)
             times = self._dir_times(ppath)
             if job.tmp_path is None:
-                _link_tmpfile(job.dst_fd, job.dest)
+                link_fd(job.dst_fd, job.dest)
             else:
                 os.rename(job.tmp_path, job.dest)
         except BaseException:
@@ -1054,7 +1035,7 @@ class Union:
                 self.copy_up_tree(x)
             else:
                 self.copy_up(x)
-        _renameat2(self.child_path(od, old), self.child_path(nd, new), RENAME_EXCHANGE)
+        renameat2(self.child_path(od, old), self.child_path(nd, new), RENAME_EXCHANGE)
         short.invalidate()
         for x, d, name in ((a, nd, new), (b, od, old)):
             if x.is_dir and self.lower_has(d, name):

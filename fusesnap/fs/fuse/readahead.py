@@ -20,45 +20,22 @@ from __future__ import annotations
 import logging
 import os
 
+from fusesnap.linux.mountinfo import find
+
 log = logging.getLogger("fusesnap.fs")
 
 DEFAULT_KB = 1024       # one max_pages (1 MiB) FUSE request ahead of the reader
 BDI_ROOT = "/sys/class/bdi"
 
 
-def _unescape(field: bytes) -> bytes:
-    """mountinfo writes space, tab, newline and backslash in paths as \\ooo octal escapes."""
-    out, i = bytearray(), 0
-    while i < len(field):
-        if field[i:i + 1] == b"\\" and len(field) - i >= 4 and field[i + 1:i + 4].isdigit():
-            out.append(int(field[i + 1:i + 4], 8))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return bytes(out)
-
-
-def _canonical(mountpoint: str | bytes | os.PathLike) -> bytes:
-    """The mount point as mountinfo shows it: the parent resolved, the last name kept (no stat of it)."""
-    p = os.path.abspath(os.fsencode(mountpoint))
-    parent, name = os.path.split(p)
-    return os.path.join(os.path.realpath(parent), name) if name else p
-
-
 def device_of(mountpoint: str | bytes | os.PathLike, mountinfo: str = "/proc/self/mountinfo") -> str | None:
     """'major:minor' of the file system mounted at mountpoint (the top-most mount), or None."""
-    want = _canonical(mountpoint)
-    dev = None
     try:
-        with open(mountinfo, "rb") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) > 4 and _unescape(parts[4]) == want:
-                    dev = parts[2].decode()
+        m = find(mountpoint, mountinfo)
     except OSError as e:
         log.debug("read-ahead: cannot read %s: %s", mountinfo, e)
-    return dev
+        return None
+    return m.device if m is not None else None
 
 
 def bdi_file(dev: str) -> str | None:
