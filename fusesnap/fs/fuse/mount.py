@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from fusesnap.errors import FusesnapError
 from fusesnap.fs.options import MountOptions
+from fusesnap.linux.namespaces import root_of_a_user_namespace
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -42,24 +43,31 @@ class TreeUnavailable(FusesnapError):
 
 
 def fuse_options(union: Union, opts: MountOptions) -> set[str]:
+    """The FUSE mount options: nodev,nosuid and no allow_other unless asked for.
+
+    Root of the initial user namespace gets the same defaults as everyone: an
+    image's device nodes and setuid binaries must not reach the host's users.
+    Root of another user namespace (rootless podman's mount program, which can
+    pass `allow_other` but no `suid`) gets allow_other and suid by default, as
+    fuse-overlayfs gives it: the kernel confines both to that namespace."""
     o = {f"fsname={opts.fsname}", "subtype=fusesnap"}
-    root = os.geteuid() == 0
+    confined = root_of_a_user_namespace()
+    asked = set(opts.fuse_options)
     if union.kernel_checks_permissions:
         o.add("default_permissions")
-    allow_other = opts.allow_other if opts.allow_other is not None else os.geteuid() == 0
-    if allow_other:
+    if opts.allow_other if opts.allow_other is not None else confined:
         o.add("allow_other")
     if union.readonly:
         o.add("ro")
-    if not opts.keep_atime and "atime" not in opts.fuse_options:
+    if not opts.keep_atime and "atime" not in asked:
         # as fuse-overlayfs: reads through the mount would otherwise invalidate every
         # file's cached attributes (atime) and cost a GETATTR per stat afterwards
         o.add("noatime")
-    if root:   # like a kernel overlay mount: setuid binaries and device nodes work
-        for flag in ("suid", "dev"):
-            if "no" + flag not in opts.fuse_options:
-                o.add(flag)
-    o.update(opts.fuse_options)
+    if not asked & {"suid", "nosuid"}:
+        o.add("suid" if confined else "nosuid")
+    if not asked & {"dev", "nodev"}:
+        o.add("nodev")
+    o.update(asked)
     return o
 
 

@@ -18,6 +18,7 @@ import trio
 
 from fusesnap.fs.fuse import splicing
 from fusesnap.linux import callers, spaceops
+from fusesnap.linux.namespaces import in_initial_user_namespace
 from fusesnap.fs.core.copyup import BIG, copy_data
 from fusesnap.fs.core.inodes import Inode
 from fusesnap.fs.core.union import Union
@@ -52,15 +53,6 @@ def _flushed_times(fields) -> bool:
     """A SETATTR of mtime (and ctime) alone: how the writeback cache flushes times. (Not
     a SETATTR of nothing or of the ctime alone: those may ask to drop setuid bits.)"""
     return fields.update_mtime and not _more_than_mctime(fields)
-
-
-def _in_initial_user_namespace() -> bool:
-    """Whether this process sees every uid unmapped, as only the initial user namespace does."""
-    try:
-        with open("/proc/self/uid_map") as f:
-            return f.read().split() == ["0", "0", "4294967295"]
-    except OSError:
-        return False
 
 
 def _kernel_invalidates_before_direct_writes() -> bool:
@@ -144,7 +136,7 @@ class Operations(pyfuse3.Operations):
         # user namespace; root of a user namespace (a daemon started by rootless podman,
         # and its containers) would then lose setuid bits that kernel overlayfs lets it
         # keep, so there the kernel keeps deciding.
-        self.handle_killpriv_v2 = _in_initial_user_namespace()
+        self.handle_killpriv_v2 = in_initial_user_namespace()
         # New files a caller only writes (tar, cp, dpkg, compilers) are created with
         # CREATE and opened FOPEN_DIRECT_IO: every write(2) is then one WRITE, where the
         # page cache splits one that starts inside a page it has not cached in two (35k
