@@ -289,29 +289,29 @@ class Snapshotter:
             raise InvalidInput(f"snapshot {key!r} is {rec.kind}: only active snapshots can be committed")
         if self.db.get(name) is not None:
             raise AlreadyExists(f"snapshot {name!r} already exists")
-        from .mounting import check_not_mounted
+        from .mounting import not_mounted
 
-        check_not_mounted(self, rec.id, key, "commit")
-        cs = changeset.scan_upper(self.snapshot_dir(rec.id) / "upper")
-        try:
-            li = self._import_changeset(cs, rec, name)
-        finally:
-            cs.restore()
-        holder = _new_holder()
-        self.store.add_ref(li.chain_id, holder)
-        try:
-            with self.db.tx() as c:
-                if self.db.get(name) is not None:
-                    raise AlreadyExists(f"snapshot {name!r} already exists")
-                SnapshotDB.insert(c, name, "committed", rec.parent, rec.parent_chain, li.chain_id, holder,
-                                  dict(labels or {}), now_ns())
-                SnapshotDB.delete(c, rec.id)
-        except BaseException:
-            self.store.drop_ref(li.chain_id, holder)
-            raise
-        if rec.parent_chain:
-            self.store.drop_ref(rec.parent_chain, rec.holder)
-        self._trash(self.snapshot_dir(rec.id))
+        with not_mounted(self, rec.id, key, "commit"):   # and no daemon starts on the upper meanwhile
+            cs = changeset.scan_upper(self.snapshot_dir(rec.id) / "upper")
+            try:
+                li = self._import_changeset(cs, rec, name)
+            finally:
+                cs.restore()
+            holder = _new_holder()
+            self.store.add_ref(li.chain_id, holder)
+            try:
+                with self.db.tx() as c:
+                    if self.db.get(name) is not None:
+                        raise AlreadyExists(f"snapshot {name!r} already exists")
+                    SnapshotDB.insert(c, name, "committed", rec.parent, rec.parent_chain, li.chain_id, holder,
+                                      dict(labels or {}), now_ns())
+                    SnapshotDB.delete(c, rec.id)
+            except BaseException:
+                self.store.drop_ref(li.chain_id, holder)
+                raise
+            if rec.parent_chain:
+                self.store.drop_ref(rec.parent_chain, rec.holder)
+            self._trash(self.snapshot_dir(rec.id))
         self._mirror_name(li.chain_id)
         return self.stat(name)
 
@@ -380,18 +380,19 @@ class Snapshotter:
         children = self.db.children(key)
         if children:
             raise InUse(f"cannot remove snapshot {key!r}: snapshot {children[0]!r} is based on it")
-        if rec.kind != "committed":
-            from .mounting import check_not_mounted
-
-            check_not_mounted(self, rec.id, key, "remove")
-        with self.db.tx() as c:
-            SnapshotDB.delete(c, rec.id)
         if rec.kind == "committed":
+            with self.db.tx() as c:
+                SnapshotDB.delete(c, rec.id)
             assert rec.chain_id
             self.store.drop_ref(rec.chain_id, rec.holder)
             self._mirror_name(rec.chain_id, dropped=key)
             self._maybe_remove_layer(rec.chain_id)
-        else:
+            return
+        from .mounting import not_mounted
+
+        with not_mounted(self, rec.id, key, "remove"):   # and no daemon starts meanwhile
+            with self.db.tx() as c:
+                SnapshotDB.delete(c, rec.id)
             if rec.parent_chain:
                 self.store.drop_ref(rec.parent_chain, rec.holder)
             if rec.kind == "active":

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from fusesnap.errors import FusesnapError
 from fusesnap.fs.options import MountOptions
+from fusesnap.linux import flock
 from fusesnap.linux.namespaces import root_of_a_user_namespace
 
 if TYPE_CHECKING:
@@ -34,6 +35,10 @@ if TYPE_CHECKING:
 TreeSpec = tuple
 
 _TREE_FAILED = b"\0tree\0"   # notify-pipe prefix: the daemon could not build the lower tree
+
+# A lock the daemon holds for as long as it serves (linux/flock.py), so that others can
+# tell it is alive whatever mount namespace it mounted in: (path, shared, message if taken).
+Lock = tuple[str, bool, str]
 
 
 class TreeUnavailable(FusesnapError):
@@ -72,10 +77,12 @@ def fuse_options(union: Union, opts: MountOptions) -> set[str]:
 
 
 def mount(tree: LowerTree, upper: Path | str | None, work: Path | str | None,
-          mountpoint: Path | str, opts: MountOptions | None = None, foreground: bool = False) -> int:
+          mountpoint: Path | str, opts: MountOptions | None = None, foreground: bool = False,
+          lock: Lock | None = None) -> int:
     """Mount; return 0 once the mount is live (the daemon keeps serving), else 1.
 
-    With foreground=True, serve in this process until unmounted and return then."""
+    With foreground=True, serve in this process until unmounted and return then.
+    With lock, the serving process holds it (taken before mounting) until it exits."""
     opts = opts or MountOptions()
     mountpoint = os.path.abspath(mountpoint)
     try:
@@ -90,9 +97,9 @@ def mount(tree: LowerTree, upper: Path | str | None, work: Path | str | None,
     ops = Operations(union)
     fopts = fuse_options(union, opts)
     if foreground:
-        return _serve(ops, mountpoint, fopts, None, opts.debug)
+        return _serve(ops, mountpoint, fopts, None, opts.debug, lock)
     r, w = os.pipe()
-    _fork_daemon(lambda: _serve(ops, mountpoint, fopts, w, opts.debug), close_in_child=(r,))
+    _fork_daemon(lambda: _serve(ops, mountpoint, fopts, w, opts.debug, lock), close_in_child=(r,))
     os.close(w)
     msg = _read_all(r)
     if msg.startswith(b"ok"):
@@ -163,7 +170,7 @@ class PendingDaemon:
         self._done = False
 
     def start(self, tree: TreeSpec, upper: Path | str | None, work: Path | str | None,
-              mountpoint: Path | str, opts: MountOptions | None = None) -> int:
+              mountpoint: Path | str, opts: MountOptions | None = None, lock: Lock | None = None) -> int:
         """Mount like mount(..., foreground=False): 0 once the mount is live, else 1
         with the reason on stderr. Raises TreeUnavailable if the daemon could not
         build the lower tree (then nothing is mounted and the daemon is gone)."""
@@ -180,7 +187,7 @@ class PendingDaemon:
             return 1
         try:
             spec = pickle.dumps((tree, None if upper is None else str(upper),
-                                 None if work is None else str(work), mountpoint, opts))
+                                 None if work is None else str(work), mountpoint, opts, lock))
         except BaseException:
             self.cancel()
             raise
@@ -255,7 +262,7 @@ def _pending_main(spec_r: int, note_w: int) -> int:
         data = _read_all(spec_r)
         if not data:
             return 0              # cancelled: the caller found an error first
-        tree_spec, upper, work, mountpoint, opts = pickle.loads(data)
+        tree_spec, upper, work, mountpoint, opts, lock = pickle.loads(data)
     except BaseException as e:   # noqa: BLE001 -- reported to the caller, not lost
         return fail(f"the filesystem daemon failed to start: {type(e).__name__}: {e}".encode())
     try:
@@ -267,7 +274,7 @@ def _pending_main(spec_r: int, note_w: int) -> int:
     except (OSError, FusesnapError) as e:
         return fail(str(e).encode(errors="replace"))
     ops = Operations(union)
-    return _serve(ops, mountpoint, fuse_options(union, opts), note_w, opts.debug)
+    return _serve(ops, mountpoint, fuse_options(union, opts), note_w, opts.debug, lock)
 
 
 def _build_tree(spec: TreeSpec) -> Any:
@@ -287,7 +294,8 @@ def _build_tree(spec: TreeSpec) -> Any:
     raise ValueError(f"unknown lower tree spec {kind!r}")
 
 
-def _serve(ops: Operations, mountpoint: str, fopts: set[str], notify_fd: int | None, debug: bool) -> int:
+def _serve(ops: Operations, mountpoint: str, fopts: set[str], notify_fd: int | None, debug: bool,
+           lock: Lock | None = None) -> int:
     import pyfuse3
     import trio
 
@@ -299,17 +307,22 @@ def _serve(ops: Operations, mountpoint: str, fopts: set[str], notify_fd: int | N
     if debug:
         import logging
         logging.basicConfig(level=logging.DEBUG, format="fusesnap: %(levelname)s %(message)s")
-    before = fastloop.fuse_fds()
-    try:
-        pyfuse3.init(ops, mountpoint, fopts)
-    except Exception as e:
-        reason = f"{e} (options: {','.join(sorted(fopts))})"
+    def failed(reason: str) -> int:
         if notify_fd is not None:
             os.write(notify_fd, reason.encode())
             os.close(notify_fd)
         else:
             print(f"fusesnap: cannot mount {mountpoint}: {reason}", file=sys.stderr)
         return 1
+
+    # kept open (inherited by nothing: close-on-exec) until this process exits
+    if lock is not None and flock.hold(lock[0], shared=lock[1]) is None:
+        return failed(lock[2])
+    before = fastloop.fuse_fds()
+    try:
+        pyfuse3.init(ops, mountpoint, fopts)
+    except Exception as e:
+        return failed(f"{e} (options: {','.join(sorted(fopts))})")
     new = fastloop.fuse_fds() - before
     if len(new) == 1 and os.environ.get("FUSESNAP_STOCK_LOOP") != "1":
         busy = ops.u.opts.busy_poll_us
