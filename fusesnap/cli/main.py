@@ -89,8 +89,24 @@ def setup_logging(verbosity: int) -> None:
     logging.basicConfig(level=level, format="fusesnap: %(levelname)s: %(message)s", stream=sys.stderr)
 
 
+def _helper_source(argv: list[str]) -> list[str]:
+    """mount.fuse3 runs `fusesnap SOURCE TARGET -o OPTS`; mount(8) turns the SOURCE
+    `fusesnap` into an absolute path when its cwd holds a file of that name: read
+    such a path as the helper form's `fusesnap` again."""
+    for i, a in enumerate(argv):
+        if a == "--root":
+            continue
+        if not a.startswith("-") and (i == 0 or argv[i - 1] != "--root"):
+            if a.startswith("/") and a.rsplit("/", 1)[1] == "fusesnap":
+                return argv[:i] + ["fusesnap"] + argv[i + 1:]
+            return argv
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
-    fast = _plain_mount_args(sys.argv[1:] if argv is None else argv)
+    console = argv is None       # the console script: this process is ours to end
+    argv = _helper_source(sys.argv[1:] if argv is None else argv)
+    fast = _plain_mount_args(argv)
     early = _early_daemon() if fast is not None else None
     try:
         if early is not None:
@@ -116,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             import gc
 
             gc.enable()
-    if argv is None and getattr(args, "quick_exit", False):
+    if console and getattr(args, "quick_exit", False):
         quick_exit(rc)
     return rc
 
