@@ -35,8 +35,9 @@ from benchlib.runner import Cell, Options, Runner, log  # noqa: E402
 from benchlib.memreport import no_free_page_reporting  # noqa: E402
 from benchlib.scratchfs import CHOICES, scratch_fs  # noqa: E402
 from benchlib.sysutil import BenchError, is_root, rmtree  # noqa: E402
+from benchlib.startup_bench import WORKLOADS, row_titles  # noqa: E402
 from benchlib.targets import ALL_TARGETS, EXTRA_TARGETS, find_program, make_targets  # noqa: E402
-from benchlib.workloads import WORKLOADS, titles_for, walk  # noqa: E402
+from benchlib.workloads import walk  # noqa: E402
 
 KNOWN_TARGETS = ALL_TARGETS + EXTRA_TARGETS
 
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         log("cold steps run WITHOUT dropping caches (" + ("--no-drop-caches" if is_root() else "not root") + ")")
 
     workloads = [w for w in WORKLOADS if not args.only or w.name in args.only]
-    titles = titles_for(ws)
+    titles = row_titles(ws)
     n, size = walk(Path(ws.stacks["rootfs"].flat))
     expect = {"rootfs_entries": n, "rootfs_bytes": size}
     scratch = args.cache / "run"

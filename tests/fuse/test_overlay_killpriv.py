@@ -31,7 +31,8 @@ def _build(l0: Path, l1: Path) -> None:
 
 @pytest.fixture(params=KINDS)
 def u(request, test_user):
-    with built_union(request.param, _build) as un:
+    # the test user works in root's mount: fusesnap must be asked to let other users in
+    with built_union(request.param, _build, extra=["allow_other"] if request.param == FUSESNAP else []) as un:
         un.user = test_user
         yield un
 
@@ -156,7 +157,7 @@ def test_killpriv_v2_is_asked_for_only_in_the_initial_user_namespace():
     import subprocess
     import sys
 
-    probe = "from fusesnap.fs.fuse.operations import _in_initial_user_namespace as f; print(f())"
+    probe = "from fusesnap.linux.namespaces import in_initial_user_namespace as f; print(f())"
     here = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     inside = subprocess.run(["unshare", "-Ur", sys.executable, "-c", probe], capture_output=True, text=True)
     assert here.stdout.strip() == "True"

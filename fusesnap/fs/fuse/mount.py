@@ -6,6 +6,11 @@ called, and `spawn_daemon()` forks the daemon *first*, so that it imports them
 on the other core while the caller is still opening the store and picking the
 lower tree; `PendingDaemon.start()` then hands it what to mount and returns
 once the mount is live, exactly like `mount()`.
+
+In a worker of the mount server (cli/mountserver.py), which has all of that
+imported already, `serve_here()` turns daemonizing into serving in the worker
+itself: once the mount is live the worker reports success to the command that
+waits for it and goes on serving, and no daemon is forked.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import gc
 import os
 import signal
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from fusesnap.errors import FusesnapError
 from fusesnap.fs.options import MountOptions
@@ -98,14 +103,55 @@ def mount(tree: LowerTree, upper: Path | str | None, work: Path | str | None,
     fopts = fuse_options(union, opts)
     if foreground:
         return _serve(ops, mountpoint, fopts, None, opts.debug, lock)
+    if _report_live is not None:
+        return _serve_here(ops, mountpoint, fopts, opts.debug, lock)
     r, w = os.pipe()
-    _fork_daemon(lambda: _serve(ops, mountpoint, fopts, w, opts.debug, lock), close_in_child=(r,))
+    _fork_daemon(lambda: _serve(ops, mountpoint, fopts, _pipe_note(w), opts.debug, lock), close_in_child=(r,))
     os.close(w)
     msg = _read_all(r)
     if msg.startswith(b"ok"):
         return 0
     print(f"fusesnap: cannot mount {mountpoint}: {_reason(msg)}", file=sys.stderr)
     return 1
+
+
+# Set in a mount server's worker: called with 0 once its mount is live (serve_here).
+_report_live: Callable[[int], None] | None = None
+
+
+def serve_here(report_live: Callable[[int], None]) -> None:
+    """Daemonizing mounts serve in this process from now on: report_live(0) once the
+    mount is live, then serve until unmounted and exit (this process belongs to
+    the mount alone: a mount server's worker)."""
+    global _report_live
+    _report_live = report_live
+
+
+def _serve_here(ops: Operations, mountpoint: str, fopts: set[str], debug: bool, lock: Lock | None) -> int:
+    """Serve in this process; 1 with the reason on stderr if the mount never went live."""
+    said: list[bytes] = []
+
+    def note(msg: bytes) -> None:
+        said.append(msg)
+        if msg == b"ok" and _report_live is not None:
+            _report_live(0)
+
+    code = _serve(ops, mountpoint, fopts, note, debug, lock)
+    if said[:1] == [b"ok"]:
+        os._exit(code)           # unmounted: the command that asked returned long ago
+    print(f"fusesnap: cannot mount {mountpoint}: {_reason(said[0] if said else b'')}", file=sys.stderr)
+    return 1
+
+
+def _pipe_note(fd: int) -> Callable[[bytes], None]:
+    """How a forked daemon tells the process waiting on a pipe: b"ok" or why not."""
+    def note(msg: bytes) -> None:
+        try:
+            os.write(fd, msg)
+        except OSError:
+            pass
+        os.close(fd)
+    return note
 
 
 def _fork_daemon(body: Any, close_in_child: tuple[int, ...] = ()) -> None:
@@ -150,12 +196,49 @@ def _reason(msg: bytes) -> str:
     return msg.decode(errors="replace").strip() or "the filesystem daemon exited before the mount was live"
 
 
-def spawn_daemon() -> "PendingDaemon":
-    """Fork a daemon now; it imports pyfuse3/trio while the caller prepares the mount.
+def spawn_daemon() -> "PendingDaemon | HereDaemon":
+    """Fork a daemon now; it imports pyfuse3/trio while the caller prepares the mount
+    (in a mount server's worker: this process will serve, see serve_here).
 
     Use it as a context manager: leaving the block without start() lets the
     daemon exit without mounting anything."""
-    return PendingDaemon()
+    return HereDaemon() if _report_live is not None else PendingDaemon()
+
+
+class HereDaemon:
+    """PendingDaemon's interface for a process that serves its mount itself."""
+
+    def start(self, tree: TreeSpec, upper: Path | str | None, work: Path | str | None,
+              mountpoint: Path | str, opts: MountOptions | None = None, lock: Lock | None = None) -> int:
+        """As PendingDaemon.start; on success this process serves and never returns."""
+        from fusesnap.fs.core.union import Union
+        from fusesnap.fs.fuse.operations import Operations
+
+        opts = opts or MountOptions()
+        mountpoint = os.path.abspath(mountpoint)
+        if not os.path.isdir(mountpoint):
+            print(f"fusesnap: cannot mount {mountpoint}: mountpoint {mountpoint!r} does not exist "
+                  "or is not a directory", file=sys.stderr)
+            return 1
+        try:
+            tree_ = _build_tree(tree)
+        except Exception as e:   # noqa: BLE001 -- as the forked daemon reports it
+            raise TreeUnavailable(str(e)) from None
+        try:
+            union = Union(tree_, upper, work, opts)
+        except (OSError, FusesnapError) as e:
+            print(f"fusesnap: cannot mount {mountpoint}: {e}", file=sys.stderr)
+            return 1
+        return _serve_here(Operations(union), mountpoint, fuse_options(union, opts), opts.debug, lock)
+
+    def cancel(self) -> None:
+        pass
+
+    def __enter__(self) -> "HereDaemon":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
 
 
 class PendingDaemon:
@@ -274,13 +357,44 @@ def _pending_main(spec_r: int, note_w: int) -> int:
     except (OSError, FusesnapError) as e:
         return fail(str(e).encode(errors="replace"))
     ops = Operations(union)
-    return _serve(ops, mountpoint, fuse_options(union, opts), note_w, opts.debug, lock)
+    return _serve(ops, mountpoint, fuse_options(union, opts), _pipe_note(note_w), opts.debug, lock)
+
+
+# Lower trees a mount server keeps loaded for its workers (keep_tree): cache file path ->
+# (the file's identity when loaded, the tree). Lower trees are immutable once built.
+_KEPT: dict[str, tuple[tuple[int, ...], Any]] = {}
+KEEP_NODES = 1_000_000       # at most this many nodes kept (least recently kept dropped first)
+# Cache files this process loaded from disk, for a mount server to keep for the next ones.
+loaded_from_disk: list[str] = []
+
+
+def _identity(path: str) -> tuple[int, ...]:
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def keep_tree(path: str) -> None:
+    """Load the lower tree cache file at path and keep it in this process (a mount
+    server), so that the processes it forks find it loaded (an unchanged file)."""
+    from fusesnap.fs.core.lowertree import LowerTree
+
+    ident = _identity(path)
+    old = _KEPT.pop(path, None)
+    _KEPT[path] = old if old is not None and old[0] == ident else (ident, LowerTree.load(path))
+    total = sum(len(t) for _, t in _KEPT.values())
+    while len(_KEPT) > 1 and total > KEEP_NODES:
+        total -= len(_KEPT.pop(next(iter(_KEPT)))[1])
 
 
 def _build_tree(spec: TreeSpec) -> Any:
     kind = spec[0]
     if kind == "cache":
         from fusesnap.fs.core.lowertree import LowerTree
+
+        kept = _KEPT.get(spec[1])
+        if kept is not None and kept[0] == _identity(spec[1]):
+            return kept[1]
+        loaded_from_disk.append(spec[1])
         return LowerTree.load(spec[1])
     if kind == "dirs":
         if spec[2]:
@@ -294,8 +408,10 @@ def _build_tree(spec: TreeSpec) -> Any:
     raise ValueError(f"unknown lower tree spec {kind!r}")
 
 
-def _serve(ops: Operations, mountpoint: str, fopts: set[str], notify_fd: int | None, debug: bool,
-           lock: Lock | None = None) -> int:
+def _serve(ops: Operations, mountpoint: str, fopts: set[str], note: Callable[[bytes], None] | None,
+           debug: bool, lock: Lock | None = None) -> int:
+    """Mount and serve until unmounted; note(b"ok") once live, note(reason) if mounting
+    failed (None: print the reason)."""
     import pyfuse3
     import trio
 
@@ -308,9 +424,8 @@ def _serve(ops: Operations, mountpoint: str, fopts: set[str], notify_fd: int | N
         import logging
         logging.basicConfig(level=logging.DEBUG, format="fusesnap: %(levelname)s %(message)s")
     def failed(reason: str) -> int:
-        if notify_fd is not None:
-            os.write(notify_fd, reason.encode())
-            os.close(notify_fd)
+        if note is not None:
+            note(reason.encode())
         else:
             print(f"fusesnap: cannot mount {mountpoint}: {reason}", file=sys.stderr)
         return 1
@@ -327,9 +442,8 @@ def _serve(ops: Operations, mountpoint: str, fopts: set[str], notify_fd: int | N
     if len(new) == 1 and os.environ.get("FUSESNAP_STOCK_LOOP") != "1":
         busy = ops.u.opts.busy_poll_us
         fastloop.install(new.pop(), busy_poll_us=fastloop.default_busy_poll_us() if busy is None else busy)
-    if notify_fd is not None:
-        os.write(notify_fd, b"ok")
-        os.close(notify_fd)
+    if note is not None:
+        note(b"ok")
         if not debug:
             devnull = os.open(os.devnull, os.O_RDWR)
             for fd in (0, 1, 2):
