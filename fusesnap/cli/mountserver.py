@@ -21,7 +21,10 @@ Only peers of the same context are served (linux/procctx.py): same user,
 groups, capabilities, namespaces, cgroup, root, limits and LSM label, checked
 on the sending process the kernel names (SCM_CREDENTIALS) while it is still
 alive. The server exits after FUSESNAP_MOUNT_SERVER_IDLE seconds (the
-client's setting when it started it; default 300) without a request.
+client's setting when it started it; default 300) without a request, and as
+soon as no process but its own is left in its mount namespace (`unshare -m sh
+-c 'mount ...'` has ended): it would otherwise keep that namespace, and with it
+every mount it copied from its parent, alive for nothing.
 
 Run as `python -I -m fusesnap.cli.mountserver NAME_HEX STATUS_FD IDLE KIND
 PADDING` by the client; it reports b"ok" (listening) or b"exists" (another
@@ -38,6 +41,7 @@ import os
 import sys
 
 _PR_SET_PDEATHSIG = 1
+_CHECK = 2.0        # seconds between looks for company in the mount namespace while idle
 
 
 def main(argv: list[str]) -> int:
@@ -134,8 +138,12 @@ class Server:
             poller.register(self.notes_r, select.POLLIN)
             poller.register(self.spare_pidfd, select.POLLIN)
             left = self.idle - (time.monotonic() - last)
-            if left <= 0 or not poller.poll(left * 1000):
+            if left <= 0:
                 break
+            if not poller.poll(min(left, _CHECK) * 1000):
+                if _alone_in_mount_namespace():
+                    break
+                continue
             if _readable(self.notes_r):
                 buf += os.read(self.notes_r, 65536)
             *lines, buf = buf.split(b"\n")
@@ -196,6 +204,26 @@ class Server:
             except OSError:
                 pass
         self._release_spare()
+
+
+def _alone_in_mount_namespace() -> bool:
+    """No process but this one and its children (spare, workers) in its mount
+    namespace, among those this process may look at."""
+    me = os.getpid()
+    ns = os.readlink("/proc/self/ns/mnt")
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) == me:
+            continue
+        try:
+            if os.readlink(f"/proc/{d}/ns/mnt") != ns:
+                continue
+            with open(f"/proc/{d}/stat", "rb") as f:
+                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid != me:
+            return False
+    return True
 
 
 def _readable(fd: int) -> bool:
@@ -375,7 +403,10 @@ def _worker(conn, notes_w: int, request: tuple, fds: list[int]) -> None:
         rc = 1
     finally:
         _report(conn, rc)
-        os._exit(rc)
+        from fusesnap.fs.fuse import mount
+
+        served = mount.serve_pending()      # the command is done; its mount lives on here
+        os._exit(rc if served is None else served)
 
 
 def _report(conn, code: int) -> None:

@@ -117,18 +117,31 @@ def mount(tree: LowerTree, upper: Path | str | None, work: Path | str | None,
 
 # Set in a mount server's worker: called with 0 once its mount is live (serve_here).
 _report_live: Callable[[int], None] | None = None
+# The mount that went live in this process and waits to be served (serve_here).
+_pending: Callable[[], int] | None = None
 
 
 def serve_here(report_live: Callable[[int], None]) -> None:
     """Daemonizing mounts serve in this process from now on: report_live(0) once the
-    mount is live, then serve until unmounted and exit (this process belongs to
-    the mount alone: a mount server's worker)."""
+    mount is live, and the command returns 0 as if a daemon served it; then
+    serve_pending() serves it (this process belongs to the mount alone: a mount
+    server's worker). Serving waits until the command has returned, so that what
+    it opened (the store's databases) is closed, not kept for the mount's life."""
     global _report_live
     _report_live = report_live
 
 
+def serve_pending() -> int | None:
+    """Serve the mount that went live here until it is unmounted; its exit code, or
+    None when there is none."""
+    global _pending
+    serve, _pending = _pending, None
+    return serve() if serve is not None else None
+
+
 def _serve_here(ops: Operations, mountpoint: str, fopts: set[str], debug: bool, lock: Lock | None) -> int:
-    """Serve in this process; 1 with the reason on stderr if the mount never went live."""
+    """Mount for serve_pending(); 0 once live, 1 with the reason on stderr if not."""
+    global _pending
     said: list[bytes] = []
 
     def note(msg: bytes) -> None:
@@ -136,9 +149,9 @@ def _serve_here(ops: Operations, mountpoint: str, fopts: set[str], debug: bool, 
         if msg == b"ok" and _report_live is not None:
             _report_live(0)
 
-    code = _serve(ops, mountpoint, fopts, note, debug, lock)
-    if said[:1] == [b"ok"]:
-        os._exit(code)           # unmounted: the command that asked returned long ago
+    if _go_live(ops, mountpoint, fopts, note, debug, lock):
+        _pending = lambda: _serve_live(ops, mountpoint, debug)   # noqa: E731
+        return 0
     print(f"fusesnap: cannot mount {mountpoint}: {_reason(said[0] if said else b'')}", file=sys.stderr)
     return 1
 
@@ -210,7 +223,7 @@ class HereDaemon:
 
     def start(self, tree: TreeSpec, upper: Path | str | None, work: Path | str | None,
               mountpoint: Path | str, opts: MountOptions | None = None, lock: Lock | None = None) -> int:
-        """As PendingDaemon.start; on success this process serves and never returns."""
+        """As PendingDaemon.start; on success the mount waits for serve_pending()."""
         from fusesnap.fs.core.union import Union
         from fusesnap.fs.fuse.operations import Operations
 
@@ -412,23 +425,30 @@ def _serve(ops: Operations, mountpoint: str, fopts: set[str], note: Callable[[by
            debug: bool, lock: Lock | None = None) -> int:
     """Mount and serve until unmounted; note(b"ok") once live, note(reason) if mounting
     failed (None: print the reason)."""
+    if not _go_live(ops, mountpoint, fopts, note, debug, lock):
+        return 1
+    return _serve_live(ops, mountpoint, debug)
+
+
+def _go_live(ops: Operations, mountpoint: str, fopts: set[str], note: Callable[[bytes], None] | None,
+             debug: bool, lock: Lock | None) -> bool:
+    """Mount: the kernel queues requests from here on. note(b"ok") and stdio let go
+    when live; False (the reason noted or printed) when mounting failed."""
     import pyfuse3
-    import trio
 
     from fusesnap.fs.fuse import fastloop
-    from fusesnap.fs.fuse.readahead import DEFAULT_KB, set_read_ahead
-    from fusesnap.fs.fuse.splicing import read_ahead_that_splices
 
     os.umask(0)
     if debug:
         import logging
         logging.basicConfig(level=logging.DEBUG, format="fusesnap: %(levelname)s %(message)s")
-    def failed(reason: str) -> int:
+
+    def failed(reason: str) -> bool:
         if note is not None:
             note(reason.encode())
         else:
             print(f"fusesnap: cannot mount {mountpoint}: {reason}", file=sys.stderr)
-        return 1
+        return False
 
     # kept open (inherited by nothing: close-on-exec) until this process exits
     if lock is not None and flock.hold(lock[0], shared=lock[1]) is None:
@@ -449,6 +469,17 @@ def _serve(ops: Operations, mountpoint: str, fopts: set[str], note: Callable[[by
             for fd in (0, 1, 2):
                 os.dup2(devnull, fd)
             os.close(devnull)
+    return True
+
+
+def _serve_live(ops: Operations, mountpoint: str, debug: bool) -> int:
+    """Answer requests of the mount _go_live made until it is unmounted (or a signal)."""
+    import pyfuse3
+    import trio
+
+    from fusesnap.fs.fuse.readahead import DEFAULT_KB, set_read_ahead
+    from fusesnap.fs.fuse.splicing import read_ahead_that_splices
+
     gc.enable()      # off while a pending daemon was starting up
     state = {"signalled": False}
 
