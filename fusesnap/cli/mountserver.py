@@ -81,7 +81,8 @@ BASE = (
     "fusesnap.fs.core.lowertree", "fusesnap.fs.core.lower",
 )
 PRELOAD = {
-    "fusesnap-overlay": ("fusesnap.cli.overlay", "fusesnap.fs.core.lazytree"),
+    "fusesnap-overlay": ("fusesnap.cli.overlay", "fusesnap.fs.core.lazytree", "fusesnap.fs.fuse.warmer",
+                         "threading"),
     "fusesnap": ("fusesnap.cli.main", "fusesnap.cli.snapshots", "fusesnap.snapshots.snapshotter",
                  "fusesnap.snapshots.mounting", "fusesnap.snapshots.treecache", "fusesnap.store.layerstore",
                  "json"),
@@ -158,7 +159,7 @@ class Server:
                     if kind in PRELOAD and kind not in self.loaded:
                         self.loaded.add(kind)          # it imported them itself; the next ones find them
                         _preload(PRELOAD[kind])
-                elif line[:1] == b"L":                # a worker loaded a lower tree from disk
+                elif line[:1] in (b"L", b"U"):        # a worker loaded a lower tree / used a kept one
                     refork = self._keep(os.fsdecode(line[1:])) or refork
             if self.spare_pidfd >= 0 and _readable(self.spare_pidfd):
                 self._release_spare()                 # it died without taking anything
@@ -172,7 +173,8 @@ class Server:
         from fusesnap.fs.fuse import mount
 
         try:
-            mount.keep_tree(path)
+            if not mount.keep_tree(path):
+                return False
         except Exception:   # noqa: BLE001 -- a bad cache file: workers rebuild it
             return False
         _freeze()
@@ -387,6 +389,8 @@ def _worker(conn, notes_w: int, request: tuple, fds: list[int]) -> None:
             _report(conn, code)
             for path in mount.loaded_from_disk:
                 _note(notes_w, b"L" + os.fsencode(path))
+            for path in mount.used_kept:
+                _note(notes_w, b"U" + os.fsencode(path))
             os.close(notes_w)
 
         # A mount that goes live is served by this worker; the client goes on then.

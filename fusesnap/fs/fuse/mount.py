@@ -375,10 +375,14 @@ def _pending_main(spec_r: int, note_w: int) -> int:
 
 # Lower trees a mount server keeps loaded for its workers (keep_tree): cache file path ->
 # (the file's identity when loaded, the tree). Lower trees are immutable once built.
+# Every process forked later maps them (shared until touched), which also counts in
+# its proportional memory: ~600 bytes a node, so not more than this many nodes.
 _KEPT: dict[str, tuple[tuple[int, ...], Any]] = {}
-KEEP_NODES = 1_000_000       # at most this many nodes kept (least recently kept dropped first)
-# Cache files this process loaded from disk, for a mount server to keep for the next ones.
+KEEP_NODES = 300_000
+# Cache files this process loaded from disk, and kept trees it used: for a mount server
+# to keep the former and to drop the least recently used first.
 loaded_from_disk: list[str] = []
+used_kept: list[str] = []
 
 
 def _identity(path: str) -> tuple[int, ...]:
@@ -386,17 +390,35 @@ def _identity(path: str) -> tuple[int, ...]:
     return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
 
 
-def keep_tree(path: str) -> None:
+def keep_tree(path: str) -> bool:
     """Load the lower tree cache file at path and keep it in this process (a mount
-    server), so that the processes it forks find it loaded (an unchanged file)."""
+    server), so that the processes it forks find it loaded (an unchanged file);
+    keeping a tree kept already marks it recently used. True if it was loaded."""
     from fusesnap.fs.core.lowertree import LowerTree
 
     ident = _identity(path)
     old = _KEPT.pop(path, None)
-    _KEPT[path] = old if old is not None and old[0] == ident else (ident, LowerTree.load(path))
+    if old is not None and old[0] == ident:
+        _KEPT[path] = old
+        return False
+    tree = LowerTree.load(path)
+    if len(tree) > KEEP_NODES:
+        return False
+    _KEPT[path] = (ident, tree)
     total = sum(len(t) for _, t in _KEPT.values())
-    while len(_KEPT) > 1 and total > KEEP_NODES:
+    while total > KEEP_NODES:
         total -= len(_KEPT.pop(next(iter(_KEPT)))[1])
+    return True
+
+
+def lazy_tree(dirs: list[str]) -> Any:
+    """fusesnap-overlay's lower tree: merged as it is used, the next directories read ahead."""
+    from fusesnap.fs.core.lazytree import LazyLowerTree
+    from fusesnap.fs.fuse.warmer import DirWarmer
+
+    tree = LazyLowerTree(dirs)
+    tree.on_merge = DirWarmer()
+    return tree
 
 
 def _build_tree(spec: TreeSpec) -> Any:
@@ -406,6 +428,7 @@ def _build_tree(spec: TreeSpec) -> Any:
 
         kept = _KEPT.get(spec[1])
         if kept is not None and kept[0] == _identity(spec[1]):
+            used_kept.append(spec[1])
             return kept[1]
         loaded_from_disk.append(spec[1])
         return LowerTree.load(spec[1])
@@ -413,8 +436,7 @@ def _build_tree(spec: TreeSpec) -> Any:
         if spec[2]:
             from fusesnap.fs.core.lowertree import lower_tree_from_dirs
             return lower_tree_from_dirs(spec[1])
-        from fusesnap.fs.core.lazytree import LazyLowerTree
-        return LazyLowerTree(spec[1])
+        return lazy_tree(spec[1])
     if kind == "empty":
         from fusesnap.fs.core.lowertree import build_lower_tree
         return build_lower_tree([])
