@@ -21,7 +21,7 @@ import tarfile
 from pathlib import Path
 
 from .build import Workset
-from .sysutil import BenchError
+from .sysutil import BenchError, pss_mb
 from .workloads import WORKLOADS as BASE_WORKLOADS
 from .workloads import Ctx, Workload, check, needs_daemon, needs_mount, s_read_all, s_walk, titles_for, walk
 
@@ -49,7 +49,7 @@ def s_pyuntar(c: Ctx) -> float:
 
 def pss_per_mount(pids: list[int | None]) -> float:
     """MB of proportional memory per mount: the daemons' PSS, plus that of the mount
-    servers they were forked from, over the number of mounts."""
+    servers they were forked from and of their spare workers, over the number of mounts."""
     if not pids or any(p is None for p in pids):
         raise BenchError("daemon process not found")
     procs = set(pids)
@@ -57,18 +57,15 @@ def pss_per_mount(pids: list[int | None]) -> float:
         parent = _ppid(pid)
         if parent > 1 and _comm(parent) == SERVER_COMM:
             procs.add(parent)
+            procs.update(c for c in _children(parent) if _comm(c) == SERVER_COMM)
     return sum(pss_mb(p) for p in procs) / len(pids)
 
 
-def pss_mb(pid: int) -> float:
-    """Pss of pid from /proc/PID/smaps_rollup, in MB (10^6 bytes)."""
+def _children(pid: int) -> list[int]:
     try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) * 1024 / 1e6
-    except OSError as e:
-        raise BenchError(f"cannot read /proc/{pid}/smaps_rollup: {e}") from e
-    raise BenchError(f"no Pss for pid {pid}")
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
 
 
 def _ppid(pid: int) -> int:

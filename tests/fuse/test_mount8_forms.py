@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import is_root, script
+from helpers import fusesnap_ok, is_root
+from unionmount import layout, overlay_opts
 
 pytestmark = pytest.mark.skipif(not is_root(), reason="mount(8) of FUSE types needs root")
 
@@ -35,11 +36,9 @@ def _in_private_namespace(base: Path, steps: str) -> subprocess.CompletedProcess
 
 
 def test_mount_t_fuse_fusesnap_overlay(shared_tmp):
-    lower, upper, work, mp = (shared_tmp / n for n in ("lower", "upper", "work", "mp"))
-    for d in (lower, upper, work, mp):
-        d.mkdir()
-    (lower / "hello").write_text("from the lower\n")
-    opts = f"lowerdir={lower},upperdir={upper},workdir={work}"
+    lowers, upper, work, mp = layout(shared_tmp / "o")
+    (lowers[0] / "hello").write_text("from the lower\n")
+    opts = overlay_opts(lowers, upper, work)
     r = _in_private_namespace(shared_tmp, f"""
 mount -t fuse.fusesnap-overlay fusesnap-overlay {mp} -o {opts}
 cat {mp}/hello
@@ -65,15 +64,9 @@ def test_mount_t_fuse_fusesnap_with_the_options_mounts_prints(shared_tmp):
     (src / "base").write_text("base\n")
     subprocess.run(["tar", "-C", str(src), "-cf", str(tar), "base"], check=True)
 
-    def fs(*args: str) -> str:
-        p = subprocess.run([script("fusesnap"), "--root", str(root), *args], capture_output=True, text=True,
-                           timeout=120)
-        assert p.returncode == 0, p.stderr
-        return p.stdout
-
-    chain = fs("import", str(tar)).split()[0]
-    fs("prepare", "k", chain)
-    (m,) = json.loads(fs("mounts", "k"))
+    chain = fusesnap_ok(root, "import", str(tar)).split()[0]
+    fusesnap_ok(root, "prepare", "k", chain)
+    (m,) = json.loads(fusesnap_ok(root, "mounts", "k"))
     # a file named like the source in mount(8)'s cwd: mount passes its absolute path instead
     (shared_tmp / "fusesnap").write_text("")
     assert m["type"] == "fuse3.fusesnap" and m["source"] == "fusesnap"
@@ -89,7 +82,7 @@ umount {mp}
 """)
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines() == ["base", "changed"], r.stdout
-    fs("remove", "k")    # no daemon is left holding the snapshot
+    fusesnap_ok(root, "remove", "k")    # no daemon is left holding the snapshot
 
 
 def test_setup_linked_the_console_scripts_for_mount8():

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import is_root, run_as, script, unmount, user_env
+from helpers import fusesnap_ok, is_root, run_as, script, unmount, user_env
 
 pytestmark = [pytest.mark.rootless, pytest.mark.skipif(not is_root(), reason="root mounts the image")]
 
@@ -88,15 +88,9 @@ def _store(base: Path, opts: list[str]) -> Path:
     mnt.mkdir(exist_ok=True)
     tar.write_bytes(_image_tar())
 
-    def fs(*args: str) -> str:
-        r = subprocess.run([script("fusesnap"), "--root", str(root), *args], capture_output=True, text=True,
-                           timeout=120)
-        assert r.returncode == 0, r.stderr
-        return r.stdout
-
-    chain = fs("import", str(tar)).split()[0]
-    fs("prepare", "k", chain)
-    fs("mount", "k", str(mnt), *(["-o", ",".join(opts)] if opts else []))
+    chain = fusesnap_ok(root, "import", str(tar)).split()[0]
+    fusesnap_ok(root, "prepare", "k", chain)
+    fusesnap_ok(root, "mount", "k", str(mnt), *(["-o", ",".join(opts)] if opts else []))
     return mnt
 
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import is_mounted, is_root, run_as, script, unmount, user_env
+from helpers import fuse_daemon, is_mounted, is_root, run_as, script, unmount, user_env, wait_exited
+from unionmount import layout, overlay_opts
 
 pytestmark = pytest.mark.skipif(not is_root(), reason="mounts as root (rootless case: run_as)")
 
@@ -28,33 +29,14 @@ SERVER = "fusesnap-mountd"
 
 
 def _layout(base: Path, name: str = "") -> tuple[str, Path, Path]:
-    lower, upper, work, mp = (base / f"{n}{name}" for n in ("lower", "upper", "work", "mp"))
-    for d in (lower, upper, work, mp):
-        d.mkdir(exist_ok=True)
-    (lower / "f").write_text("lower\n")
-    return f"lowerdir={lower},upperdir={upper},workdir={work}", mp, upper
+    lowers, upper, work, mp = layout(base / f"m{name}")
+    (lowers[0] / "f").write_text("lower\n")
+    return overlay_opts(lowers, upper, work), mp, upper
 
 
 def _overlay(opts: str, mp: Path, **kw) -> subprocess.CompletedProcess:
     kw.setdefault("capture_output", True)
     return subprocess.run([script("fusesnap-overlay"), "-o", opts, str(mp)], text=True, timeout=120, **kw)
-
-
-def _daemon(mp: Path, timeout: float = 10.0) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for d in os.listdir("/proc"):
-            if not d.isdigit():
-                continue
-            try:
-                argv = Path(f"/proc/{d}/cmdline").read_bytes().split(b"\0")
-                fuse = any(os.readlink(f"/proc/{d}/fd/{fd}") == "/dev/fuse" for fd in os.listdir(f"/proc/{d}/fd"))
-            except OSError:
-                continue
-            if fuse and os.fsencode(str(mp)) in argv:
-                return int(d)
-        time.sleep(0.05)
-    raise AssertionError(f"no daemon serves {mp}")
 
 
 def _ppid(pid: int) -> int:
@@ -66,18 +48,6 @@ def _comm(pid: int) -> str:
         return Path(f"/proc/{pid}/comm").read_text().strip()
     except OSError:
         return ""
-
-
-def _gone(pid: int, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX":
-                return True
-        except OSError:
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def _listening_name(pid: int) -> bytes:
@@ -99,7 +69,7 @@ def test_daemons_are_workers_of_one_server_showing_their_command_line(shared_tmp
     assert _overlay(opts1, mp1).returncode == 0
     assert _overlay(opts2, mp2).returncode == 0
     try:
-        d1, d2 = _daemon(mp1), _daemon(mp2)
+        d1, d2 = fuse_daemon(mp1), fuse_daemon(mp2)
         server = _ppid(d1)
         assert _comm(server) == SERVER and _ppid(d2) == server, "the daemons were not forked by one server"
         argv = Path(f"/proc/{d1}/cmdline").read_bytes().split(b"\0")
@@ -110,8 +80,8 @@ def test_daemons_are_workers_of_one_server_showing_their_command_line(shared_tmp
     finally:
         unmount(mp1)
         unmount(mp2)
-    assert _gone(d1) and _gone(d2)
-    assert not _gone(server, 0.5), "the server went with its workers"
+    assert wait_exited(d1) and wait_exited(d2)
+    assert not wait_exited(server, 0.5), "the server went with its workers"
 
 
 def test_without_the_server_the_daemon_is_forked_by_the_command(shared_tmp):
@@ -119,7 +89,7 @@ def test_without_the_server_the_daemon_is_forked_by_the_command(shared_tmp):
     r = _overlay(opts, mp, env={**os.environ, "FUSESNAP_MOUNT_SERVER": "0"})
     assert r.returncode == 0, r.stderr
     try:
-        d = _daemon(mp)
+        d = fuse_daemon(mp)
         assert _comm(_ppid(d)) != SERVER
         assert (mp / "f").read_text() == "lower\n"
     finally:
@@ -130,7 +100,7 @@ def test_without_the_server_the_daemon_is_forked_by_the_command(shared_tmp):
 def test_failures_read_the_same_through_the_server(shared_tmp, case):
     opts, mp, _ = _layout(shared_tmp)
     root = shared_tmp / "root"
-    args = {"missing-lower": [script("fusesnap-overlay"), "-o", opts.replace("lower,", "nolower,", 1), str(mp)],
+    args = {"missing-lower": [script("fusesnap-overlay"), "-o", opts.replace("/l0,", "/nolower,", 1), str(mp)],
             "unknown-snapshot": [script("fusesnap"), "--root", str(root), "mount", "nope", str(mp)],
             "helper-without-snapshot": [script("fusesnap"), "fusesnap", str(mp), "-o", f"root={root}"]}[case]
     served = subprocess.run(args, capture_output=True, text=True, timeout=120)
@@ -146,8 +116,8 @@ def test_the_callers_cwd_and_environment_reach_the_command(shared_tmp):
     """Relative lowerdirs (podman's l/ links) resolve in the caller's cwd; FUSESNAP_ROOT
     from the caller's environment picks the store."""
     opts, mp, _ = _layout(shared_tmp)
-    rel = opts.replace(f"{shared_tmp}/", "")
-    r = _overlay(rel, mp, cwd=shared_tmp)
+    rel = opts.replace(f"{shared_tmp}/m/", "")
+    r = _overlay(rel, mp, cwd=shared_tmp / "m")
     assert r.returncode == 0, r.stderr
     try:
         assert (mp / "f").read_text() == "lower\n"
@@ -160,7 +130,7 @@ def test_the_callers_cwd_and_environment_reach_the_command(shared_tmp):
                        timeout=120)
     assert r.returncode == 0, r.stderr
     try:
-        assert _comm(_ppid(_daemon(mp))) == SERVER
+        assert _comm(_ppid(fuse_daemon(mp))) == SERVER
         (mp / "x").write_text("in the store")
         assert [p.read_text() for p in root.glob("snapshots/*/upper/x")] == ["in the store"]
     finally:
@@ -199,7 +169,7 @@ def _in_namespace(cmd: str, env: dict[str, str] | None = None) -> subprocess.Com
 def test_another_mount_namespace_gets_its_own_server_and_is_refused_by_ours(shared_tmp):
     opts, mp, _ = _layout(shared_tmp)
     assert _overlay(opts, mp).returncode == 0
-    ours = _ppid(_daemon(mp))
+    ours = _ppid(fuse_daemon(mp))
     unmount(mp)
     name = _listening_name(ours)
     probe = shared_tmp / "probe.py"
@@ -220,8 +190,8 @@ import marshal, os, socket, sys
 name, base = b"\\0" + bytes.fromhex(sys.argv[1]), sys.argv[2]
 s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 s.connect(name)
-req = marshal.dumps((1, "fusesnap-overlay", ["-o", "lowerdir=" + base + "/lower," + "upperdir=" + base + "/upper,"
-                     "workdir=" + base + "/work", base + "/peer-ran"], [sys.executable], dict(os.environb), 0o22))
+req = marshal.dumps((1, "fusesnap-overlay", ["-o", "lowerdir=" + base + "/m/l0," + "upperdir=" + base + "/m/upper,"
+                     "workdir=" + base + "/m/work", base + "/peer-ran"], [sys.executable], dict(os.environb), 0o22))
 cwd = os.open(".", os.O_PATH)
 fds = b"".join(fd.to_bytes(4, sys.byteorder) for fd in (0, 1, 2, cwd))
 s.sendmsg([req], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
@@ -300,13 +270,13 @@ def _ns(pid: int) -> str | None:
 @pytest.mark.rootless
 def test_an_unprivileged_user_has_a_server_of_its_own(shared_tmp, test_user):
     opts, mp, _ = _layout(shared_tmp)
-    for d in ("upper", "work", "mp"):
-        os.chown(shared_tmp / d, test_user.pw_uid, test_user.pw_gid)
+    for d in ("upper", "work", "mnt"):
+        os.chown(shared_tmp / "m" / d, test_user.pw_uid, test_user.pw_gid)
     r = run_as(test_user, [script("fusesnap-overlay"), "-o", opts, str(mp)], text=True, timeout=120,
                env=user_env(test_user))
     assert r.returncode == 0, r.stderr
     try:
-        d = _daemon(mp)
+        d = fuse_daemon(mp)
         server = _ppid(d)
         assert _comm(server) == SERVER
         assert os.stat(f"/proc/{server}").st_uid == test_user.pw_uid

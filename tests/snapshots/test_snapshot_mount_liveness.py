@@ -14,12 +14,11 @@ import os
 import signal
 import subprocess
 import tarfile
-import time
 from pathlib import Path
 
 import pytest
 
-from helpers import is_mounted, is_root, run_as, script, unmount, user_env
+from helpers import fuse_daemon, is_mounted, is_root, run_as, script, unmount, user_env, wait_exited
 
 pytestmark = pytest.mark.skipif(not is_root(), reason="unshare -m and nsenter need root")
 
@@ -51,36 +50,6 @@ class Store:
         return r.stdout
 
 
-def _daemon(mp: Path, timeout: float = 10.0) -> int:
-    """The daemon serving mp (its command line names the mount point)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for d in os.listdir("/proc"):
-            if d.isdigit():
-                try:
-                    argv = Path(f"/proc/{d}/cmdline").read_bytes().split(b"\0")
-                    fds = os.listdir(f"/proc/{d}/fd")
-                    if os.fsencode(str(mp)) in argv and any(
-                            os.readlink(f"/proc/{d}/fd/{fd}") == "/dev/fuse" for fd in fds):
-                        return int(d)
-                except OSError:
-                    continue
-        time.sleep(0.05)
-    raise AssertionError(f"no daemon serves {mp}")
-
-
-def _gone(pid: int, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX":
-                return True
-        except OSError:
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def _refused(r: subprocess.CompletedProcess) -> str:
     assert r.returncode != 0, r.stdout
     lines = r.stderr.strip().splitlines()
@@ -109,7 +78,7 @@ def test_mount_in_a_private_namespace_keeps_remove_and_commit_away(shared_tmp):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert not is_mounted(mp), "the mount leaked into the host's namespace"
-    pid = _daemon(mp)
+    pid = fuse_daemon(mp)
     try:
         subprocess.run(["nsenter", "-t", str(pid), "-m", "sh", "-c", f"echo kept > {mp}/written"], check=True)
         msg = _refused(s.run("remove", "k"))
@@ -122,7 +91,7 @@ def test_mount_in_a_private_namespace_keeps_remove_and_commit_away(shared_tmp):
         assert s.ok("list").count("active") == 1
     finally:
         subprocess.run(["nsenter", "-t", str(pid), "-m", "umount", str(mp)], capture_output=True)
-    assert _gone(pid), "the daemon did not exit after its unmount"
+    assert wait_exited(pid), "the daemon did not exit after its unmount"
     chain = s.ok("commit", "c", "k").split()[0]
     assert chain.startswith("sha256:")
 
@@ -132,7 +101,7 @@ def test_view_mounted_elsewhere_cannot_be_removed_but_mounts_twice(shared_tmp):
     r = subprocess.run(["unshare", "-m", "--propagation", "private", *s.cmd("mount", "v", str(mp))],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    pid = _daemon(mp)
+    pid = fuse_daemon(mp)
     try:
         s.ok("mount", "v", str(mp2))            # views are read-only: any number of daemons
         assert (mp2 / "base").read_text() == "base\n"
@@ -140,7 +109,7 @@ def test_view_mounted_elsewhere_cannot_be_removed_but_mounts_twice(shared_tmp):
         assert "mounted" in _refused(s.run("remove", "v"))
     finally:
         os.kill(pid, signal.SIGTERM)            # the daemon unmounts itself in its namespace
-    assert _gone(pid)
+    assert wait_exited(pid)
     s.ok("remove", "v")
 
 
@@ -150,11 +119,11 @@ def test_rootless_mount_in_a_user_namespace_keeps_remove_away(shared_tmp, test_u
     r = run_as(test_user, ["unshare", "-Urm", *s.cmd("mount", "k", str(mp))], text=True, timeout=120,
                env=user_env(test_user))
     assert r.returncode == 0, r.stderr
-    pid = _daemon(mp)
+    pid = fuse_daemon(mp)
     try:
         assert "mounted" in _refused(s.run("remove", "k"))
         assert "mounted" in _refused(s.run("commit", "c", "k"))
     finally:
         os.kill(pid, signal.SIGTERM)
-    assert _gone(pid)
+    assert wait_exited(pid)
     s.ok("remove", "k")
