@@ -12,7 +12,7 @@ import errno
 import os
 import stat as S
 
-from fusesnap.fs.core import upperformat as uf
+from fusesnap.fs.core import upperformat
 from fusesnap.fs.core.errs import err
 from fusesnap.fs.core.inodes import Inode, InodeTable
 from fusesnap.fs.core.listing import Listing
@@ -111,7 +111,7 @@ class Directories:
         upath = None
         if d.upper:
             upath = self.upper.path(d)
-            if low is not None and d is not table.root and uf.is_opaque(upath):
+            if low is not None and d is not table.root and upperformat.is_opaque(upath):
                 d.opaque = True
                 low = None
         if low is not None:
@@ -137,7 +137,7 @@ class Directories:
             for de in it:
                 name = de.name
                 if name.startswith(b".wh."):
-                    if name == uf.OPQ_NAME:
+                    if name == upperformat.OPQ_NAME:
                         continue
                     wh = self._hide(d, kids, wh, name[4:])
                     continue
@@ -155,7 +155,7 @@ class Directories:
                         continue
                     kind = S.S_IFMT(st.st_mode)
                 if kind == S.S_IFREG and override_names is not None:
-                    ov = uf.read_override(de.path, override_names)
+                    ov = upperformat.read_override(de.path, override_names)
                     if ov is not None and ov.fmt is not None and ov.fmt != kind:
                         if ov.fmt == S.S_IFCHR and ov.rdev == 0:
                             wh = self._hide(d, kids, wh, name)

@@ -15,7 +15,7 @@ import os
 import stat as S
 from typing import Any
 
-from fusesnap.fs.core import upperformat as uf
+from fusesnap.fs.core import upperformat
 from fusesnap.fs.core.errs import err
 from fusesnap.fs.core.ids import IdView
 from fusesnap.fs.core.inodes import Inode
@@ -116,7 +116,7 @@ class Ownership:
             hmode = mode & 0o7777
             if need_override:
                 hmode = (mode & 0o777) | owner_bits(fmt)
-                val = uf.format_override(huid, hgid, mode, fmt if host_fmt != fmt else None, rdev)
+                val = upperformat.format_override(huid, hgid, mode, fmt if host_fmt != fmt else None, rdev)
                 _setxattr(target, self.overrides.write_name, val)
             os.chmod(target, hmode)
         if mtime_ns is not None:
@@ -138,7 +138,7 @@ class Ownership:
             host_fmt = S.S_IFREG
         self.apply(path, None, fmt, mode, uid, gid, rdev, xattrs, mtime_ns, host_fmt, on_disk_ids)
 
-    def set_owner_mode(self, i: Inode, target: int | bytes, st: os.stat_result, cur: uf.Presented,
+    def set_owner_mode(self, i: Inode, target: int | bytes, st: os.stat_result, cur: upperformat.Presented,
                        uid: int, gid: int, mode: int, owner: bool, chmod: bool) -> None:
         """chown and/or chmod of an upper object to presented uid/gid/mode."""
         is_link = i.kind == S.S_IFLNK
@@ -171,7 +171,7 @@ class Ownership:
                 and not has_override and (mode & keep) == keep:
             os.chmod(target, mode)
             return
-        val = uf.format_override(huid, hgid, mode, fmt if host_fmt != fmt else None, cur.rdev)
+        val = upperformat.format_override(huid, hgid, mode, fmt if host_fmt != fmt else None, cur.rdev)
         _setxattr(target, self.overrides.write_name, val)
         os.chmod(target, (mode & 0o777) | keep)
 
@@ -192,7 +192,7 @@ class Ownership:
                             new_mode, owner, mode is not None)
 
     # ------------------------------------------------------------ setuid/setgid
-    def _suidgid_to_drop(self, i: Inode) -> tuple[os.stat_result, uf.Presented] | None:
+    def _suidgid_to_drop(self, i: Inode) -> tuple[os.stat_result, upperformat.Presented] | None:
         """The host stat and presented view of an upper non-directory whose setuid, or
         group-executable setgid, a write, truncate or chown drops; None if it has none."""
         if i.kind in (S.S_IFDIR, S.S_IFLNK) or not i.upper:

@@ -12,7 +12,7 @@ import os
 import stat as S
 from typing import Any, Callable
 
-from fusesnap.fs.core import upperformat as uf
+from fusesnap.fs.core import upperformat
 from fusesnap.fs.core.attrs import ROOT_INO, AttrFactory
 from fusesnap.fs.core.ids import IdView
 from fusesnap.fs.core.inodes import Inode
@@ -31,12 +31,12 @@ class OverrideXattrs:
     __slots__ = ("write_name", "read_names")
 
     def __init__(self, opts: MountOptions, privileged: bool) -> None:
-        self.write_name = uf.XATTR_PERMISSIONS_NAMES[opts.xattr_permissions]
+        self.write_name = upperformat.XATTR_PERMISSIONS_NAMES[opts.xattr_permissions]
         # root applies owners and modes to the host for real (and so needs no
         # override xattrs) unless told to keep them in an xattr
         reads = (not privileged) or opts.xattr_permissions != 0
         self.read_names: tuple[bytes, ...] | None = (
-            (self.write_name,) + tuple(n for n in uf.OVERRIDE_XATTRS if n != self.write_name)
+            (self.write_name,) + tuple(n for n in upperformat.OVERRIDE_XATTRS if n != self.write_name)
             if reads else None)
 
 
@@ -65,7 +65,7 @@ class Presenter:
     def host_stat(self, i: Inode) -> os.stat_result:
         return host_stat(self.upper.target(i))
 
-    def presented(self, i: Inode, st: os.stat_result | None = None) -> uf.Presented:
+    def presented(self, i: Inode, st: os.stat_result | None = None) -> upperformat.Presented:
         """Mode/owner/rdev the view shows for an upper object (override xattr applied)."""
         if st is None:
             st = self.host_stat(i)
@@ -73,10 +73,10 @@ class Presenter:
         names = self.overrides.read_names
         if names is not None and not S.S_ISLNK(st.st_mode):
             try:
-                ov = uf.read_override(self.upper.target(i), names)
+                ov = upperformat.read_override(self.upper.target(i), names)
             except OSError:
                 ov = None
-        return uf.presented_stat(st, ov)
+        return upperformat.presented_stat(st, ov)
 
     def _fill_common(self, a: Any, mode: int, uid: int, gid: int) -> None:
         a.st_mode = mode

@@ -30,7 +30,7 @@ from fusesnap.fs.core.ids import IdView
 from fusesnap.fs.core.inodes import Inode, InodeTable
 from fusesnap.fs.core.listing import Listing
 from fusesnap.fs.core.lowertree import LowerTree
-from fusesnap.fs.core import upperformat as uf
+from fusesnap.fs.core import upperformat
 from fusesnap.fs.core.namespace import Namespace
 from fusesnap.fs.core.ownership import Ownership
 from fusesnap.fs.core.permissions import Permissions
@@ -74,7 +74,7 @@ class Union:
         self.upper = UpperDir(upper_b, work_b, self.files, self.readonly)
         root = Inode(ROOT_INO, S.S_IFDIR, tree.root, upper_b is not None, None, b"")
         if upper_b is not None:
-            root.opaque = uf.is_opaque(upper_b)
+            root.opaque = upperformat.is_opaque(upper_b)
         self.root = root
         self.table = InodeTable(tree, root)
         self.inodes = self.table.by_ino

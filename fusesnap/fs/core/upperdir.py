@@ -11,7 +11,7 @@ import errno
 import os
 import stat as S
 
-from fusesnap.fs.core import upperformat as uf
+from fusesnap.fs.core import upperformat
 from fusesnap.fs.core.attrs import ROOT_INO
 from fusesnap.fs.core.errs import err
 from fusesnap.fs.core.filefds import FileFds
@@ -72,7 +72,7 @@ class UpperDir:
             except OSError as e:
                 if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EACCES):
                     raise
-        fd = os.open(path + b"/" + uf.OPQ_NAME, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(path + b"/" + upperformat.OPQ_NAME, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         os.close(fd)
 
     def drop_whiteouts(self, i: Inode, path: bytes) -> None:

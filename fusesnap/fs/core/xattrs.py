@@ -7,7 +7,7 @@ from __future__ import annotations
 import errno
 import os
 
-from fusesnap.fs.core import upperformat as uf
+from fusesnap.fs.core import upperformat
 from fusesnap.fs.core.copyup import CopyUp
 from fusesnap.fs.core.errs import err
 from fusesnap.fs.core.inodes import Inode
@@ -22,7 +22,7 @@ class Xattrs:
         self.copyup = copyup
 
     def get(self, i: Inode, name: bytes) -> bytes:
-        if uf.is_hidden_xattr(name):
+        if upperformat.is_hidden_xattr(name):
             raise err(errno.ENODATA)
         if not i.upper:
             x = i.lower.xattrs
@@ -41,11 +41,11 @@ class Xattrs:
             return list(x.keys()) if x else []
         t = self.upper.target(i)
         names = os.listxattr(t) if isinstance(t, int) else os.listxattr(t, follow_symlinks=False)
-        return [n for n in (os.fsencode(n) for n in names) if not uf.is_hidden_xattr(n)]
+        return [n for n in (os.fsencode(n) for n in names) if not upperformat.is_hidden_xattr(n)]
 
     def set(self, i: Inode, name: bytes, value: bytes) -> None:
         self.upper.writable()
-        if uf.is_hidden_xattr(name):
+        if upperformat.is_hidden_xattr(name):
             raise err(errno.EPERM)
         self.copyup.copy_up(i)
         t = self.upper.target(i)
@@ -57,7 +57,7 @@ class Xattrs:
 
     def remove(self, i: Inode, name: bytes) -> None:
         self.upper.writable()
-        if uf.is_hidden_xattr(name):
+        if upperformat.is_hidden_xattr(name):
             raise err(errno.ENODATA)
         if not i.upper:
             x = i.lower.xattrs

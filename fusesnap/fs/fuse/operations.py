@@ -19,6 +19,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 import pyfuse3
 import trio
 
+from fusesnap.errors import FusesnapError
 from fusesnap.fs.core.datacopy import copy_data
 from fusesnap.fs.core.inodes import Inode
 from fusesnap.fs.core.union import Union
@@ -27,24 +28,40 @@ from fusesnap.linux import spaceops
 from fusesnap.linux.kernel import in_initial_user_namespace, release_at_least
 
 FUSEError = pyfuse3.FUSEError
-# fusesnap's patched pyfuse3 (third_party/pyfuse3) lets opendir() return a FileInfo with cache_readdir;
-# with stock pyfuse3 listings are simply not cached by the kernel.
-_OPENDIR_FILEINFO = bool(getattr(pyfuse3, "OPENDIR_FILEINFO", False))
-# ... and (patch 0004) passes the inode to readdir/fsyncdir when the kernel opens directories itself.
-_NO_OPENDIR = bool(getattr(pyfuse3, "NO_OPENDIR", False))
-# ... and (patch 0005) passes the inode to read/write/... when the kernel opens files itself.
-_NO_OPEN = bool(getattr(pyfuse3, "NO_OPEN", False))
-# ... and (patch 0009) may answer read() from a file descriptor, spliced by libfuse.
-_READ_FD = bool(getattr(pyfuse3, "READ_FD", False))
 log = logging.getLogger("fusesnap.fs")
+
+# What each of fusesnap's pyfuse3 patches (third_party/pyfuse3) adds, by what it exposes.
+PATCHES: dict[str, Callable[[Any], bool]] = {
+    "0001 fallocate and lseek handlers": lambda m: hasattr(m.Operations, "lseek"),
+    "0002 opendir returning cache_readdir": lambda m: hasattr(m, "OPENDIR_FILEINFO"),
+    "0003 symlink caching": lambda m: hasattr(m.Operations, "enable_symlink_cache"),
+    "0004 readdir without opendir": lambda m: hasattr(m, "NO_OPENDIR"),
+    "0005 files without open": lambda m: hasattr(m, "NO_OPEN"),
+    "0006 plain READDIR": lambda m: hasattr(m, "READDIRPLUS_AUTO"),
+    "0007 literal __version__": lambda m: "+fusesnap" in getattr(m, "__version__", ""),
+    "0008 HANDLE_KILLPRIV_V2": lambda m: hasattr(m, "killpriv_v2_active"),
+    "0009 read from an fd": lambda m: hasattr(m, "READ_FD"),
+}
+
+
+def missing_patches(module: Any) -> list[str]:
+    """The fusesnap patches a pyfuse3 module lacks (none for the build scripts/setup makes)."""
+    return [name for name, present in PATCHES.items() if not present(module)]
+
+
+def require_patched(module: Any) -> None:
+    """fusesnap needs its pyfuse3 build: with a stock one it would lose kernel caching,
+    spliced reads, fallocate and SEEK_DATA silently, so it refuses, in one line."""
+    missing = missing_patches(module)
+    if missing:
+        raise FusesnapError(f"pyfuse3 {getattr(module, '__version__', '?')} lacks fusesnap's patches "
+                            f"({', '.join(m.split()[0] for m in missing)}): install it with scripts/setup "
+                            "(third_party/pyfuse3)")
+
+
+require_patched(pyfuse3)
 T = TypeVar("T")
 BIG = 1 << 20            # copy-ups above this size run in a worker thread
-
-
-def _killpriv_v2_active() -> bool:
-    """FUSE_HANDLE_KILLPRIV_V2 negotiated (pyfuse3 patch 0008)."""
-    active = getattr(pyfuse3, "killpriv_v2_active", None)
-    return bool(active and active())
 
 
 def _sup_groups(pid: int) -> set[int]:
@@ -82,7 +99,7 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_symlink_cache = True     # honoured by a pyfuse3 that knows FUSE_CAP_CACHE_SYMLINKS
     # Zero-message opendir (pyfuse3 patch 0004); pyfuse3 resets it when the kernel lacks it.
-    readdir_without_opendir = _NO_OPENDIR
+    readdir_without_opendir = True
     # Plain READDIR where entries are only listed (pyfuse3 patch 0006): the kernel
     # then instantiates no dentry and inode per entry of a big listing.
     readdirplus_auto = True
@@ -90,11 +107,11 @@ class Operations(pyfuse3.Operations):
     def __init__(self, union: Union) -> None:
         super().__init__()
         union.use_attr_record(pyfuse3.EntryAttributes)
-        self.u = union
+        self.union = union
         # Zero-message open (pyfuse3 patch 0005; reset by pyfuse3 when the kernel
         # lacks it): no OPEN/RELEASE round trip per open(2). Only where the kernel
         # checks permissions itself: a daemon that checks them does so at OPEN.
-        self.files_without_open = _NO_OPEN and union.kernel_checks_permissions
+        self.files_without_open = union.kernel_checks_permissions
         self.noxattrs = union.opts.noxattrs
         self.fsync_enabled = union.opts.fsync
         # writeback=1: the kernel merges small writes into big WRITEs (untar, builds), and
@@ -121,20 +138,19 @@ class Operations(pyfuse3.Operations):
         # write for us.
         self.direct_create = self.files_without_open and not self.writeback \
             and self.handle_killpriv_v2 and release_at_least(6, 6)
-        # The largest READ answered with the host fd, which libfuse splices
-        # (fs/fuse/splicing.py); -1: none is (a pyfuse3 without patch 0009).
-        limit = splicing.max_spliced_read() if _READ_FD else -1
+        # The largest READ answered with the host fd, which libfuse splices (fs/fuse/splicing.py).
+        limit = splicing.max_spliced_read()
         self.splice_max = (1 << 62) if limit is None else limit
 
     # ------------------------------------------------------------------ helpers
     def _entry(self, i: Inode, st: os.stat_result | None = None) -> pyfuse3.EntryAttributes:
         """Attributes for a reply that hands the kernel a reference (st: see Union.attr)."""
-        a = self.u.attr(i, st)
+        a = self.union.attr(i, st)
         i.lookups += 1
         return a
 
     def _inode(self, ino: int) -> Inode:
-        i = self.u.inodes.get(ino)
+        i = self.union.inodes.get(ino)
         if i is None:
             raise FUSEError(errno.ESTALE)
         return i
@@ -145,7 +161,7 @@ class Operations(pyfuse3.Operations):
             await i.busy.wait()
         if i.upper:
             return
-        u = self.u
+        u = self.union
         if not data or i.kind != S.S_IFREG or i.lower is None or i.lower.size < BIG:
             u.copy_up(i, data)
             return
@@ -168,7 +184,7 @@ class Operations(pyfuse3.Operations):
 
     async def _copy_up_files(self, d: Inode) -> None:
         """Copy up every file below a lower directory that is about to move."""
-        for k in list(self.u.kids(d).values()):
+        for k in list(self.union.kids(d).values()):
             if k.is_dir:
                 if k.lower is not None and not k.opaque:
                     await self._copy_up_files(k)
@@ -179,30 +195,30 @@ class Operations(pyfuse3.Operations):
         """The inode behind a write access: copied up first (the open did not)."""
         i = self._inode(fh)
         if not i.upper:
-            self.u.require_writable()
+            self.union.require_writable()
             await self._copy_up(i)
         return i
 
     # ------------------------------------------------------------------ lookups
     @_fuse_errors
     async def lookup(self, parent_inode, name, ctx=None):
-        i = self.u.lookup(self._inode(parent_inode), name)
+        i = self.union.lookup(self._inode(parent_inode), name)
         if i is None:
-            return self.u.negative_attr()
+            return self.union.negative_attr()
         return self._entry(i)
 
     async def forget(self, inode_list):
-        f = self.u.forget
+        f = self.union.forget
         for ino, n in inode_list:
             f(ino, n)
 
     @_fuse_errors
     async def getattr(self, inode, ctx=None):
-        return self.u.attr(self._inode(inode))
+        return self.union.attr(self._inode(inode))
 
     @_fuse_errors
     async def readlink(self, inode, ctx):
-        return self.u.readlink(self._inode(inode))
+        return self.union.readlink(self._inode(inode))
 
     # ------------------------------------------------------------------ directories
     @_fuse_errors
@@ -215,15 +231,13 @@ class Operations(pyfuse3.Operations):
         if not i.is_dir:
             raise FUSEError(errno.ENOTDIR)
         # The handle is the inode: readdir works by inode either way.
-        if _OPENDIR_FILEINFO:
-            fi = pyfuse3.FileInfo(fh=inode, keep_cache=True)
-            fi.cache_readdir = True
-            return fi
-        return inode
+        fi = pyfuse3.FileInfo(fh=inode, keep_cache=True)
+        fi.cache_readdir = True
+        return fi
 
     @_fuse_errors
     async def readdir(self, fh, start_id, token):
-        u = self.u
+        u = self.union
         d = self._inode(fh)
         li = u.listing(d, start_id == 0)
         reply = pyfuse3.readdir_reply
@@ -240,7 +254,7 @@ class Operations(pyfuse3.Operations):
         ents, cookies = li.ents, li.cookies
         attr, get = u.attr, kids.get
         start = li.index(start_id - 2)
-        if not getattr(token, "plus", True):
+        if not token.plus:
             # plain READDIR: inode number and type only, no lookup reference
             a = pyfuse3.EntryAttributes()
             for idx in range(start, len(ents)):
@@ -268,42 +282,42 @@ class Operations(pyfuse3.Operations):
 
     @_fuse_errors
     async def fsyncdir(self, fh, datasync):
-        h = self.u.inodes.get(fh)
+        h = self.union.inodes.get(fh)
         if h is not None and self.fsync_enabled:
-            self.u.fsync_dir(h)
+            self.union.fsync_dir(h)
 
     @_fuse_errors
     async def mkdir(self, parent_inode, name, mode, ctx):
-        return self._entry(self.u.mkdir(self._inode(parent_inode), name, mode, ctx))
+        return self._entry(self.union.mkdir(self._inode(parent_inode), name, mode, ctx))
 
     @_fuse_errors
     async def rmdir(self, parent_inode, name, ctx):
-        self.u.rmdir(self._inode(parent_inode), name)
+        self.union.rmdir(self._inode(parent_inode), name)
 
     @_fuse_errors
     async def unlink(self, parent_inode, name, ctx):
-        self.u.unlink(self._inode(parent_inode), name)
+        self.union.unlink(self._inode(parent_inode), name)
 
     @_fuse_errors
     async def symlink(self, parent_inode, name, target, ctx):
-        return self._entry(self.u.symlink(self._inode(parent_inode), name, target, ctx))
+        return self._entry(self.union.symlink(self._inode(parent_inode), name, target, ctx))
 
     @_fuse_errors
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        return self._entry(self.u.mknod(self._inode(parent_inode), name, mode, rdev, ctx))
+        return self._entry(self.union.mknod(self._inode(parent_inode), name, mode, rdev, ctx))
 
     @_fuse_errors
     async def link(self, inode, new_parent_inode, new_name, ctx):
         i = self._inode(inode)
         await self._copy_up(i)
-        return self._entry(self.u.link(i, self._inode(new_parent_inode), new_name))
+        return self._entry(self.union.link(i, self._inode(new_parent_inode), new_name))
 
     @_fuse_errors
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         od = self._inode(parent_inode_old)
         nd = self._inode(parent_inode_new)
-        src = self.u.lookup(od, name_old)
-        dst = self.u.lookup(nd, name_new) if flags & 2 else None     # RENAME_EXCHANGE
+        src = self.union.lookup(od, name_old)
+        dst = self.union.lookup(nd, name_new) if flags & 2 else None     # RENAME_EXCHANGE
         for x in (src, dst):
             if x is None:
                 continue
@@ -312,18 +326,18 @@ class Operations(pyfuse3.Operations):
                     await self._copy_up_files(x)   # big files off the loop first
             else:
                 await self._copy_up(x)
-        self.u.rename(od, name_old, nd, name_new, flags)
+        self.union.rename(od, name_old, nd, name_new, flags)
 
     # ------------------------------------------------------------------ files
     # Every file handle is the inode number: the kernel opens files itself
     # (files_without_open) and sends the inode, or open/create return it.
     @_fuse_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
-        if self.files_without_open and not (self.direct_create and _killpriv_v2_active()):
+        if self.files_without_open and not (self.direct_create and pyfuse3.killpriv_v2_active()):
             # the kernel creates files with MKNOD and opens them itself (no_create):
             # one request per new file instead of CREATE + RELEASE
             raise FUSEError(errno.ENOSYS)
-        _fd, i, st = self.u.create(self._inode(parent_inode), name, mode, flags, ctx)
+        _fd, i, st = self.union.create(self._inode(parent_inode), name, mode, flags, ctx)
         fi = pyfuse3.FileInfo(fh=i.ino, keep_cache=True)
         if self.files_without_open and flags & os.O_ACCMODE == os.O_WRONLY and not flags & os.O_APPEND:
             # (an appender is likely a log someone tails: it keeps the page cache)
@@ -337,14 +351,14 @@ class Operations(pyfuse3.Operations):
             raise FUSEError(errno.ENOSYS)
         i = self._inode(inode)
         if (flags & os.O_ACCMODE != os.O_RDONLY) and not (flags & os.O_TRUNC) and not i.upper:
-            self.u.require_writable()
+            self.union.require_writable()
             await self._copy_up(i)
-        self.u.open(i, flags, ctx.uid)
+        self.union.open(i, flags, ctx.uid)
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
     @_fuse_errors
     async def read(self, fh, off, size):
-        fd = self.u.read_fd(self._inode(fh))
+        fd = self.union.read_fd(self._inode(fh))
         if size <= self.splice_max:
             # pyfuse3 patch 0009: libfuse splices the reply from the fd (no copy
             # through Python: one memory copy per byte fewer than pread + writev)
@@ -353,10 +367,10 @@ class Operations(pyfuse3.Operations):
 
     @_fuse_errors
     async def write(self, fh, off, buf, kill_suidgid=False):
-        i = self.u.inodes.get(fh)
+        i = self.union.inodes.get(fh)
         if i is None or not i.upper:       # _for_write's work, inline on the busiest request
             i = await self._for_write(fh)
-        return self.u.write(i, off, buf, kill_suidgid)
+        return self.union.write(i, off, buf, kill_suidgid)
 
     async def _launder(self, ino: int) -> None:
         """Have the kernel write this inode's dirty pages back (and drop its pages).
@@ -381,7 +395,7 @@ class Operations(pyfuse3.Operations):
     @_fuse_errors
     async def fsync(self, fh, datasync):
         if self.fsync_enabled:
-            self.u.fsync(self._inode(fh), datasync)
+            self.union.fsync(self._inode(fh), datasync)
 
     @_fuse_errors
     async def fallocate(self, fh, mode, offset, length):
@@ -390,35 +404,35 @@ class Operations(pyfuse3.Operations):
         i = await self._for_write(fh)
         if self.writeback:
             await self._launder(fh)   # allocation next to pages the host has not seen: st_blocks
-        spaceops.fallocate(self.u.write_fd(i), mode, offset, length)
+        spaceops.fallocate(self.union.write_fd(i), mode, offset, length)
         i.attr = None
 
     @_fuse_errors
     async def lseek(self, fh, offset, whence):
         if self.writeback and whence in (os.SEEK_DATA, os.SEEK_HOLE):
             await self._launder(fh)           # data still in the kernel is data
-        return spaceops.lseek(self.u.read_fd(self._inode(fh)), offset, whence)
+        return spaceops.lseek(self.union.read_fd(self._inode(fh)), offset, whence)
 
     @_fuse_errors
     async def setattr(self, inode, attr, fields, fh, ctx):
-        u = self.u
+        u = self.union
         i = self._inode(inode)
         if u.setattr_is_noop(i, attr, fields):
             return u.attr(i)
         if u.setattr_copies_data(i, attr, fields):
             await self._copy_up(i)       # big files off the loop
         u.setattr(i, attr, fields, ctx, on_open_file=fh is not None,
-                  kernel_opens_files=self.files_without_open, killpriv_v2=_killpriv_v2_active())
+                  kernel_opens_files=self.files_without_open, killpriv_v2=pyfuse3.killpriv_v2_active())
         return u.attr(i)
 
     @_fuse_errors
     async def access(self, inode, mode, ctx):
         # asked only where the kernel does not check (a private rootless mount)
-        return self.u.may_access(self._inode(inode), mode, ctx, lambda: _sup_groups(ctx.pid))
+        return self.union.may_access(self._inode(inode), mode, ctx, lambda: _sup_groups(ctx.pid))
 
     @_fuse_errors
     async def statfs(self, ctx):
-        v = self.u.statfs()
+        v = self.union.statfs()
         s = pyfuse3.StatvfsData()
         s.f_bsize = v.f_bsize
         s.f_frsize = v.f_frsize
@@ -436,13 +450,13 @@ class Operations(pyfuse3.Operations):
     async def getxattr(self, inode, name, ctx):
         if self.noxattrs:
             raise FUSEError(errno.ENOSYS)
-        return self.u.getxattr(self._inode(inode), name)
+        return self.union.getxattr(self._inode(inode), name)
 
     @_fuse_errors
     async def listxattr(self, inode, ctx):
         if self.noxattrs:
             raise FUSEError(errno.ENOSYS)
-        return self.u.listxattr(self._inode(inode))
+        return self.union.listxattr(self._inode(inode))
 
     @_fuse_errors
     async def setxattr(self, inode, name, value, ctx):
@@ -450,10 +464,10 @@ class Operations(pyfuse3.Operations):
             raise FUSEError(errno.ENOSYS)
         i = self._inode(inode)
         await self._copy_up(i)
-        self.u.setxattr(i, name, value)
+        self.union.setxattr(i, name, value)
 
     @_fuse_errors
     async def removexattr(self, inode, name, ctx):
         if self.noxattrs:
             raise FUSEError(errno.ENOSYS)
-        self.u.removexattr(self._inode(inode), name)
+        self.union.removexattr(self._inode(inode), name)
