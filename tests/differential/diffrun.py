@@ -647,7 +647,7 @@ def case_from_json(d: dict[str, Any]) -> Case:
 
 
 def format_case(case: Case, outcome: Outcome) -> str:
-    """Lowers, ops with per-target results, and the failures, for humans and FS_BUGS.md."""
+    """Lowers, ops with per-target results, and the failures, for humans and regression cases."""
     lines = [f"seed {case.seed}"]
     for j, layer in enumerate(case.lowers):
         lines.append(f"  lower {j} ({'top' if j == 0 else 'below'}):")
