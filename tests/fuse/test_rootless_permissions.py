@@ -7,14 +7,13 @@ to root, to another user, and for a mode the user narrowed on their own file.
 
 from __future__ import annotations
 
-import io
 import json
 import sys
-import tarfile
 
 import pytest
 
 from helpers import run_as, script, user_env
+from tarbuild import TarBuilder
 
 pytestmark = pytest.mark.rootless
 
@@ -55,27 +54,17 @@ print(json.dumps(out))
 
 
 def _image() -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        def add(name, data=None, mode=0o644, uid=0, gid=0):
-            ti = tarfile.TarInfo(name)
-            ti.mode, ti.uid, ti.gid, ti.mtime = mode, uid, gid, 1_700_000_000
-            if data is None:
-                ti.type = tarfile.DIRTYPE
-                tf.addfile(ti)
-            else:
-                ti.size = len(data)
-                tf.addfile(ti, io.BytesIO(data))
-        add("etc", mode=0o755)
-        add("etc/motd", b"hello\n", mode=0o644)
-        add("etc/shadow", b"root:*:\n", mode=0o640, gid=42)
-        add("etc/notexec", b"#!/bin/sh\n", mode=0o644)
-        add("root", mode=0o700)
-        add("root/secret", b"s\n", mode=0o600)
-        add("srv", mode=0o755, uid=1000, gid=1000)
-        add("srv/theirs", b"t\n", mode=0o600, uid=1000, gid=1000)
-        add("home", mode=0o755)
-    return buf.getvalue()
+    t = TarBuilder()
+    t.add("etc", mode=0o755)
+    t.add("etc/motd", b"hello\n", mode=0o644)
+    t.add("etc/shadow", b"root:*:\n", mode=0o640, gid=42)
+    t.add("etc/notexec", b"#!/bin/sh\n", mode=0o644)
+    t.add("root", mode=0o700)
+    t.add("root/secret", b"s\n", mode=0o600)
+    t.add("srv", mode=0o755, uid=1000, gid=1000)
+    t.add("srv/theirs", b"t\n", mode=0o600, uid=1000, gid=1000)
+    t.add("home", mode=0o755)
+    return t.data()
 
 
 def test_rootless_access_agrees_with_open_create_and_chmod(shared_tmp, test_user):

@@ -125,12 +125,7 @@ class UpperDir:
     # ------------------------------------------------------------ host objects
     def rm_tree(self, path: bytes) -> None:
         """Remove an upper directory that holds only whiteouts/markers."""
-        with os.scandir(path) as it:
-            for de in it:
-                if de.is_dir(follow_symlinks=False):
-                    self.rm_tree(short(de.path))
-                else:
-                    os.unlink(de.path)
+        self.empty_dir(path)
         os.rmdir(path)
 
     def empty_dir(self, path: bytes) -> None:
