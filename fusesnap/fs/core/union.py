@@ -13,6 +13,7 @@ so tests drive it on plain directories without a mount:
 - namespace.py    create, link, unlink, rename and friends
 - setattrs.py     SETATTR; xattrs.py extended attributes; fileio.py fds, open, write
 - upperdir.py     the upper directory on the host and the markers it writes
+- recording.py    the access log of a recorded mount (record=FILE)
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from fusesnap.fs.core.namespace import Namespace
 from fusesnap.fs.core.ownership import Ownership
 from fusesnap.fs.core.permissions import Permissions
 from fusesnap.fs.core.presenter import OverrideXattrs, Presenter
+from fusesnap.fs.core.recording import AccessLog
 from fusesnap.fs.core.setattrs import Fields, Setattrs
 from fusesnap.fs.core.upperdir import UpperDir
 from fusesnap.fs.core.xattrs import Xattrs
@@ -90,6 +92,7 @@ class Union:
         self.setattrs = Setattrs(self.upper, self.copyup, self.owners, self.presenter, self.fileio,
                                  self.perms, opts.writeback)
         self.xattrs = Xattrs(self.upper, self.copyup)
+        self.access_log = AccessLog.create(opts.record, opts.layers_for_record()) if opts.record else None
         # the hot paths, bound once
         self.get = self.table.get
         self.kids = self.dirs.kids

@@ -141,6 +141,19 @@ class Operations(pyfuse3.Operations):
         # The largest READ answered with the host fd, which libfuse splices (fs/fuse/splicing.py).
         limit = splicing.max_spliced_read()
         self.splice_max = (1 << 62) if limit is None else limit
+        self.access_log = union.access_log
+        if self.access_log is not None:
+            # A recorded mount (record=FILE) gets recording handlers; every other mount keeps
+            # the plain ones, so recording costs nothing where it is off. The kernel opens
+            # files without asking (no OPEN), so a file counts as touched at the first request
+            # for its content: READ (read, execute and mmap all fault pages in through it),
+            # WRITE, CREATE/MKNOD; an empty file, which no READ ever reaches, at LOOKUP.
+            # Later accesses hit the kernel's caches and send nothing, recorded or not.
+            self.read = self._read_recorded
+            self.write = self._write_recorded
+            self.lookup = self._lookup_recorded
+            self.create = self._create_recorded
+            self.mknod = self._mknod_recorded
 
     # ------------------------------------------------------------------ helpers
     def _entry(self, i: Inode, st: os.stat_result | None = None) -> pyfuse3.EntryAttributes:
@@ -444,6 +457,40 @@ class Operations(pyfuse3.Operations):
         s.f_favail = v.f_favail
         s.f_namemax = 255
         return s
+
+    # ------------------------------------------------------------------ recording
+    def _note(self, ino: int) -> None:
+        log = self.access_log
+        if ino in log.seen:
+            return
+        i = self.union.inodes.get(ino)
+        if i is not None and i.kind == S.S_IFREG:
+            log.note(i, self.union.attr(i).st_size)
+
+    async def _read_recorded(self, fh, off, size):
+        self._note(fh)
+        return await Operations.read(self, fh, off, size)
+
+    async def _write_recorded(self, fh, off, buf, kill_suidgid=False):
+        n = await Operations.write(self, fh, off, buf, kill_suidgid)
+        self._note(fh)
+        return n
+
+    async def _lookup_recorded(self, parent_inode, name, ctx=None):
+        a = await Operations.lookup(self, parent_inode, name, ctx)
+        if a.st_ino and a.st_size == 0:
+            self._note(a.st_ino)
+        return a
+
+    async def _create_recorded(self, parent_inode, name, mode, flags, ctx):
+        fi, a = await Operations.create(self, parent_inode, name, mode, flags, ctx)
+        self._note(a.st_ino)
+        return fi, a
+
+    async def _mknod_recorded(self, parent_inode, name, mode, rdev, ctx):
+        a = await Operations.mknod(self, parent_inode, name, mode, rdev, ctx)
+        self._note(a.st_ino)
+        return a
 
     # ------------------------------------------------------------------ xattrs
     @_fuse_errors
