@@ -1,0 +1,136 @@
+"""Pull -> prepare/mount -> change -> commit -> push -> skopeo copy to oci: -> pull into a second
+store -> same tree, against a real docker-registry; digests kept; nothing transferred twice."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import skopeo_copy, skopeo_inspect
+from helpers import unmount
+from imagebuild import EXPECTED_ABSENT, EXPECTED_FILES, layer_tars, tree_of, write_layout
+from storeutil import fusesnap
+
+pytestmark = pytest.mark.usefixtures("skopeo")
+
+
+def ok(root: Path, *args: str) -> str:
+    p = fusesnap(root, *args)
+    assert p.returncode == 0, p.stderr.decode()
+    return p.stdout.decode()
+
+
+def mounted_tree(root: Path, key: str, mp: Path, change=None) -> dict:
+    mp.mkdir(exist_ok=True)
+    ok(root, "mount", key, str(mp))
+    try:
+        if change:
+            change(mp)
+        return tree_of(mp)
+    finally:
+        unmount(mp)
+
+
+def test_registry_round_trip(registry, shared_tmp):
+    img = write_layout(shared_tmp / "layout", layer_tars("-rt"))
+    skopeo_copy(f"oci:{shared_tmp / 'layout'}:latest", registry.ref("rt/base", "v1"), "--dest-tls-verify=false")
+    root = shared_tmp / "root"
+    out = ok(root, "pull", "--plain-http", registry.ref("rt/base", "v1")).split()
+    name = f"{registry.host}/rt/base:v1"
+    rec = json.loads(ok(root, "images", "inspect", name, "--json"))
+    assert rec["manifest_digest"] == img.manifest_digest == out[1]
+    assert [x["diff_id"] for x in rec["layer_details"]] == img.diff_ids
+    assert rec["entrypoint"] == ["/bin/sh"] and rec["working_dir"] == "/srv" and "APP=demo" in rec["env"]
+
+    ok(root, "prepare", "work", name)
+    def change(mp: Path) -> None:
+        for rel, data in EXPECTED_FILES.items():
+            assert (mp / rel).read_bytes() == data
+        for rel in EXPECTED_ABSENT:
+            assert not (mp / rel).exists()
+        assert (mp / "etc/app/config").read_text() == "version=2-rt\n"
+        (mp / "srv" / "added").write_text("new file\n")
+        (mp / "etc" / "motd").unlink()
+    before = mounted_tree(root, "work", shared_tmp / "mnt", change)
+    chain = ok(root, "commit", "app-v2", "work").split()[0]
+
+    pushed = ok(root, "push", "--plain-http", "app-v2", registry.ref("rt/app", "v2")).split()[0]
+    raw = skopeo_inspect(registry.ref("rt/app", "v2"), "--tls-verify=false", raw=True)
+    cfg = skopeo_inspect(registry.ref("rt/app", "v2"), "--tls-verify=false", config=True)
+    assert raw["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
+    assert len(raw["layers"]) == 4 and raw["layers"][:3] == [
+        {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d, "size": len(b)}
+        for d, b in zip(img.layer_digests, img.layer_blobs)]  # the pulled blobs, sent as they were
+    assert cfg["rootfs"]["diff_ids"][:3] == img.diff_ids
+    assert cfg["config"]["Entrypoint"] == ["/bin/sh"]          # the base image's config, kept
+    assert len(cfg["history"]) == 4 and cfg["history"][3]["created_by"] == "fusesnap commit"
+    layers = json.loads(ok(root, "inspect", chain, "--json"))
+    assert cfg["rootfs"]["diff_ids"][3] == layers["diff_id"]
+    # the base blobs came by cross-repository mount from rt/base, not uploaded again
+    assert registry.requests("POST", r"/v2/rt/app/blobs/uploads/\?mount=")
+    assert len(registry.requests("PUT", r"/v2/rt/app/blobs/uploads/")) == 2   # new layer + config
+
+    # skopeo copies it back into a layout; a second store pulls that: the same tree
+    skopeo_copy(registry.ref("rt/app", "v2"), f"oci:{shared_tmp / 'copy'}:v2", "--src-tls-verify=false")
+    root2 = shared_tmp / "root2"
+    out2 = ok(root2, "pull", f"oci:{shared_tmp / 'copy'}:v2", "--name", "again").split()
+    assert out2[0] == chain and out2[1] == pushed
+    ok(root2, "view", "look", "again")
+    after = mounted_tree(root2, "look", shared_tmp / "mnt2")
+    assert after == before
+    assert "srv/added" in after and "etc/motd" not in after
+    for r in (root, root2):
+        ok(r, "fsck")
+
+
+def test_repull_and_repush_transfer_nothing(registry, shared_tmp):
+    write_layout(shared_tmp / "layout", layer_tars("-again"))
+    skopeo_copy(f"oci:{shared_tmp / 'layout'}:latest", registry.ref("again/img"), "--dest-tls-verify=false")
+    root = shared_tmp / "root"
+    first = json.loads(ok(root, "pull", "--plain-http", registry.ref("again/img"), "--json"))
+    assert first["present"] == 0 and first["transferred"] > 0
+    blob_gets = len(registry.requests("GET", r"/v2/again/img/blobs/"))
+    second = json.loads(ok(root, "pull", "--plain-http", registry.ref("again/img"), "--name", "copy", "--json"))
+    assert second["present"] == 3 and second["transferred"] == 0
+    # only the config was fetched again, no layer
+    assert len(registry.requests("GET", r"/v2/again/img/blobs/")) == blob_gets + 1
+    puts = len(registry.requests("PUT", r"/v2/again/img/blobs/uploads/"))
+    res = json.loads(ok(root, "push", "--plain-http", "copy", registry.ref("again/img", "copy"), "--json"))
+    assert res["uploaded"] == 0 and res["skipped"] == 4
+    assert res["manifest_digest"] == first["manifest_digest"]     # the same image, byte for byte
+    assert len(registry.requests("PUT", r"/v2/again/img/blobs/uploads/")) == puts
+
+
+def test_multi_platform_index(registry, shared_tmp):
+    """An index with amd64 and arm64 images: this machine's by default, --platform picks another."""
+    from imagebuild import config_json, sha
+
+    lay = shared_tmp / "multi"
+    amd = write_layout(lay, layer_tars("-amd"), tag="amd")
+    arm_tars = layer_tars("-arm")
+    arm = write_layout(lay, arm_tars, tag="arm",
+                       config=config_json([sha(t) for t in arm_tars], arch="arm64"))
+    index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [
+        {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": d.manifest_digest,
+         "size": (lay / "blobs/sha256" / d.manifest_digest[7:]).stat().st_size,
+         "platform": {"os": "linux", "architecture": a}} for d, a in ((amd, "amd64"), (arm, "arm64"))]}
+    data = json.dumps(index).encode()
+    (lay / "blobs/sha256" / sha(data)[7:]).write_bytes(data)
+    (lay / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
+        {"mediaType": index["mediaType"], "digest": sha(data), "size": len(data),
+         "annotations": {"org.opencontainers.image.ref.name": "multi"}}]}))
+    skopeo_copy(f"oci:{lay}:multi", registry.ref("multi/img"), "--all", "--dest-tls-verify=false")
+    root = shared_tmp / "root"
+    host = subprocess.run(["uname", "-m"], capture_output=True, text=True).stdout.strip()
+    default = json.loads(ok(root, "pull", "--plain-http", registry.ref("multi/img"), "--json"))
+    want = amd if host == "x86_64" else arm
+    assert default["manifest_digest"] == want.manifest_digest
+    other = json.loads(ok(root, "pull", "--plain-http", "--platform", "linux/arm64", registry.ref("multi/img"),
+                          "--name", "arm", "--json"))
+    assert other["manifest_digest"] == arm.manifest_digest and other["platform"] == "linux/arm64"
+    p = fusesnap(root, "pull", "--plain-http", "--platform", "linux/s390x", registry.ref("multi/img"))
+    err = p.stderr.decode()
+    assert p.returncode != 0 and err.count("\n") == 1 and "linux/amd64" in err and "linux/arm64" in err
