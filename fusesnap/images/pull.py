@@ -102,6 +102,7 @@ class Puller:
         self._stop = threading.Event()
 
     def run(self) -> PullResult:
+        self.store.fsck_leftovers(repair=True)  # what an import killed before (a pull it belonged to resumes)
         self._drop_stale_downloads()
         src = open_source(self.ref, self.opts)
         try:
@@ -140,7 +141,12 @@ class Puller:
             for i in todo:
                 parent = chains[i - 1] if i else None
                 existed = self.store.exists(chains[i])
-                info = self._import(src, m, i, futures.get(i), parent, comps[i], holder, kept)
+                try:
+                    info = self._import(src, m, i, futures.get(i), parent, comps[i], holder, kept)
+                except FusesnapError as e:
+                    if m.layers[i].digest in str(e):
+                        raise
+                    raise type(e)(f"layer {i} ({m.layers[i].digest}): {e}") from None
                 if not existed and info.chain_id not in created:
                     created.append(info.chain_id)
                 if info.diff_id != diff_ids[i]:

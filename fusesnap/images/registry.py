@@ -109,10 +109,11 @@ class RegistryClient:
                     log.info("%s %s: %s; retry %d", method, what, e, attempt)
                     time.sleep(self.opts.backoff * 2 ** (attempt - 1))
                     continue
-                raise RegistryError(f"cannot reach {self.host} ({what}): {e or type(e).__name__}") from None
+                hint = " (a plain-HTTP registry? use --plain-http)" if "WRONG_VERSION_NUMBER" in str(e) else ""
+                raise RegistryError(f"cannot reach {self.host} ({what}): {e or type(e).__name__}{hint}") from None
             if resp.status_code in ok:
                 return resp
-            if resp.status_code == 401 and not authed:
+            if resp.status_code == 401 and not authed and resp.headers.get("www-authenticate"):
                 authed = True
                 challenge = resp.headers.get("www-authenticate", "")
                 resp.close()
@@ -225,7 +226,7 @@ class RegistryClient:
                     h, have = hashlib.sha256(), 0
                     progress(-path.stat().st_size)
                 with open(path, "ab" if have else "wb") as f:
-                    for b in r.iter_raw(CHUNK):
+                    for b in r.iter_raw():  # as it arrives: a chunk size would buffer (progress, resume)
                         have += len(b)
                         if have > desc.size:
                             break

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import skopeo_copy, skopeo_inspect
+from registries import skopeo_copy, skopeo_inspect
 from helpers import unmount
 from imagebuild import EXPECTED_ABSENT, EXPECTED_FILES, layer_tars, tree_of, write_layout
 from storeutil import fusesnap
