@@ -30,6 +30,18 @@ def _human(n: int) -> str:
     return f"{n / 1048576:,.1f} MiB"
 
 
+def _report(args: argparse.Namespace, as_json: dict[str, Any], lines: list[str], summary: str) -> int:
+    """--json: the object; else the lines on stdout and, unless --quiet, the summary on stderr."""
+    if args.json:
+        _emit(as_json)
+        return 0
+    for line in lines:
+        print(line)
+    if not args.quiet:
+        print(summary, file=sys.stderr)
+    return 0
+
+
 def cmd_pull(args: argparse.Namespace) -> int:
     from ..images.manifest import Platform
     from ..images.pull import pull
@@ -43,15 +55,10 @@ def cmd_pull(args: argparse.Namespace) -> int:
         res = pull(st, ref, name=args.name, platform=platform, opts=_remote(args), jobs=args.jobs,
                    events=LayerProgress(quiet=args.quiet))
     rec = res.record
-    if args.json:
-        _emit({**rec.summary(), "present": res.present, "transferred": res.transferred})
-        return 0
-    print(rec.top_chain or "-")
-    print(rec.manifest_digest)
-    if not args.quiet:
-        print(f"pulled {rec.name}: {res.layers} layers, {res.present} already stored, "
-              f"{_human(res.transferred)} transferred", file=sys.stderr)
-    return 0
+    return _report(args, {**rec.summary(), "present": res.present, "transferred": res.transferred},
+                   [rec.top_chain or "-", rec.manifest_digest],
+                   f"pulled {rec.name}: {res.layers} layers, {res.present} already stored, "
+                   f"{_human(res.transferred)} transferred")
 
 
 def cmd_push(args: argparse.Namespace) -> int:
@@ -65,15 +72,11 @@ def cmd_push(args: argparse.Namespace) -> int:
     with LayerStore(args.root) as st:
         res = push(st, args.source, dest, compression=args.compression, opts=_remote(args), jobs=args.jobs,
                    events=LayerProgress(quiet=args.quiet), chain_of_name=lambda n: chain_of_name(args.root, n))
-    if args.json:
-        _emit({"manifest_digest": res.manifest_digest, "layers": res.layers, "uploaded": res.uploaded,
-               "skipped": res.skipped, "bytes": res.bytes, "destination": str(dest)})
-        return 0
-    print(res.manifest_digest)
-    if not args.quiet:
-        print(f"pushed {args.source} to {dest}: {res.uploaded} blobs written, {res.skipped} already there, "
-              f"{_human(res.bytes)} sent", file=sys.stderr)
-    return 0
+    return _report(args, {"manifest_digest": res.manifest_digest, "layers": res.layers, "uploaded": res.uploaded,
+                          "skipped": res.skipped, "bytes": res.bytes, "destination": str(dest)},
+                   [res.manifest_digest],
+                   f"pushed {args.source} to {dest}: {res.uploaded} blobs written, {res.skipped} already there, "
+                   f"{_human(res.bytes)} sent")
 
 
 def cmd_images(args: argparse.Namespace) -> int:

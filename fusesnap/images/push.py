@@ -181,7 +181,8 @@ class Pusher:
                     and self.compression in (None, "none"):
                 blobs.append(_Blob(original, None, li.chain_id, "none"))
                 continue
-            kept = self._kept(li, self.compression, original) if self.compression != "none" else None
+            want = self.compression or (None if original else "gzip")  # an original keeps its compression
+            kept = self._kept(li, want, original) if want != "none" else None
             if kept is None:
                 comp = self.compression or "gzip"
                 kept = _Blob(mf.Descriptor(mf.OCI_LAYER_TYPE[comp], "", 0), None, li.chain_id, comp)

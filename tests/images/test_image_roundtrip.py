@@ -11,7 +11,7 @@ import pytest
 
 from registries import skopeo_copy, skopeo_inspect
 from helpers import unmount
-from imagebuild import EXPECTED_ABSENT, EXPECTED_FILES, layer_tars, tree_of, write_layout
+from imagebuild import EXPECTED_ABSENT, EXPECTED_FILES, config_json, layer_tars, sha, tree_of, write_layout
 from storeutil import fusesnap
 
 pytestmark = pytest.mark.usefixtures("skopeo")
@@ -106,8 +106,6 @@ def test_repull_and_repush_transfer_nothing(registry, shared_tmp):
 
 def test_multi_platform_index(registry, shared_tmp):
     """An index with amd64 and arm64 images: this machine's by default, --platform picks another."""
-    from imagebuild import config_json, sha
-
     lay = shared_tmp / "multi"
     amd = write_layout(lay, layer_tars("-amd"), tag="amd")
     arm_tars = layer_tars("-arm")

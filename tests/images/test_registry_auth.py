@@ -22,6 +22,12 @@ def push_test_image(reg, layout: Path, repo: str, tls: str = "--dest-tls-verify=
     skopeo_copy(f"oci:{layout}:latest", reg.ref(repo), tls, f"--dest-creds={USER}:{PASSWORD}")
 
 
+def empty_store(shared_tmp: Path) -> tuple[Path, tuple]:
+    root = shared_tmp / "root"
+    fusesnap(root, "layers")
+    return root, store_state(root)
+
+
 def one_line_failure(p, *words: str) -> str:
     err = p.stderr.decode()
     assert p.returncode != 0 and err.count("\n") == 1 and "Traceback" not in err, err
@@ -33,9 +39,7 @@ def one_line_failure(p, *words: str) -> str:
 def test_htpasswd_basic_auth(htpasswd_registry, shared_tmp):
     reg = htpasswd_registry
     push_test_image(reg, shared_tmp / "layout", "basic/img")
-    root = shared_tmp / "root"
-    fusesnap(root, "layers")
-    before = store_state(root)
+    root, before = empty_store(shared_tmp)
     one_line_failure(fusesnap(root, "pull", "--plain-http", reg.ref("basic/img")), "authentication")
     one_line_failure(fusesnap(root, "pull", "--plain-http", "--creds", f"{USER}:wrong", reg.ref("basic/img")),
                      "401", USER)
@@ -55,9 +59,7 @@ def test_htpasswd_basic_auth(htpasswd_registry, shared_tmp):
 def test_bearer_token_over_tls(token_registry, shared_tmp):
     reg = token_registry
     push_test_image(reg, shared_tmp / "layout", "tok/img")
-    root = shared_tmp / "root"
-    fusesnap(root, "layers")
-    before = store_state(root)
+    root, before = empty_store(shared_tmp)
     # the certificate is self-signed: verification fails with one line, --tls-verify=false passes
     one_line_failure(fusesnap(root, "pull", "--creds", f"{USER}:{PASSWORD}", reg.ref("tok/img")), "certificate")
     one_line_failure(fusesnap(root, "pull", "--tls-verify=false", reg.ref("tok/img")), "token service")
