@@ -3,9 +3,9 @@
 containerd's algorithm: for each layer in order, a compressed digest the store
 already maps to the config's diffID, whose chain exists, transfers nothing;
 every other layer is fetched (registries: in parallel, bounded, into
-`images/downloads/`, verified while streaming; local layouts and archives are
-read in place, verified while importing), imported on top of the previous
-chain and checked against the config's diffID. Layers are retained by the pull
+`images/downloads/`, verified while streaming, and imported while it arrives;
+local layouts and archives are read in place, verified while importing),
+imported on top of the previous chain and checked against the config's diffID. Layers are retained by the pull
 (holder `pull:<manifest digest>`) until the record's reference replaces the
 retains in one transaction. Any failure removes the layers this pull created,
 so the store is as before; verified and partial downloads stay for the next
@@ -30,6 +30,7 @@ from ..errors import FusesnapError, IntegrityError, InUse, InvalidInput, NotFoun
 from ..store.locks import FileLock, is_locked
 from . import manifest as mf
 from .blobs import BlobDir, VerifyingReader, verify_bytes
+from .download import Download, FollowingReader
 from .events import Counter, Events
 from .records import ImageRecord, ImageRecords, now
 from .reference import ImageRef
@@ -134,10 +135,12 @@ class Puller:
         kept: list[tuple[Path, str]] = []
         pool = ThreadPoolExecutor(self.jobs, thread_name_prefix="fetch") if src.remote and todo else None
         try:
-            futures: dict[int, Future[Path]] = {}
+            futures: dict[int, tuple[Future[Path], Download]] = {}
             if pool is not None:
                 assert isinstance(src, RegistrySource)
-                futures = {i: pool.submit(self._download, src, i, m.layers[i]) for i in todo}
+                for i in todo:
+                    dl = Download(self.downloads / f"{hex_of(m.layers[i].digest)}.partial")
+                    futures[i] = (pool.submit(self._download, src, i, m.layers[i], dl), dl)
             for i in todo:
                 parent = chains[i - 1] if i else None
                 existed = self.store.exists(chains[i])
@@ -182,13 +185,17 @@ class Puller:
             return False
         return True
 
-    def _download(self, src: RegistrySource, i: int, d: mf.Descriptor) -> Path:
-        """Blob i into downloads/<hex> (verified); another pull fetching the same blob is waited for."""
+    def _download(self, src: RegistrySource, i: int, d: mf.Descriptor, dl: Download) -> Path:
+        """Blob i into downloads/<hex> (verified), readable through `dl` while it arrives; another
+        pull fetching the same blob is waited for."""
         final = self.downloads / hex_of(d.digest)
-        lock = FileLock(self.downloads / f"{final.name}.lock")
+        lock: FileLock | None = None
         try:
+            lock = FileLock(self.downloads / f"{final.name}.lock")
             if final.exists():
                 self.events.advance(i, d.size)
+                dl.grow(d.size)
+                dl.finish(final)
                 return final
             self.events.state(i, "downloading")
 
@@ -196,23 +203,32 @@ class Puller:
                 if self._stop.is_set():
                     raise _Cancelled()
                 self.events.advance(i, n)
+                dl.grow(n)
 
-            partial = final.with_suffix(".partial")
-            src.download(d, partial, progress)
-            os.rename(partial, final)
+            src.download(d, dl.path, progress)
+            os.rename(dl.path, final)
+            dl.finish(final)
             self.events.state(i, "downloaded")
             return final
+        except BaseException as e:
+            dl.finish(error=e)
+            raise
         finally:
-            lock.close()
+            if lock is not None:
+                lock.close()
 
-    def _import(self, src: ImageSource, m: mf.Manifest, i: int, fut: "Future[Path] | None", parent: str | None,
-                comp: str, holder: str, kept: list[tuple[Path, str]]) -> Any:
+    def _import(self, src: ImageSource, m: mf.Manifest, i: int, fetch: "tuple[Future[Path], Download] | None",
+                parent: str | None, comp: str, holder: str, kept: list[tuple[Path, str]]) -> Any:
         d = m.layers[i]
-        if fut is not None:
-            path = fut.result()
+        if fetch is not None:
+            fut, dl = fetch
             self.events.state(i, "importing")
-            with open(path, "rb") as f:
-                info = self.store.import_tar(f, parent, retain=holder)
+            reader = FollowingReader(dl, f"layer {i} ({d.digest})")
+            try:
+                info = self.store.import_tar(reader, parent, retain=holder)  # type: ignore[arg-type]
+            finally:
+                reader.close()
+            path = fut.result()
             if comp != "none":
                 kept.append((path, d.digest))
             else:

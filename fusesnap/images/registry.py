@@ -225,7 +225,7 @@ class RegistryClient:
                 if have and r.status_code == 200:  # no range support: start over
                     h, have = hashlib.sha256(), 0
                     progress(-path.stat().st_size)
-                with open(path, "ab" if have else "wb") as f:
+                with open(path, "ab" if have else "wb", buffering=0) as f:  # readers follow the file
                     for b in r.iter_raw():  # as it arrives: a chunk size would buffer (progress, resume)
                         have += len(b)
                         if have > desc.size:

@@ -1,9 +1,10 @@
 """Image pull and push rows: fusesnap against skopeo (+ GNU tar) through loopback registries.
 
 The image is the rootfs workload's two layers, gzip-compressed, with a config,
-in a docker-registry on 127.0.0.1 (the source); pushes go to a second registry
-(a fresh repository each run, so every blob is uploaded; a different host, so
-fusesnap cannot cross-mount either). The reference ("plain" column):
+in a docker-registry on 127.0.0.1 (the source); each push goes to a registry
+started empty for it (so every blob is uploaded: skopeo's blob cache cannot
+mount blobs from an earlier push, and fusesnap cannot mount from the source,
+another host). The reference ("plain" column):
 - pull: `skopeo copy docker://SRC oci:DIR`, then GNU `tar -xzf` of each layer;
 - pull again: the same skopeo copy into the same layout (skopeo skips the blobs it has);
 - push: `skopeo copy oci:DIR docker://DST`.
@@ -100,7 +101,7 @@ class ImageBench:
         self.tmp = Path(tempfile.mkdtemp(prefix="fusesnap-bench-registries-"))
         atexit.register(self.close)
         self.src = _Registry(self.tmp, "src")
-        self.dst = _Registry(self.tmp, "dst")
+        self.dst: _Registry | None = None
         run(["skopeo", "copy", "-q", "--dest-tls-verify=false", f"oci:{self.layout}:latest", self.ref(self.src)],
             timeout=900)
         index = json.loads((self.layout / "index.json").read_text())
@@ -115,14 +116,19 @@ class ImageBench:
     def ref(reg: _Registry, repo: str = REPO) -> str:
         return f"docker://{reg.host}/{repo}:latest"
 
-    def next_push(self) -> str:
+    def fresh_destination(self) -> str:
+        """An empty registry for the next push (the previous one is stopped and deleted)."""
+        if self.dst is not None:
+            self.dst.stop()
+            shutil.rmtree(self.dst.dir, ignore_errors=True)
         self.pushes += 1
-        return self.ref(self.dst, f"bench/push-{self.pushes}")
+        self.dst = _Registry(self.tmp, f"dst-{self.pushes}")
+        return self.ref(self.dst)
 
     def close(self) -> None:
-        for r in ("src", "dst"):
-            if hasattr(self, r):
-                getattr(self, r).stop()
+        for r in (getattr(self, "src", None), getattr(self, "dst", None)):
+            if r is not None:
+                r.stop()
         if hasattr(self, "tmp"):
             shutil.rmtree(self.tmp, ignore_errors=True)
 
@@ -207,6 +213,11 @@ def setup_pulled(c: Ctx) -> None:
         _skopeo_pull(c, b)
 
 
+def setup_push(c: Ctx) -> None:
+    setup_pulled(c)
+    c.m.extra["dest"] = BENCH.fresh_destination()
+
+
 def s_pull_again(c: Ctx) -> float:
     """The same pull into the store (layout) that has the image: no layer may be transferred."""
     b = BENCH.ensure(c.ws)
@@ -222,7 +233,7 @@ def s_pull_again(c: Ctx) -> float:
 def s_push(c: Ctx) -> float:
     """fusesnap: `fusesnap push` of the pulled image; plain: skopeo copy of the layout; to a fresh repository."""
     b = BENCH.ensure(c.ws)
-    dest = b.next_push()
+    dest = c.m.extra["dest"]
     t0 = time.perf_counter()
     if isinstance(c.target, FusesnapStore):
         p = c.target.cli("push", "--plain-http", "--quiet", "bench", dest, root=c.scratch / "store", timeout=1800)
@@ -238,8 +249,8 @@ IMAGE_WORKLOADS = [
              "tool", False, s_pull, applies=only_tool_targets, timed_inside=True),
     Workload("pull-again", "pull it again: no layer bytes (plain: skopeo copy again)", "base", "s", "tool", False,
              s_pull_again, setup=setup_pulled, applies=only_tool_targets, timed_inside=True),
-    Workload("push", "push it to another loopback registry (plain: skopeo copy oci: docker://)", "base", "s",
-             "tool", False, s_push, setup=setup_pulled, applies=only_tool_targets, timed_inside=True),
+    Workload("push", "push it to an empty loopback registry (plain: skopeo copy oci: docker://)", "base", "s",
+             "tool", False, s_push, setup=setup_push, applies=only_tool_targets, timed_inside=True),
 ]
 
 
