@@ -132,3 +132,22 @@ def test_multi_platform_index(registry, shared_tmp):
     p = fusesnap(root, "pull", "--plain-http", "--platform", "linux/s390x", registry.ref("multi/img"))
     err = p.stderr.decode()
     assert p.returncode != 0 and err.count("\n") == 1 and "linux/amd64" in err and "linux/arm64" in err
+
+
+def test_docker_schema2_image(registry, shared_tmp):
+    """A Docker v2 schema 2 manifest (skopeo --format v2s2): pulled, and pushed back unchanged
+    it is the same manifest; into an OCI layout it becomes an OCI manifest over the same blobs."""
+    img = write_layout(shared_tmp / "layout", layer_tars("-v2s2"))
+    skopeo_copy(f"oci:{img.layout}:latest", registry.ref("v2s2/img"), "--format", "v2s2", "--dest-tls-verify=false")
+    raw = skopeo_inspect(registry.ref("v2s2/img"), "--tls-verify=false", raw=True)
+    assert raw["mediaType"] == "application/vnd.docker.distribution.manifest.v2+json"
+    root = shared_tmp / "root"
+    res = json.loads(ok(root, "pull", "--plain-http", registry.ref("v2s2/img"), "--name", "d", "--json"))
+    assert json.loads(ok(root, "images", "inspect", "d", "--json"))["media_type"] == raw["mediaType"]
+    back = ok(root, "push", "--plain-http", "d", registry.ref("v2s2/img", "again")).strip()
+    assert back == res["manifest_digest"]
+    ok(root, "push", "d", f"oci:{shared_tmp / 'out'}:x")
+    out = skopeo_inspect(f"oci:{shared_tmp / 'out'}:x", raw=True)
+    assert out["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
+    assert [x["digest"] for x in out["layers"]] == [x["digest"] for x in raw["layers"]]
+    assert out["config"]["digest"] == raw["config"]["digest"]

@@ -187,3 +187,25 @@ def test_killed_import_resumes(registry, shared_tmp):
     assert p.returncode == 0, p.stderr.decode()
     assert json.loads(p.stdout)["top_chain"] and fusesnap(root, "fsck").returncode == 0
     assert os.listdir(root / "staging") == []
+
+
+def test_gc_during_a_pull_keeps_its_layers(proxied, shared_tmp):
+    proxy, repo = proxied
+    manifest = json.loads(subprocess.run(["skopeo", "inspect", "--raw", "--tls-verify=false",
+                                          f"docker://{proxy.upstream}/{repo}:latest"],
+                                         capture_output=True, text=True, check=True).stdout)
+    last = manifest["layers"][2]["digest"]
+    proxy.rules = [(f"/blobs/{last}", ("slow", 100_000))]
+    root = shared_tmp / "root"
+    proc = subprocess.Popen([script("fusesnap"), "--root", str(root), "pull", "--plain-http", proxy.ref(repo)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while len(json.loads(fusesnap(root, "layers", "--json").stdout or b"[]")) < 2:
+        assert time.monotonic() < deadline and proc.poll() is None, "the first layers did not arrive"
+        time.sleep(0.05)
+    gc = fusesnap(root, "gc", "--json")
+    assert gc.returncode == 0 and json.loads(gc.stdout)["removed"] == []   # retained by the pull
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err.decode()
+    assert len(json.loads(fusesnap(root, "layers", "--json").stdout)) == 3
+    assert json.loads(fusesnap(root, "gc", "--json").stdout)["removed"] == []  # now the record's
