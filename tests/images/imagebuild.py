@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import json
 import os
 import tarfile
@@ -14,30 +13,24 @@ from pathlib import Path
 
 import zstandard
 
+from tarbuild import TarBuilder
+
 BUSYBOX = Path("/bin/busybox")
 MTIME = 1_700_000_000
 
 
 def _tar(members: list[tuple]) -> bytes:
     """members: (name, kind, payload_or_target, mode); kinds: dir, file, symlink, hardlink."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
-        for name, kind, data, mode in members:
-            ti = tarfile.TarInfo(name)
-            ti.mtime, ti.mode, ti.uid, ti.gid = MTIME, mode, 0, 0
-            if kind == "dir":
-                ti.type = tarfile.DIRTYPE
-                t.addfile(ti)
-            elif kind == "file":
-                ti.size = len(data)
-                t.addfile(ti, io.BytesIO(data))
-            elif kind == "symlink":
-                ti.type, ti.linkname = tarfile.SYMTYPE, data
-                t.addfile(ti)
-            elif kind == "hardlink":
-                ti.type, ti.linkname = tarfile.LNKTYPE, data
-                t.addfile(ti)
-    return buf.getvalue()
+    tb = TarBuilder()
+    for name, kind, data, mode in members:
+        if kind == "dir":
+            tb.add(name, mode=mode, mtime=MTIME)
+        elif kind == "file":
+            tb.add(name, data, mode=mode, mtime=MTIME)
+        else:
+            tb.add(name, mode=mode, kind=tarfile.SYMTYPE if kind == "symlink" else tarfile.LNKTYPE, link=data,
+                   mtime=MTIME)
+    return tb.data()
 
 
 def layer_tars(salt: str = "") -> list[bytes]:
