@@ -157,6 +157,8 @@ class RegistryClient:
             return
         if scheme != "bearer" or "realm" not in params:
             raise Unauthorized(f"{self.host} asks for unsupported authentication {challenge!r}")
+        if self._auth and self._auth.startswith("Bearer "):
+            self._tokens.clear()  # the token we sent was refused (expired, or too narrow): ask anew
         self._challenge = (scheme, params)
         self._auth = "Bearer " + self._token(params, extra_scope)
 

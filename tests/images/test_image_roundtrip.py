@@ -151,3 +151,28 @@ def test_docker_schema2_image(registry, shared_tmp):
     assert out["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
     assert [x["digest"] for x in out["layers"]] == [x["digest"] for x in raw["layers"]]
     assert out["config"]["digest"] == raw["config"]["digest"]
+
+
+def test_pull_by_digest_and_retag(registry, shared_tmp):
+    """docker://HOST/REPO@DIGEST is verified against that digest; pulling another image under the
+    same name replaces the record, and the old image's own layers become garbage."""
+    lay = shared_tmp / "layout"
+    old = write_layout(lay, layer_tars("-v1"))
+    skopeo_copy(f"oci:{lay}:latest", registry.ref("retag/img"), "--dest-tls-verify=false")
+    root = shared_tmp / "root"
+    by_digest = f"docker://{registry.host}/retag/img@{old.manifest_digest}"
+    res = json.loads(ok(root, "pull", "--plain-http", by_digest, "--json"))
+    assert res["name"] == f"{registry.host}/retag/img@{old.manifest_digest}"
+    ok(root, "pull", "--plain-http", registry.ref("retag/img"), "--name", "app")
+    new = write_layout(lay, layer_tars("-v2"))
+    skopeo_copy(f"oci:{lay}:latest", registry.ref("retag/img"), "--dest-tls-verify=false")
+    res = json.loads(ok(root, "pull", "--plain-http", registry.ref("retag/img"), "--name", "app", "--json"))
+    assert res["manifest_digest"] == new.manifest_digest
+    assert sorted(r["name"] for r in json.loads(ok(root, "images", "--json"))) == sorted([
+        "app", f"{registry.host}/retag/img@{old.manifest_digest}"])
+    assert json.loads(ok(root, "gc", "--json"))["removed"] == []      # the digest record keeps the old one
+    ok(root, "rmi", f"{registry.host}/retag/img@{old.manifest_digest}")
+    gone = json.loads(ok(root, "gc", "--json"))["removed"]
+    assert len(gone) == 3 and res["top_chain"] not in gone            # old chain only (no layer shared)
+    p = fusesnap(root, "pull", "--plain-http", f"docker://{registry.host}/retag/img@sha256:{'0' * 64}")
+    assert p.returncode != 0 and b"not found" in p.stderr

@@ -80,4 +80,8 @@ def test_bearer_token_over_tls(token_registry, shared_tmp):
     assert reg.extra["token_service"].requests > served
     p = fusesnap(root, "push", "--tls-verify=false", f"{reg.host}/tok/img:latest", reg.ref("tok/pushed"), env=env)
     assert p.returncode == 0, p.stderr.decode()
+    # the blobs came by cross-repository mount, under a token for both repositories
+    mounts = reg.requests("POST", r"/v2/tok/pushed/blobs/uploads/\?mount=")
+    status = [line.split('" ')[1].split()[0] for line in mounts]
+    assert status.count("201") == 3 and set(status) <= {"201", "401"}   # 401: asked for the wider token
     assert fusesnap(root, "fsck").returncode == 0
