@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import time
@@ -110,7 +111,7 @@ def test_import_refuses_image_archives(layout, shared_tmp):
 @pytest.fixture
 def proxied(registry, shared_tmp):
     write_layout(shared_tmp / "layout", layer_tars("-proxy"))
-    img_repo = f"broken/{shared_tmp.name.lower().replace('_', '-')}"
+    img_repo = f"broken/r{secrets.token_hex(4)}"
     skopeo_copy(f"oci:{shared_tmp / 'layout'}:latest", registry.ref(img_repo), "--dest-tls-verify=false")
     proxy = FaultProxy(registry.host)
     yield proxy, img_repo
