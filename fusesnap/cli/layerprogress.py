@@ -14,8 +14,8 @@ from typing import TextIO
 from ..images.events import Events
 
 
-def _mib(n: int) -> str:
-    return f"{n / 1048576:,.1f}"
+def _size(n: int) -> str:
+    return f"{n / 1048576:,.1f} MiB" if n >= 1 << 20 else f"{n / 1024:,.1f} KiB"
 
 
 class LayerProgress(Events):
@@ -53,7 +53,7 @@ class LayerProgress(Events):
     def _line(self, row: list) -> str:
         label, total, done, state = row
         short = label[7:19] if label.startswith("sha256:") else label[:40]
-        amount = f"{_mib(min(done, total))}/{_mib(total)} MiB" if total else ""
+        amount = f"{_size(min(done, total))} of {_size(total)}" if total else ""
         return f"{short:<14} {state:<12} {amount}"
 
     def _draw(self, force: bool = False) -> None:

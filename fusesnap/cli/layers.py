@@ -70,6 +70,10 @@ def cmd_import(args: argparse.Namespace) -> int:
         else:
             try:
                 f = open(args.file, "rb")
+            except IsADirectoryError:
+                hint = (f": an OCI image layout, use `fusesnap pull oci:{args.file}`"
+                        if os.path.exists(os.path.join(args.file, "oci-layout")) else "")
+                raise InvalidInput(f"cannot import {args.file}: it is a directory{hint}") from None
             except OSError as e:
                 raise InvalidInput(f"cannot open {args.file}: {e.strerror}") from None
             with f:

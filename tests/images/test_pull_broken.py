@@ -102,6 +102,7 @@ def test_import_refuses_image_archives(layout, shared_tmp):
         assert p.returncode != 0 and f"pull {kind}:stdin" in p.stderr.decode()
         p = fusesnap(root, "import", "--raw", str(arch))
         assert p.returncode == 0, p.stderr.decode()
+    assert_refused(root, ["import", str(layout.layout)], f"fusesnap pull oci:{layout.layout}")
     # a plain layer (and one from stdin) still imports
     for args, data in ((["import", "-"], layer_tars()[1]), (["import", "-"], layer_tars()[0])):
         p = fusesnap(root, *args, input=data)
