@@ -150,6 +150,8 @@ class Puller:
                     if m.layers[i].digest in str(e):
                         raise
                     raise type(e)(f"layer {i} ({m.layers[i].digest}): {e}") from None
+                if info.chain_id not in retained:
+                    retained.append(info.chain_id)   # import_tar retained it for this pull
                 if not existed and info.chain_id not in created:
                     created.append(info.chain_id)
                 if info.diff_id != diff_ids[i]:
@@ -255,23 +257,19 @@ class Puller:
         return info
 
     def _rollback(self, created: list[str], retained: list[str], holder: str) -> None:
-        """Undo what this pull did to the store: its new layers go, its retains are dropped."""
-        for chain in reversed(created):
+        """Undo what this pull did to the store: its retains are dropped, its new layers go."""
+        for chain in retained:
             try:
                 self.store.release(chain, holder)
             except NotFound:
                 pass
+        for chain in reversed(created):
             try:
                 self.store.remove(chain)
             except (InUse, NotFound):
                 pass  # someone else uses that layer now: it stays
             except FusesnapError as e:
                 log.warning("pull: could not remove %s after the failure: %s", chain, e)
-        for chain in retained:
-            try:
-                self.store.release(chain, holder)
-            except NotFound:
-                pass
 
     def _drop_stale_downloads(self) -> None:
         limit = time.time() - STALE_DOWNLOAD

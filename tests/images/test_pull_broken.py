@@ -211,3 +211,18 @@ def test_gc_during_a_pull_keeps_its_layers(proxied, shared_tmp):
     assert proc.returncode == 0, err.decode()
     assert len(json.loads(fusesnap(root, "layers", "--json").stdout)) == 3
     assert json.loads(fusesnap(root, "gc", "--json").stdout)["removed"] == []  # now the record's
+
+
+def test_failed_pull_over_present_layers_leaves_no_retain(shared_tmp):
+    """Layers a failing pull found present (or re-imported) keep no retain of it afterwards."""
+    tars = layer_tars("-present")
+    good = write_layout(shared_tmp / "good", tars)
+    root = shared_tmp / "root"
+    assert fusesnap(root, "pull", f"oci:{good.layout}").returncode == 0
+    before = store_state(root)
+    other = layer_tars("-other")
+    bad = write_layout(shared_tmp / "bad", [tars[0], tars[1], other[2]],
+                       config=config_json([sha(tars[0]), sha(tars[1]), sha(tars[2])]))
+    p = fusesnap(root, "pull", f"oci:{bad.layout}", "--name", "bad")
+    assert p.returncode != 0 and b"diff_id" in p.stderr
+    assert store_state(root) == before and fusesnap(root, "fsck").returncode == 0
