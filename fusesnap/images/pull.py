@@ -144,6 +144,7 @@ class Puller:
             for i in todo:
                 parent = chains[i - 1] if i else None
                 existed = self.store.exists(chains[i])
+                started = now()
                 try:
                     info = self._import(src, m, i, futures.get(i), parent, comps[i], holder, kept)
                 except FusesnapError as e:
@@ -152,7 +153,9 @@ class Puller:
                     raise type(e)(f"layer {i} ({m.layers[i].digest}): {e}") from None
                 if info.chain_id not in retained:
                     retained.append(info.chain_id)   # import_tar retained it for this pull
-                if not existed and info.chain_id not in created:
+                # a layer whose diffID is not the config's has another chainID: new if created just now
+                new = not existed if info.chain_id == chains[i] else info.created >= started
+                if new and info.chain_id not in created:
                     created.append(info.chain_id)
                 if info.diff_id != diff_ids[i]:
                     raise IntegrityError(f"layer {i} ({m.layers[i].digest}) decompresses to {info.diff_id}, but "
