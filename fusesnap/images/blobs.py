@@ -72,6 +72,25 @@ def digest_file(path: Path) -> tuple[str, int]:
     return "sha256:" + h.hexdigest(), size
 
 
+def copy_verified(src: Path, dst: Path, digest: str, progress: Callable[[int], None] | None = None) -> None:
+    """Copy a blob file, hashing it on the way; `dst` appears (by rename) only if the digest matches."""
+    tmp = dst.with_name(f".{dst.name}.{secrets.token_hex(4)}.tmp")
+    h = hashlib.sha256()
+    try:
+        with open(src, "rb") as fi, open(tmp, "wb") as fo:
+            while b := fi.read(CHUNK):
+                h.update(b)
+                fo.write(b)
+                if progress is not None:
+                    progress(len(b))
+        got = "sha256:" + h.hexdigest()
+        if got != digest:
+            raise IntegrityError(f"blob {digest} in {src} does not match its content (sha256 is {got})")
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def verify_bytes(data: bytes, digest: str, what: str) -> bytes:
     got = "sha256:" + hashlib.sha256(data).hexdigest()
     if got != digest:

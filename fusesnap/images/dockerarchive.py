@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -18,6 +17,7 @@ from typing import Any, BinaryIO
 from ..digest import hex_of
 from ..errors import InvalidInput
 from . import manifest as mf
+from .blobs import copy_verified
 from .localfiles import TarFiles, read_small
 from .packing import ArchiveStaging, write_atomic
 from .reference import parse_docker
@@ -133,9 +133,7 @@ class DockerArchiveWriter:
         if isinstance(src, bytes):
             write_atomic(dst, src)
         else:
-            shutil.copyfile(src, dst)
-            if progress is not None:
-                progress(desc.size)
+            copy_verified(src, dst, desc.digest, progress)
 
     def put_manifest(self, m: mf.Manifest, config: bytes) -> str:
         entry = {"Config": self._file(m.config), "RepoTags": [self.tag] if self.tag else [],

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -14,6 +12,7 @@ from typing import Any, BinaryIO
 from ..digest import hex_of
 from ..errors import InvalidInput, NotFound
 from . import manifest as mf
+from .blobs import copy_verified
 from .localfiles import DirFiles, Files, TarFiles, read_small
 from .packing import ArchiveStaging, write_atomic
 
@@ -108,11 +107,7 @@ class LayoutWriter:
         if isinstance(src, bytes):
             write_atomic(dst, src)
             return
-        tmp = dst.with_name(dst.name + ".tmp")
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-        if progress is not None:
-            progress(desc.size)
+        copy_verified(src, dst, desc.digest, progress)
 
     def put_manifest(self, m: mf.Manifest, config: bytes) -> str:
         """Write the manifest blob and point index.json's entry for our tag at it."""

@@ -170,3 +170,17 @@ def test_progress_per_layer_on_a_terminal(shared_tmp):
     assert shown == ""
     p = fusesnap(root, "pull", f"oci:{img.layout}", "--name", "r")   # not a terminal: no progress lines
     assert all(d[7:19] not in p.stderr.decode() for d in img.layer_digests)
+
+
+def test_push_refuses_a_damaged_kept_blob(shared_tmp):
+    img = write_layout(shared_tmp / "layout", layer_tars("-damaged"))
+    root = shared_tmp / "root"
+    ok(root, "pull", f"oci:{img.layout}", "--name", "img")
+    kept = root / "images" / "blobs" / "sha256" / img.layer_digests[0][7:]
+    data = bytearray(kept.read_bytes())
+    data[100] ^= 1
+    kept.write_bytes(bytes(data))
+    p = fusesnap(root, "push", "img", f"oci:{shared_tmp / 'out'}:t")
+    err = p.stderr.decode()
+    assert p.returncode != 0 and err.count("\n") == 1 and img.layer_digests[0] in err and "does not match" in err
+    assert not (shared_tmp / "out" / "blobs" / "sha256" / img.layer_digests[0][7:]).exists()
