@@ -129,6 +129,14 @@ def test_multi_platform_index(registry, shared_tmp):
     other = json.loads(ok(root, "pull", "--plain-http", "--platform", "linux/arm64", registry.ref("multi/img"),
                           "--name", "arm", "--json"))
     assert other["manifest_digest"] == arm.manifest_digest and other["platform"] == "linux/arm64"
+    # the same as a Docker manifest list of schema 2 manifests
+    skopeo_copy(f"oci:{lay}:multi", registry.ref("multi/v2s2"), "--all", "--format", "v2s2",
+                "--dest-tls-verify=false")
+    raw = skopeo_inspect(registry.ref("multi/v2s2"), "--tls-verify=false", raw=True)
+    assert raw["mediaType"] == "application/vnd.docker.distribution.manifest.list.v2+json"
+    docker = json.loads(ok(root, "pull", "--plain-http", "--platform", "linux/arm64", registry.ref("multi/v2s2"),
+                           "--name", "arm-v2s2", "--json"))
+    assert docker["platform"] == "linux/arm64" and docker["top_chain"] == other["top_chain"]
     p = fusesnap(root, "pull", "--plain-http", "--platform", "linux/s390x", registry.ref("multi/img"))
     err = p.stderr.decode()
     assert p.returncode != 0 and err.count("\n") == 1 and "linux/amd64" in err and "linux/arm64" in err
