@@ -134,7 +134,7 @@ class ChainView:
                 raise NotInAnyLayer(shown, f"{os.fsdecode(b'/'.join(cur))} is not a directory")
             kid = node.kids.get(name)
             if kid is None:
-                raise self._missing(b"/".join(cur + [name]), shown)
+                raise self._missing(b"/".join(cur + [name]), shown, bool(todo))
             if S.S_ISLNK(kid.mode):
                 hops += 1
                 if hops > MAX_SYMLINKS:
@@ -175,21 +175,26 @@ class ChainView:
     def _below(self, i: int, path: bytes) -> bool:
         return any(path in self._index(j).names for j in range(i))
 
-    def _missing(self, path: bytes, shown: str) -> RecordError:
-        """Why the merged tree has nothing at `path` (the first missing component of a walk)."""
+    def _missing(self, path: bytes, shown: str, directory: bool) -> RecordError:
+        """Why the merged tree has nothing at `path`, the first missing component of a walk
+        (`directory`: one above the file asked for)."""
         above = _ancestors(path)
+        what = f"its directory {os.fsdecode(path)}" if directory else "it"
         for i in range(len(self.chain) - 1, -1, -1):
             ix = self._index(i)
             if path in ix.names:        # a higher layer replaced a directory above it
-                return NotInAnyLayer(shown, f"hidden by a layer above layer {i}")
+                return NotInAnyLayer(shown, f"{what} is hidden by a layer above layer {i}")
             gone = next((a for a in above[1:] + [path] if a in ix.whiteouts), None)
             if gone is not None and self._below(i, path):
-                what = "" if gone == path else f" (with its directory {os.fsdecode(gone)})"
-                return DeletedFile(shown, f"deleted by a whiteout in layer {i}{what}")
+                if gone != path:
+                    what += f" (with its directory {os.fsdecode(gone)})"
+                return DeletedFile(shown, f"{what} was deleted by a whiteout in layer {i}")
             opq = next((a for a in above if a in ix.opaque), None)
             if opq is not None and self._below(i, path):
-                return HiddenByOpaque(shown, f"inside {os.fsdecode(opq) or '/'}, which layer {i} made opaque")
-        return NotInAnyLayer(shown, f"in no layer of {self.chain[-1] if self.chain else 'the empty chain'}")
+                return HiddenByOpaque(shown, f"{what} is inside {os.fsdecode(opq) or '/'}, which layer {i} made "
+                                      "opaque")
+        return NotInAnyLayer(shown, f"{what} is in no layer of "
+                             f"{self.chain[-1] if self.chain else 'the empty chain'}")
 
 
 def record_layers(store: "LayerStore", top: str | None) -> list[tuple[str, str | None]]:
