@@ -6,10 +6,13 @@ standard library and the shared objects it loads, self-contained under /opt/benc
 rootfs. The program, run in bwrap on the mount: `sh -c 'python3 -c "import json,
 email.parser, http.client, ..."'`. Its access record is made once per run on a recorded
 mount (untimed). Every row starts with the caches dropped (`sync; echo 3 >
-/proc/sys/vm/drop_caches`, by the runner); the mount is made after that and not timed:
+/proc/sys/vm/drop_caches`, by the runner); in the first three the mount is made after
+that and not timed:
 - cold start: the program alone (plain: the same files in a directory);
 - cold start after warm-up: `fusesnap warm KEY --record FILE` (not timed), then the program;
-- warm-up: `fusesnap warm` alone, the whole command.
+- warm-up: `fusesnap warm` alone, the whole command;
+- from cold, mount and program together, without and with `fusesnap warm` started in the
+  background just before the mount (the program does not wait for it).
 """
 
 from __future__ import annotations
@@ -165,11 +168,16 @@ class Mounted:
     def __init__(self, t: FusesnapStore, chain: str, scratch: Path, record: Path | None = None) -> None:
         self.t, self.chain, self.record = t, chain, record
         self.mnt = scratch / "mnt"
-        self.key = f"python-{os.getpid()}-{time.monotonic_ns()}"
+        self.key = f"python-{scratch.name}"
+
+    def prepare(self) -> None:
+        """The snapshot and the mount point (done by __enter__ unless done before)."""
+        if not self.mnt.is_dir():
+            self.mnt.mkdir(parents=True)
+            self.t.cli("prepare", self.key, self.chain)
 
     def __enter__(self) -> Path:
-        self.mnt.mkdir(parents=True)
-        self.t.cli("prepare", self.key, self.chain)
+        self.prepare()
         self.t.cli("mount", *(["--record", str(self.record)] if self.record else []), self.key, str(self.mnt))
         return self.mnt
 
@@ -230,6 +238,42 @@ def s_warm(c: Ctx) -> float:
     return time.perf_counter() - t0
 
 
+def setup_prepared(c: Ctx) -> None:
+    """As setup, and the run's snapshot prepared before the caches are dropped."""
+    setup(c)
+    assert isinstance(c.target, FusesnapStore)
+    Mounted(c.target, IMAGE.chain(c.target), c.scratch).prepare()
+
+
+def s_mount_start(c: Ctx) -> float:
+    """From cold: `fusesnap mount`, then the program (the unmount is not timed)."""
+    assert isinstance(c.target, FusesnapStore)
+    m = Mounted(c.target, IMAGE.chain(c.target), c.scratch)
+    t0 = time.perf_counter()
+    with m as mnt:
+        start(mnt)
+        return time.perf_counter() - t0
+
+
+def s_mount_start_warming(c: Ctx) -> float:
+    """From cold: `fusesnap warm` started in the background, `fusesnap mount` meanwhile, then
+    the program at once (the warm-up may still run; its end is not waited for)."""
+    assert isinstance(c.target, FusesnapStore)
+    t = c.target
+    m = Mounted(t, IMAGE.chain(t), c.scratch)
+    rec = IMAGE.record(t, c.scratch)
+    t0 = time.perf_counter()
+    bg = subprocess.Popen([str(t.program), "--root", str(t.store), "warm", m.key, "--record", str(rec)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        with m as mnt:
+            start(mnt)
+            return time.perf_counter() - t0
+    finally:
+        _, err = bg.communicate(timeout=300)
+        check(bg.returncode == 0, f"fusesnap warm: {err.decode(errors='replace').strip()[-200:]}")
+
+
 def only_store(t: Target) -> str | None:
     return None if t.name == "fusesnap" else "not a layer store"
 
@@ -241,4 +285,8 @@ RECORDER_WORKLOADS = [
              s_after_warm, setup=setup, applies=only_store, timed_inside=True),
     Workload("warm-up", "`fusesnap warm` of that record, cold", "base", "s", "tool", True, s_warm, setup=setup,
              applies=only_store, timed_inside=True),
+    Workload("mount-start", "`fusesnap mount` + python start-up, cold", "base", "s", "tool", True, s_mount_start,
+             setup=setup_prepared, applies=only_store, timed_inside=True),
+    Workload("mount-start-warming", "the same, `fusesnap warm` started alongside the mount", "base", "s", "tool",
+             True, s_mount_start_warming, setup=setup_prepared, applies=only_store, timed_inside=True),
 ]
