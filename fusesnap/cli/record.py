@@ -11,13 +11,17 @@ import argparse
 import sys
 from typing import Any
 
-from ..errors import NotFound
+from ..errors import InvalidInput, NotFound
 
 
 def _emit(obj: Any) -> None:
     from .main import emit_json
 
     emit_json(obj)
+
+
+def _files(n: int) -> str:
+    return f"{n} file" if n == 1 else f"{n} files"
 
 
 def _mib(n: int) -> str:
@@ -69,6 +73,8 @@ def cmd_warm(args: argparse.Namespace) -> int:
     from ..store.layerstore import LayerStore
     from .progress import Progress
 
+    if args.jobs < 1:
+        raise InvalidInput("--jobs must be at least 1")
     entries = load(args.record)
     top = top_chain_of(args, args.target)
     with LayerStore(args.root) as st:
@@ -81,10 +87,10 @@ def cmd_warm(args: argparse.Namespace) -> int:
     if args.json:
         _emit(res.to_json())
         return 0
-    print(f"warmed {res.files} files, {_mib(res.bytes)} in {res.seconds:.2f} s")
+    print(f"warmed {_files(res.files)}, {_mib(res.bytes)} in {res.seconds:.2f} s")
     if res.missing:
-        print(f"{len(res.missing)} recorded files are not in {args.target} (made by the workload, or deleted "
-              "since)", file=sys.stderr)
+        print(f"{_files(len(res.missing))} of the record not in {args.target} (made by the workload, or "
+              "deleted since)", file=sys.stderr)
     return 0
 
 
@@ -106,9 +112,10 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     if not args.quiet:
         moved = sum(r.moved for r in res.layers)
         stuck = sum(len(r.stuck) for r in res.layers)
-        print(f"optimized {args.image} into {args.name}: {len(res.layers)} layers rewritten, {moved} recorded "
-              f"files first" + (f", {stuck} left in place (duplicate names)" if stuck else "")
-              + (f"; {len(res.missing)} recorded files not in the image" if res.missing else ""), file=sys.stderr)
+        print(f"optimized {args.image} into {args.name}: {len(res.layers)} layers rewritten, {_files(moved)} "
+              "placed first" + (f", {_files(stuck)} left in place (duplicate names)" if stuck else "")
+              + (f"; {_files(len(res.missing))} of the record not in the image" if res.missing else ""),
+              file=sys.stderr)
     return 0
 
 

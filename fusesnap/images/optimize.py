@@ -23,14 +23,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from ..digest import chain_id as make_chain_id
-from ..errors import FusesnapError, InUse, InvalidInput, IntegrityError, NotFound
+from ..errors import IntegrityError, InvalidInput, NotFound
 from ..snapshots.accessrecord import RecordEntry, first_accesses
 from ..snapshots.recorder import ChainView, RecordError
 from . import layerorder
 from . import manifest as mf
 from .blobs import BlobDir
 from .events import Events
-from .pull import images_dir
+from .pull import images_dir, rollback
 from .push import COMPRESSIONS, CompressingWriter
 from .records import ImageRecord, ImageRecords, now
 
@@ -131,7 +131,7 @@ class Optimizer:
             if old is not None:
                 self.blobs.remove_unlisted(self.records.kept_blobs())
         except BaseException:
-            self._rollback(created, retained)
+            rollback(self.store, created, retained, self.holder, "optimize")
             raise
         finally:
             for path in blobs:
@@ -183,20 +183,6 @@ class Optimizer:
         self.events.state(i, "done")
         return LayerResult(i, info.chain_id, diff_id, source, len(plan.moved),
                            [os.fsdecode(p) for p in plan.stuck]), desc
-
-    def _rollback(self, created: list[str], retained: list[str]) -> None:
-        for c in retained:
-            try:
-                self.store.release(c, self.holder)
-            except NotFound:
-                pass
-        for c in reversed(created):
-            try:
-                self.store.remove(c)
-            except (InUse, NotFound):
-                pass
-            except FusesnapError as e:
-                log.warning("optimize: could not remove %s after the failure: %s", c, e)
 
 
 def optimize(store: "LayerStore", image: str, entries: Sequence[RecordEntry], name: str,

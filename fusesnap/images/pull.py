@@ -172,7 +172,7 @@ class Puller:
                 self.blobs.remove_unlisted(self.records.kept_blobs())
         except BaseException:
             self._stop.set()
-            self._rollback(created, retained, holder)
+            rollback(self.store, created, retained, holder, "pull")
             for path, _ in kept:
                 if path.parent == self.blobs.tmp:
                     path.unlink(missing_ok=True)
@@ -266,21 +266,6 @@ class Puller:
             kept.append((tee_path, d.digest))
         return info
 
-    def _rollback(self, created: list[str], retained: list[str], holder: str) -> None:
-        """Undo what this pull did to the store: its retains are dropped, its new layers go."""
-        for chain in retained:
-            try:
-                self.store.release(chain, holder)
-            except NotFound:
-                pass
-        for chain in reversed(created):
-            try:
-                self.store.remove(chain)
-            except (InUse, NotFound):
-                pass  # someone else uses that layer now: it stays
-            except FusesnapError as e:
-                log.warning("pull: could not remove %s after the failure: %s", chain, e)
-
     def _drop_stale_downloads(self) -> None:
         limit = time.time() - STALE_DOWNLOAD
         for p in self.downloads.iterdir():
@@ -291,6 +276,23 @@ class Puller:
                     p.unlink()
             except FileNotFoundError:
                 pass
+
+
+def rollback(store: "LayerStore", created: list[str], retained: list[str], holder: str, what: str) -> None:
+    """Undo what a failed pull (or optimize) did to the store: its retains are dropped, its new
+    layers go."""
+    for chain in retained:
+        try:
+            store.release(chain, holder)
+        except NotFound:
+            pass
+    for chain in reversed(created):
+        try:
+            store.remove(chain)
+        except (InUse, NotFound):
+            pass  # someone else uses that layer now: it stays
+        except FusesnapError as e:
+            log.warning("%s: could not remove %s after the failure: %s", what, chain, e)
 
 
 def pull(store: "LayerStore", ref: ImageRef, **kw: Any) -> PullResult:

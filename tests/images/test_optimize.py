@@ -14,7 +14,6 @@ import re
 import tarfile
 from pathlib import Path
 
-import pytest
 
 from fusesnap.snapshots.recorder import Recorder
 from fusesnap.store.layerstore import LayerStore
