@@ -226,3 +226,25 @@ def test_failed_pull_over_present_layers_leaves_no_retain(shared_tmp):
     p = fusesnap(root, "pull", f"oci:{bad.layout}", "--name", "bad")
     assert p.returncode != 0 and b"diff_id" in p.stderr
     assert store_state(root) == before and fusesnap(root, "fsck").returncode == 0
+
+
+def test_killed_pull_retains_are_released_by_the_next_pull(proxied, shared_tmp):
+    proxy, repo = proxied
+    manifest = json.loads(subprocess.run(["skopeo", "inspect", "--raw", "--tls-verify=false",
+                                          f"docker://{proxy.upstream}/{repo}:latest"],
+                                         capture_output=True, text=True, check=True).stdout)
+    proxy.rules = [(f"/blobs/{manifest['layers'][2]['digest']}", ("slow", 50_000))]
+    root = shared_tmp / "root"
+    proc = subprocess.Popen([script("fusesnap"), "--root", str(root), "pull", "--plain-http", proxy.ref(repo)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while len(json.loads(fusesnap(root, "layers", "--json").stdout or b"[]")) < 2:
+        assert time.monotonic() < deadline and proc.poll() is None, "the first layers did not arrive"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert json.loads(fusesnap(root, "gc", "--json").stdout)["removed"] == []   # still retained
+    other = write_layout(shared_tmp / "other", layer_tars("-other-image"))
+    assert fusesnap(root, "pull", f"oci:{other.layout}").returncode == 0      # releases the dead pull's
+    removed = json.loads(fusesnap(root, "gc", "--json").stdout)["removed"]
+    assert len(removed) == 2 and fusesnap(root, "fsck").returncode == 0
