@@ -1,0 +1,197 @@
+"""The Snapshots servicer: containerd's RPCs on the store's Snapshotter.
+
+gRPC runs each call on a pool thread; every thread gets its own Snapshotter
+(its own SQLite connections), so calls run side by side the way separate
+`fusesnap` processes do, with the store's locks and transactions keeping
+them apart.
+
+Remote snapshots: every store layer is a committed snapshot named by its
+chainID. When containerd's unpacker prepares a layer it labels the request
+with `containerd.io/snapshot.ref` = the chainID it is about to build; if the
+store already holds that layer on the same parent, Prepare answers
+AlreadyExists and containerd reuses the layer instead of extracting it
+again (it finds it by listing with that label, which such layers carry).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Any, Callable, Iterator, TypeVar
+
+import grpc
+from google.protobuf.empty_pb2 import Empty
+
+from ..digest import is_digest
+from ..errors import AlreadyExists, InvalidInput, NotFound
+from ..snapshots.filters import info_adaptor, match_any, parse_filters
+from ..snapshots.snapshotter import Info, Snapshotter
+from . import convert
+from .errmap import status_of
+from .pb import snapshots_pb2 as pb, snapshots_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+REF_LABEL = "containerd.io/snapshot.ref"
+# Store reference held on layers containerd adopted through the remote-snapshot path
+# (it knows them by their bare chainID); dropped when containerd removes that name.
+REMOTE_HOLDER = "containerd:remote-snapshot"
+MAX_LABEL_SIZE = 4096          # containerd's labels.Validate: len(key) + len(value)
+LIST_BATCH = 100               # infos per List message, as containerd's own server sends
+
+T = TypeVar("T")
+
+
+def check_labels(labels: dict[str, str]) -> None:
+    for k, v in labels.items():
+        if not k:
+            raise InvalidInput("label key must not be empty")
+        if len(k) + len(v) > MAX_LABEL_SIZE:
+            raise InvalidInput(f"label {k[:64]!r}: key and value exceed {MAX_LABEL_SIZE} bytes")
+
+
+class SnapshotsService(pb_grpc.SnapshotsServicer):
+    """containerd.services.snapshots.v1.Snapshots over the store at `root`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self._local = threading.local()
+        self._all: list[Snapshotter] = []
+        self._lock = threading.Lock()
+        self._sn()  # open (and create) the store now: a bad root fails at start, not at the first call
+
+    def _sn(self) -> Snapshotter:
+        sn = getattr(self._local, "sn", None)
+        if sn is None:
+            sn = Snapshotter(self.root)
+            self._local.sn = sn
+            with self._lock:
+                self._all.append(sn)
+        return sn
+
+    def close(self) -> None:
+        """Close every thread's Snapshotter (after the server stopped calling in)."""
+        with self._lock:
+            for sn in self._all:
+                sn.close()
+            self._all.clear()
+
+    # -- helpers --------------------------------------------------------------------
+    @staticmethod
+    def _call(context: grpc.ServicerContext, what: str, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except Exception as e:        # every failure becomes a status: containerd reads the code
+            code = status_of(e)
+            if code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
+                log.exception("%s failed", what)
+            else:
+                log.info("%s: %s", what, e)
+            context.abort(code, str(e))   # raises: the call ends with that status
+            raise
+
+    @staticmethod
+    def _present(info: Info) -> Info:
+        """A layer snapshot (named by its chainID) carries the ref label containerd looks it up by."""
+        if info.kind == "committed" and info.chain_id == info.name and REF_LABEL not in info.labels:
+            info.labels = {**info.labels, REF_LABEL: info.name}
+        return info
+
+    @staticmethod
+    def _reusable_layer(sn: Snapshotter, parent: str, labels: dict[str, str]) -> str | None:
+        """The chainID containerd asks for (ref label) if the store has that layer on exactly `parent`."""
+        ref = labels.get(REF_LABEL, "")
+        if not is_digest(ref):
+            return None
+        try:
+            info = sn.stat(ref)
+        except NotFound:
+            return None
+        if info.kind != "committed" or info.chain_id != ref or info.parent != parent:
+            return None
+        return ref
+
+    def _create(self, kind: str, request: Any) -> list:
+        sn = self._sn()
+        labels = dict(request.labels)
+        check_labels(labels)
+        if kind == "active":
+            ref = self._reusable_layer(sn, request.parent, labels)
+            if ref is not None:
+                sn.store.add_ref(ref, REMOTE_HOLDER)
+                raise AlreadyExists(f"target snapshot {ref!r} already exists in the store")
+            mounts = sn.prepare(request.key, request.parent, labels)
+        else:
+            mounts = sn.view(request.key, request.parent, labels)
+        return convert.mounts_to_pb(mounts)
+
+    def _remove(self, key: str) -> None:
+        sn = self._sn()
+        info = sn.stat(key)
+        if info.kind == "committed" and info.chain_id == key:
+            try:
+                sn.store.drop_ref(key, REMOTE_HOLDER)
+            except NotFound:
+                pass
+        sn.remove(key)
+
+    # -- RPCs -----------------------------------------------------------------------
+    def Prepare(self, request: pb.PrepareSnapshotRequest, context: grpc.ServicerContext) -> pb.PrepareSnapshotResponse:
+        mounts = self._call(context, f"prepare {request.key!r}", lambda: self._create("active", request))
+        return pb.PrepareSnapshotResponse(mounts=mounts)
+
+    def View(self, request: pb.ViewSnapshotRequest, context: grpc.ServicerContext) -> pb.ViewSnapshotResponse:
+        mounts = self._call(context, f"view {request.key!r}", lambda: self._create("view", request))
+        return pb.ViewSnapshotResponse(mounts=mounts)
+
+    def Mounts(self, request: pb.MountsRequest, context: grpc.ServicerContext) -> pb.MountsResponse:
+        mounts = self._call(context, f"mounts {request.key!r}", lambda: self._sn().mounts(request.key))
+        return pb.MountsResponse(mounts=convert.mounts_to_pb(mounts))
+
+    def Commit(self, request: pb.CommitSnapshotRequest, context: grpc.ServicerContext) -> Empty:
+        def commit() -> None:
+            labels = dict(request.labels)
+            check_labels(labels)
+            self._sn().commit(request.name, request.key, labels)
+        self._call(context, f"commit {request.key!r} as {request.name!r}", commit)
+        return Empty()
+
+    def Remove(self, request: pb.RemoveSnapshotRequest, context: grpc.ServicerContext) -> Empty:
+        self._call(context, f"remove {request.key!r}", lambda: self._remove(request.key))
+        return Empty()
+
+    def Stat(self, request: pb.StatSnapshotRequest, context: grpc.ServicerContext) -> pb.StatSnapshotResponse:
+        info = self._call(context, f"stat {request.key!r}", lambda: self._present(self._sn().stat(request.key)))
+        return pb.StatSnapshotResponse(info=convert.info_to_pb(info))
+
+    def Update(self, request: pb.UpdateSnapshotRequest, context: grpc.ServicerContext) -> pb.UpdateSnapshotResponse:
+        def update() -> Info:
+            want = convert.info_from_pb(request.info)
+            check_labels(want.labels)
+            return self._present(self._sn().update(want, *request.update_mask.paths))
+        info = self._call(context, f"update {request.info.name!r}", update)
+        return pb.UpdateSnapshotResponse(info=convert.info_to_pb(info))
+
+    def List(self, request: pb.ListSnapshotsRequest, context: grpc.ServicerContext) -> Iterator[pb.ListSnapshotsResponse]:
+        def listing() -> list[pb.Info]:
+            filters = parse_filters(list(request.filters))
+            out = []
+            for info in self._sn().list():
+                info = self._present(info)
+                adapt = info_adaptor({"name": info.name, "kind": info.kind, "parent": info.parent}, info.labels)
+                if match_any(filters, adapt):
+                    out.append(convert.info_to_pb(info))
+            return out
+        infos = self._call(context, "list", listing)
+        for i in range(0, len(infos), LIST_BATCH):
+            yield pb.ListSnapshotsResponse(info=infos[i:i + LIST_BATCH])
+
+    def Usage(self, request: pb.UsageRequest, context: grpc.ServicerContext) -> pb.UsageResponse:
+        usage = self._call(context, f"usage {request.key!r}", lambda: self._sn().usage(request.key))
+        return convert.usage_to_pb(usage)
+
+    def Cleanup(self, request: pb.CleanupRequest, context: grpc.ServicerContext) -> Empty:
+        removed = self._call(context, "cleanup", lambda: self._sn().cleanup())
+        log.info("cleanup removed %d leftovers", len(removed))
+        return Empty()
