@@ -5,16 +5,17 @@ gRPC runs each call on a pool thread; every thread gets its own Snapshotter
 `fusesnap` processes do, with the store's locks and transactions keeping
 them apart.
 
-Remote snapshots: every store layer is a committed snapshot named by its
-chainID. When containerd's unpacker prepares a layer it labels the request
-with `containerd.io/snapshot.ref` = the chainID it is about to build; if the
-store already holds that layer on the same parent, Prepare answers
-AlreadyExists and containerd reuses the layer instead of extracting it
-again (it finds it by listing with that label, which such layers carry).
+Remote snapshots: when containerd's unpacker prepares a layer it may label
+the request `containerd.io/snapshot.ref` = the chainID it is about to build.
+A commit keeps that label from its active snapshot, so if a committed
+snapshot with that label already sits on the same parent, Prepare answers
+AlreadyExists and containerd adopts that snapshot (it finds it by listing
+with the label) instead of extracting the layer again.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from pathlib import Path
@@ -23,9 +24,7 @@ from typing import Any, Callable, Iterator, TypeVar
 import grpc
 from google.protobuf.empty_pb2 import Empty
 
-from ..digest import is_digest
-from ..errors import AlreadyExists, InvalidInput, NotFound
-from ..snapshots.filters import info_adaptor, match_any, parse_filters
+from ..errors import AlreadyExists, InvalidInput
 from ..snapshots.snapshotter import Info, Snapshotter
 from . import convert
 from .errmap import status_of
@@ -34,9 +33,6 @@ from .pb import snapshots_pb2 as pb, snapshots_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 REF_LABEL = "containerd.io/snapshot.ref"
-# Store reference held on layers containerd adopted through the remote-snapshot path
-# (it knows them by their bare chainID); dropped when containerd removes that name.
-REMOTE_HOLDER = "containerd:remote-snapshot"
 MAX_LABEL_SIZE = 4096          # containerd's labels.Validate: len(key) + len(value)
 LIST_BATCH = 100               # infos per List message, as containerd's own server sends
 
@@ -92,49 +88,38 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
             raise
 
     @staticmethod
-    def _present(info: Info) -> Info:
-        """A layer snapshot (named by its chainID) carries the ref label containerd looks it up by."""
-        if info.kind == "committed" and info.chain_id == info.name and REF_LABEL not in info.labels:
-            info.labels = {**info.labels, REF_LABEL: info.name}
-        return info
-
-    @staticmethod
-    def _reusable_layer(sn: Snapshotter, parent: str, labels: dict[str, str]) -> str | None:
-        """The chainID containerd asks for (ref label) if the store has that layer on exactly `parent`."""
+    def _existing_ref(sn: Snapshotter, parent: str, labels: dict[str, str]) -> str | None:
+        """The committed snapshot built from the layer containerd is about to extract (ref label)
+        on exactly `parent`, if there is one."""
         ref = labels.get(REF_LABEL, "")
-        if not is_digest(ref):
+        if not ref:
             return None
-        try:
-            info = sn.stat(ref)
-        except NotFound:
-            return None
-        if info.kind != "committed" or info.chain_id != ref or info.parent != parent:
-            return None
-        return ref
+        for info in sn.list(f'labels."{REF_LABEL}"=={json.dumps(ref)}'):
+            if info.kind == "committed" and info.parent == parent:
+                return info.name
+        return None
 
     def _create(self, kind: str, request: Any) -> list:
         sn = self._sn()
         labels = dict(request.labels)
         check_labels(labels)
         if kind == "active":
-            ref = self._reusable_layer(sn, request.parent, labels)
-            if ref is not None:
-                sn.store.add_ref(ref, REMOTE_HOLDER)
-                raise AlreadyExists(f"target snapshot {ref!r} already exists in the store")
+            existing = self._existing_ref(sn, request.parent, labels)
+            if existing is not None:
+                raise AlreadyExists(f"target snapshot {labels[REF_LABEL]!r} already exists as {existing!r}")
             mounts = sn.prepare(request.key, request.parent, labels)
         else:
             mounts = sn.view(request.key, request.parent, labels)
         return convert.mounts_to_pb(mounts)
 
-    def _remove(self, key: str) -> None:
+    def _commit(self, request: pb.CommitSnapshotRequest) -> None:
         sn = self._sn()
-        info = sn.stat(key)
-        if info.kind == "committed" and info.chain_id == key:
-            try:
-                sn.store.drop_ref(key, REMOTE_HOLDER)
-            except NotFound:
-                pass
-        sn.remove(key)
+        labels = dict(request.labels)
+        check_labels(labels)
+        ref = sn.stat(request.key).labels.get(REF_LABEL)
+        if ref and REF_LABEL not in labels:
+            labels[REF_LABEL] = ref      # what a later Prepare of the same layer finds it by
+        sn.commit(request.name, request.key, labels)
 
     # -- RPCs -----------------------------------------------------------------------
     def Prepare(self, request: pb.PrepareSnapshotRequest, context: grpc.ServicerContext) -> pb.PrepareSnapshotResponse:
@@ -150,40 +135,27 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
         return pb.MountsResponse(mounts=convert.mounts_to_pb(mounts))
 
     def Commit(self, request: pb.CommitSnapshotRequest, context: grpc.ServicerContext) -> Empty:
-        def commit() -> None:
-            labels = dict(request.labels)
-            check_labels(labels)
-            self._sn().commit(request.name, request.key, labels)
-        self._call(context, f"commit {request.key!r} as {request.name!r}", commit)
+        self._call(context, f"commit {request.key!r} as {request.name!r}", lambda: self._commit(request))
         return Empty()
 
     def Remove(self, request: pb.RemoveSnapshotRequest, context: grpc.ServicerContext) -> Empty:
-        self._call(context, f"remove {request.key!r}", lambda: self._remove(request.key))
+        self._call(context, f"remove {request.key!r}", lambda: self._sn().remove(request.key))
         return Empty()
 
     def Stat(self, request: pb.StatSnapshotRequest, context: grpc.ServicerContext) -> pb.StatSnapshotResponse:
-        info = self._call(context, f"stat {request.key!r}", lambda: self._present(self._sn().stat(request.key)))
+        info = self._call(context, f"stat {request.key!r}", lambda: self._sn().stat(request.key))
         return pb.StatSnapshotResponse(info=convert.info_to_pb(info))
 
     def Update(self, request: pb.UpdateSnapshotRequest, context: grpc.ServicerContext) -> pb.UpdateSnapshotResponse:
         def update() -> Info:
             want = convert.info_from_pb(request.info)
             check_labels(want.labels)
-            return self._present(self._sn().update(want, *request.update_mask.paths))
+            return self._sn().update(want, *request.update_mask.paths)
         info = self._call(context, f"update {request.info.name!r}", update)
         return pb.UpdateSnapshotResponse(info=convert.info_to_pb(info))
 
     def List(self, request: pb.ListSnapshotsRequest, context: grpc.ServicerContext) -> Iterator[pb.ListSnapshotsResponse]:
-        def listing() -> list[pb.Info]:
-            filters = parse_filters(list(request.filters))
-            out = []
-            for info in self._sn().list():
-                info = self._present(info)
-                adapt = info_adaptor({"name": info.name, "kind": info.kind, "parent": info.parent}, info.labels)
-                if match_any(filters, adapt):
-                    out.append(convert.info_to_pb(info))
-            return out
-        infos = self._call(context, "list", listing)
+        infos = self._call(context, "list", lambda: [convert.info_to_pb(i) for i in self._sn().list(*request.filters)])
         for i in range(0, len(infos), LIST_BATCH):
             yield pb.ListSnapshotsResponse(info=infos[i:i + LIST_BATCH])
 
