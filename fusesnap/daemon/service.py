@@ -55,7 +55,9 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
         self._local = threading.local()
         self._all: list[Snapshotter] = []
         self._lock = threading.Lock()
-        self._sn()  # open (and create) the store now: a bad root fails at start, not at the first call
+        removed = self._cleanup()   # opens (creates) the store now: a bad root fails at start
+        if removed:
+            log.warning("removed %d leftovers of interrupted work", len(removed))
 
     def _sn(self) -> Snapshotter:
         sn = getattr(self._local, "sn", None)
@@ -74,6 +76,14 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
             self._all.clear()
 
     # -- helpers --------------------------------------------------------------------
+    def _cleanup(self) -> list[str]:
+        """What a killed daemon (or an interrupted import) left: half-built layers in the store's
+        staging area (live imports of other processes hold a lock and are kept), snapshot
+        directories without a record, the trash, stale lower-tree caches."""
+        sn = self._sn()
+        report = sn.store.fsck_leftovers(repair=True)
+        return list(report.repaired) + sn.cleanup()
+
     @staticmethod
     def _call(context: grpc.ServicerContext, what: str, fn: Callable[[], T]) -> T:
         try:
@@ -164,6 +174,6 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
         return convert.usage_to_pb(usage)
 
     def Cleanup(self, request: pb.CleanupRequest, context: grpc.ServicerContext) -> Empty:
-        removed = self._call(context, "cleanup", lambda: self._sn().cleanup())
+        removed = self._call(context, "cleanup", self._cleanup)
         log.info("cleanup removed %d leftovers", len(removed))
         return Empty()
