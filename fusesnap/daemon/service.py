@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
@@ -52,6 +53,7 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        os.makedirs(self.root, mode=0o700, exist_ok=True)   # a new store is its owner's alone
         self._local = threading.local()
         self._all: list[Snapshotter] = []
         self._lock = threading.Lock()
