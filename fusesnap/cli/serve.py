@@ -22,7 +22,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
     address = args.address or default_address()
-    daemon = Daemon(args.root, address, workers=args.workers)
+    daemon = Daemon(args.root, address, workers=args.workers, mount_mode=args.mounts)
     print(f"fusesnap: serving containerd snapshots of {args.root} on {daemon.address}", file=sys.stderr, flush=True)
     notify_ready()
     while not stop.wait(3600):
@@ -51,6 +51,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--address", metavar="SOCKET", default=None,
                    help="unix socket to listen on (default: /run/fusesnap/fusesnap.sock as root, "
                    "$XDG_RUNTIME_DIR/fusesnap/fusesnap.sock otherwise); created mode 0660")
+    p.add_argument("--mounts", choices=("bind", "fuse3"), default="bind",
+                   help="bind (default): the daemon mounts each snapshot at Prepare/View and containerd "
+                   "bind-mounts it; fuse3: containerd mounts `fuse3.fusesnap` itself through mount.fuse3, "
+                   "which needs `fusesnap` on its PATH")
     p.add_argument("--workers", type=int, default=8, metavar="N",
                    help="calls served at once (default: %(default)s)")
     p.add_argument("--grace", type=float, default=30.0, metavar="SECONDS",

@@ -6,11 +6,13 @@ runs through it against a live daemon, and the benchmarks time it.
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 from typing import Callable, TypeVar
 
 import grpc
 
+from ..snapshots.mounting import mount_all
 from ..snapshots.snapshotter import Info, Mount, Usage
 from . import convert
 from .errmap import error_of
@@ -94,3 +96,15 @@ class RemoteSnapshotter:
 
     def cleanup(self) -> None:
         self._rpc(self._stub.Cleanup, pb.CleanupRequest(snapshotter=SNAPSHOTTER))
+
+
+def perform(mounts: list[Mount], target: str | Path) -> None:
+    """Mount what Prepare/View/Mounts returned at target, as containerd does: a `bind` of the
+    daemon's own mount (one mount(2); needs root, like containerd), or `fuse3.fusesnap`."""
+    for m in mounts:
+        if m.type == "bind":
+            subprocess.run(["mount", "--rbind", m.source, str(target)], check=True, capture_output=True)
+            if "ro" in m.options:
+                subprocess.run(["mount", "-o", "remount,bind,ro", str(target)], check=True, capture_output=True)
+        else:
+            mount_all([m], target)

@@ -20,6 +20,7 @@ import grpc
 
 from ..errors import FusesnapError, InvalidInput
 from .pb import snapshots_pb2_grpc as pb_grpc
+from .bindmounts import BindMounts
 from .service import SnapshotsService
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,10 @@ log = logging.getLogger(__name__)
 SOCKET_NAME = "fusesnap.sock"
 SOCKET_MODE = 0o660
 DEFAULT_WORKERS = 8
+# bind: the daemon mounts each snapshot and returns a bind of it; fuse3: containerd runs
+# mount.fuse3 with `fusesnap` (docs/ARCHITECTURE.md, "containerd": why bind is the default)
+MOUNT_MODES = ("bind", "fuse3")
+DEFAULT_MOUNT_MODE = "bind"
 
 
 def default_address() -> Path:
@@ -37,6 +42,11 @@ def default_address() -> Path:
     if not runtime:
         raise InvalidInput("XDG_RUNTIME_DIR is not set: pass --address SOCKET")
     return Path(runtime) / "fusesnap" / SOCKET_NAME
+
+
+def mount_dir(address: Path) -> Path:
+    """Where the daemon's own mounts live (bind mode): beside the socket, per socket."""
+    return address.parent / f"{address.name}.mounts"
 
 
 def _claim_socket_path(path: Path) -> None:
@@ -78,13 +88,17 @@ def notify_ready() -> None:
 class Daemon:
     """A started gRPC server for one store on one unix socket."""
 
-    def __init__(self, root: Path, address: Path, workers: int = DEFAULT_WORKERS) -> None:
+    def __init__(self, root: Path, address: Path, workers: int = DEFAULT_WORKERS,
+                 mount_mode: str = DEFAULT_MOUNT_MODE) -> None:
         self.address = Path(os.path.abspath(address))
-        self.service = SnapshotsService(root)
+        if mount_mode not in MOUNT_MODES:
+            raise InvalidInput(f"unknown mount mode {mount_mode!r} (known: {', '.join(MOUNT_MODES)})")
+        _claim_socket_path(self.address)
+        binds = BindMounts(Path(root), mount_dir(self.address)) if mount_mode == "bind" else None
+        self.service = SnapshotsService(root, binds)
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers,
                                                              thread_name_prefix="snapshots"))
         pb_grpc.add_SnapshotsServicer_to_server(self.service, self.server)
-        _claim_socket_path(self.address)
         old = os.umask(0o177)      # the socket is born 0600, then opened up to exactly 0660
         try:
             port = self.server.add_insecure_port(f"unix:{self.address}")

@@ -28,6 +28,7 @@ from google.protobuf.empty_pb2 import Empty
 from ..errors import AlreadyExists, InvalidInput
 from ..snapshots.snapshotter import Info, Snapshotter
 from . import convert
+from .bindmounts import BindMounts
 from .errmap import status_of
 from .pb import snapshots_pb2 as pb, snapshots_pb2_grpc as pb_grpc
 
@@ -51,8 +52,9 @@ def check_labels(labels: dict[str, str]) -> None:
 class SnapshotsService(pb_grpc.SnapshotsServicer):
     """containerd.services.snapshots.v1.Snapshots over the store at `root`."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, binds: BindMounts | None = None) -> None:
         self.root = Path(root)
+        self.binds = binds
         os.makedirs(self.root, mode=0o700, exist_ok=True)   # a new store is its owner's alone
         self._local = threading.local()
         self._all: list[Snapshotter] = []
@@ -60,6 +62,10 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
         removed = self._cleanup()   # opens (creates) the store now: a bad root fails at start
         if removed:
             log.warning("removed %d leftovers of interrupted work", len(removed))
+        if binds is not None:
+            n = binds.recover(self._sn().list())
+            if n:
+                log.warning("mounted %d snapshots again whose mounts were gone", n)
 
     def _sn(self) -> Snapshotter:
         sn = getattr(self._local, "sn", None)
@@ -122,7 +128,30 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
             mounts = sn.prepare(request.key, request.parent, labels)
         else:
             mounts = sn.view(request.key, request.parent, labels)
+        if self.binds is not None:
+            try:
+                mounts = self.binds.ensure(sn.stat(request.key))
+            except BaseException:
+                sn.remove(request.key)       # no snapshot without its mount
+                raise
         return convert.mounts_to_pb(mounts)
+
+    def _mounts(self, key: str) -> list:
+        sn = self._sn()
+        mounts = sn.mounts(key)
+        if self.binds is not None:
+            mounts = self.binds.ensure(sn.stat(key))
+        return mounts
+
+    def _release(self, sn: Snapshotter, key: str) -> None:
+        """Before a commit or remove: the daemon's own mount of the snapshot goes first."""
+        if self.binds is not None and sn.stat(key).kind in ("active", "view"):
+            self.binds.release(key)
+
+    def _remove(self, key: str) -> None:
+        sn = self._sn()
+        self._release(sn, key)
+        sn.remove(key)
 
     def _commit(self, request: pb.CommitSnapshotRequest) -> None:
         sn = self._sn()
@@ -131,6 +160,7 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
         ref = sn.stat(request.key).labels.get(REF_LABEL)
         if ref and REF_LABEL not in labels:
             labels[REF_LABEL] = ref      # what a later Prepare of the same layer finds it by
+        self._release(sn, request.key)
         sn.commit(request.name, request.key, labels)
 
     # -- RPCs -----------------------------------------------------------------------
@@ -143,7 +173,7 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
         return pb.ViewSnapshotResponse(mounts=mounts)
 
     def Mounts(self, request: pb.MountsRequest, context: grpc.ServicerContext) -> pb.MountsResponse:
-        mounts = self._call(context, f"mounts {request.key!r}", lambda: self._sn().mounts(request.key))
+        mounts = self._call(context, f"mounts {request.key!r}", lambda: self._mounts(request.key))
         return pb.MountsResponse(mounts=convert.mounts_to_pb(mounts))
 
     def Commit(self, request: pb.CommitSnapshotRequest, context: grpc.ServicerContext) -> Empty:
@@ -151,7 +181,7 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
         return Empty()
 
     def Remove(self, request: pb.RemoveSnapshotRequest, context: grpc.ServicerContext) -> Empty:
-        self._call(context, f"remove {request.key!r}", lambda: self._sn().remove(request.key))
+        self._call(context, f"remove {request.key!r}", lambda: self._remove(request.key))
         return Empty()
 
     def Stat(self, request: pb.StatSnapshotRequest, context: grpc.ServicerContext) -> pb.StatSnapshotResponse:

@@ -163,12 +163,13 @@ class FusesnapServe:
     root: Path
     address: Path
     log: Path
+    mounts: str = "bind"
     proc: subprocess.Popen | None = None
 
     def start(self) -> None:
         self.address.unlink(missing_ok=True)
         self.proc = subprocess.Popen([script("fusesnap"), "--root", str(self.root), "-v", "serve",
-                                      "--address", str(self.address)],
+                                      "--address", str(self.address), "--mounts", self.mounts],
                                      stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"),
                                      start_new_session=True)
         wait_for(lambda: self.address.exists(), 30, "fusesnap serve socket", self.proc, self.log)

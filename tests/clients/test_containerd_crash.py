@@ -23,7 +23,8 @@ import pytest
 from containerd_env import FusesnapServe, store_mounts
 from fusesnap.daemon.client import RemoteSnapshotter
 from fusesnap.errors import FusesnapError, NotFound
-from fusesnap.snapshots.mounting import mount_all, umount
+from fusesnap.daemon.client import perform
+from fusesnap.snapshots.mounting import umount
 from helpers import script
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
@@ -86,7 +87,7 @@ def test_kill_during_prepares(serve):
     active = {i.name for i in c.list("kind==active")}
     assert set(done) <= active                     # every acknowledged Prepare survived
     for key in active - set(done):                 # at most the one in flight, and whole
-        assert c.mounts(key)[0].options[0] == "rw"
+        assert "rw" in c.mounts(key)[0].options
     c.prepare(f"p{len(done)}-again", "base")       # the store takes new work
     for key in active:
         c.remove(key)
@@ -102,7 +103,7 @@ def test_kill_during_commit(serve, shared_tmp):
     mounts = c.prepare("big")
     mp = shared_tmp / "mnt"
     mp.mkdir()
-    mount_all(mounts, mp)                 # what containerd does with the returned mounts
+    perform(mounts, mp)                   # what containerd does with the returned mounts
     try:
         for d in range(40):
             (mp / f"d{d}").mkdir()
@@ -129,7 +130,7 @@ def test_kill_during_commit(serve, shared_tmp):
     assert not any(staging.iterdir())              # the restart removed the half-built layer
     assert c.commit("big-committed", "big").kind == "committed"
     c.view("check", "big-committed")
-    mount_all(c.mounts("check"), mp)
+    perform(c.mounts("check"), mp)
     try:
         assert sorted(os.listdir(mp)) == sorted(f"d{d}" for d in range(40))
         assert all(len(os.listdir(mp / f"d{d}")) == 100 for d in range(40))
@@ -148,3 +149,55 @@ def _ignore(fn, *args) -> None:
         fn(*args)
     except FusesnapError:
         pass
+
+
+def test_restart_finds_its_mounts_and_makes_lost_ones_again(serve):
+    """The daemon's own mounts (bind mode) are separate processes: alive across a kill -9 of the
+    daemon, made again at start-up if gone, and again on Mounts if their process died."""
+    c = RemoteSnapshotter(serve.address)
+    c.wait_ready(30)
+    alive = Path(c.prepare("alive")[0].source)
+    lost = Path(c.prepare("lost")[0].source)
+    (alive / "a").write_text("a")
+    (lost / "l").write_text("l")
+    serve.proc.send_signal(signal.SIGKILL)
+    serve.proc.wait()
+    serve.proc = None
+    c.close()
+    assert (alive / "a").read_text() == "a"        # served on without the daemon
+    umount(lost)                                    # as after a reboot
+    c = restart(serve)
+    assert os.path.ismount(lost) and (lost / "l").read_text() == "l"
+    assert [m.source for m in c.mounts("alive")] == [str(alive)]
+    pid = find_daemon(alive)
+    os.kill(pid, signal.SIGKILL)                    # the mount's process dies: the mount is dead
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            os.statvfs(alive)
+        except OSError:
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert [m.source for m in c.mounts("alive")] == [str(alive)]
+    assert (alive / "a").read_text() == "a"
+    c.remove("alive")
+    c.remove("lost")
+    assert store_mounts(serve.root) == [] and not alive.exists() and not lost.exists()
+    fsck_clean(serve.root)
+    c.close()
+
+
+def find_daemon(mp: Path) -> int:
+    """The FUSE daemon serving mp: the process holding /dev/fuse whose command line names mp."""
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{d}/cmdline").read_bytes().split(b"\0")
+            if os.fsencode(str(mp)) in argv and any(
+                    os.readlink(f"/proc/{d}/fd/{fd}") == "/dev/fuse" for fd in os.listdir(f"/proc/{d}/fd")):
+                return int(d)
+        except OSError:
+            continue
+    raise AssertionError(f"no daemon for {mp}")

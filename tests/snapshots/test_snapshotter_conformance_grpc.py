@@ -16,8 +16,8 @@ import pytest
 
 from conformance_suite import *  # noqa: F401,F403  (every check of the suite runs here)
 from conformance_suite import NEEDS_ROOT
-from fusesnap.daemon.client import RemoteSnapshotter
-from fusesnap.snapshots.mounting import mount_all, umount
+from fusesnap.daemon.client import RemoteSnapshotter, perform
+from fusesnap.snapshots.mounting import umount
 from fusesnap.snapshots.snapshotter import Snapshotter
 from fusesnap.store.layerstore import LayerStore
 from helpers import script
@@ -34,7 +34,7 @@ class GrpcSnapshotter(RemoteSnapshotter):
         self.store = LayerStore(root)
 
     def mount(self, key: str, mountpoint: Path) -> int:
-        mount_all(self.mounts(key), mountpoint)
+        perform(self.mounts(key), mountpoint)
         return 0
 
     def umount(self, mountpoint: Path) -> None:
