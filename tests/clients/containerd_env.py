@@ -187,6 +187,7 @@ class Containerd:
     base: Path
     snapshotter_socket: Path
     proc: subprocess.Popen | None = None
+    more_snapshotters: dict[str, Path] | None = None    # further proxy plugins: name -> socket
 
     @property
     def address(self) -> Path:
@@ -216,7 +217,8 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
 [proxy_plugins.fusesnap]
   type = "snapshot"
   address = "{self.snapshotter_socket}"
-""")
+""" + "".join(f'[proxy_plugins."{name}"]\n  type = "snapshot"\n  address = "{sock}"\n'
+                      for name, sock in (self.more_snapshotters or {}).items()))
         return cfg
 
     def start(self) -> None:
