@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from helpers import script
+from tarbuild import TarBuilder
 
 BUSYBOX = "/bin/busybox"
 APPLETS = ["sh", "ls", "cat", "echo", "rm", "mkdir", "test", "true", "stat", "sync", "wc", "head", "find", "sleep"]
@@ -65,25 +65,15 @@ Member = tuple[str, str, bytes | str | None, int]      # (name, kind: file|dir|s
 
 
 def layer_tar(members: list[Member]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        for name, kind, data, mode in members:
-            ti = tarfile.TarInfo(name)
-            ti.mtime, ti.mode = 1_700_000_000, mode
-            if kind == "dir":
-                ti.type = tarfile.DIRTYPE
-                tf.addfile(ti)
-            elif kind == "symlink":
-                ti.type, ti.linkname = tarfile.SYMTYPE, str(data)
-                tf.addfile(ti)
-            elif kind == "link":
-                ti.type, ti.linkname = tarfile.LNKTYPE, str(data)
-                tf.addfile(ti)
-            else:
-                payload = data if isinstance(data, bytes) else Path(str(data)).read_bytes()
-                ti.size = len(payload)
-                tf.addfile(ti, io.BytesIO(payload))
-    return buf.getvalue()
+    tb = TarBuilder()
+    for name, kind, data, mode in members:
+        if kind == "dir":
+            tb.add(name, mode=mode)
+        elif kind in ("symlink", "link"):
+            tb.add(name, mode=mode, kind=tarfile.SYMTYPE if kind == "symlink" else tarfile.LNKTYPE, link=str(data))
+        else:
+            tb.add(name, data if isinstance(data, bytes) else Path(str(data)).read_bytes(), mode=mode)
+    return tb.data()
 
 
 def base_layers(extra_bytes: int = 0) -> list[list[Member]]:
