@@ -36,11 +36,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add `serve`."""
     p = sub.add_parser(
         "serve", help="serve containerd's snapshots API on a unix socket (proxy snapshotter)",
-        description="Run containerd's Snapshots gRPC service (containerd.services.snapshots.v1) over the "
-        "store given by --root, so that containerd (nerdctl, CRI, BuildKit) can use fusesnap as a "
-        "[proxy_plugins] snapshotter. Mounts it returns are `fuse3.fusesnap`: containerd runs them through "
-        "mount.fuse3, which needs the `fusesnap` program on containerd's PATH. Stops on SIGTERM/SIGINT after "
-        "running calls finish; snapshots and mounts survive a restart.",
+        description="Run containerd's Snapshots gRPC service (containerd.services.snapshots.v1) over the\n"
+        "store given by --root, so that containerd (and nerdctl, CRI, BuildKit on it) can use\n"
+        "fusesnap as a [proxy_plugins] snapshotter. By default the daemon mounts each snapshot\n"
+        "itself and containerd bind-mounts it (--mounts bind). SIGTERM/SIGINT stop it once\n"
+        "running calls finish; snapshots and the mounts of running containers survive a restart.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="containerd config (/etc/containerd/config.toml):\n"
         "  [proxy_plugins.fusesnap]\n"

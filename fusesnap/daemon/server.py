@@ -91,6 +91,8 @@ class Daemon:
     def __init__(self, root: Path, address: Path, workers: int = DEFAULT_WORKERS,
                  mount_mode: str = DEFAULT_MOUNT_MODE) -> None:
         self.address = Path(os.path.abspath(address))
+        if workers < 1:
+            raise InvalidInput(f"--workers must be at least 1, not {workers}")
         if mount_mode not in MOUNT_MODES:
             raise InvalidInput(f"unknown mount mode {mount_mode!r} (known: {', '.join(MOUNT_MODES)})")
         _claim_socket_path(self.address)

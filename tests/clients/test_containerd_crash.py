@@ -77,9 +77,7 @@ def test_kill_during_prepares(serve):
     t.start()
     while len(done) < 20 and t.is_alive():
         time.sleep(0.005)
-    serve.proc.send_signal(signal.SIGKILL)
-    serve.proc.wait()
-    serve.proc = None
+    serve.stop(signal.SIGKILL)
     t.join(60)
     c.close()
     assert failed and 20 <= len(done) < 400      # it really died mid-storm
@@ -118,9 +116,7 @@ def test_kill_during_commit(serve, shared_tmp):
     while not any(not p.name.endswith(".lock") for p in staging.iterdir()):   # the import is under way
         assert time.monotonic() < deadline and commit.is_alive()
         time.sleep(0.002)
-    serve.proc.send_signal(signal.SIGKILL)
-    serve.proc.wait()
-    serve.proc = None
+    serve.stop(signal.SIGKILL)
     commit.join(60)
     c.close()
     c = restart(serve)
@@ -160,9 +156,7 @@ def test_restart_finds_its_mounts_and_makes_lost_ones_again(serve):
     lost = Path(c.prepare("lost")[0].source)
     (alive / "a").write_text("a")
     (lost / "l").write_text("l")
-    serve.proc.send_signal(signal.SIGKILL)
-    serve.proc.wait()
-    serve.proc = None
+    serve.stop(signal.SIGKILL)
     c.close()
     assert (alive / "a").read_text() == "a"        # served on without the daemon
     umount(lost)                                    # as after a reboot

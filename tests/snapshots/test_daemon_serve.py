@@ -20,9 +20,9 @@ REF = "containerd.io/snapshot.ref"
 
 
 class Served:
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, mounts: str = "bind") -> None:
         self.root, self.sock = tmp / "root", tmp / "run" / "fusesnap.sock"
-        self.proc = subprocess.Popen([script("fusesnap"), "--root", str(self.root), "serve",
+        self.proc = subprocess.Popen([script("fusesnap"), "--root", str(self.root), "serve", "--mounts", mounts,
                                       "--address", str(self.sock)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.client = RemoteSnapshotter(self.sock)
         self.client.wait_ready(30)
@@ -77,14 +77,19 @@ def test_errors_carry_the_codes_containerd_reads(served):
     assert served.stop() [0] == 0
 
 
-def test_list_streams_in_batches_and_filters(served):
+def test_list_streams_in_batches_and_filters(shared_tmp):
+    served = Served(shared_tmp, mounts="fuse3")      # 230 snapshots: no mount for each
     c = served.client
-    for i in range(230):
-        c.prepare(f"s{i:03}", labels={"even": str(i % 2 == 0).lower()})
-    batches = list(served.stub.List(pb.ListSnapshotsRequest(), timeout=60))
-    assert [len(b.info) for b in batches] == [100, 100, 30]
-    evens = c.list("labels.even==true", "name==s001")
-    assert len(evens) == 116 and {i.kind for i in evens} == {"active"}
+    try:
+        for i in range(230):
+            mounts = c.prepare(f"s{i:03}", labels={"even": str(i % 2 == 0).lower()})
+        assert mounts[0].type == "fuse3.fusesnap" and "snapshot=s229" in mounts[0].options
+        batches = list(served.stub.List(pb.ListSnapshotsRequest(), timeout=60))
+        assert [len(b.info) for b in batches] == [100, 100, 30]
+        evens = c.list("labels.even==true", "name==s001")
+        assert len(evens) == 116 and {i.kind for i in evens} == {"active"}
+    finally:
+        assert served.stop()[0] == 0
 
 
 def test_update_and_usage(served):
