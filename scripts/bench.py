@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.containerd:
         from benchlib.containerd_bench import run as containerd_rows
 
-        return containerd_rows(args.runs)
+        return containerd_rows(args.runs, args.scale)
     args.cache.mkdir(parents=True, exist_ok=True)
     lock = open(args.cache / ".lock", "w")
     try:

@@ -42,8 +42,8 @@ from .sysutil import find_daemon, unmount  # noqa: E402
 # fusesnap: `fusesnap serve` (bind mounts, the default); fusesnap-fuse3: `--mounts fuse3`
 SNAPSHOTTERS = ("fusesnap", "fusesnap-fuse3", "overlayfs", "native")
 IMAGE = "docker.io/fusesnap/bench:1"
-PULL_MB = 60
-CONCURRENT = 50
+# (pull image MB, snapshots mounted at once) per --scale; tiny is for the smoke test
+SIZES = {"full": (60, 50), "tiny": (2, 5)}
 
 
 def _pss_kb(pid: int) -> int:
@@ -77,8 +77,9 @@ def _pct(xs: list[float], q: float) -> float:
 
 
 class Bench:
-    def __init__(self, base: Path, runs: int) -> None:
+    def __init__(self, base: Path, runs: int, scale: str) -> None:
         self.base, self.runs = base, runs
+        self.pull_mb, self.concurrent_n = SIZES.get(scale, SIZES["full"])
         self.serve = FusesnapServe(base / "store", base / "fusesnap.sock", base / "fusesnap.log")
         self.serve3 = FusesnapServe(base / "store3", base / "fusesnap3.sock", base / "fusesnap3.log", "fuse3")
         (base / "containerd").mkdir()
@@ -147,7 +148,7 @@ class Bench:
 
     def concurrent(self) -> None:
         c = RemoteSnapshotter(self.serve.address)
-        mps = [self.base / "conc" / str(i) for i in range(CONCURRENT)]
+        mps = [self.base / "conc" / str(i) for i in range(self.concurrent_n)]
         for mp in mps:
             mp.mkdir(parents=True)
         slab0 = _slab_kb()
@@ -156,8 +157,8 @@ class Bench:
             perform(c.prepare(f"conc-{i}", "rt-base"), mps[i])     # the daemon's mount, bound there
 
         t = time.perf_counter()
-        with ThreadPoolExecutor(CONCURRENT) as ex:
-            list(ex.map(one, range(CONCURRENT)))
+        with ThreadPoolExecutor(self.concurrent_n) as ex:
+            list(ex.map(one, range(self.concurrent_n)))
         took = time.perf_counter() - t
         ok = sum(1 for mp in mps if os.path.ismount(mp))
         pids = [find_daemon(mountinfo_source(mp)) for mp in mps]
@@ -170,7 +171,7 @@ class Bench:
         slab0 = _slab_kb()
         omps = []
         top = self._top_chain()
-        for i in range(CONCURRENT):
+        for i in range(self.concurrent_n):
             key = f"ov-{i}"
             self.ctr("snapshots", "--snapshotter=overlayfs", "prepare", key, top)
             mp = self.base / "ov" / str(i)
@@ -182,8 +183,8 @@ class Bench:
         for mp in omps:
             unmount(mp)
         c.close()
-        self.rows.append((f"{CONCURRENT} snapshots prepared and mounted at once",
-                          f"{ok}/{CONCURRENT} mounted in {took:.1f} s (bind mode); daemon + mounts PSS "
+        self.rows.append((f"{self.concurrent_n} snapshots prepared and mounted at once",
+                          f"{ok}/{self.concurrent_n} mounted in {took:.1f} s (bind mode); daemon + mounts PSS "
                           f"{pss / 1024:.0f} MiB "
                           f"(slab +{slab_f / 1024:.1f} MiB)",
                           f"kernel overlay: no process, slab +{slab_o / 1024:.1f} MiB"))
@@ -203,7 +204,7 @@ class Bench:
         reg = Registry(self.base / "registry")
         reg.start()
         try:
-            layers = base_layers(extra_bytes=PULL_MB * 1_000_000)
+            layers = base_layers(extra_bytes=self.pull_mb * 1_000_000)
             archive = oci_archive(self.base / "pull.tar", "docker.io/fusesnap/pull:1", layers, self.base)
             reg.push(archive, "fusesnap/pull:1")
             ref = f"127.0.0.1:{reg.port}/fusesnap/pull:1"
@@ -215,12 +216,12 @@ class Bench:
         finally:
             reg.stop()
         med = {sn: statistics.median(ts) for sn, ts in times.items()}
-        self.rows.append((f"`ctr images pull` of a {PULL_MB} MB image (loopback registry)",
+        self.rows.append((f"`ctr images pull` of a {self.pull_mb} MB image (loopback registry)",
                           ", ".join(f"{sn} {v:.2f} s" for sn, v in med.items()),
                           f"fusesnap {med['fusesnap'] / med['overlayfs']:.2f}x overlayfs"))
 
 
-def run(runs: int) -> int:
+def run(runs: int, scale: str = "full") -> int:
     """Measure and print the containerd table; 1 if containerd cannot run here."""
     why = missing_tools()
     if why:
@@ -228,7 +229,7 @@ def run(runs: int) -> int:
         return 1
     base = Path(tempfile.mkdtemp(prefix="fusesnap-bench-ctrd-", dir="/var/tmp"))
     try:
-        with Bench(base, runs) as b:
+        with Bench(base, runs, scale) as b:
             log("containerd rows: ctr run, Prepare+Mounts, concurrent mounts, pull")
             b.run_rows()
     finally:
