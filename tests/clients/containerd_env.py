@@ -16,7 +16,8 @@ import socket
 import subprocess
 import tarfile
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from helpers import script
@@ -178,6 +179,9 @@ class Containerd:
     snapshotter_socket: Path
     proc: subprocess.Popen | None = None
     more_snapshotters: dict[str, Path] | None = None    # further proxy plugins: name -> socket
+    # runc keeps container state under /run/containerd/runc/<namespace>/<id> whatever containerd's
+    # own dirs are: a namespace of this instance's own keeps ids apart from other containerds
+    namespace: str = field(default_factory=lambda: f"fusesnap-{uuid.uuid4().hex[:8]}")
 
     @property
     def address(self) -> Path:
@@ -220,9 +224,10 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
         wait_for(lambda: self.ctr("version", check=False).returncode == 0, 60, "containerd start",
                  self.proc, self.log)
 
-    def ctr(self, *args: str, check: bool = True, namespace: str = "default", timeout: float = 180,
+    def ctr(self, *args: str, check: bool = True, namespace: str | None = None, timeout: float = 180,
             input: bytes | None = None) -> subprocess.CompletedProcess:
-        r = subprocess.run(["ctr", "--address", str(self.address), "--namespace", namespace, *args],
+        ns = namespace or self.namespace
+        r = subprocess.run(["ctr", "--address", str(self.address), "--namespace", ns, *args],
                            capture_output=True, timeout=timeout, env={"PATH": tool_path()}, input=input)
         if check and r.returncode != 0:
             raise AssertionError(f"ctr {' '.join(args)} failed ({r.returncode}): "

@@ -34,6 +34,10 @@ class Stack:
         self.containerd = Containerd(base / "containerd", self.serve.address)
         self.containerd.base.mkdir()
 
+    @property
+    def other_ns(self) -> str:
+        return self.containerd.namespace + "-other"
+
     def ctr(self, *args: str, **kw) -> subprocess.CompletedProcess:
         return self.containerd.ctr(*args, **kw)
 
@@ -67,7 +71,7 @@ def stack(request):
     archive = oci_archive(base / "fstest.tar", IMAGE, base_layers(), base)
     s.ctr("images", "import", SN, str(archive))
     yield s
-    for ns in ("default", "other"):
+    for ns in (s.containerd.namespace, s.other_ns):
         for cid in s.out("containers", "ls", "-q", namespace=ns, check=False).split():
             s.ctr("tasks", "kill", "-s", "KILL", cid, namespace=ns, check=False)
             s.ctr("tasks", "delete", "-f", cid, namespace=ns, check=False)
@@ -85,7 +89,7 @@ def _mounts_under(base: Path) -> list[str]:
         return [line.split()[4] for line in f if line.split()[4].startswith(str(base))]
 
 
-def run(stack: Stack, cid: str, script_text: str, image: str = IMAGE, namespace: str = "default",
+def run(stack: Stack, cid: str, script_text: str, image: str = IMAGE, namespace: str | None = None,
         rm: bool = True) -> str:
     args = ["run", SN] + (["--rm"] if rm else []) + [image, cid, "sh", "-c", script_text]
     return stack.out(*args, namespace=namespace)
@@ -160,15 +164,15 @@ def test_pull_from_a_registry(stack):
         # the same changeset bytes) is stored once. Layers with whiteouts commit with the time of
         # the deletion and so become new layers.
         layers_before = _store_layers(stack)
-        stack.ctr("images", "pull", "--plain-http", SN, ref, namespace="other", timeout=300)
-        assert len(_committed_records(stack, "other/")) == 3
+        stack.ctr("images", "pull", "--plain-http", SN, ref, namespace=stack.other_ns, timeout=300)
+        assert len(_committed_records(stack, stack.other_ns + "/")) == 3
         assert not any(stack_layer_parent(stack, c) == "" for c in _store_layers(stack) - layers_before)
         out = stack.out("run", "--rm", SN, ref, "pulled-other", "sh", "-c", "wc -c < /blob/random",
-                        namespace="other")
+                        namespace=stack.other_ns)
         assert out.split() == [str(256 * 1024)]
         # containerd's garbage collection of the other namespace's image leaves this one whole
-        stack.ctr("images", "rm", "--sync", ref, namespace="other")
-        assert _committed_records(stack, "other/") == {}
+        stack.ctr("images", "rm", "--sync", ref, namespace=stack.other_ns)
+        assert _committed_records(stack, stack.other_ns + "/") == {}
         out = stack.out("run", "--rm", SN, ref, "pulled-again", "sh", "-c", "wc -c < /blob/random")
         assert out.split() == [str(256 * 1024)]
     finally:
