@@ -82,6 +82,8 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
             for sn in self._all:
                 sn.close()
             self._all.clear()
+        if self.binds is not None:
+            self.binds.close()
 
     # -- helpers --------------------------------------------------------------------
     def _cleanup(self) -> list[str]:

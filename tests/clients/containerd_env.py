@@ -295,3 +295,20 @@ def store_mounts(root: Path) -> list[str]:
             if len(fields) >= 2 and fields[1].startswith(tag):
                 out.append(left.split()[4])
     return out
+
+
+def fuse_daemons(root: Path) -> list[int]:
+    """Pids of the FUSE daemons serving mounts of the store at root (they hold /dev/fuse
+    and name the store on their command line)."""
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            if os.fsencode(str(root)) not in Path(f"/proc/{d}/cmdline").read_bytes():
+                continue
+            if any(os.readlink(f"/proc/{d}/fd/{fd}") == "/dev/fuse" for fd in os.listdir(f"/proc/{d}/fd")):
+                out.append(int(d))
+        except OSError:
+            continue
+    return out

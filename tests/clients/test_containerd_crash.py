@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from containerd_env import FusesnapServe, store_mounts
+from containerd_env import FusesnapServe, fuse_daemons, store_mounts, wait_for
 from fusesnap.daemon.client import RemoteSnapshotter
 from fusesnap.errors import FusesnapError, NotFound
 from fusesnap.daemon.client import perform
@@ -163,8 +163,10 @@ def test_restart_finds_its_mounts_and_makes_lost_ones_again(serve):
     c = restart(serve)
     assert os.path.ismount(lost) and (lost / "l").read_text() == "l"
     assert [m.source for m in c.mounts("alive")] == [str(alive)]
-    pid = find_daemon(alive)
-    os.kill(pid, signal.SIGKILL)                    # the mount's process dies: the mount is dead
+    c.remove("lost")
+    pids = wait_for(lambda: fuse_daemons(serve.root), 10, "the mount's daemon")
+    assert len(pids) == 1                           # the one serving "alive"
+    os.kill(pids[0], signal.SIGKILL)                # the mount's process dies: the mount is dead
     deadline = time.monotonic() + 10
     while True:
         try:
@@ -176,22 +178,7 @@ def test_restart_finds_its_mounts_and_makes_lost_ones_again(serve):
     assert [m.source for m in c.mounts("alive")] == [str(alive)]
     assert (alive / "a").read_text() == "a"
     c.remove("alive")
-    c.remove("lost")
     assert store_mounts(serve.root) == [] and not alive.exists() and not lost.exists()
     fsck_clean(serve.root)
     c.close()
 
-
-def find_daemon(mp: Path) -> int:
-    """The FUSE daemon serving mp: the process holding /dev/fuse whose command line names mp."""
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            argv = Path(f"/proc/{d}/cmdline").read_bytes().split(b"\0")
-            if os.fsencode(str(mp)) in argv and any(
-                    os.readlink(f"/proc/{d}/fd/{fd}") == "/dev/fuse" for fd in os.listdir(f"/proc/{d}/fd")):
-                return int(d)
-        except OSError:
-            continue
-    raise AssertionError(f"no daemon for {mp}")
