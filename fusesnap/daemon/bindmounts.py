@@ -45,7 +45,8 @@ class WarmPool:
     """Mount processes (warmmount.py) started before they are needed, `size` of them idle at most."""
 
     def __init__(self, root: Path, size: int = 2) -> None:
-        self._argv = [sys.executable, "-m", "fusesnap.daemon.warmmount", str(root)]
+        # -P: not the daemon's working directory first on sys.path (it may hold another fusesnap)
+        self._argv = [sys.executable, "-P", "-m", "fusesnap.daemon.warmmount", str(root)]
         self._size = size
         self._idle: list[subprocess.Popen] = []
         self._lock = threading.Lock()
