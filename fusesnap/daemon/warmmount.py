@@ -16,6 +16,7 @@ process that has imported nothing heavy and runs no threads.
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 
@@ -46,4 +47,8 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    code = main(sys.argv[1:])
+    # the mount is live in its own process: skip the interpreter's teardown (~15 ms of a Prepare)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
