@@ -159,7 +159,7 @@ class FusesnapServe:
 
     def start(self) -> None:
         self.address.unlink(missing_ok=True)
-        self.proc = subprocess.Popen([script("fusesnap"), "--root", str(self.root), "-v", "serve",
+        self.proc = subprocess.Popen([script("fusesnap"), "--root", str(self.root), "-vv", "serve",
                                       "--address", str(self.address), "--mounts", self.mounts],
                                      stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"),
                                      start_new_session=True)

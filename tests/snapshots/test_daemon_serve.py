@@ -181,3 +181,20 @@ def test_rootless_default_socket(shared_tmp, test_user):
     r = run_as(test_user, [script("fusesnap"), "serve"], env=env, timeout=60)
     assert r.returncode == 1 and r.stderr.decode().strip() == \
         "fusesnap: error: XDG_RUNTIME_DIR is not set: pass --address SOCKET"
+
+
+def test_store_layers_stay_out_of_the_listing(served):
+    """containerd's garbage collector removes every listed snapshot it did not make: the store's
+    own layer snapshots (named by their chainID) are not listed, but Stat and Prepare find them."""
+    from fusesnap.snapshots.snapshotter import Snapshotter
+
+    c = served.client
+    c.prepare("w")
+    c.commit("named", "w")
+    with Snapshotter(served.root) as sn:
+        chain = sn.stat("named").chain_id
+        assert chain in {i.name for i in sn.list()}          # the in-process view has both
+    assert [i.name for i in c.list()] == ["named"]
+    assert c.stat(chain).kind == "committed"
+    c.view("on-the-layer", chain)
+    assert {i.name for i in c.list()} == {"named", "on-the-layer"}
