@@ -198,3 +198,26 @@ def test_store_layers_stay_out_of_the_listing(served):
     assert c.stat(chain).kind == "committed"
     c.view("on-the-layer", chain)
     assert {i.name for i in c.list()} == {"named", "on-the-layer"}
+
+
+def test_tells_systemd_when_it_serves(shared_tmp):
+    """Type=notify (contrib/fusesnap-snapshotter.service): READY=1 once the socket accepts calls."""
+    import socket
+
+    notify = shared_tmp / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.bind(str(notify))
+        s.settimeout(60)
+        sock = shared_tmp / "s.sock"
+        proc = subprocess.Popen([script("fusesnap"), "--root", str(shared_tmp / "root"), "serve", "--address",
+                                 str(sock)], env={**os.environ, "NOTIFY_SOCKET": str(notify)},
+                                stderr=subprocess.PIPE)
+        try:
+            assert s.recv(64) == b"READY=1"
+            c = RemoteSnapshotter(sock)
+            assert c.list() == []           # ready meant ready
+            c.close()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=60)
+    assert proc.returncode == 0
