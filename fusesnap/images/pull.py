@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import secrets
 import threading
 import time
@@ -222,8 +221,7 @@ class Puller:
             lock = FileLock(self.downloads / f"{final.name}.lock")
             if final.exists():
                 self.events.advance(i, d.size)
-                dl.grow(d.size)
-                dl.finish(final)
+                dl.complete(final, rename=False, size=d.size)
                 return final
             self.events.state(i, "downloading")
 
@@ -234,12 +232,11 @@ class Puller:
                 dl.grow(n)
 
             src.download(d, dl.path, progress)
-            os.rename(dl.path, final)
-            dl.finish(final)
+            dl.complete(final)
             self.events.state(i, "downloaded")
             return final
         except BaseException as e:
-            dl.finish(error=e)
+            dl.fail(e)
             raise
         finally:
             if lock is not None:
