@@ -66,14 +66,13 @@ def cmd_pull(args: argparse.Namespace) -> int:
 def cmd_push(args: argparse.Namespace) -> int:
     from ..images.push import push
     from ..images.reference import parse_ref
-    from ..snapshots.names import chain_of_name
     from ..store.layerstore import LayerStore
     from .layerprogress import LayerProgress
 
     dest = parse_ref(args.dest)
     with LayerStore(args.root) as st:
         res = push(st, args.source, dest, compression=args.compression, opts=_remote(args), jobs=args.jobs,
-                   events=LayerProgress(quiet=args.quiet), chain_of_name=lambda n: chain_of_name(args.root, n))
+                   events=LayerProgress(quiet=args.quiet))
     return _report(args, {"manifest_digest": res.manifest_digest, "layers": res.layers, "uploaded": res.uploaded,
                           "skipped": res.skipped, "bytes": res.bytes, "destination": str(dest)},
                    [res.manifest_digest],

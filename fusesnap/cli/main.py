@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 COMMAND_MODULES = (
     "fusesnap.cli.layers",
     "fusesnap.cli.snapshots",
+    "fusesnap.cli.serve",
     "fusesnap.cli.images",
     "fusesnap.cli.record",
 )

@@ -10,6 +10,7 @@ decompressing and extracting overlap the transfer instead of following it.
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -32,10 +33,20 @@ class Download:
             self.size += n
             self.cond.notify_all()
 
-    def finish(self, final: Path | None = None, error: BaseException | None = None) -> None:
+    def complete(self, final: Path, rename: bool = True, size: int | None = None) -> None:
+        """The blob is whole and verified at `final` (renamed there now unless it already was).
+        Under the lock: a reader never opens the partial name after it is gone."""
         with self.cond:
-            if final is not None:
-                self.path = final
+            if rename:
+                os.rename(self.path, final)
+            self.path = final
+            if size is not None:
+                self.size = size
+            self.done = True
+            self.cond.notify_all()
+
+    def fail(self, error: BaseException) -> None:
+        with self.cond:
             self.done, self.error = True, error
             self.cond.notify_all()
 

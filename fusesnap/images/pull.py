@@ -6,18 +6,19 @@ every other layer is fetched (registries: in parallel, bounded, into
 `images/downloads/`, verified while streaming, and imported while it arrives;
 local layouts and archives are read in place, verified while importing),
 imported on top of the previous chain and checked against the config's diffID. Layers are retained by the pull
-(holder `pull:<manifest digest>`) until the record's reference replaces the
-retains in one transaction. Any failure removes the layers this pull created,
-so the store is as before; verified and partial downloads stay for the next
-attempt, which resumes them (a kill -9 leaves its imported layers retained for
-the same reason: the next pull of that manifest finds them and goes on).
+(holder `pull:<run id>`, its liveness an flock on `images/pulls/<run id>.lock`)
+until the record's reference replaces the retains in one transaction. Any
+failure removes the layers this pull created, so the store is as before;
+verified and partial downloads stay for the next attempt, which resumes them.
+A kill -9 leaves the layers it imported, retained; the next pull releases the
+retains of pulls whose lock nobody holds, and finds those layers present.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import os
+import secrets
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("fusesnap.images")
 
 STALE_DOWNLOAD = 7 * 86400  # seconds: an abandoned download is removed by a later pull
+HOLDER_PREFIX = "pull:"    # + the pull's run id (images/pulls/<id>.lock is flocked while it runs)
 
 
 def images_dir(store: "LayerStore") -> Path:
@@ -103,21 +105,41 @@ class Puller:
         self.records = ImageRecords(store)
         self.record = record    # an access record: the layers it reads from are downloaded first
         self._stop = threading.Event()
+        self.runs = self.dir / "pulls"
+        self.runs.mkdir(mode=0o700, exist_ok=True)
+        self.run_id = secrets.token_hex(8)
 
     def run(self) -> PullResult:
-        self.store.fsck_leftovers(repair=True)  # what an import killed before (a pull it belonged to resumes)
-        self._drop_stale_downloads()
-        src = open_source(self.ref, self.opts)
-        try:
-            m, digest = resolve_manifest(src, self.platform)
-            cfg = fetch_config(src, m)
-            return self._pull(src, m, digest, cfg)
-        finally:
-            src.close()
+        # the flock marks this pull as alive: its retains are not a dead pull's
+        with FileLock(self.runs / f"{self.run_id}.lock"):
+            try:
+                self.store.fsck_leftovers(repair=True)  # what an import killed before left behind
+                self._release_dead_pulls()
+                self._drop_stale_downloads()
+                src = open_source(self.ref, self.opts)
+                try:
+                    m, digest = resolve_manifest(src, self.platform)
+                    cfg = fetch_config(src, m)
+                    return self._pull(src, m, digest, cfg)
+                finally:
+                    src.close()
+            finally:
+                (self.runs / f"{self.run_id}.lock").unlink(missing_ok=True)
+
+    def _release_dead_pulls(self) -> None:
+        """Retains of pulls that were killed: their layers become ordinary (gc may take them, the
+        next pull of that image finds them present)."""
+        with self.store.transaction() as tx:
+            for holder in tx.retain_holders(HOLDER_PREFIX):
+                lock = self.runs / f"{holder[len(HOLDER_PREFIX):]}.lock"
+                if not is_locked(lock):
+                    tx.release_all(holder)
+                    lock.unlink(missing_ok=True)
+                    log.info("pull: released the retains of a dead pull (%s)", holder)
 
     def _pull(self, src: ImageSource, m: mf.Manifest, digest: str, cfg: mf.ImageConfig) -> PullResult:
         diff_ids, chains = cfg.diff_ids, chain_ids(cfg.diff_ids)
-        holder = f"pull:{digest}"
+        holder = HOLDER_PREFIX + self.run_id
         comps = [m.compression(i) for i in range(len(m.layers))]
         todo = []
         retained: list[str] = []
@@ -206,8 +228,7 @@ class Puller:
             lock = FileLock(self.downloads / f"{final.name}.lock")
             if final.exists():
                 self.events.advance(i, d.size)
-                dl.grow(d.size)
-                dl.finish(final)
+                dl.complete(final, rename=False, size=d.size)
                 return final
             self.events.state(i, "downloading")
 
@@ -218,12 +239,11 @@ class Puller:
                 dl.grow(n)
 
             src.download(d, dl.path, progress)
-            os.rename(dl.path, final)
-            dl.finish(final)
+            dl.complete(final)
             self.events.state(i, "downloaded")
             return final
         except BaseException as e:
-            dl.finish(error=e)
+            dl.fail(e)
             raise
         finally:
             if lock is not None:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import zstandard
 
 from ..errors import IntegrityError, InvalidInput, NotFound
+from ..snapshots.names import chain_of_name
 from . import manifest as mf
 from .blobs import BlobDir
 from .events import Counter, Events
@@ -103,8 +104,7 @@ def _magic(path: Path) -> str:
 
 class Pusher:
     def __init__(self, store: "LayerStore", source: str, dest: ImageRef, *, compression: str | None = None,
-                 opts: RemoteOptions | None = None, jobs: int = 3, events: Events | None = None,
-                 chain_of_name: Any = None) -> None:
+                 opts: RemoteOptions | None = None, jobs: int = 3, events: Events | None = None) -> None:
         if compression is not None and compression not in COMPRESSIONS:
             raise InvalidInput(f"unknown compression {compression!r} (gzip, zstd or none)")
         self.store, self.source, self.dest = store, source, dest
@@ -112,7 +112,6 @@ class Pusher:
         self.events = Counter(events or Events())
         self.records = ImageRecords(store)
         self.blobs = BlobDir(images_dir(store))
-        self.chain_of_name = chain_of_name
         # docker-archive holds uncompressed layer tars (what docker load and podman load expect)
         self.compression = "none" if dest.transport == "docker-archive" else compression
         self._temps: list[Path] = []
@@ -126,7 +125,7 @@ class Pusher:
         try:
             top = self.store.get(self.source).chain_id
         except NotFound:
-            top = self.chain_of_name(self.source) if self.chain_of_name else None
+            top = chain_of_name(self.store.root, self.source)  # a committed snapshot's name
             if top is None:
                 raise NotFound(f"no image, layer or committed snapshot named {self.source!r}") from None
         chain = self.store.chain(top)

@@ -32,6 +32,7 @@ from .reference import DOCKER_HUB, ImageRef
 log = logging.getLogger("fusesnap.images")
 
 RETRY_STATUS = {429, 500, 502, 503, 504}
+MAX_MANIFEST = 4 << 20  # the distribution spec's suggested limit for manifests
 CHUNK = 1 << 20
 USER_AGENT = "fusesnap"
 
@@ -192,10 +193,25 @@ class RegistryClient:
         return token
 
     # -- manifests ------------------------------------------------------------------------
+    def _read_capped(self, r: httpx.Response, limit: int, what: str) -> bytes:
+        """The body of a streamed response, refused once it exceeds `limit` bytes."""
+        out = bytearray()
+        try:
+            for b in r.iter_bytes():
+                out += b
+                if len(out) > limit:
+                    raise IntegrityError(f"{what} from {self.host} is larger than {limit} bytes")
+        except httpx.TransportError as e:
+            raise RegistryError(f"reading {what} from {self.host} failed: {e}") from None
+        finally:
+            r.close()
+        return bytes(out)
+
     def get_manifest(self, reference: str) -> tuple[bytes, str | None]:
-        r = self.request("GET", f"/v2/{self.repo}/manifests/{reference}", f"manifest {reference}",
-                         headers={"Accept": ", ".join(mf.ACCEPT)})
-        return r.content, r.headers.get("content-type")
+        what = f"manifest {reference}"
+        r = self.request("GET", f"/v2/{self.repo}/manifests/{reference}", what,
+                         headers={"Accept": ", ".join(mf.ACCEPT)}, stream=True)
+        return self._read_capped(r, MAX_MANIFEST, what), r.headers.get("content-type")
 
     def put_manifest(self, reference: str, data: bytes, media_type: str) -> None:
         self.request("PUT", f"/v2/{self.repo}/manifests/{reference}", f"manifest {reference}", ok=(200, 201),
@@ -203,8 +219,10 @@ class RegistryClient:
 
     # -- blobs ----------------------------------------------------------------------------
     def blob_bytes(self, desc: mf.Descriptor, what: str = "blob") -> bytes:
-        r = self.request("GET", f"/v2/{self.repo}/blobs/{desc.digest}", f"{what} {desc.digest}")
-        return r.content
+        """A small blob (a config), no longer than its descriptor says."""
+        label = f"{what} {desc.digest}"
+        r = self.request("GET", f"/v2/{self.repo}/blobs/{desc.digest}", label, stream=True)
+        return self._read_capped(r, desc.size, label)
 
     def download(self, desc: mf.Descriptor, path: Path, progress: Callable[[int], None]) -> None:
         """Fetch a blob into `path` (resuming a partial file), verifying size and digest as it streams."""
@@ -228,7 +246,7 @@ class RegistryClient:
                     h, have = hashlib.sha256(), 0
                     progress(-path.stat().st_size)
                 with open(path, "ab" if have else "wb", buffering=0) as f:  # readers follow the file
-                    for b in r.iter_raw():  # as it arrives: a chunk size would buffer (progress, resume)
+                    for b in r.iter_bytes():  # as it arrives: a chunk size would buffer (progress, resume)
                         have += len(b)
                         if have > desc.size:
                             break

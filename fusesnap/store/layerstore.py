@@ -158,6 +158,12 @@ class StoreTransaction:
         """Drop every retain `holder` has (e.g. all layers of a pull once its record exists)."""
         self._c.execute("DELETE FROM layer_refs WHERE holder=? AND kind='retain'", (holder,))
 
+    def retain_holders(self, prefix: str) -> list[str]:
+        """Holders of retains whose name starts with `prefix` (to find those of dead processes)."""
+        rows = self._c.execute("SELECT DISTINCT holder FROM layer_refs WHERE kind='retain' AND substr(holder, 1, ?)=?"
+                               " ORDER BY holder", (len(prefix), prefix)).fetchall()
+        return [r[0] for r in rows]
+
 
 @dataclass
 class FsckReport:

@@ -128,9 +128,7 @@ def proxied(registry, shared_tmp):
 ])
 def test_broken_registry_answers(proxied, shared_tmp, rule, words):
     proxy, repo = proxied
-    manifest = json.loads(subprocess.run(["skopeo", "inspect", "--raw", "--tls-verify=false",
-                                          f"docker://{proxy.upstream}/{repo}:latest"],
-                                         capture_output=True, text=True, check=True).stdout)
+    manifest = manifest_of(proxy, repo)
     big = manifest["layers"][0]["digest"]
     proxy.rules = [(f"/blobs/{big}", rule)]
     assert_refused(shared_tmp / "root", ["pull", "--plain-http", "--retries", "1", proxy.ref(repo)], *words)
@@ -148,9 +146,7 @@ def test_manifest_answers(proxied, shared_tmp):
 
 def test_interrupted_pull_resumes(proxied, shared_tmp):
     proxy, repo = proxied
-    manifest = json.loads(subprocess.run(["skopeo", "inspect", "--raw", "--tls-verify=false",
-                                          f"docker://{proxy.upstream}/{repo}:latest"],
-                                         capture_output=True, text=True, check=True).stdout)
+    manifest = manifest_of(proxy, repo)
     big = manifest["layers"][0]
     proxy.rules = [(f"/blobs/{big['digest']}", ("slow", 200_000))]
     root = shared_tmp / "root"
@@ -191,20 +187,29 @@ def test_killed_import_resumes(registry, shared_tmp):
     assert os.listdir(root / "staging") == []
 
 
-def test_gc_during_a_pull_keeps_its_layers(proxied, shared_tmp):
-    proxy, repo = proxied
-    manifest = json.loads(subprocess.run(["skopeo", "inspect", "--raw", "--tls-verify=false",
-                                          f"docker://{proxy.upstream}/{repo}:latest"],
-                                         capture_output=True, text=True, check=True).stdout)
-    last = manifest["layers"][2]["digest"]
-    proxy.rules = [(f"/blobs/{last}", ("slow", 100_000))]
-    root = shared_tmp / "root"
+def manifest_of(proxy: FaultProxy, repo: str) -> dict:
+    return json.loads(subprocess.run(["skopeo", "inspect", "--raw", "--tls-verify=false",
+                                      f"docker://{proxy.upstream}/{repo}:latest"],
+                                     capture_output=True, text=True, check=True).stdout)
+
+
+def pull_stuck_on_last_layer(proxy: FaultProxy, repo: str, root: Path, rate: int) -> subprocess.Popen:
+    """A pull whose last layer trickles in; returned once the layers below it are in the store."""
+    last = manifest_of(proxy, repo)["layers"][-1]["digest"]
+    proxy.rules = [(f"/blobs/{last}", ("slow", rate))]
     proc = subprocess.Popen([script("fusesnap"), "--root", str(root), "pull", "--plain-http", proxy.ref(repo)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 30
     while len(json.loads(fusesnap(root, "layers", "--json").stdout or b"[]")) < 2:
         assert time.monotonic() < deadline and proc.poll() is None, "the first layers did not arrive"
         time.sleep(0.05)
+    return proc
+
+
+def test_gc_during_a_pull_keeps_its_layers(proxied, shared_tmp):
+    proxy, repo = proxied
+    root = shared_tmp / "root"
+    proc = pull_stuck_on_last_layer(proxy, repo, root, 100_000)
     gc = fusesnap(root, "gc", "--json")
     assert gc.returncode == 0 and json.loads(gc.stdout)["removed"] == []   # retained by the pull
     out, err = proc.communicate(timeout=60)
@@ -226,3 +231,16 @@ def test_failed_pull_over_present_layers_leaves_no_retain(shared_tmp):
     p = fusesnap(root, "pull", f"oci:{bad.layout}", "--name", "bad")
     assert p.returncode != 0 and b"diff_id" in p.stderr
     assert store_state(root) == before and fusesnap(root, "fsck").returncode == 0
+
+
+def test_killed_pull_retains_are_released_by_the_next_pull(proxied, shared_tmp):
+    proxy, repo = proxied
+    root = shared_tmp / "root"
+    proc = pull_stuck_on_last_layer(proxy, repo, root, 50_000)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert json.loads(fusesnap(root, "gc", "--json").stdout)["removed"] == []   # still retained
+    other = write_layout(shared_tmp / "other", layer_tars("-other-image"))
+    assert fusesnap(root, "pull", f"oci:{other.layout}").returncode == 0      # releases the dead pull's
+    removed = json.loads(fusesnap(root, "gc", "--json").stdout)["removed"]
+    assert len(removed) == 2 and fusesnap(root, "fsck").returncode == 0
