@@ -8,7 +8,8 @@ is the original's (the landmarks are hidden by store mounts); the layers'
 diffIDs change. The new layers are imported into the store, compressed into
 kept blobs, and recorded as image NAME with a new config (rootfs.diff_ids
 replaced, history kept) and an OCI manifest, so `fusesnap push NAME` sends it
-like any pulled image. A failure removes the layers this run created.
+like any pulled image. A failure removes the layers this run created; the layers
+of a killed run are released by the next pull, as a killed pull's are.
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ from ..digest import chain_id as make_chain_id
 from ..errors import IntegrityError, InvalidInput, NotFound
 from ..snapshots.accessrecord import RecordEntry, first_accesses
 from ..snapshots.recorder import ChainView, RecordError
+from ..store.locks import FileLock
 from . import layerorder
 from . import manifest as mf
 from .blobs import BlobDir
 from .events import Events
-from .pull import images_dir, rollback
+from .pull import HOLDER_PREFIX, images_dir, rollback
 from .push import COMPRESSIONS, CompressingWriter
 from .records import ImageRecord, ImageRecords, now
 
@@ -76,7 +78,10 @@ class Optimizer:
         self.events = events or Events()
         self.records = ImageRecords(store)
         self.blobs = BlobDir(images_dir(store))
-        self.holder = f"optimize:{secrets.token_hex(8)}"
+        # Retained like a pull's layers, under a run id whose lock file is flocked while this runs,
+        # so that the next pull releases the retains of an optimize that was killed.
+        self.run_id = secrets.token_hex(8)
+        self.holder = HOLDER_PREFIX + self.run_id
 
     def _wanted(self, rec: ImageRecord) -> tuple[dict[int, list[bytes]], list[str]]:
         """Per layer index, the layer paths to put first, in recorded order; and the misses."""
@@ -96,6 +101,16 @@ class Optimizer:
         return wanted, missing
 
     def run(self) -> OptimizeResult:
+        runs = images_dir(self.store) / "pulls"
+        runs.mkdir(mode=0o700, exist_ok=True)
+        lock = runs / f"{self.run_id}.lock"
+        try:
+            with FileLock(lock):
+                return self._run()
+        finally:
+            lock.unlink(missing_ok=True)
+
+    def _run(self) -> OptimizeResult:
         rec = self.records.get(self.image)
         chain = rec.chain
         if not chain:
