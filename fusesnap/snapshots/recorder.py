@@ -100,8 +100,8 @@ class ChainView:
         for root, i, chain in self._roots:
             if src.startswith(root):
                 return i, chain
-        raise InvalidInput(f"the lower tree of {self.chain[-1]} names a file outside its layers: "
-                           f"{os.fsdecode(src)} (run `fusesnap cleanup` to rebuild its cache)")
+        raise InvalidInput(f"the cached lower tree of {self.chain[-1]} names a file outside its layers: "
+                           f"{os.fsdecode(src)} (was the store moved?)")
 
     def resolve(self, path: str | bytes) -> Served:
         """The file `path` names in the merged tree, and the layer that serves it."""
