@@ -22,8 +22,7 @@ from pathlib import Path
 
 from .build import Workset
 from .sysutil import BenchError, pss_mb
-from .workloads import WORKLOADS as BASE_WORKLOADS
-from .workloads import Ctx, Workload, check, needs_daemon, needs_mount, s_read_all, s_walk, titles_for, walk
+from .workloads import Ctx, Workload, check, needs_daemon, needs_mount, s_read_all, s_walk, walk
 
 MOUNTS = 20                     # mounts alive at once for the memory row
 PROBE = {"base": "etc", "chain": "common"}    # what "first stat answered" stats, per stack
@@ -103,13 +102,10 @@ STARTUP_WORKLOADS: list[Workload] = [
              applies=needs_daemon),
 ]
 
-WORKLOADS: list[Workload] = BASE_WORKLOADS + STARTUP_WORKLOADS
-
-
-def row_titles(ws: Workset) -> dict[str, str]:
-    """Every row's title with the real sizes of this scale."""
+def startup_titles(ws: Workset) -> dict[str, str]:
+    """These rows' titles with the real sizes of this scale."""
     s = ws.scale
-    out = titles_for(ws)
+    out = {}
     many = f"{s.many_dirs * s.many_per_dir // 1000}k" if s.many_dirs * s.many_per_dir >= 1000 else \
         str(s.many_dirs * s.many_per_dir)
     for w in STARTUP_WORKLOADS:

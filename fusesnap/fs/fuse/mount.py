@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from fusesnap.errors import FusesnapError
 from fusesnap.fs.options import MountOptions
 from fusesnap.linux import flock
-from fusesnap.linux.namespaces import root_of_a_user_namespace
+from fusesnap.linux.kernel import in_initial_user_namespace
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -61,7 +61,9 @@ def fuse_options(union: Union, opts: MountOptions) -> set[str]:
     pass `allow_other` but no `suid`) gets allow_other and suid by default, as
     fuse-overlayfs gives it: the kernel confines both to that namespace."""
     o = {f"fsname={opts.fsname}", "subtype=fusesnap"}
-    confined = root_of_a_user_namespace()
+    # root of a user namespace (rootless podman's mount program, `unshare -Ur`): the kernel
+    # admits only that namespace's processes, lets setuid reach only its ids, ignores devices
+    confined = os.geteuid() == 0 and not in_initial_user_namespace()
     asked = set(opts.fuse_options)
     if union.kernel_checks_permissions:
         o.add("default_permissions")
@@ -482,7 +484,7 @@ def _go_live(ops: Operations, mountpoint: str, fopts: set[str], note: Callable[[
         return failed(f"{e} (options: {','.join(sorted(fopts))})")
     new = fastloop.fuse_fds() - before
     if len(new) == 1 and os.environ.get("FUSESNAP_STOCK_LOOP") != "1":
-        busy = ops.u.opts.busy_poll_us
+        busy = ops.union.opts.busy_poll_us
         fastloop.install(new.pop(), busy_poll_us=fastloop.default_busy_poll_us() if busy is None else busy)
     if note is not None:
         note(b"ok")
@@ -517,7 +519,7 @@ def _serve_live(ops: Operations, mountpoint: str, debug: bool) -> int:
 
             async def readahead() -> None:
                 # after FUSE_INIT: its reply caps the readahead at what the kernel offered
-                kb = ops.u.opts.read_ahead_kb
+                kb = ops.union.opts.read_ahead_kb
                 if kb is None:
                     kb = read_ahead_that_splices(DEFAULT_KB, ops.splice_max)
                 for delay in (0.05, 0.5):
