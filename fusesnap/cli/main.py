@@ -139,6 +139,7 @@ def _namespace(plain: dict[str, Any]) -> Any:
                          foreground=False, options=plain["options"], quick_exit=True)
     if plain["command"] == "mount":
         ns.key, ns.mountpoint = plain["positional"]
+        ns.record = None              # --record FILE is not a plain command line
         ns.func = snapshots.cmd_mount
     else:
         ns.mountpoint, = plain["positional"]
