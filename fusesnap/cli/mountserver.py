@@ -258,7 +258,10 @@ def _spare(sock, retire_r: int, notes_w: int, server: int) -> None:
                     conn, _ = sock.accept()
                 except BlockingIOError:
                     continue
-                break
+                if _peer_uid(conn) == os.geteuid():
+                    break
+                _refuse(conn, "another user")     # and stay the spare: no fork for strangers
+                continue
             if retire_r in ready:
                 os._exit(0)
         ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, 0, 0, 0, 0)    # a worker outlives the server
@@ -305,12 +308,26 @@ def _take(conn, notes_w: int) -> None:
     _note(notes_w, b"T%d %s" % (os.getpid(), request[1].encode() if request else b""))
     why = _refusal(cred, fds, flags, request)
     if why:
-        try:
-            conn.send(b"N" + why.encode())
-        except OSError:
-            pass
+        for fd in fds:
+            os.close(fd)
+        _refuse(conn, why)
         return
     _worker(conn, notes_w, request, fds)
+
+
+def _peer_uid(conn) -> int:
+    import socket
+    import struct
+
+    return struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
+
+
+def _refuse(conn, why: str) -> None:
+    try:
+        conn.send(b"N" + why.encode())
+    except OSError:
+        pass
+    conn.close()
 
 
 def _decode(msg: bytes) -> tuple | None:

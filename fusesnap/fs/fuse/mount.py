@@ -380,7 +380,7 @@ def _pending_main(spec_r: int, note_w: int) -> int:
 # Every process forked later maps them (shared until touched), which also counts in
 # its proportional memory: ~600 bytes a node, so not more than this many nodes.
 _KEPT: dict[str, tuple[tuple[int, ...], Any]] = {}
-KEEP_NODES = 300_000
+KEEP_NODES = 100_000
 # Cache files this process loaded from disk, and kept trees it used: for a mount server
 # to keep the former and to drop the least recently used first.
 loaded_from_disk: list[str] = []
