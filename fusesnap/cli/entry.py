@@ -10,8 +10,6 @@ importtime`: `fusesnap.cli.main` alone pulls in typing and re, ~6 ms), so the
 heavy imports below sit inside the functions on purpose.
 """
 
-from __future__ import annotations
-
 import os
 import sys
 

@@ -8,8 +8,8 @@ environment and umask, runs the command exactly as it would run here, and
 reports the exit status once the mount is live. This process only waits.
 
 Import cost is the point of this module: the os module, sys, marshal, _socket,
-_sha256 and select, nothing else (no argparse, enum, typing, dataclasses),
-measured with `python -X importtime`.
+_sha256 and select, nothing else (no argparse, enum, typing, dataclasses, not
+even `from __future__`), measured with `python -X importtime`.
 
 Protocol (SOCK_SEQPACKET, one message each): the request is
 marshal((1, kind, argv, orig_argv, environ, umask)) with SCM_RIGHTS
@@ -19,8 +19,6 @@ answers b"N<reason>". Nothing has run before b"S", so a connection that ends
 earlier (a server exiting on idle) is retried with a new server, and a client
 that gave up waiting makes sure no b"S" can reach it first (shutdown).
 """
-
-from __future__ import annotations
 
 import _sha256
 import _socket

@@ -247,6 +247,9 @@ def _spare(sock, retire_r: int, notes_w: int, server: int) -> None:
         if os.getppid() != server:
             os._exit(0)                       # it went before that took effect
         _warm_up()
+        from fusesnap.linux.procctx import context
+
+        own = context()
         poller = select.poll()
         poller.register(sock.fileno(), select.POLLIN)
         poller.register(retire_r, select.POLLIN)
@@ -260,7 +263,7 @@ def _spare(sock, retire_r: int, notes_w: int, server: int) -> None:
                     continue
                 if _peer_uid(conn) == os.geteuid():
                     break
-                _refuse(conn, "another user")     # and stay the spare: no fork for strangers
+                _refuse(conn, "another user", unread=True)    # and stay the spare: no fork for strangers
                 continue
             if retire_r in ready:
                 os._exit(0)
@@ -268,24 +271,35 @@ def _spare(sock, retire_r: int, notes_w: int, server: int) -> None:
         os.close(retire_r)
         sock.close()
         conn.setblocking(True)
-        _take(conn, notes_w)                  # never returns when it runs the command
+        _take(conn, notes_w, own)             # never returns when it runs the command
     except BaseException:   # noqa: BLE001 -- a spare that fails just goes
         code = 1
     os._exit(code)
 
 
 def _warm_up() -> None:
-    """Touch what every worker runs, so that the copy-on-write faults of a fork are paid
-    before a request waits (a first trio.run in a fresh fork: ~2 ms, later: ~0.3 ms)."""
+    """Run once what every worker runs, so that the copy-on-write faults of the fork
+    are paid before a request waits on them (a first trio.run in a fresh fork: ~2 ms,
+    a later one ~0.3 ms): trio with a nursery and a signal receiver as the request
+    loop has them, stdio objects, the request's decoding."""
+    import io
+    import marshal
+    import signal
+
     import trio
 
-    async def nothing() -> None:
-        pass
+    async def loop_like() -> None:
+        async with trio.open_nursery() as n:
+            with trio.open_signal_receiver(signal.SIGHUP):
+                n.start_soon(trio.sleep, 0)
 
-    trio.run(nothing)
+    trio.run(loop_like)
+    with open(os.devnull, "rb", buffering=0) as raw:
+        io.TextIOWrapper(io.BufferedReader(raw), encoding="utf-8").read()
+    _decode(marshal.dumps((1, "", [], [], dict(os.environb), 0)))
 
 
-def _take(conn, notes_w: int) -> None:
+def _take(conn, notes_w: int, own: bytes) -> None:
     """Read the request of an accepted connection, check the peer, run the command."""
     import select
     import socket
@@ -306,7 +320,7 @@ def _take(conn, notes_w: int) -> None:
             cred = struct.unpack("3i", data[:12])
     request = _decode(msg)
     _note(notes_w, b"T%d %s" % (os.getpid(), request[1].encode() if request else b""))
-    why = _refusal(cred, fds, flags, request)
+    why = _refusal(cred, fds, flags, request, own)
     if why:
         for fd in fds:
             os.close(fd)
@@ -322,9 +336,18 @@ def _peer_uid(conn) -> int:
     return struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
 
 
-def _refuse(conn, why: str) -> None:
+def _refuse(conn, why: str, unread: bool = False) -> None:
+    """Answer N<why> and close. An unread request is read first (waiting up to 0.1 s
+    for it): closing with it unread would reset the connection and lose the answer."""
+    import select
+    import socket
+
     try:
         conn.send(b"N" + why.encode())
+        p = select.poll()
+        p.register(conn.fileno(), select.POLLIN)
+        if unread and p.poll(100):
+            conn.recv(1 << 20, socket.MSG_DONTWAIT)
     except OSError:
         pass
     conn.close()
@@ -347,7 +370,7 @@ def _note(notes_w: int, line: bytes) -> None:
         pass
 
 
-def _refusal(cred, fds: list[int], flags: int, request: tuple | None) -> str | None:
+def _refusal(cred, fds: list[int], flags: int, request: tuple | None, own: bytes) -> str | None:
     """Why this request is not served, or None."""
     import select
     import socket
@@ -363,7 +386,7 @@ def _refusal(cred, fds: list[int], flags: int, request: tuple | None) -> str | N
     except OSError:
         return "the sender is gone"
     try:
-        same = context(cred[0]) == context()
+        same = context(cred[0]) == own
         gone = select.poll()
         gone.register(pidfd, select.POLLIN)
         if gone.poll(0):      # exited: its pid may have named another process meanwhile

@@ -10,8 +10,6 @@ never gets a daemon with more than it has. Stdlib `os` only: the mount
 command's start-up path computes this before anything heavy is imported.
 """
 
-from __future__ import annotations
-
 import os
 
 _NAMESPACES = ("cgroup", "ipc", "mnt", "net", "pid", "time", "user", "uts")
