@@ -81,8 +81,7 @@ BASE = (
     "fusesnap.fs.core.lowertree", "fusesnap.fs.core.lower",
 )
 PRELOAD = {
-    "fusesnap-overlay": ("fusesnap.cli.overlay", "fusesnap.fs.core.lazytree", "fusesnap.fs.fuse.warmer",
-                         "threading"),
+    "fusesnap-overlay": ("fusesnap.cli.overlay", "fusesnap.fs.core.lazytree"),
     "fusesnap": ("fusesnap.cli.main", "fusesnap.cli.snapshots", "fusesnap.snapshots.snapshotter",
                  "fusesnap.snapshots.mounting", "fusesnap.snapshots.treecache", "fusesnap.store.layerstore",
                  "json"),

@@ -136,10 +136,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _mount_here(opts: MountOptions, mountpoint: str, foreground: bool, eager: bool) -> int:
     """Build the lower tree in this process, then mount (serving here if foreground)."""
+    from fusesnap.fs.core.lazytree import LazyLowerTree
     from fusesnap.fs.core.lowertree import lower_tree_from_dirs
-    from fusesnap.fs.fuse.mount import lazy_tree, mount
+    from fusesnap.fs.fuse.mount import mount
     try:
-        tree = lower_tree_from_dirs(opts.lowerdirs) if eager else lazy_tree(opts.lowerdirs)
+        tree = lower_tree_from_dirs(opts.lowerdirs) if eager else LazyLowerTree(opts.lowerdirs)
     except (FusesnapError, OSError) as e:
         print(f"fusesnap-overlay: {e}", file=sys.stderr)
         return 1

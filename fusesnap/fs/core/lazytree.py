@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import stat as S
-from typing import Callable, Sequence
+from typing import Sequence
 
 from fusesnap.fs.core import upperformat
 from fusesnap.fs.core.longpath import LIMIT, short
@@ -71,8 +71,6 @@ class LazyLowerTree:
                 raise NotADirectoryError(f"lower directory {os.fsdecode(d)!r} does not exist")
         self._next = 2
         self.by_host: dict[tuple[int, int, int], LNode] = {}
-        # told the host directories of each merged directory's subdirectories (fs/fuse/warmer.py)
-        self.on_merge: Callable[[list[bytes]], None] | None = None
         top = os.lstat(self.dirs[0])
         xattrs = upperformat.read_xattrs(self.dirs[0])
         root = self._dir_node(top, xattrs, list(enumerate(self.dirs)))
@@ -208,6 +206,4 @@ class LazyLowerTree:
             if opaque:
                 break
         d.kids = kids
-        if self.on_merge is not None:
-            self.on_merge([hd for n in kids.values() if isinstance(n, LazyDir) for _, hd in n.hostdirs])
         return kids

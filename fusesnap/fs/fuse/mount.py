@@ -413,16 +413,6 @@ def keep_tree(path: str) -> bool:
     return True
 
 
-def lazy_tree(dirs: list[str]) -> Any:
-    """fusesnap-overlay's lower tree: merged as it is used, the next directories read ahead."""
-    from fusesnap.fs.core.lazytree import LazyLowerTree
-    from fusesnap.fs.fuse.warmer import DirWarmer
-
-    tree = LazyLowerTree(dirs)
-    tree.on_merge = DirWarmer()
-    return tree
-
-
 def _build_tree(spec: TreeSpec) -> Any:
     kind = spec[0]
     if kind == "cache":
@@ -438,7 +428,8 @@ def _build_tree(spec: TreeSpec) -> Any:
         if spec[2]:
             from fusesnap.fs.core.lowertree import lower_tree_from_dirs
             return lower_tree_from_dirs(spec[1])
-        return lazy_tree(spec[1])
+        from fusesnap.fs.core.lazytree import LazyLowerTree
+        return LazyLowerTree(spec[1])
     if kind == "empty":
         from fusesnap.fs.core.lowertree import build_lower_tree
         return build_lower_tree([])
