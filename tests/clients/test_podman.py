@@ -150,7 +150,14 @@ RUN rm -rf /data/tree && mkdir /data/tree && echo only > /data/tree/only
 RUN echo linked > /data/a && ln /data/a /data/b
 RUN cp /bin/busybox /data/suid && chmod 4755 /data/suid && chmod 2775 /data/tree && chown 1000:1000 /data/a
 RUN mv /data/olddir /data/newdir && echo appended >> /data/base.txt && ln -s newdir/f1 /data/f1-link
+WORKDIR /work/here
+COPY src/ /copied/
+ADD added.tar /added/
+USER 1000
+RUN echo as-user > /tmp/as-user && (touch /work/here/no 2>/dev/null || echo refused > /tmp/refused)
 """
+ADDED_TAR = [Entry("x", "dir", mode=0o750), Entry("x/f", data=b"f\n", mode=0o4755), Entry("x/h", "hardlink", target="x/f", mode=0o4755),
+             Entry("x/l", "symlink", target="f", mode=0o777), Entry("x/owned", data=b"o\n", uid=1000, gid=1000)]
 
 
 def comparable(tree: dict[str, dict]) -> dict[str, tuple]:
@@ -162,11 +169,18 @@ def comparable(tree: dict[str, dict]) -> dict[str, tuple]:
 
 def test_build(pm):
     """A multi-step build (deletes, an opaque directory, a hard link, a setuid file, a
-    renamed lower directory) gives the image tree the kernel's overlayfs gives."""
+    renamed lower directory, WORKDIR, COPY, ADD of a tar, a RUN as another user) gives
+    the image tree the kernel's overlayfs gives."""
     ctx = pm.base / "ctx"
-    ctx.mkdir(exist_ok=True)
+    (ctx / "src" / "sub").mkdir(parents=True)
     (ctx / "Containerfile").write_text(CONTAINERFILE)
-    os.chmod(ctx / "Containerfile", 0o644)
+    (ctx / "src" / "c1").write_text("c1\n")
+    (ctx / "src" / "sub" / "c2").write_text("c2\n")
+    (ctx / "added.tar").write_bytes(layer_tar(ADDED_TAR))
+    for d, _, files in os.walk(ctx):
+        os.chmod(d, 0o755)
+        for f in files:
+            os.chmod(os.path.join(d, f), 0o644)
     image = "localhost/fusesnap-built:1"
     build = ["build", "--no-cache", "--network", "none", "-t", image, str(ctx)]
     pm.podman(*build, timeout=600)
@@ -190,6 +204,9 @@ def test_build(pm):
     assert sorted(p for p in t if p.startswith("data/newdir")) == ["data/newdir", "data/newdir/f1"]
     assert t["data/base.txt"]["sha256"] == hashlib.sha256(b"hello base\nappended\n").hexdigest()
     assert t["data/f1-link"]["target"] == "newdir/f1"
+    assert "work/here/no" not in t and t["tmp/refused"]["uid"] == 1000 and t["tmp/as-user"]["uid"] == 1000
+    assert t["added/x/f"]["mode"] == stat.S_IFREG | 0o4755 and t["added/x/f"]["ino"] == t["added/x/h"]["ino"]
+    assert (t["added/x/owned"]["uid"], t["copied/sub/c2"]["sha256"]) == (1000, hashlib.sha256(b"c2\n").hexdigest())
     # The kernel (without index=on) breaks the hard link when the chown copies data/a up,
     # so its data/b keeps the old owner; fusesnap keeps hard-link groups across copy-up.
     kernel = comparable(pm.image_tree(image, pm.ref)["tree"])
