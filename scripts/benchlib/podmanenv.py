@@ -145,7 +145,22 @@ class PodmanEnv:
                 os.chown(d, self.user.pw_uid, self.user.pw_gid)
             for d in (self.xdg, self.home):
                 os.chmod(d, 0o700)
+            if os.geteuid() == 0:
+                self._start_pause_process()
         return self
+
+    def _start_pause_process(self) -> None:
+        """Start rootless podman's pause process (the holder of its user and mount
+        namespaces) from a mount namespace without FUSE mounts. A new mount namespace
+        copies every mount live at that moment, and where / is not a shared mount no
+        unmount ever reaches the copies: a FUSE daemon whose mount was live then (another
+        test's, another user's) would not see its unmount until the pause process exits.
+        Later podman commands join the pause process's namespaces."""
+        assert self.user is not None
+        detach = "awk '$0 ~ / - fuse/ {print $5}' /proc/self/mountinfo | xargs -r -n1 umount -l"
+        run_as = f"exec setpriv --reuid={self.user.pw_uid} --regid={self.user.pw_gid} --clear-groups"
+        self.command(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                      f"{detach}; {run_as} podman unshare true"], as_root=True)
 
     def environ(self) -> dict[str, str]:
         env = {"PATH": _SBIN_PATH, "LANG": "C.UTF-8", "TMPDIR": "/var/tmp"}
@@ -158,10 +173,10 @@ class PodmanEnv:
                         "CONTAINERS_STORAGE_CONF": str(self.conf / "storage.conf")})
         return env
 
-    def popen_args(self) -> dict[str, object]:
+    def popen_args(self, as_root: bool = False) -> dict[str, object]:
         """What subprocess needs to run a command as this set-up's user, in its environment."""
         kw: dict[str, object] = {"env": self.environ(), "cwd": "/"}
-        if self.user:
+        if self.user and not as_root:
             kw.update(user=self.user.pw_uid, group=self.user.pw_gid, extra_groups=[])
         return kw
 
@@ -171,8 +186,8 @@ class PodmanEnv:
         return self.command(["podman", *args], input=input, check=check, timeout=timeout, stdin=stdin, text=text)
 
     def command(self, argv: list[str], input: bytes | str | None = None, check: bool = True, timeout: float = 300,
-                stdin=None, text: bool = True) -> subprocess.CompletedProcess:
-        kw = self.popen_args()
+                stdin=None, text: bool = True, as_root: bool = False) -> subprocess.CompletedProcess:
+        kw = self.popen_args(as_root)
         if input is None and stdin is None:
             stdin = subprocess.DEVNULL
         try:
