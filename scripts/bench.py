@@ -36,7 +36,10 @@ from benchlib.memreport import no_free_page_reporting  # noqa: E402
 from benchlib.scratchfs import CHOICES, scratch_fs  # noqa: E402
 from benchlib.sysutil import BenchError, is_root, rmtree  # noqa: E402
 from benchlib.targets import ALL_TARGETS, EXTRA_TARGETS, find_program, make_targets  # noqa: E402
-from benchlib.workloads import WORKLOADS, titles_for, walk  # noqa: E402
+from benchlib.workloads import WORKLOADS as FS_WORKLOADS, titles_for, walk  # noqa: E402
+from benchlib.podman_bench import PODMAN_WORKLOADS  # noqa: E402
+
+WORKLOADS = FS_WORKLOADS + PODMAN_WORKLOADS
 
 KNOWN_TARGETS = ALL_TARGETS + EXTRA_TARGETS
 

@@ -18,6 +18,7 @@ import resource
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -95,8 +96,8 @@ def _toml_list(items: list[str]) -> str:
 
 
 class PodmanEnv:
-    """One podman set-up in base/: graphroot, runroot, configuration, and (rootless)
-    its own HOME and XDG_RUNTIME_DIR. `user` None means root; `mount_program` None means
+    """One podman set-up in base/: graphroot, configuration, and (rootless) its own HOME
+    and XDG_RUNTIME_DIR; its runroot in a short directory under /tmp. `user` None means root; `mount_program` None means
     the kernel's overlayfs (podman's native overlay driver)."""
 
     def __init__(self, base: Path, mount_program: str | None, user: pwd.struct_passwd | None = None) -> None:
@@ -104,7 +105,7 @@ class PodmanEnv:
         self.mount_program = mount_program
         self.user = user
         self.graph = self.base / "graph"
-        self.runroot = self.base / "run"
+        self.runroot = Path("/nonexistent")   # made by create(): short, see there
         self.home = self.base / "home"
         self.xdg = self.base / "xdg"
         self.conf = (self.home / ".config" / "containers") if user else (self.base / "conf")
@@ -134,12 +135,16 @@ class PodmanEnv:
     def create(self) -> "PodmanEnv":
         self.base.mkdir(parents=True, exist_ok=True)
         os.chmod(self.base, 0o711)
+        # podman's `container cleanup` (the exit command conmon runs) refuses a runroot
+        # longer than 50 characters; `podman run --rm` then waits 20 s for a cleanup
+        # that never comes. Sockets live there: keep it short, whatever base is.
+        self.runroot = Path(tempfile.mkdtemp(prefix="podman-run-", dir="/tmp"))
         self.conf.mkdir(parents=True, exist_ok=True)
         (self.conf / "storage.conf").write_text(self.storage_conf())
         (self.conf / "containers.conf").write_text(self.containers_conf())
         if self.user:
             ensure_subids(self.user)
-            for d in (self.graph, self.runroot, self.xdg):
+            for d in (self.graph, self.xdg):
                 d.mkdir(exist_ok=True)
             for d in (self.graph, self.runroot, self.xdg, self.home, *self.home.rglob("*")):
                 os.chown(d, self.user.pw_uid, self.user.pw_gid)
@@ -230,9 +235,11 @@ class PodmanEnv:
             _kill(pid)
         with open("/proc/self/mountinfo") as f:
             mps = [line.split()[4] for line in f]
-        for mp in sorted((m for m in mps if m.startswith(f"{self.base}/")), key=len, reverse=True):
+        ours = [m for m in mps if m.startswith((f"{self.base}/", f"{self.runroot}/"))]
+        for mp in sorted(ours, key=len, reverse=True):
             subprocess.run(["umount", "-l", mp], capture_output=True)
         shutil.rmtree(self.base, ignore_errors=True)
+        shutil.rmtree(self.runroot, ignore_errors=True)
 
 
 def _owned_by(pid: int, uid: int) -> bool:
