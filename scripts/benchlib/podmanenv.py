@@ -231,7 +231,7 @@ class PodmanEnv:
             pid = self.pause_pid()
             if pid and _owned_by(pid, self.user.pw_uid):  # type: ignore[union-attr]
                 _kill(pid)
-        for pid in _daemons_under(self.base):
+        for pid in processes_naming(f"{self.base}/"):   # whatever podman left running
             _kill(pid)
         with open("/proc/self/mountinfo") as f:
             mps = [line.split()[4] for line in f]
@@ -264,17 +264,19 @@ def _kill(pid: int) -> None:
         time.sleep(0.02)
 
 
-def _daemons_under(base: Path) -> list[int]:
-    """Mount-program daemons whose command line names a directory under base."""
-    key = str(base).encode() + b"/"
+def processes_naming(text: str) -> list[int]:
+    """Live processes (not zombies) whose command line contains text: a mount's FUSE
+    daemon names its directories, conmon its container's."""
+    key = text.encode()
     out = []
     for d in os.listdir("/proc"):
         if not d.isdigit() or int(d) == os.getpid():
             continue
         try:
             argv = Path(f"/proc/{d}/cmdline").read_bytes()
+            state = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if key in argv and (b"fusesnap-overlay" in argv or b"fuse-overlayfs" in argv):
+        if key in argv and state not in "ZX":
             out.append(int(d))
     return out

@@ -33,7 +33,7 @@ from helpers import is_root, script
 from podmanclient import (BASE_IMAGE, FUSESNAP_FSTYPE, SHOW_MOUNTINFO, PodmanClient, assert_fusesnap_root,
                           base_entries, expected_tree, root_mount, sections, seen_tree)
 from benchlib.ociarchive import BUSYBOX, Entry, layer_tar, write_oci_archive
-from benchlib.podmanenv import PodmanEnv, missing_tools
+from benchlib.podmanenv import PodmanEnv, missing_tools, processes_naming
 
 pytestmark = [pytest.mark.rootless, pytest.mark.skipif(not is_root(), reason="sets up podman and its user; needs root")]
 
@@ -263,25 +263,10 @@ def test_commit_and_diff(pm):
     assert data_changes(json.loads(pm.podman("diff", "--format", "json", image).stdout)) == diffs[0]
 
 
-def live_daemons(path: str) -> list[int]:
-    """Processes (not zombies) whose command line names path: the mount's FUSE daemon."""
-    out = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            argv = Path(f"/proc/{d}/cmdline").read_bytes().split(b"\0")
-            state = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if any(path.encode() in a for a in argv) and state not in "ZX":
-            out.append(int(d))
-    return out
-
-
 def wait_gone(path: str, timeout: float = 15) -> list[int]:
+    """Wait until no process names path (a mount's daemon exits when it is unmounted)."""
     deadline = time.monotonic() + timeout
-    while (left := live_daemons(path)) and time.monotonic() < deadline:
+    while (left := processes_naming(path)) and time.monotonic() < deadline:
         time.sleep(0.05)
     return left
 
@@ -315,7 +300,7 @@ def test_two_containers_at_once(pm):
         for n in names:
             listing = pm.podman("exec", n, "sh", "-c", "cat /data/base.txt; ls /data").stdout.split()
             assert listing[0] == n and "keep.txt" not in listing and "gone.txt" in listing
-            daemons = live_daemons(merged[n])
+            daemons = processes_naming(merged[n])
             assert len(daemons) == 1, (n, daemons)
             argv = [a.decode() for a in Path(f"/proc/{daemons[0]}/cmdline").read_bytes().split(b"\0")]
             assert script("fusesnap-overlay") in argv
