@@ -12,6 +12,7 @@ ratios to the plain directory and to fuse-overlayfs. Stdlib only.
     scripts/bench.py --only walk-warm,readdir-cold --targets plain,fuse-overlayfs
     scripts/bench.py --build-only         # just build the cached workloads
     scripts/bench.py --list               # workload names
+    scripts/bench.py --containerd         # fusesnap serve under containerd (ctr run, pull, mounts)
 """
 
 from __future__ import annotations
@@ -74,6 +75,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="print the table of a saved --json result (no measuring)")
     p.add_argument("--build-only", action="store_true", help="build the workloads and exit")
     p.add_argument("--list", action="store_true", help="list workloads and exit")
+    p.add_argument("--containerd", action="store_true",
+                   help="instead of the workloads: fusesnap serve under a real containerd beside its overlayfs "
+                        "and native snapshotters (benchlib/containerd_bench.py)")
     args = p.parse_args(argv)
     if args.runs is None:
         args.runs = 3 if args.quick else 7
@@ -169,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.from_json:
         return rerender(args.from_json)
+    if args.containerd:
+        from benchlib.containerd_bench import run as containerd_rows
+
+        return containerd_rows(args.runs, args.scale)
     args.cache.mkdir(parents=True, exist_ok=True)
     lock = open(args.cache / ".lock", "w")
     try:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Protocol, runtime_checkable
 
 from fusesnap.layerentry import KIND_OF_FMT, LayerEntry
-from fusesnap.fs.core import upperformat as uf
+from fusesnap.fs.core import upperformat
 from fusesnap.fs.core.longpath import short
 
 
@@ -42,7 +42,7 @@ class DirLower:
         seen: dict[tuple[int, int], bytes] = {}
         st = os.lstat(root)
         yield LayerEntry(b".", "dir", st.st_mode & 0o7777, st.st_uid, st.st_gid, st.st_mtime_ns,
-                         xattrs=uf.read_xattrs(root) or {})
+                         xattrs=upperformat.read_xattrs(root) or {})
         stack: list[bytes] = [b""]
         while stack:
             rel = stack.pop()
@@ -57,12 +57,12 @@ class DirLower:
                     relp = rel + b"/" + name if rel else name
                     st = de.stat(follow_symlinks=False)
                     full = short(base + b"/" + name)
-                    xattrs = uf.read_xattrs(full)
+                    xattrs = upperformat.read_xattrs(full)
                     mode = st.st_mode
                     uid, gid, rdev = st.st_uid, st.st_gid, st.st_rdev
-                    ov = uf.override_in(xattrs) if xattrs else None
+                    ov = upperformat.override_in(xattrs) if xattrs else None
                     if ov is not None:
-                        p = uf.presented_stat(st, ov)
+                        p = upperformat.presented_stat(st, ov)
                         mode, uid, gid, rdev = p.mode, p.uid, p.gid, p.rdev
                     fmt = S.S_IFMT(mode)
                     kind = KIND_OF_FMT.get(fmt, "reg")
