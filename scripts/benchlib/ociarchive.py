@@ -10,7 +10,7 @@ import json
 import platform
 import tarfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 BUSYBOX = "/bin/busybox"  # Debian busybox-static: no shared libraries to bring along
@@ -20,7 +20,7 @@ GOARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "pp
 
 @dataclass
 class Entry:
-    """One member of a layer tar: kind "dir", "file", "symlink" or "hardlink"."""
+    """One member of a layer tar: kind "dir", "file", "symlink", "hardlink" or "chr"."""
 
     path: str
     kind: str = "file"
@@ -29,13 +29,18 @@ class Entry:
     uid: int = 0
     gid: int = 0
     target: str = ""  # symlink target, or the hard link's earlier member
+    xattrs: dict[str, bytes] = field(default_factory=dict)
+    rdev: tuple[int, int] = (0, 0)
 
     def tarinfo(self) -> tarfile.TarInfo:
         ti = tarfile.TarInfo(self.path)
         ti.mode, ti.uid, ti.gid, ti.mtime = self.mode, self.uid, self.gid, MTIME
         ti.type = {"dir": tarfile.DIRTYPE, "file": tarfile.REGTYPE, "symlink": tarfile.SYMTYPE,
-                   "hardlink": tarfile.LNKTYPE}[self.kind]
+                   "hardlink": tarfile.LNKTYPE, "chr": tarfile.CHRTYPE}[self.kind]
         ti.linkname = self.target
+        ti.devmajor, ti.devminor = self.rdev
+        # PAX records are strings; tarfile writes them as UTF-8 with surrogateescape
+        ti.pax_headers = {f"SCHILY.xattr.{k}": v.decode("utf-8", "surrogateescape") for k, v in self.xattrs.items()}
         ti.size = len(self.data) if self.kind == "file" else 0
         return ti
 

@@ -163,7 +163,7 @@ ADDED_TAR = [Entry("x", "dir", mode=0o750), Entry("x/f", data=b"f\n", mode=0o475
 def comparable(tree: dict[str, dict]) -> dict[str, tuple]:
     """A tree without what differs between two builds or two drivers: times, inode
     numbers, link counts (compared where they matter by the tests themselves)."""
-    return {p: (d["mode"], d["uid"], d["gid"], d.get("sha256") or d.get("target"))
+    return {p: (d["mode"], d["uid"], d["gid"], d.get("sha256") or d.get("target") or d.get("rdev"), d.get("xattrs"))
             for p, d in tree.items() if p != "root-mount.txt"}
 
 
@@ -312,11 +312,15 @@ def test_two_containers_at_once(pm):
     assert not any(m in mounted for m in merged.values())
 
 
+CAP_NET_BIND_SERVICE = bytes.fromhex("0100000200040000" + "00" * 12)   # vfs_cap_data v2, permitted
+
+
 def test_loaded_image_with_whiteouts_and_opaque_dir(pm):
     """A two-layer image from `podman load` (an OCI archive built offline): the upper
     layer's whiteouts and opaque directory, as containers/storage stored them, hide what
-    they must, as on the kernel's overlayfs."""
-    top = layer_tar([
+    they must; its extended attributes (a file capability among them) and, as root, a
+    device node come through; all as on the kernel's overlayfs."""
+    entries = [
         Entry("data", "dir", mode=0o755),
         Entry("data/.wh.gone.txt"),
         Entry("data/tree", "dir", mode=0o755),
@@ -325,10 +329,14 @@ def test_loaded_image_with_whiteouts_and_opaque_dir(pm):
         Entry("data/olddir", "dir", mode=0o755),
         Entry("data/olddir/.wh.sub"),
         Entry("data/added.txt", data=b"added\n", mode=0o600, uid=1000, gid=1000),
-    ])
+        Entry("data/capable", data=b"#!/bin/sh\n", mode=0o755,
+              xattrs={"security.capability": CAP_NET_BIND_SERVICE, "user.note": b"kept"}),
+    ]
+    if not pm.env.rootless:   # a user namespace cannot make device nodes
+        entries.append(Entry("data/null", "chr", mode=0o666, rdev=(1, 3)))
     archive = pm.base / "layered.tar"
     image = "localhost/fusesnap-layered:1"
-    write_oci_archive(archive, [pm.base / "rootfs.tar", top], image)
+    write_oci_archive(archive, [pm.base / "rootfs.tar", layer_tar(entries)], image)
     os.chmod(archive, 0o644)
     for env in (pm.env, pm.ref):
         env.run("load", "-i", str(archive))
@@ -337,10 +345,15 @@ def test_loaded_image_with_whiteouts_and_opaque_dir(pm):
                   "echo @@olddir; ls -a /data/olddir; echo @@added; stat -c '%a %u %g' /data/added.txt")
     assert_fusesnap_root(p.stdout)
     s = sections(p.stdout)
-    assert sorted(s["data"].split()) == [".", "..", "added.txt", "base.txt", "hl1", "hl2", "keep.txt", "link",
-                                         "olddir", "owned.txt", "setuid-base", "tree"]
+    want = [".", "..", "added.txt", "base.txt", "capable", "hl1", "hl2", "keep.txt", "link", "olddir", "owned.txt",
+            "setuid-base", "tree"]
+    assert sorted(s["data"].split()) == sorted(want + ([] if pm.env.rootless else ["null"]))
     assert s["tree"].split() == ["/data/tree:", ".", "..", "new"]
     assert s["olddir"].split() == [".", "..", "f1"]
     assert s["added"] == "600 1000 1000\n"
-    ours = pm.image_tree(image)
-    assert comparable(ours["tree"]) == comparable(pm.image_tree(image, pm.ref)["tree"])
+    t = pm.image_tree(image)["tree"]
+    assert not any(".wh." in p for p in t)
+    assert t["data/capable"]["xattrs"] == {"security.capability": CAP_NET_BIND_SERVICE.hex(), "user.note": b"kept".hex()}
+    if not pm.env.rootless:
+        assert stat.S_ISCHR(t["data/null"]["mode"]) and t["data/null"]["rdev"] == [1, 3]
+    assert comparable(t) == comparable(pm.image_tree(image, pm.ref)["tree"])

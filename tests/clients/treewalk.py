@@ -1,5 +1,6 @@
-"""Describe a mounted tree as JSON: every entry's type, mode, owner, size, content hash
-or link target, link count and inode, plus the mount that holds the root.
+"""Describe a mounted tree as JSON: every entry's type, mode, owner, size, content hash,
+link target or device numbers, extended attributes, link count and inode, plus the
+mount that holds the root.
 
 Run as a script (`python3 -c SOURCE ROOT`) inside the mount namespace that sees the
 mount: rootless podman's image mounts exist only inside `podman unshare`.
@@ -38,6 +39,11 @@ def describe(path: str) -> dict[str, object]:
         d["size"] = st.st_size
     elif stat.S_ISLNK(st.st_mode):
         d["target"] = os.readlink(path)
+    elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+        d["rdev"] = [os.major(st.st_rdev), os.minor(st.st_rdev)]
+    names = os.listxattr(path, follow_symlinks=False)
+    if names:
+        d["xattrs"] = {n: os.getxattr(path, n, follow_symlinks=False).hex() for n in sorted(names)}
     return d
 
 
