@@ -37,10 +37,11 @@ from benchlib.memreport import no_free_page_reporting  # noqa: E402
 from benchlib.scratchfs import CHOICES, scratch_fs  # noqa: E402
 from benchlib.sysutil import BenchError, is_root, rmtree  # noqa: E402
 from benchlib.targets import ALL_TARGETS, EXTRA_TARGETS, find_program, make_targets  # noqa: E402
-from benchlib.workloads import WORKLOADS as FS_WORKLOADS, titles_for, walk  # noqa: E402
+from benchlib.workloads import WORKLOADS, titles_for, walk  # noqa: E402
+from benchlib.images_bench import IMAGE_WORKLOADS, image_titles  # noqa: E402
 from benchlib.podman_bench import PODMAN_WORKLOADS  # noqa: E402
 
-WORKLOADS = FS_WORKLOADS + PODMAN_WORKLOADS
+WORKLOADS = WORKLOADS + IMAGE_WORKLOADS + PODMAN_WORKLOADS
 
 KNOWN_TARGETS = ALL_TARGETS + EXTRA_TARGETS
 
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         log("cold steps run WITHOUT dropping caches (" + ("--no-drop-caches" if is_root() else "not root") + ")")
 
     workloads = [w for w in WORKLOADS if not args.only or w.name in args.only]
-    titles = titles_for(ws)
+    titles = {**titles_for(ws), **image_titles(ws)}
     n, size = walk(Path(ws.stacks["rootfs"].flat))
     expect = {"rootfs_entries": n, "rootfs_bytes": size}
     scratch = args.cache / "run"

@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "fusesnap.cli.layers",
     "fusesnap.cli.snapshots",
     "fusesnap.cli.serve",
+    "fusesnap.cli.images",
 )
 
 

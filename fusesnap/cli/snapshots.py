@@ -29,10 +29,30 @@ def _open(args: argparse.Namespace):
     return Snapshotter(args.root)
 
 
+def _image_parent(sn: Any, parent: str) -> str:
+    """An image name stands for its top layer, unless a snapshot or layer has that name."""
+    from ..errors import NotFound
+
+    if not parent:
+        return parent
+    for lookup in (sn.stat, sn.store.get):
+        try:
+            lookup(parent)
+            return parent
+        except (NotFound, InvalidInput):
+            pass
+    from ..images.records import ImageRecords
+
+    rec = ImageRecords(sn.store).find(parent)
+    if rec is None:
+        return parent
+    return rec.top_chain or ""
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     with _open(args) as sn:
         fn = sn.prepare if args.command == "prepare" else sn.view
-        mounts = fn(args.key, args.parent or "", parse_labels(args.label))
+        mounts = fn(args.key, _image_parent(sn, args.parent or ""), parse_labels(args.label))
         if getattr(args, "json", False):
             _emit([m.to_json() for m in mounts])
     return 0
@@ -244,7 +264,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         p = sub.add_parser(name, help=helptext, description=helptext + ". KEY must be unused.")
         p.add_argument("key", metavar="KEY")
         p.add_argument("parent", metavar="PARENT", nargs="?", default="",
-                       help="committed snapshot name or layer chainID (default: empty base)")
+                       help="committed snapshot name, layer chainID or image name (default: empty base)")
         p.add_argument("--label", action="append", metavar="KEY=VALUE", help="set a label (repeatable)")
         p.set_defaults(func=cmd_prepare)
 

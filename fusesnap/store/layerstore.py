@@ -19,6 +19,7 @@ import secrets
 import shutil
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -132,6 +133,36 @@ class LayerInfo:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class StoreTransaction:
+    """What LayerStore.transaction() hands out: SQL on the caller's own tables, and
+    reference changes on layers that commit or roll back with it."""
+
+    def __init__(self, conn: Any) -> None:
+        self._c = conn
+
+    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
+        return self._c.execute(sql, params)
+
+    def add_ref(self, chain_id: str, holder: str) -> None:
+        if self._c.execute("SELECT 1 FROM layers WHERE chain_id=?", (chain_id,)).fetchone() is None:
+            raise NotFound(f"no such layer: {chain_id}")
+        self._c.execute("INSERT OR IGNORE INTO layer_refs(chain_id, holder, kind) VALUES (?,?,'ref')",
+                        (chain_id, holder))
+
+    def drop_ref(self, chain_id: str, holder: str) -> None:
+        self._c.execute("DELETE FROM layer_refs WHERE chain_id=? AND holder=? AND kind='ref'", (chain_id, holder))
+
+    def release_all(self, holder: str) -> None:
+        """Drop every retain `holder` has (e.g. all layers of a pull once its record exists)."""
+        self._c.execute("DELETE FROM layer_refs WHERE holder=? AND kind='retain'", (holder,))
+
+    def retain_holders(self, prefix: str) -> list[str]:
+        """Holders of retains whose name starts with `prefix` (to find those of dead processes)."""
+        rows = self._c.execute("SELECT DISTINCT holder FROM layer_refs WHERE kind='retain' AND substr(holder, 1, ?)=?"
+                               " ORDER BY holder", (len(prefix), prefix)).fetchall()
+        return [r[0] for r in rows]
 
 
 @dataclass
@@ -404,6 +435,13 @@ class LayerStore:
 
     def drop_ref(self, chain_id: str, holder: str) -> None:
         self._drop_ref(chain_id, holder, "ref")
+
+    @contextmanager
+    def transaction(self) -> Iterator["StoreTransaction"]:
+        """One IMMEDIATE transaction on metadata.db, for tables other packages keep there
+        (image records) together with the layer references that must change with them."""
+        with self._lock, dbm.Tx(self.conn) as c:
+            yield StoreTransaction(c)
 
     @staticmethod
     def _check_name_free(c: Any, name: str, chain: str) -> None:
