@@ -68,6 +68,14 @@ def podman_user() -> pwd.struct_passwd:
         return pwd.getpwnam(PODMAN_USER)
 
 
+def _podman(env: PodmanEnv, *args: str, timeout: float = 300) -> str:
+    """stdout of `podman ARGS`; a failure becomes the row's n/a reason."""
+    try:
+        return env.run(*args, timeout=timeout).stdout
+    except PodmanError as e:
+        raise BenchError(str(e)) from None
+
+
 class PodmanRows:
     """One rootless podman set-up per target, made on first use, closed by finish()."""
 
@@ -108,8 +116,8 @@ class PodmanRows:
         return base
 
     def _make(self, c: Ctx, base: Path) -> PodmanEnv:
-        program = getattr(c.target, "program", None)
-        env = PodmanEnv(base / "env", str(program), podman_user())
+        assert isinstance(c.target, FuseProgram) and c.target.program
+        env = PodmanEnv(base / "env", c.target.program, podman_user())
         self.envs[c.target.name] = env   # closed by finish() even if the rest fails
         env.create()
         archive = base / "image.tar"
@@ -133,18 +141,18 @@ class PodmanRows:
     def run_true(self, c: Ctx) -> float:
         env = self.env(c)
         t0 = time.perf_counter()
-        env.run("run", "--rm", IMAGE, "true")
+        _podman(env, "run", "--rm", IMAGE, "true")
         return time.perf_counter() - t0
 
     def build(self, c: Ctx) -> float:
         env = self.env(c)
         ctx = env.base.parent / "context"
         t0 = time.perf_counter()
-        env.run("build", "--no-cache", "--network", "none", "-t", BUILT, str(ctx), timeout=3600)
+        _podman(env, "build", "--no-cache", "--network", "none", "-t", BUILT, str(ctx), timeout=3600)
         dt = time.perf_counter() - t0
-        out = env.run("run", "--rm", BUILT, "cat", "/bench-done", "/app/count").stdout.split()
-        env.run("rmi", BUILT)
-        env.run("image", "prune", "--force")
+        out = _podman(env, "run", "--rm", BUILT, "cat", "/bench-done", "/app/count").split()
+        _podman(env, "rmi", BUILT)
+        _podman(env, "image", "prune", "--force")
         if out[:1] != ["done"] or len(out) != 2:
             raise BenchError(f"wrong result: the built image holds {out!r}")
         if self.count is None:
