@@ -40,8 +40,9 @@ from benchlib.targets import ALL_TARGETS, EXTRA_TARGETS, find_program, make_targ
 from benchlib.workloads import WORKLOADS, titles_for, walk  # noqa: E402
 from benchlib.images_bench import IMAGE_WORKLOADS, image_titles  # noqa: E402
 from benchlib.podman_bench import PODMAN_WORKLOADS  # noqa: E402
+from benchlib.recorder_bench import RECORDER_WORKLOADS  # noqa: E402
 
-WORKLOADS = WORKLOADS + IMAGE_WORKLOADS + PODMAN_WORKLOADS
+WORKLOADS = WORKLOADS + IMAGE_WORKLOADS + RECORDER_WORKLOADS + PODMAN_WORKLOADS
 
 KNOWN_TARGETS = ALL_TARGETS + EXTRA_TARGETS
 

@@ -46,14 +46,16 @@ def cmd_pull(args: argparse.Namespace) -> int:
     from ..images.manifest import Platform
     from ..images.pull import pull
     from ..images.reference import parse_ref
+    from ..snapshots.accessrecord import load as load_record
     from ..store.layerstore import LayerStore
     from .layerprogress import LayerProgress
 
     ref = parse_ref(args.source)
     platform = Platform.parse(args.platform) if args.platform else None
+    record = load_record(args.record) if args.record else ()
     with LayerStore(args.root) as st:
         res = pull(st, ref, name=args.name, platform=platform, opts=_remote(args), jobs=args.jobs,
-                   events=LayerProgress(quiet=args.quiet))
+                   events=LayerProgress(quiet=args.quiet), record=record)
     rec = res.record
     return _report(args, {**rec.summary(), "present": res.present, "transferred": res.transferred},
                    [rec.top_chain or "-", rec.manifest_digest],
@@ -183,6 +185,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", help="record name (default: the reference, e.g. HOST/REPO:TAG)")
     p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="from a multi-platform index "
                    "(default: this machine's)")
+    p.add_argument("--record", metavar="FILE", help="an access record (fusesnap mount --record): download "
+                   "the layers it reads from first, in the order it first read them")
     _transfer_options(p)
     p.set_defaults(func=cmd_pull)
 

@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "fusesnap.cli.snapshots",
     "fusesnap.cli.serve",
     "fusesnap.cli.images",
+    "fusesnap.cli.record",
 )
 
 

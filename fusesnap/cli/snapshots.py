@@ -6,6 +6,7 @@ Heavy modules are imported inside the commands so `fusesnap --help` stays fast.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -210,6 +211,8 @@ def _daemon(args: argparse.Namespace) -> Any:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
+    if getattr(args, "record", None):   # an -o item like any other (a comma in the name escaped)
+        args.options.append("record=" + os.path.abspath(args.record).replace(",", "\\,"))
     with _daemon(args) as daemon:
         from ..snapshots.mounting import mount_snapshot
 
@@ -325,6 +328,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground until unmounted")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPT",
                    help="FUSE mount option (repeatable, comma-separated)")
+    p.add_argument("--record", metavar="FILE", help="log each file the workload reads or writes once, in "
+                   "first-access order, with the layer serving it (JSON lines; see `fusesnap record inspect`)")
     p.set_defaults(func=cmd_mount, quick_exit=True)
 
     # mount.fuse3 runs `fusesnap SOURCE TARGET -o OPTS` for `mount -t fuse3.fusesnap SOURCE TARGET`;

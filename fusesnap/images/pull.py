@@ -24,10 +24,11 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, Sequence
 
 from ..digest import chain_ids, hex_of
 from ..errors import FusesnapError, IntegrityError, InUse, InvalidInput, NotFound
+from ..snapshots.accessrecord import RecordEntry, layer_order
 from ..store.locks import FileLock, is_locked
 from . import manifest as mf
 from .blobs import BlobDir, VerifyingReader, verify_bytes
@@ -93,7 +94,7 @@ def fetch_config(src: ImageSource, m: mf.Manifest) -> mf.ImageConfig:
 class Puller:
     def __init__(self, store: "LayerStore", ref: ImageRef, *, name: str | None = None,
                  platform: mf.Platform | None = None, opts: RemoteOptions | None = None, jobs: int = 3,
-                 events: Events | None = None) -> None:
+                 events: Events | None = None, record: Sequence[RecordEntry] = ()) -> None:
         self.store, self.ref, self.name = store, ref, name or ref.name()
         self.platform, self.opts, self.jobs = platform, opts or RemoteOptions(), max(1, jobs)
         self.events = Counter(events or Events())
@@ -102,6 +103,7 @@ class Puller:
         self.downloads.mkdir(mode=0o700, exist_ok=True)
         self.blobs = BlobDir(self.dir)
         self.records = ImageRecords(store)
+        self.record = record    # an access record: the layers it reads from are downloaded first
         self._stop = threading.Event()
         self.runs = self.dir / "pulls"
         self.runs.mkdir(mode=0o700, exist_ok=True)
@@ -160,7 +162,7 @@ class Puller:
             futures: dict[int, tuple[Future[Path], Download]] = {}
             if pool is not None:
                 assert isinstance(src, RegistrySource)
-                for i in todo:
+                for i in self._fetch_order(todo, chains):
                     dl = Download(self.downloads / f"{hex_of(m.layers[i].digest)}.partial")
                     futures[i] = (pool.submit(self._download, src, i, m.layers[i], dl), dl)
             for i in todo:
@@ -192,7 +194,7 @@ class Puller:
                 self.blobs.remove_unlisted(self.records.kept_blobs())
         except BaseException:
             self._stop.set()
-            self._rollback(created, retained, holder)
+            rollback(self.store, created, retained, holder, "pull")
             for path, _ in kept:
                 if path.parent == self.blobs.tmp:
                     path.unlink(missing_ok=True)
@@ -204,6 +206,11 @@ class Puller:
         present = len(m.layers) - len(todo)
         log.info("pull: %s -> %s, %d of %d layers present", self.ref, self.name, present, len(m.layers))
         return PullResult(rec, len(m.layers), present, self.events.bytes)
+
+    def _fetch_order(self, todo: list[int], chains: list[str]) -> list[int]:
+        """The layers the record reads from, in the order it first read them, then the others."""
+        first = [i for i in layer_order(self.record, chains) if i in todo]
+        return first + [i for i in todo if i not in first]
 
     def _retain(self, chain: str, holder: str) -> bool:
         try:
@@ -279,21 +286,6 @@ class Puller:
             kept.append((tee_path, d.digest))
         return info
 
-    def _rollback(self, created: list[str], retained: list[str], holder: str) -> None:
-        """Undo what this pull did to the store: its retains are dropped, its new layers go."""
-        for chain in retained:
-            try:
-                self.store.release(chain, holder)
-            except NotFound:
-                pass
-        for chain in reversed(created):
-            try:
-                self.store.remove(chain)
-            except (InUse, NotFound):
-                pass  # someone else uses that layer now: it stays
-            except FusesnapError as e:
-                log.warning("pull: could not remove %s after the failure: %s", chain, e)
-
     def _drop_stale_downloads(self) -> None:
         limit = time.time() - STALE_DOWNLOAD
         for p in self.downloads.iterdir():
@@ -304,6 +296,23 @@ class Puller:
                     p.unlink()
             except FileNotFoundError:
                 pass
+
+
+def rollback(store: "LayerStore", created: list[str], retained: list[str], holder: str, what: str) -> None:
+    """Undo what a failed pull (or optimize) did to the store: its retains are dropped, its new
+    layers go."""
+    for chain in retained:
+        try:
+            store.release(chain, holder)
+        except NotFound:
+            pass
+    for chain in reversed(created):
+        try:
+            store.remove(chain)
+        except (InUse, NotFound):
+            pass  # someone else uses that layer now: it stays
+        except FusesnapError as e:
+            log.warning("%s: could not remove %s after the failure: %s", what, chain, e)
 
 
 def pull(store: "LayerStore", ref: ImageRef, **kw: Any) -> PullResult:

@@ -64,7 +64,7 @@ class _Blob:
     compression: str = "none"
 
 
-class _CompressingWriter:
+class CompressingWriter:
     """A write() target for LayerStore.export that compresses into a file and hashes the output."""
 
     def __init__(self, f: BinaryIO, compression: str) -> None:
@@ -205,7 +205,7 @@ class Pusher:
         tmp = self.blobs.temp_path("push-")
         self._temps.append(tmp)
         with open(tmp, "wb") as f:
-            w = _CompressingWriter(f, b.compression)
+            w = CompressingWriter(f, b.compression)
             self.store.export(b.chain, w)  # type: ignore[arg-type]
             digest = w.finish()
         if b.desc.digest and digest != b.desc.digest:

@@ -31,8 +31,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO / "tests"), str(REPO / "tests" / "clients")]
 
-from containerd_env import (Containerd, FusesnapServe, Registry, base_layers, missing_tools,  # noqa: E402
-                            fuse_daemons, oci_archive, store_mounts)
+from containerd_env import (Containerd, FusesnapServe, base_layers, fuse_daemons, missing_tools,  # noqa: E402
+                            oci_archive, push_archive, store_mounts)
+from registry import start_registry  # noqa: E402
 from fusesnap.daemon.client import RemoteSnapshotter, perform  # noqa: E402
 
 from .runner import log  # noqa: E402
@@ -204,13 +205,12 @@ class Bench:
         return tops[0]
 
     def pull(self) -> None:
-        reg = Registry(self.base / "registry")
-        reg.start()
+        reg = start_registry(self.base / "registry")
         try:
             layers = base_layers(extra_bytes=self.pull_mb * 1_000_000)
             archive = oci_archive(self.base / "pull.tar", "docker.io/fusesnap/pull:1", layers, self.base)
-            reg.push(archive, "fusesnap/pull:1")
-            ref = f"127.0.0.1:{reg.port}/fusesnap/pull:1"
+            push_archive(reg, archive, "fusesnap/pull:1")
+            ref = f"{reg.host}/fusesnap/pull:1"
             times: dict[str, list[float]] = {"fusesnap": [], "fusesnap-fuse3": [], "overlayfs": []}
             for _ in range(max(1, self.runs // 2)):
                 for sn in times:

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tarfile
 import time
@@ -21,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from helpers import script
+from registry import Registry
 from tarbuild import TarBuilder
 
 BUSYBOX = "/bin/busybox"
@@ -40,11 +40,6 @@ def missing_tools() -> str | None:
         return "/dev/fuse is missing"
     return None
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(pred, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
@@ -246,40 +241,11 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
         self.proc = None
 
 
-@dataclass
-class Registry:
-    base: Path
-    port: int = 0
-    proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.port = free_port()
-        (self.base / "data").mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "REGISTRY_HTTP_ADDR": f"127.0.0.1:{self.port}",
-               "REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY": str(self.base / "data")}
-        cfg = Path(__file__).with_name("registry-config.yml")
-        log = self.base / "registry.log"
-        self.proc = subprocess.Popen(["docker-registry", "serve", str(cfg)], env=env, stdout=open(log, "ab"),
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-
-        def up() -> bool:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return True
-            except OSError:
-                return False
-        wait_for(up, 30, "registry start", self.proc, log)
-
-    def push(self, archive: Path, ref: str) -> None:
-        r = subprocess.run(["skopeo", "copy", "--dest-tls-verify=false", f"oci-archive:{archive}",
-                            f"docker://127.0.0.1:{self.port}/{ref}"], capture_output=True, timeout=300)
-        assert r.returncode == 0, r.stderr.decode(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(30)
-            self.proc = None
+def push_archive(reg: Registry, archive: Path, ref: str) -> None:
+    """Put an OCI archive into the registry with skopeo."""
+    r = subprocess.run(["skopeo", "copy", "--dest-tls-verify=false", f"oci-archive:{archive}",
+                        f"docker://{reg.host}/{ref}"], capture_output=True, timeout=300)
+    assert r.returncode == 0, r.stderr.decode(errors="replace")
 
 
 def store_mounts(root: Path) -> list[str]:

@@ -7,7 +7,6 @@ test uses its own image names, container ids and namespaces.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -17,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from containerd_env import (Containerd, FusesnapServe, Registry, base_layers, missing_tools, oci_archive, store_mounts,
-                            tool_path, wait_for)
+from containerd_env import (Containerd, FusesnapServe, base_layers, missing_tools, oci_archive, push_archive,
+                            store_mounts, tool_path, wait_for)
 from helpers import script, unmount
+from registry import start_registry
 
 pytestmark = pytest.mark.skipif(missing_tools() is not None, reason=str(missing_tools()))
 
@@ -150,13 +150,12 @@ def test_snapshots_commands_and_a_commit_seen_by_a_second_container(stack, tmp_p
 
 
 def test_pull_from_a_registry(stack):
-    reg = Registry(stack.base / "registry")
-    reg.start()
+    reg = start_registry(stack.base / "registry")
     try:
         layers = base_layers(extra_bytes=256 * 1024)     # other layers than the imported image
         archive = oci_archive(stack.base / "pull.tar", "docker.io/fusesnap/pull:1", layers, stack.base)
-        reg.push(archive, "fusesnap/pull:1")
-        ref = f"127.0.0.1:{reg.port}/fusesnap/pull:1"
+        push_archive(reg, archive, "fusesnap/pull:1")
+        ref = f"{reg.host}/fusesnap/pull:1"
         stack.ctr("images", "pull", "--plain-http", SN, ref, timeout=300)
         out = stack.out("run", "--rm", SN, ref, "pulled", "sh", "-c", "wc -c < /blob/random; cat /etc/base-file")
         assert out.split() == [str(256 * 1024), "changed", "in", "layer", "3"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import bcrypt
 import pytest
 
-from registries import PASSWORD, USER, TokenService, need, self_signed, start_registry, stop
+from registries import PASSWORD, USER, TokenService, need, self_signed, start_registry
 
 
 @pytest.fixture(scope="session")
@@ -13,7 +13,7 @@ def registry(tmp_path_factory):
     """A plain-HTTP registry without auth, shared by the tier (tests use their own repositories)."""
     reg = start_registry(tmp_path_factory.mktemp("registry"))
     yield reg
-    stop(reg)
+    reg.stop()
 
 
 @pytest.fixture(scope="session")
@@ -23,7 +23,7 @@ def htpasswd_registry(tmp_path_factory):
     pw.write_text(f"{USER}:{bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=5)).decode()}\n")
     reg = start_registry(tmp, auth={"htpasswd": {"realm": "fusesnap-test", "path": str(pw)}})
     yield reg
-    stop(reg)
+    reg.stop()
 
 
 @pytest.fixture(scope="session")
@@ -38,7 +38,7 @@ def token_registry(tmp_path_factory):
     reg.extra.update(token_service=svc, cert=crt)
     yield reg
     svc.close()
-    stop(reg)
+    reg.stop()
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,13 @@ from typing import Sequence
 from fusesnap.fs.core.inodes import Inode
 
 
+def record_line(path: bytes | str, layer_index: int, chain_id: str | None, size: int) -> bytes:
+    """One line of a record (also what fusesnap.snapshots.accessrecord writes and reads)."""
+    line = json.dumps({"path": os.fsdecode(path), "layer_index": layer_index, "chain_id": chain_id, "size": size},
+                      ensure_ascii=False)
+    return line.encode("utf-8", "surrogateescape") + b"\n"
+
+
 class AccessLog:
     __slots__ = ("fd", "roots", "upper_index", "seen")
 
@@ -56,9 +63,7 @@ class AccessLog:
             idx, chain = self.upper_index, None
         else:
             idx, chain = self.layer_of(i.lower.src)
-        line = json.dumps({"path": os.fsdecode(path), "layer_index": idx, "chain_id": chain, "size": size},
-                          ensure_ascii=False)
-        os.write(self.fd, line.encode("utf-8", "surrogateescape") + b"\n")
+        os.write(self.fd, record_line(path, idx, chain, size))
 
     def close(self) -> None:
         if self.fd >= 0:
