@@ -40,9 +40,10 @@ from benchlib.startup_bench import STARTUP_WORKLOADS, startup_titles  # noqa: E4
 from benchlib.targets import ALL_TARGETS, EXTRA_TARGETS, find_program, make_targets  # noqa: E402
 from benchlib.workloads import WORKLOADS, titles_for, walk  # noqa: E402
 from benchlib.images_bench import IMAGE_WORKLOADS, image_titles  # noqa: E402
+from benchlib.podman_bench import PODMAN_WORKLOADS  # noqa: E402
 from benchlib.recorder_bench import RECORDER_WORKLOADS  # noqa: E402
 
-WORKLOADS = WORKLOADS + STARTUP_WORKLOADS + IMAGE_WORKLOADS + RECORDER_WORKLOADS
+WORKLOADS = WORKLOADS + STARTUP_WORKLOADS + IMAGE_WORKLOADS + RECORDER_WORKLOADS + PODMAN_WORKLOADS
 
 KNOWN_TARGETS = ALL_TARGETS + EXTRA_TARGETS
 

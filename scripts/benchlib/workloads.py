@@ -47,6 +47,7 @@ class Workload:
     timed_inside: bool = False  # the step times itself (returns a measured value)
     writable: bool = True  # "rw": a fresh mount with an empty upper per run; False: read-only use of it
     probe: str | None = None  # "mount": record the time until a stat of this path was answered
+    finish: Callable[[], None] | None = None  # end of run: release what the steps kept between runs
 
     @property
     def higher_is_better(self) -> bool:
