@@ -123,6 +123,13 @@ def daemon_lock(sn: "Snapshotter", sid: int, key: str, active: bool) -> tuple[st
     return (str(lock_path(sn, sid)), not active, busy)
 
 
+def container_options() -> list[str]:
+    """Mount options for a snapshot a container runtime uses: its containers may run
+    as users other than the mount's owner, so root asks for allow_other (a plain user
+    cannot without user_allow_other; root of a user namespace has it by default)."""
+    return ["allow_other"] if os.geteuid() == 0 else []
+
+
 def mount_snapshot(sn: "Snapshotter", key: str, mountpoint: str | os.PathLike, *, foreground: bool = False,
                    options: Iterable[str] = (), daemon: "PendingDaemon | None" = None) -> int:
     """Mount active `key` read-write or view `key` read-only at mountpoint.

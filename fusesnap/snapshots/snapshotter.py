@@ -258,7 +258,10 @@ class Snapshotter:
         if info.kind == "committed":
             raise InvalidInput(f"snapshot {key!r} is committed: create a view or an active snapshot to mount it")
         rec = self._record(key)
-        opts = ["rw" if info.kind == "active" else "ro", f"root={self.root}", f"snapshot={key}"]
+        from .mounting import container_options
+
+        opts = ["rw" if info.kind == "active" else "ro", *container_options(), f"root={self.root}",
+                f"snapshot={key}"]
         if info.kind == "active":
             d = self.snapshot_dir(rec.id)
             opts += [f"upperdir={d / 'upper'}", f"workdir={d / 'work'}"]
