@@ -15,34 +15,14 @@ from __future__ import annotations
 
 import base64
 import urllib.parse
-from dataclasses import dataclass, field
-
 from ..errors import InvalidInput
 from . import header as H
+from .member import Member
 from .stream import ByteStream
 
+__all__ = ["Member", "TarParser", "MAX_EXTENSION"]
+
 MAX_EXTENSION = 64 << 20  # PAX / GNU long-name data larger than this is hostile
-
-
-@dataclass(slots=True)
-class Member:
-    segment: bytes
-    offset: int  # stream offset of the member's header block
-    name: bytes
-    linkname: bytes
-    typeflag: bytes
-    mode: int
-    uid: int
-    gid: int
-    mtime_ns: int
-    uname: bytes
-    gname: bytes
-    devmajor: int
-    devminor: int
-    size: int  # payload bytes that follow in the archive
-    realsize: int  # logical size of the file (differs for sparse files)
-    sparse: list[tuple[int, int]] | None = None
-    xattrs: dict[bytes, bytes] = field(default_factory=dict)
 
 
 def _pad(n: int) -> int:
