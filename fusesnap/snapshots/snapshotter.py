@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable
 
 from ..digest import chain_id as compute_chain_id, is_digest
-from ..errors import AlreadyExists, InUse, InvalidInput, NotFound
+from ..errors import AlreadyExists, FusesnapError, InUse, InvalidInput, NotFound
 from ..store.fsck import database_problem, set_database_aside
-from ..store.layerstore import LayerInfo, LayerStore
+from ..store.layerstore import NAME_LABEL, LayerInfo, LayerStore
 from ..store.layout import StoreLayout, crash_point, rmtree
 from ..store.recovery import FsckReport
 from . import changeset
@@ -124,10 +124,11 @@ def disk_usage(path: Path) -> Usage:
 class Snapshotter:
     """The Python API behind `fusesnap prepare/view/commit/...` (one instance per store root)."""
 
-    def __init__(self, root: Path | str, store: LayerStore | None = None) -> None:
+    def __init__(self, root: Path | str, store: LayerStore | None = None, *, finish: bool = True) -> None:
+        """Open the snapshotter of a store root (`finish`: see LayerStore)."""
         self.root = Path(root)
         self._own_store = store is None
-        self.store: LayerStore = store if store is not None else LayerStore(self.root)
+        self.store: LayerStore = store if store is not None else LayerStore(self.root, finish=finish)
         self.snapshots_dir = self.root / "snapshots"
         self.snapshots_dir.mkdir(mode=0o700, exist_ok=True)
         self.trash_dir = self.snapshots_dir / ".trash"
@@ -135,7 +136,6 @@ class Snapshotter:
         self.db = SnapshotDB(self.store.db, self.root)
         self._trees: TreeCache | None = None
         self._closed = False
-        self.store.finish_intents()  # an upper a killed commit left beside its layer goes now
 
     # -- plumbing ------------------------------------------------------------------------
     @property
@@ -366,10 +366,13 @@ class Snapshotter:
             rmtree(spool)  # links left by a commit that was killed
             donor = cs.donations(spool)
             try:
+                labels = dict(labels or {})
+                ts = now_ns()
+                note = {"snapshot": {"name": name, "parent": rec.parent, "labels": labels, "created_ns": ts}}
                 with self.store.stage_tar(changeset.ChunkReader(cs.chunks()), rec.parent_chain,
                                           donor=donor) as staged:
-                    with self.store.publish(staged, claim=True) as t:
-                        intent = self._swap_records(t, rec, name, staged.chain_id, holder, dict(labels or {}))
+                    with self.store.publish(staged, labels={NAME_LABEL: name}, claim=True, note=note) as t:
+                        intent = self._swap_records(t, rec, name, staged.chain_id, holder, labels, ts)
             finally:
                 rmtree(spool)
         finally:
@@ -379,16 +382,16 @@ class Snapshotter:
         return self.stat(name)
 
     def _swap_records(self, t: Any, rec: Record, name: str, chain: str, holder: str,
-                      labels: dict[str, str]) -> int:
-        """Inside the commit's transaction: the committed record replaces the active one."""
+                      labels: dict[str, str], ts: int) -> int:
+        """Inside the commit's transaction (which also gave the layer the name): the committed
+        record replaces the active one."""
         if self.db.get(name) is not None:
             raise AlreadyExists(f"snapshot {name!r} already exists")
         if self.db.get_id(rec.id) is None:
             raise NotFound(f"snapshot {rec.name!r} was removed during the commit")
         sdb = self.store.db
         sdb.add_ref(t, chain, holder, "ref")
-        sdb.add_name(t, chain, name)
-        SnapshotDB.insert(t, name, "committed", rec.parent, rec.parent_chain, chain, holder, labels, now_ns())
+        SnapshotDB.insert(t, name, "committed", rec.parent, rec.parent_chain, chain, holder, labels, ts)
         SnapshotDB.delete(t, rec.id)
         if rec.parent_chain:
             sdb.drop_ref(t, rec.parent_chain, rec.holder, "ref")
@@ -577,6 +580,7 @@ class Snapshotter:
         lived only in the database and are gone)."""
         rep = FsckReport()
         if rebuilt and repair:
+            self._restore_committed(rep)
             self._restore_actives(rep)
         recs = self.db.all()
         for chain, holder in self._orphan_holders():
@@ -603,6 +607,26 @@ class Snapshotter:
             else:
                 rep.problems.append(f"directory {d} belongs to no snapshot")
         return rep
+
+    def _restore_committed(self, rep: FsckReport) -> None:
+        """Committed records from the layer records their commits wrote (parents first)."""
+        for li in self.store.list():
+            try:
+                lrec = self.store.layer_record(li.chain_id)
+            except FusesnapError:
+                continue
+            meta = (lrec.note if lrec else {}).get("snapshot")
+            if not meta or self.exists(meta["name"]):
+                continue
+            parent = meta.get("parent", "")
+            if parent and not self.exists(parent):
+                parent = li.parent or ""
+            holder = _new_holder()
+            with self.store.db.tx() as t:
+                self.store.db.add_ref(t, li.chain_id, holder, "ref")
+                SnapshotDB.insert(t, meta["name"], "committed", parent, li.parent, li.chain_id, holder,
+                                  dict(meta.get("labels") or {}), int(meta.get("created_ns") or now_ns()))
+            rep.repaired.append(f"restored committed snapshot {meta['name']!r} from the record of {li.chain_id}")
 
     def _restore_actives(self, rep: FsckReport) -> None:
         known = self.db.ids()
@@ -645,7 +669,7 @@ def fsck_store(root: Path | str, repair: bool = False) -> FsckReport:
             return rep
         rep.repaired.append(set_database_aside(layout))
         rebuilt = True
-    with LayerStore(root, check=False) as store, Snapshotter(root, store) as sn:
+    with LayerStore(root, check=False, finish=repair) as store, Snapshotter(root, store) as sn:
         rep.merge(store.fsck(repair))
         rep.merge(sn.check(repair, rebuilt))
     return rep

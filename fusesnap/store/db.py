@@ -139,6 +139,10 @@ class StoreDB:
         self._lock = threading.RLock()
         self._q = Tx(self)
         try:
+            os.close(os.open(self.path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))  # owner-only from the start
+        except OSError:
+            pass  # sqlite3 reports it below
+        try:
             self.conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as e:
             raise DatabaseError(f"cannot open the store database {self.path}: {e}") from None

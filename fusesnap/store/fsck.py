@@ -71,7 +71,7 @@ def set_database_aside(layout: StoreLayout) -> str:
         side = Path(f"{p}{suffix}")
         if side.exists():
             os.rename(side, Path(f"{dst}{suffix}"))
-    return f"moved the damaged store database aside to {dst.name}; rebuilding it from the layers"
+    return f"moved the store database aside to {dst.name}; rebuilding it from the layers"
 
 
 def unexpected_files(layer_dir: Path) -> list[str]:

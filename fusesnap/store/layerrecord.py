@@ -27,6 +27,7 @@ class LayerRecord:
     compressed: list[tuple[str, int]] = field(default_factory=list)  # (digest, size) it was imported from
     labels: dict[str, str] = field(default_factory=dict)  # given at import
     names: list[str] = field(default_factory=list)  # given at import
+    note: dict = field(default_factory=dict)  # what the importer asked to keep (the snapshotter: its record)
 
     def write(self, layer_dir: Path) -> None:
         data = json.dumps(asdict(self), sort_keys=True).encode()

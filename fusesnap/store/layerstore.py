@@ -100,9 +100,11 @@ def _now_rfc3339() -> str:
 
 
 class LayerStore:
-    def __init__(self, root: Path | str, *, check: bool = True) -> None:
+    def __init__(self, root: Path | str, *, check: bool = True, finish: bool = True) -> None:
         """Open (or create) the store at root. A missing or empty database beside existing layers
-        is damage (DamagedStore), not an empty store; fsck opens with check=False to rebuild it."""
+        is damage (DamagedStore), not an empty store; fsck opens with check=False to rebuild it.
+        `finish` carries out the intents of crashed operations (e.g. deletes the upper a killed
+        commit left beside its new layer); fsck without repair opens with finish=False."""
         self.root = Path(root)
         self.layout = StoreLayout(self.root)
         self.layout.create()
@@ -115,6 +117,8 @@ class LayerStore:
             if why is not None:
                 raise DamagedStore(why)
         self.db = StoreDB(self.layout.db_path)
+        if finish:
+            self.finish_intents()
 
     def close(self) -> None:
         self.db.close()
@@ -267,12 +271,13 @@ class LayerStore:
 
     @contextmanager
     def publish(self, staged: StagedLayer, *, labels: dict[str, str] | None = None,
-                retain: str | None = None, claim: bool = False) -> Iterator[Tx]:
+                retain: str | None = None, claim: bool = False, note: dict | None = None) -> Iterator[Tx]:
         """Make a staged layer visible (or reuse the stored one of that chainID) in a transaction
         the caller's block runs in; if the block raises, nothing is published.
 
         `claim=True` records an intent before the directory is put in place, so that a
-        crash before the transaction deletes it (commit: its files are links to an upper)."""
+        crash before the transaction deletes it (commit: its files are links to an upper).
+        `note` is kept in the new layer's layer.json (see layer_record)."""
         chain = staged.chain_id
         labels = dict(labels or {})
         name = labels.pop(NAME_LABEL, None)
@@ -287,7 +292,7 @@ class LayerStore:
                 created = _now_rfc3339()
                 comp = [(staged.compressed_digest, staged.compressed_size)] if staged.compressed_digest else []
                 LayerRecord(chain, staged.diff_id, staged.parent, staged.diff_size, staged.tar_size, created,
-                            comp, labels, [name] if name else []).write(staged.path)
+                            comp, labels, [name] if name else [], dict(note or {})).write(staged.path)
                 sync_tree(staged.path, staged.members)
                 if target.exists() or target.is_symlink():  # left by a crash between rename and commit
                     self.layout.trash(target)
@@ -326,6 +331,10 @@ class LayerStore:
                             db.drop_intent(t, intent)
                 raise
         log.debug("import: %s stored", chain)
+
+    def layer_record(self, chain_id: str) -> LayerRecord | None:
+        """The layer.json a layer was published with (None for layers written before it existed)."""
+        return LayerRecord.read(self.layer_dir(chain_id))
 
     # -- export -------------------------------------------------------------------------------
     def export(self, ref: str, dst: BinaryIO) -> None:

@@ -182,7 +182,12 @@ class StoreLayout:
         name = secrets.token_hex(8)
         lock = FileLock(self.staging_dir / f"{name}.lock")
         stage = self.staging_dir / name
-        stage.mkdir(mode=0o700)
+        try:
+            stage.mkdir(mode=0o700)
+        except BaseException:
+            lock.path.unlink(missing_ok=True)
+            lock.close()
+            raise
         return stage, lock
 
     def trash(self, path: Path) -> None:
