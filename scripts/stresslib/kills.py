@@ -31,7 +31,7 @@ def kill_imports(cli: Cli, rnd: random.Random, n: int, model: Model, work: Path)
     """n imports, each SIGKILLed at a random moment; returns (kills, how many hit a live process)."""
     tarp = work / "import.tar"
     tarp.write_bytes(random_tar(rnd, 300, big=True))
-    within = _calibrate(Cli(cli.bin_dir, work / "calibrate-import"), "import", "-", input_path=tarp) * 1.2
+    within = _calibrate(Cli(cli.bin_dir, work / "calibrate-import"), "import", "-", input_path=tarp) * 0.9
     landed = 0
     for i in range(n):
         data = random_tar(rnd, rnd.choice((50, 300)), big=True)
@@ -56,7 +56,7 @@ def kill_commits(cli: Cli, rnd: random.Random, n: int, model: Model, work: Path)
     cal = Cli(cli.bin_dir, work / "calibrate-commit")
     with Snapshotter(cal.root) as sn:
         _new_active(sn, rnd, "k", Model())
-    within = _calibrate(cal, "commit", "c", "k") * 1.3
+    within = _calibrate(cal, "commit", "c", "k") * 0.9
     landed = 0
     for i in range(n):
         key, name = f"k{i}", f"c{i}"
@@ -84,7 +84,7 @@ def kill_removes(cli: Cli, rnd: random.Random, n: int, model: Model, work: Path)
     cal = Cli(cli.bin_dir, work / "calibrate-remove")
     with Snapshotter(cal.root) as sn:
         _new_active(sn, rnd, "k", Model())
-    within = _calibrate(cal, "remove", "k") * 1.2
+    within = _calibrate(cal, "remove", "k") * 0.9
     done = landed = 0
     while done < n:
         i = done
@@ -116,7 +116,7 @@ def kill_gcs(cli: Cli, rnd: random.Random, n: int, model: Model, work: Path) -> 
     cal = Cli(cli.bin_dir, work / "calibrate-gc")
     for _ in range(2):
         cal.ok("import", "--label", "fusesnap.io/gc.root=", "-", input=random_tar(rnd, 40))
-    within = _calibrate(cal, "gc") * 1.2
+    within = _calibrate(cal, "gc") * 0.9
     landed = 0
     for i in range(n):
         for _ in range(rnd.choice((1, 3))):  # layers nothing needs: gc takes them

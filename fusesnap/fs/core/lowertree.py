@@ -18,6 +18,7 @@ from typing import Iterable, Sequence
 from fusesnap.errors import InvalidInput
 from fusesnap.fs.core import upperformat as uf
 from fusesnap.fs.core.lower import LowerSource
+from fusesnap.fs.core.packedtree import PackedTree, is_packed
 from fusesnap.layerentry import FMT_OF_KIND, LayerEntry
 
 _FORMAT_VERSION = 1
@@ -282,7 +283,10 @@ class LowerTree:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "LowerTree":
+    def load(cls, path: str | os.PathLike) -> "LowerTree | PackedTree":
+        """A saved tree: this format, or a PackedTree (what the snapshotter's cache writes)."""
+        if is_packed(path):
+            return PackedTree.load(path)
         with open(path, "rb") as f:
             data = f.read()
         try:
