@@ -180,13 +180,11 @@ class Snapshotter:
             raise NotFound(f"snapshot {key!r} does not exist")
         return rec
 
-    _record = record
+    _record = record  # mounting.py's name for it (to be switched to record())
 
     def exists(self, key: str) -> bool:
         """True when `key` names a snapshot (a record, or a stored layer's chainID)."""
         return self.db.get(key) is not None or (is_digest(key) and self.store.exists(key))
-
-    _taken = exists
 
     def _layer(self, chain_id: str) -> LayerInfo | None:
         try:

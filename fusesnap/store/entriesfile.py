@@ -36,19 +36,6 @@ def b(x: str) -> bytes:
     return x.encode("utf-8", "surrogateescape")
 
 
-def write_entries(path: Path, records: list[list[Any]]) -> None:
-    cctx = zstandard.ZstdCompressor(level=1)
-    with open(path, "wb") as f, cctx.stream_writer(f, closefd=False) as z:
-        buf = []
-        for r in records:
-            buf.append(json.dumps(r, separators=(",", ":")))
-            if len(buf) >= 1024:
-                z.write(("\n".join(buf) + "\n").encode("ascii"))
-                buf.clear()
-        if buf:
-            z.write(("\n".join(buf) + "\n").encode("ascii"))
-
-
 class EntriesSpool:
     """Records written out as an import produces them (memory stays flat however many
     members a tar has), compressed into entries.json.zst by finish().

@@ -25,7 +25,7 @@ from pathlib import Path
 from ..digest import chain_id as compute_chain_id
 from ..errors import FusesnapError, IntegrityError
 from ..tarsplit.index import FILE_TYPE, read_index
-from .db import NAME_LABEL, StoreDB
+from .db import StoreDB
 from .exporter import export_layer
 from .layerrecord import LayerRecord
 from .layout import ENTRIES, TAR_SPLIT, StoreLayout, rmtree
@@ -254,10 +254,3 @@ def recover(layout: StoreLayout, db: StoreDB) -> FsckReport:
     for r in rep.repaired:
         log.info("recovered: %s", r)
     return rep
-
-
-def names_of(labels: dict[str, str]) -> tuple[dict[str, str], list[str]]:
-    """Split import labels into ordinary labels and the name they give."""
-    rest = dict(labels)
-    name = rest.pop(NAME_LABEL, None)
-    return rest, [name] if name else []

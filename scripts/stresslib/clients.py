@@ -11,7 +11,7 @@ import threading
 import time
 from pathlib import Path
 
-from .common import Cli, Model, StressFailure, one_line_error, random_tar, sha, write_upper
+from .common import Cli, Model, StressFailure, one_line_error, random_tar, run_until, sha, write_upper
 
 
 class _Client:
@@ -75,11 +75,7 @@ class _Client:
         self.ops += 1
 
     def run(self, deadline: float) -> None:
-        try:
-            while time.monotonic() < deadline:
-                self.step()
-        except StressFailure as e:
-            self.error = str(e)
+        self.error = run_until(deadline, self.step)
 
 
 def clients(cli: Cli, rnd: random.Random, n: int, seconds: float, model: Model) -> int:

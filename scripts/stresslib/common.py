@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,6 +63,16 @@ class Cli:
             if input_path:
                 stdin.close()
         return p.returncode, err
+
+
+def run_until(deadline: float, step: Callable[[], None]) -> str | None:
+    """Call step() until the deadline; the first broken promise (or OS error) as text, else None."""
+    try:
+        while time.monotonic() < deadline:
+            step()
+    except (StressFailure, OSError) as e:
+        return str(e)
+    return None
 
 
 def one_line_error(r: subprocess.CompletedProcess, what: str) -> None:

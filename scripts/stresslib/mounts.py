@@ -18,7 +18,7 @@ from pathlib import Path
 
 from fusesnap.snapshots.snapshotter import Snapshotter
 
-from .common import Cli, Model, StressFailure, diff_digest, invariants, repaired_and_clean, sha
+from .common import Cli, Model, StressFailure, diff_digest, invariants, repaired_and_clean, run_until, sha
 
 MAX_FILE = 256 << 10
 MAX_IO = 64 << 10
@@ -176,11 +176,7 @@ class _Worker:
         self.ops += 1
 
     def run(self, deadline: float) -> None:
-        try:
-            while time.monotonic() < deadline:
-                self.step()
-        except (StressFailure, OSError) as e:
-            self.error = str(e)
+        self.error = run_until(deadline, self.step)
 
     def close(self) -> None:
         os.close(self.fd)

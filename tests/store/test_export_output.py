@@ -4,25 +4,14 @@ directory is refused and left as it was."""
 
 from __future__ import annotations
 
-import io
 import os
 import stat
-import tarfile
 import threading
 
 import pytest
 
-from storeutil import fusesnap
+from storeutil import fusesnap, tar_of
 
-
-def tar_of(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as t:
-        for name, data in files.items():
-            ti = tarfile.TarInfo(name)
-            ti.size = len(data)
-            t.addfile(ti, io.BytesIO(data))
-    return buf.getvalue()
 
 
 @pytest.fixture

@@ -5,29 +5,18 @@ which every layer exports byte for byte again."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import random
-import tarfile
 from pathlib import Path
 
 import pytest
 
-from storeutil import fusesnap
+from storeutil import fusesnap, tar_of
 
 COMMANDS = [["layers"], ["export", "base"], ["inspect", "base"], ["list"], ["prepare", "x"], ["gc"],
             ["rm", "base"], ["remove", "k"], ["fsck"], ["stat", "k"], ["cleanup"]]
 
-
-def tar_of(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
-        for name, data in files.items():
-            ti = tarfile.TarInfo(name)
-            ti.size = len(data)
-            t.addfile(ti, io.BytesIO(data))
-    return buf.getvalue()
 
 
 def build(root: Path) -> dict[str, bytes]:
@@ -76,12 +65,16 @@ def assert_rebuilt(root: Path, tars: dict[str, bytes]) -> None:
     assert fusesnap(root, "remove", "k", "mine").returncode == 0
 
 
-@pytest.mark.parametrize("damage", ["truncated", "missing"])
-def test_empty_or_missing_database_beside_layers_is_damage(tmp_path, damage):
+@pytest.fixture
+def store(tmp_path):
     root = tmp_path / "root"
     tars = build(root)
-    before = layer_dirs(root)
-    db = root / "metadata.db"
+    return root, tars, layer_dirs(root), root / "metadata.db"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_empty_or_missing_database_beside_layers_is_damage(store, damage):
+    root, tars, before, db = store
     if damage == "truncated":
         os.truncate(db, 0)
     else:
@@ -92,11 +85,8 @@ def test_empty_or_missing_database_beside_layers_is_damage(tmp_path, damage):
 
 
 @pytest.mark.parametrize("where", ["header", "pages"])
-def test_random_bytes_in_the_database(tmp_path, where):
-    root = tmp_path / "root"
-    tars = build(root)
-    before = layer_dirs(root)
-    db = root / "metadata.db"
+def test_random_bytes_in_the_database(store, where):
+    root, tars, before, db = store
     rnd = random.Random(5)
     with open(db, "r+b") as f:
         if where == "header":

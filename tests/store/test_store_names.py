@@ -3,23 +3,12 @@ and importing under a name another layer has fails clearly, also when imports ra
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
-import tarfile
 
 from helpers import script
-from storeutil import fusesnap
+from storeutil import fusesnap, tar_of
 
-
-def tar_of(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
-        for name, data in files.items():
-            ti = tarfile.TarInfo(name)
-            ti.size = len(data)
-            t.addfile(ti, io.BytesIO(data))
-    return buf.getvalue()
 
 
 def test_same_content_under_a_second_name_keeps_the_first(tmp_path):

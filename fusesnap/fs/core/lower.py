@@ -13,9 +13,34 @@ import stat as S
 from pathlib import Path
 from typing import Iterable, Iterator, Protocol, runtime_checkable
 
+from fusesnap.errors import InvalidInput
 from fusesnap.layerentry import KIND_OF_FMT, LayerEntry
 from fusesnap.fs.core import upperformat as uf
 from fusesnap.fs.core.longpath import short
+
+
+# What a layer entry does to the merged tree (entry_role)
+ROOT, WHITEOUT, OPAQUE, MEMBER = range(4)
+
+
+def entry_role(e: LayerEntry) -> tuple[int, bytes, bytes] | None:
+    """How one layer entry acts on the layers below it, as every lower-tree builder reads it:
+    (ROOT, b"", b"") the layer's root directory; (WHITEOUT, parent, name) hides `name`;
+    (OPAQUE, dir, b"") hides everything below `dir`; (MEMBER, parent, name) an entry of its
+    own; None for nothing (a NUL in the path, a root entry that is no directory)."""
+    path = e.path.strip(b"/")
+    if path in (b"", b"."):
+        return (ROOT, b"", b"") if e.kind == "dir" else None
+    if b"\0" in path:
+        return None
+    parent, _, name = path.rpartition(b"/")
+    if name in (b".", b"..") or b"/../" in b"/" + path + b"/":
+        raise InvalidInput(f"lower entry with unsafe path {path!r}")
+    if name.startswith(uf.WH_PREFIX):
+        return (OPAQUE, parent, b"") if name == uf.OPQ_NAME else (WHITEOUT, parent, name[4:])
+    if e.kind == "chr" and e.devmajor == 0 and e.devminor == 0:
+        return (WHITEOUT, parent, name)
+    return (MEMBER, parent, name)
 
 
 @runtime_checkable

@@ -17,7 +17,7 @@ from typing import Iterable, Sequence
 
 from fusesnap.errors import InvalidInput
 from fusesnap.fs.core import upperformat as uf
-from fusesnap.fs.core.lower import LowerSource
+from fusesnap.fs.core.lower import OPAQUE, ROOT, WHITEOUT, LowerSource, entry_role
 from fusesnap.fs.core.packedtree import PackedTree, is_packed
 from fusesnap.layerentry import FMT_OF_KIND, LayerEntry
 
@@ -142,29 +142,24 @@ class LowerTree:
         whiteouts: list[tuple[bytes, bytes]] = []
         opaques: list[bytes] = []
         for e in source.entries():
-            path = e.path.strip(b"/")
-            if path in (b"", b"."):
-                if e.kind == "dir":   # the layer's root directory: its metadata wins
-                    r = self.root
-                    r.mode, r.uid, r.gid, r.mtime_ns = S.S_IFDIR | (e.mode & 0o7777), e.uid, e.gid, e.mtime_ns
-                    r.xattrs = uf.visible_xattrs(e.xattrs) or None
-                    if uf.xattrs_say_opaque(e.xattrs):
-                        r.kids = {}
+            role = entry_role(e)
+            if role is None:
                 continue
-            if b"\0" in path:
+            what, parent, name = role
+            if what == ROOT:   # the layer's root directory: its metadata wins
+                r = self.root
+                r.mode, r.uid, r.gid, r.mtime_ns = S.S_IFDIR | (e.mode & 0o7777), e.uid, e.gid, e.mtime_ns
+                r.xattrs = uf.visible_xattrs(e.xattrs) or None
+                if uf.xattrs_say_opaque(e.xattrs):
+                    r.kids = {}
                 continue
-            parent, _, name = path.rpartition(b"/")
-            if name in (b".", b"..") or b"/../" in b"/" + path + b"/":
-                raise InvalidInput(f"lower entry with unsafe path {path!r}")
-            if name.startswith(uf.WH_PREFIX):
-                if name == uf.OPQ_NAME:
-                    opaques.append(parent)
-                else:
-                    whiteouts.append((parent, name[4:]))
-                continue
-            if e.kind == "chr" and e.devmajor == 0 and e.devminor == 0:
+            if what == WHITEOUT:
                 whiteouts.append((parent, name))
                 continue
+            if what == OPAQUE:
+                opaques.append(parent)
+                continue
+            path = e.path.strip(b"/")
             if e.kind == "dir":
                 dirs.append(e)
                 if uf.xattrs_say_opaque(e.xattrs):

@@ -31,7 +31,7 @@ from typing import Any
 
 from fusesnap.errors import InvalidInput
 from fusesnap.fs.core import upperformat as uf
-from fusesnap.fs.core.lower import LowerSource
+from fusesnap.fs.core.lower import OPAQUE, ROOT, WHITEOUT, LowerSource, entry_role
 from fusesnap.layerentry import FMT_OF_KIND
 
 MAGIC = b"fusesnap-packedtree\n"
@@ -118,27 +118,22 @@ class TreeBuilder:
         cross: list[tuple[bytes, bytes]] = []  # hard links to something below this layer
         root_meta: Any = None
         for e in source.entries():
-            path = e.path.strip(b"/")
-            if path in (b"", b"."):
-                if e.kind == "dir":  # the layer's root directory: its metadata wins
-                    root_meta = e
-                    if uf.xattrs_say_opaque(e.xattrs):
-                        opaques.append(b"")
+            role = entry_role(e)
+            if role is None:
                 continue
-            if b"\0" in path:
+            what, parent, name = role
+            if what == ROOT:  # the layer's root directory: its metadata wins
+                root_meta = e
+                if uf.xattrs_say_opaque(e.xattrs):
+                    opaques.append(b"")
                 continue
-            parent, _, name = path.rpartition(b"/")
-            if name in (b".", b"..") or b"/../" in b"/" + path + b"/":
-                raise InvalidInput(f"lower entry with unsafe path {path!r}")
-            if name.startswith(uf.WH_PREFIX):
-                if name == uf.OPQ_NAME:
-                    opaques.append(parent)
-                else:
-                    whiteouts.append((parent, name[4:]))
-                continue
-            if e.kind == "chr" and e.devmajor == 0 and e.devminor == 0:
+            if what == WHITEOUT:
                 whiteouts.append((parent, name))
                 continue
+            if what == OPAQUE:
+                opaques.append(parent)
+                continue
+            path = e.path.strip(b"/")
             pd = self.kids[self._walk(local, parent, implicit, L)]  # type: ignore[index]
             xattrs = uf.visible_xattrs(e.xattrs) if e.xattrs else None
             if e.kind == "dir":
