@@ -596,14 +596,16 @@ class Snapshotter:
                 ids.add(str(rec.id))
                 if not (self.snapshot_dir(rec.id) / "upper").is_dir():
                     rep.problems.append(f"snapshot {rec.name!r}: its directory {self.snapshot_dir(rec.id)} is missing")
-        for d in sorted(self.snapshots_dir.iterdir()):
-            if d.name in ids or d == self.trash_dir:
-                continue
-            if repair:
-                self.store.layout.trash(d)
-                rep.repaired.append(f"removed {d} (no snapshot owns it)")
-            else:
-                rep.problems.append(f"directory {d} belongs to no snapshot")
+        with self.store.db.tx():  # holds off concurrent prepares while their dirs are judged
+            ids |= {str(r.id) for r in self.db.all() if r.kind == "active"}
+            for d in sorted(self.snapshots_dir.iterdir()):
+                if d.name in ids or d == self.trash_dir:
+                    continue
+                if repair:
+                    self.store.layout.trash(d)
+                    rep.repaired.append(f"removed {d} (no snapshot owns it)")
+                else:
+                    rep.problems.append(f"directory {d} belongs to no snapshot")
         return rep
 
     def _restore_committed(self, rep: FsckReport) -> None:

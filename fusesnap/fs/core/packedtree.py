@@ -5,9 +5,10 @@ path and integers): 700-1000 bytes each. This tree keeps the same facts in
 arrays indexed by inode number, names in one sorted blob per directory range and
 the rare facts (device numbers, symlink targets, xattrs, hard-link groups, data
 paths that are not the entry's own) in dicts: ~70 bytes per entry in the daemon
-(docs/BENCHMARKS.md, "Memory per entry"). Nodes are made on demand as PNode
-objects with LNode's attributes, one per inode while something holds it, so
-the union sees the same interface (`kids` is a read-only mapping).
+(docs/BENCHMARKS.md, "Memory per entry"), ~50 more for each entry the kernel
+has looked at. Nodes are made on demand as PNode objects with LNode's
+attributes, one per inode, so the union sees the same interface (`kids` is a
+read-only mapping).
 
 TreeBuilder merges layers bottom first in one pass over each layer's entries:
 the layer is read into a tree of its own, then its whiteouts and opaque markers
@@ -24,7 +25,6 @@ import os
 import stat as S
 import struct
 import sys
-import weakref
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -321,9 +321,13 @@ class KidsView(Mapping):
         return self._n
 
     def __iter__(self) -> Iterator[bytes]:
-        name = self._t.edge_name
-        for k in range(self._s, self._s + self._n):
-            yield name(k)
+        names, off = self._t.names, self._t.name_off
+        s = self._s
+        o0 = off[s]
+        for k in range(s + 1, s + self._n + 1):
+            o1 = off[k]
+            yield names[o0:o1]
+            o0 = o1
 
     def _index(self, key: bytes) -> int:
         t = self._t
@@ -349,48 +353,91 @@ class KidsView(Mapping):
 
     def items(self) -> Iterator[tuple[bytes, "PNode"]]:  # type: ignore[override]
         t = self._t
-        for k in range(self._s, self._s + self._n):
-            yield t.edge_name(k), t.node(t.kid_ino[k])
+        names, off, kid, nodes = t.names, t.name_off, t.kid_ino, t._nodes
+        s = self._s
+        o0 = off[s]
+        for k in range(s, s + self._n):
+            o1 = off[k + 1]
+            ino = kid[k]
+            n = nodes[ino]
+            if n is None:
+                n = nodes[ino] = PNode(t, ino)
+            yield names[o0:o1], n
+            o0 = o1
 
     def values(self) -> Iterator["PNode"]:  # type: ignore[override]
         t = self._t
+        kid, node = t.kid_ino, t.node
         for k in range(self._s, self._s + self._n):
-            yield t.node(t.kid_ino[k])
+            yield node(kid[k])
 
 
 class PNode:
-    """One node of a PackedTree with LNode's attributes (hard links share one)."""
+    """One node of a PackedTree, with LNode's attributes read from the arrays (hard links
+    share one). Made when looked at, so it costs nothing until the kernel asks for it."""
 
-    __slots__ = ("ino", "mode", "uid", "gid", "size", "mtime_ns", "rdev", "nlink", "target", "xattrs", "kids",
-                 "_t", "__weakref__")
+    __slots__ = ("_t", "ino")
 
     def __init__(self, t: "PackedTree", ino: int) -> None:
         self._t = t
         self.ino = ino
-        self.mode = t.mode[ino]
-        self.uid = t.uid[ino]
-        self.gid = t.gid[ino]
-        self.size = t.size[ino]
-        self.mtime_ns = t.mtime[ino]
-        self.rdev = t.rdev.get(ino, 0)
-        self.nlink = t.nlink[ino]
-        self.target = t.target.get(ino)
-        self.xattrs = t.xattrs.get(ino)
-        self.kids = KidsView(t, t.kid_start[ino], t.kid_count[ino]) if S.S_ISDIR(self.mode) else None
+
+    @property
+    def mode(self) -> int:
+        return self._t.mode[self.ino]
+
+    @property
+    def uid(self) -> int:
+        return self._t.uid[self.ino]
+
+    @property
+    def gid(self) -> int:
+        return self._t.gid[self.ino]
+
+    @property
+    def size(self) -> int:
+        return self._t.size[self.ino]
+
+    @property
+    def mtime_ns(self) -> int:
+        return self._t.mtime[self.ino]
+
+    @property
+    def nlink(self) -> int:
+        return self._t.nlink[self.ino]
+
+    @property
+    def rdev(self) -> int:
+        return self._t.rdev.get(self.ino, 0)
+
+    @property
+    def target(self) -> bytes | None:
+        return self._t.target.get(self.ino)
+
+    @property
+    def xattrs(self) -> dict[bytes, bytes] | None:
+        return self._t.xattrs.get(self.ino)
+
+    @property
+    def kids(self) -> KidsView | None:
+        t, ino = self._t, self.ino
+        if not S.S_ISDIR(t.mode[ino]):
+            return None
+        return KidsView(t, t.kid_start[ino], t.kid_count[ino])
 
     @property
     def src(self) -> bytes | None:
         """Absolute host path of a regular file's content."""
-        if not S.S_ISREG(self.mode):
+        t, ino = self._t, self.ino
+        if not S.S_ISREG(t.mode[ino]):
             return None
-        t = self._t
-        data = t.dpath.get(self.ino)
+        data = t.dpath.get(ino)
         if data is None:
-            data = t.path_of(self.ino)
-        return t.roots[t.layer[self.ino]] + b"/" + data
+            data = t.path_of(ino)
+        return t.roots[t.layer[ino]] + b"/" + data
 
     def is_dir(self) -> bool:
-        return self.kids is not None
+        return S.S_ISDIR(self._t.mode[self.ino])
 
 
 class PackedTree:
@@ -418,13 +465,16 @@ class PackedTree:
     links: dict[int, list[bytes]]
 
     def _setup(self) -> None:
-        self._nodes: weakref.WeakValueDictionary[int, PNode] = weakref.WeakValueDictionary()
+        # inode -> its PNode once made: the union tells nodes apart by identity, so there is
+        # one per inode; kept (8 bytes a slot, ~50 more per node made) because making them
+        # again, or tracking them weakly, costs more than the rest of a directory listing
+        self._nodes: list[PNode | None] = [None] * len(self.mode)
         self.max_ino = len(self.mode) - 1
         self.root = self.node(1)
 
     # -- queries -------------------------------------------------------------------
     def node(self, ino: int) -> PNode:
-        n = self._nodes.get(ino)
+        n = self._nodes[ino]
         if n is None:
             n = self._nodes[ino] = PNode(self, ino)
         return n
