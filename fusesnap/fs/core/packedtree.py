@@ -5,7 +5,7 @@ path and integers): 700-1000 bytes each. This tree keeps the same facts in
 arrays indexed by inode number, names in one sorted blob per directory range and
 the rare facts (device numbers, symlink targets, xattrs, hard-link groups, data
 paths that are not the entry's own) in dicts: ~70 bytes per entry in the daemon
-(docs/BENCHMARKS.md, "Memory per entry"), ~50 more for each entry the kernel
+(docs/BENCHMARKS.md, "Memory per entry"), ~150 more for each entry the kernel
 has looked at. Nodes are made on demand as PNode objects with LNode's
 attributes, one per inode, so the union sees the same interface (`kids` is a
 read-only mapping).
@@ -373,42 +373,22 @@ class KidsView(Mapping):
 
 
 class PNode:
-    """One node of a PackedTree, with LNode's attributes read from the arrays (hard links
-    share one). Made when looked at, so it costs nothing until the kernel asks for it."""
+    """One node of a PackedTree, with LNode's attributes (hard links share one). Made when
+    looked at; the attributes every request reads are copied in, the rare ones read from
+    the tree when asked for."""
 
-    __slots__ = ("_t", "ino")
+    __slots__ = ("_t", "ino", "mode", "uid", "gid", "size", "mtime_ns", "nlink", "rdev")
 
     def __init__(self, t: "PackedTree", ino: int) -> None:
         self._t = t
         self.ino = ino
-
-    @property
-    def mode(self) -> int:
-        return self._t.mode[self.ino]
-
-    @property
-    def uid(self) -> int:
-        return self._t.uid[self.ino]
-
-    @property
-    def gid(self) -> int:
-        return self._t.gid[self.ino]
-
-    @property
-    def size(self) -> int:
-        return self._t.size[self.ino]
-
-    @property
-    def mtime_ns(self) -> int:
-        return self._t.mtime[self.ino]
-
-    @property
-    def nlink(self) -> int:
-        return self._t.nlink[self.ino]
-
-    @property
-    def rdev(self) -> int:
-        return self._t.rdev.get(self.ino, 0)
+        self.mode = t.mode[ino]
+        self.uid = t.uid[ino]
+        self.gid = t.gid[ino]
+        self.size = t.size[ino]
+        self.mtime_ns = t.mtime[ino]
+        self.nlink = t.nlink[ino]
+        self.rdev = t.rdev.get(ino, 0)
 
     @property
     def target(self) -> bytes | None:
@@ -420,24 +400,24 @@ class PNode:
 
     @property
     def kids(self) -> KidsView | None:
-        t, ino = self._t, self.ino
-        if not S.S_ISDIR(t.mode[ino]):
+        if not S.S_ISDIR(self.mode):
             return None
+        t, ino = self._t, self.ino
         return KidsView(t, t.kid_start[ino], t.kid_count[ino])
 
     @property
     def src(self) -> bytes | None:
         """Absolute host path of a regular file's content."""
-        t, ino = self._t, self.ino
-        if not S.S_ISREG(t.mode[ino]):
+        if not S.S_ISREG(self.mode):
             return None
+        t, ino = self._t, self.ino
         data = t.dpath.get(ino)
         if data is None:
             data = t.path_of(ino)
         return t.roots[t.layer[ino]] + b"/" + data
 
     def is_dir(self) -> bool:
-        return S.S_ISDIR(self._t.mode[self.ino])
+        return S.S_ISDIR(self.mode)
 
 
 class PackedTree:
