@@ -12,6 +12,7 @@ ratios to the plain directory and to fuse-overlayfs. Stdlib only.
     scripts/bench.py --only walk-warm,readdir-cold --targets plain,fuse-overlayfs
     scripts/bench.py --build-only         # just build the cached workloads
     scripts/bench.py --list               # workload names
+    scripts/bench.py --containerd         # fusesnap serve under containerd (ctr run, pull, mounts)
 """
 
 from __future__ import annotations
@@ -37,6 +38,11 @@ from benchlib.scratchfs import CHOICES, scratch_fs  # noqa: E402
 from benchlib.sysutil import BenchError, is_root, rmtree  # noqa: E402
 from benchlib.targets import ALL_TARGETS, EXTRA_TARGETS, find_program, make_targets  # noqa: E402
 from benchlib.workloads import WORKLOADS, titles_for, walk  # noqa: E402
+from benchlib.images_bench import IMAGE_WORKLOADS, image_titles  # noqa: E402
+from benchlib.podman_bench import PODMAN_WORKLOADS  # noqa: E402
+from benchlib.recorder_bench import RECORDER_WORKLOADS  # noqa: E402
+
+WORKLOADS = WORKLOADS + IMAGE_WORKLOADS + RECORDER_WORKLOADS + PODMAN_WORKLOADS
 
 KNOWN_TARGETS = ALL_TARGETS + EXTRA_TARGETS
 
@@ -71,6 +77,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="print the table of a saved --json result (no measuring)")
     p.add_argument("--build-only", action="store_true", help="build the workloads and exit")
     p.add_argument("--list", action="store_true", help="list workloads and exit")
+    p.add_argument("--containerd", action="store_true",
+                   help="instead of the workloads: fusesnap serve under a real containerd beside its overlayfs "
+                        "and native snapshotters (benchlib/containerd_bench.py)")
     args = p.parse_args(argv)
     if args.runs is None:
         args.runs = 3 if args.quick else 7
@@ -166,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.from_json:
         return rerender(args.from_json)
+    if args.containerd:
+        from benchlib.containerd_bench import run as containerd_rows
+
+        return containerd_rows(args.runs, args.scale)
     args.cache.mkdir(parents=True, exist_ok=True)
     lock = open(args.cache / ".lock", "w")
     try:
@@ -189,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         log("cold steps run WITHOUT dropping caches (" + ("--no-drop-caches" if is_root() else "not root") + ")")
 
     workloads = [w for w in WORKLOADS if not args.only or w.name in args.only]
-    titles = titles_for(ws)
+    titles = {**titles_for(ws), **image_titles(ws)}
     n, size = walk(Path(ws.stacks["rootfs"].flat))
     expect = {"rootfs_entries": n, "rootfs_bytes": size}
     scratch = args.cache / "run"

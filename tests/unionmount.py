@@ -2,7 +2,7 @@
 
 The same test body runs against kernel overlayfs (``redirect_dir=on,index=on``) to prove the
 test itself right, and against ``fusesnap-overlay``, the program under test. Where the kernel
-differs from what issue 3 demands, tests call :meth:`Union.only_fusesnap` with the reason.
+differs from what fusesnap promises, tests call :meth:`Union.only_fusesnap` with the reason.
 
 Environment knobs (for validating the tests, not for CI):
 - ``FUSESNAP_OVERLAY_KINDS``: comma list of kinds to parametrize over (default ``kernel,fusesnap``).

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import TYPE_CHECKING, Any
 
 from ..errors import FusesnapError, InvalidInput, NotFound
+from .images import check_not_image_archive
 from .main import emit_json, parse_labels
 from .output import output_file
 from .progress import Progress, ProgressReader, ProgressWriter, file_size
@@ -62,14 +64,20 @@ def cmd_import(args: argparse.Namespace) -> int:
         labels[NAME_LABEL] = args.name
     with _store(args) as st:
         if args.file == "-":
-            info = _import_with_progress(st, sys.stdin.buffer, args, labels)
+            src = sys.stdin.buffer if args.raw else check_not_image_archive(sys.stdin.buffer, "stdin")
+            info = _import_with_progress(st, src, args, labels)
         else:
             try:
                 f = open(args.file, "rb")
+            except IsADirectoryError:
+                hint = (f": an OCI image layout, use `fusesnap pull oci:{args.file}`"
+                        if os.path.exists(os.path.join(args.file, "oci-layout")) else "")
+                raise InvalidInput(f"cannot import {args.file}: it is a directory{hint}") from None
             except OSError as e:
                 raise InvalidInput(f"cannot open {args.file}: {e.strerror}") from None
             with f:
-                info = _import_with_progress(st, f, args, labels)
+                src = f if args.raw else check_not_image_archive(f, args.file)
+                info = _import_with_progress(st, src, args, labels)
     if args.json:
         emit_json(info.to_json())
     else:
@@ -172,6 +180,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--parent", metavar="CHAINID", help="chainID (or name) of the parent layer")
     p.add_argument("--name", help="a name for the layer (a layer may have several; a name names one layer)")
     p.add_argument("--label", action="append", metavar="KEY=VALUE", help="set a label (repeatable)")
+    p.add_argument("--raw", action="store_true",
+                   help="store FILE as one layer even if it is an image archive (docker-archive, oci-archive)")
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("export", help="write a layer's original tar, byte for byte, to stdout or -o FILE")

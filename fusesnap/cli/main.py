@@ -5,8 +5,8 @@ Each command module exposes `register(subparsers)`, adding subparsers whose
 become a one-line message on stderr and a non-zero exit code.
 
 Module-level imports stay minimal: a mount command line forks its daemon
-before argparse and the command modules are even imported (issue 5, mount
-time); everything else is imported after that.
+before argparse and the command modules are even imported (mount
+time matters); everything else is imported after that.
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 COMMAND_MODULES = (
     "fusesnap.cli.layers",
     "fusesnap.cli.snapshots",
+    "fusesnap.cli.serve",
+    "fusesnap.cli.images",
+    "fusesnap.cli.record",
 )
 
 

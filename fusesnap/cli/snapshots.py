@@ -6,6 +6,7 @@ Heavy modules are imported inside the commands so `fusesnap --help` stays fast.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -23,10 +24,30 @@ def _open(args: argparse.Namespace):
     return Snapshotter(args.root)
 
 
+def _image_parent(sn: Any, parent: str) -> str:
+    """An image name stands for its top layer, unless a snapshot or layer has that name."""
+    from ..errors import NotFound
+
+    if not parent:
+        return parent
+    for lookup in (sn.stat, sn.store.get):
+        try:
+            lookup(parent)
+            return parent
+        except (NotFound, InvalidInput):
+            pass
+    from ..images.records import ImageRecords
+
+    rec = ImageRecords(sn.store).find(parent)
+    if rec is None:
+        return parent
+    return rec.top_chain or ""
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     with _open(args) as sn:
         fn = sn.prepare if args.command == "prepare" else sn.view
-        mounts = fn(args.key, args.parent or "", parse_labels(args.label))
+        mounts = fn(args.key, _image_parent(sn, args.parent or ""), parse_labels(args.label))
         if getattr(args, "json", False):
             emit_json([m.to_json() for m in mounts])
     return 0
@@ -180,6 +201,8 @@ def _daemon(args: argparse.Namespace) -> Any:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
+    if getattr(args, "record", None):   # an -o item like any other (a comma in the name escaped)
+        args.options.append("record=" + os.path.abspath(args.record).replace(",", "\\,"))
     with _daemon(args) as daemon:
         from ..snapshots.mounting import mount_snapshot
 
@@ -236,7 +259,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         p = sub.add_parser(name, help=helptext, description=helptext + ". KEY must be unused.")
         p.add_argument("key", metavar="KEY")
         p.add_argument("parent", metavar="PARENT", nargs="?", default="",
-                       help="committed snapshot name or layer chainID (default: empty base)")
+                       help="committed snapshot name, layer chainID or image name (default: empty base)")
         p.add_argument("--label", action="append", metavar="KEY=VALUE", help="set a label (repeatable)")
         p.set_defaults(func=cmd_prepare)
 
@@ -297,6 +320,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground until unmounted")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPT",
                    help="FUSE mount option (repeatable, comma-separated)")
+    p.add_argument("--record", metavar="FILE", help="log each file the workload reads or writes once, in "
+                   "first-access order, with the layer serving it (JSON lines; see `fusesnap record inspect`)")
     p.set_defaults(func=cmd_mount, quick_exit=True)
 
     # mount.fuse3 runs `fusesnap SOURCE TARGET -o OPTS` for `mount -t fuse3.fusesnap SOURCE TARGET`;

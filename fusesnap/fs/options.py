@@ -67,6 +67,13 @@ class MountOptions:
     keep_atime: bool = False                 # relatime/strictatime given: do not add noatime
     read_ahead_kb: int | None = None         # read_ahead_kb=N: the mount's read-ahead (root only); None: default
     busy_poll_us: int | None = None          # busy_poll=N: spin N us for the next request (0: never); None: auto (fs/fastloop.py)
+    record: str | None = None                # record=FILE: log the files a workload touches (fs/core/recording.py)
+    # the lower layers for that log, bottom first: (directory holding the layer's data, chainID or None);
+    # empty: the lowerdirs
+    record_layers: list[tuple[str, str | None]] = field(default_factory=list)
+
+    def layers_for_record(self) -> list[tuple[str, str | None]]:
+        return self.record_layers or [(d, None) for d in reversed(self.lowerdirs)]
 
 
 _PASSTHROUGH = {"dev", "nodev", "suid", "nosuid", "exec", "noexec", "atime", "noatime",
@@ -166,6 +173,10 @@ def parse_options(opt_strings: list[str], opts: MountOptions | None = None,
                 o.read_ahead_kb = _int(key, val)
                 if o.read_ahead_kb < 0:
                     raise InvalidInput(f"invalid read_ahead_kb={val!r}: negative")
+            elif key == "record":
+                if not val:
+                    raise InvalidInput("invalid record=: a file name is needed")
+                o.record = os.path.abspath(val)
             elif key == "busy_poll":
                 o.busy_poll_us = _int(key, val)
                 if o.busy_poll_us < 0:

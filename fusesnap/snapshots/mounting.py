@@ -81,6 +81,10 @@ def mount_snapshot(sn: "Snapshotter", key: str, mountpoint: str | os.PathLike, *
         opts.upperdir, opts.workdir = str(upper), str(work)
     else:
         opts.read_only = True
+    if opts.record:     # --record / -o record=FILE: the log names the chain's layers
+        from .recorder import record_layers
+
+        opts.record_layers = record_layers(sn.store, rec.parent_chain)
     if daemon is not None and not foreground:
         from ..fs.fuse.mount import TreeUnavailable
 

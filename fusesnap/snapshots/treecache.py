@@ -20,6 +20,7 @@ from ..errors import FusesnapError
 from ..fs.core.lower import IndexLower
 from ..fs.core.lowertree import LowerTree
 from ..fs.core.packedtree import PackedTree, TreeBuilder
+from .landmarks import without_landmarks
 
 if TYPE_CHECKING:
     from ..store.layerstore import LayerStore
@@ -35,6 +36,11 @@ class TreeCache:
         self.store = store
         self._mem: OrderedDict[str, LowerTree | PackedTree] = OrderedDict()
         self.built_layers = 0  # layers read from indexes by this instance (observability for tests/bench)
+
+    @classmethod
+    def for_store(cls, store: "LayerStore") -> "TreeCache":
+        """The cache every user of a store shares (cache/lowertrees in its root)."""
+        return cls(store.root / "cache" / "lowertrees", store)
 
     def path(self, chain_id: str) -> Path:
         return self.dir / hex_of(chain_id)
@@ -63,7 +69,7 @@ class TreeCache:
 
     def _lower(self, chain_id: str) -> IndexLower:
         self.built_layers += 1
-        return IndexLower(self.store.entries(chain_id), self.store.fs_dir(chain_id))
+        return IndexLower(without_landmarks(self.store.entries(chain_id)), self.store.fs_dir(chain_id))
 
     def get(self, chain_id: str | None) -> LowerTree | PackedTree:
         """The merged tree of chain `chain_id` (None: the empty tree)."""

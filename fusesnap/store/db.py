@@ -415,6 +415,18 @@ class StoreDB:
         return t.execute("DELETE FROM layer_refs WHERE holder=?", (holder,)).rowcount
 
     @staticmethod
+    def drop_retains(t: Tx, holder: str) -> None:
+        """Drop every retain one holder has (e.g. all layers of a pull once its record exists)."""
+        t.execute("DELETE FROM layer_refs WHERE holder=? AND kind='retain'", (holder,))
+
+    @staticmethod
+    def retain_holders(t: Tx, prefix: str) -> list[str]:
+        """Holders of retains whose name starts with `prefix` (to find those of dead processes)."""
+        rows = t.all("SELECT DISTINCT holder FROM layer_refs WHERE kind='retain' AND substr(holder, 1, ?)=?"
+                     " ORDER BY holder", (len(prefix), prefix))
+        return [r[0] for r in rows]
+
+    @staticmethod
     def why_in_use(t: Tx, chain: str) -> str | None:
         """What keeps a layer from being removed (a child or a reference), or None."""
         kid = t.one("SELECT chain_id FROM layers WHERE parent=? LIMIT 1", (chain,))

@@ -40,18 +40,18 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from ..errors import InvalidInput
-from ..tarsplit import header as H
+from ..tarsplit import header
 from ..tarsplit.crc64 import crc64_update
 from ..tarsplit.member import Member
 from ..tarsplit.stream import ByteStream
-from . import entriesfile as E
+from . import entriesfile
 from .layout import host_dir_mode, host_file_mode
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 MAX_OPEN_DIRS = 256
 
-SKIPPED = {H.GNU_VOLHDR, H.GNU_MULTIVOL}
+SKIPPED = {header.GNU_VOLHDR, header.GNU_MULTIVOL}
 
 
 MAX_PATH = 4000  # no real filesystem tree has longer paths (PATH_MAX is 4096)
@@ -122,7 +122,7 @@ class Extractor:
         self.root_fd = os.open(self.fs, _DIR_FLAGS)
         self._fds: dict[bytes, int] = {}
         self._shadow_fd: int | None = None
-        self.spool = E.EntriesSpool(layer_dir / "entries.spool")
+        self.spool = entriesfile.EntriesSpool(layer_dir / "entries.spool")
         self.recorded_only: set[bytes] = set()  # paths whose member has no host object
         self.displaced: dict[bytes, list[str]] = {}  # path -> where its earlier payloads went, in order
         self._moved = 0
@@ -229,8 +229,8 @@ class Extractor:
         idx = self.spool.count
         t = m.typeflag
         path = normalize(m.name)
-        kind = H.KIND_OF_TYPEFLAG.get(t, "reg")
-        if kind == "reg" and m.name.endswith(b"/") and t in (H.REG, H.AREG) and not m.size:
+        kind = header.KIND_OF_TYPEFLAG.get(t, "reg")
+        if kind == "reg" and m.name.endswith(b"/") and t in (header.REG, header.AREG) and not m.size:
             kind = "dir"  # V7/old tars mark directories only by the trailing slash
         if t in SKIPPED or not path:
             kind = None
@@ -240,9 +240,9 @@ class Extractor:
         elif b"\0" in linkname:
             raise InvalidInput(f"refusing member {show(m.name)}: NUL byte in link target")
         rec: list[Any] = [
-            E.s(path), kind, m.mode, m.uid, m.gid, m.mtime_ns, m.realsize if kind == "reg" else 0,
-            E.s(linkname), m.devmajor, m.devminor,
-            {E.s(k): base64.b64encode(v).decode("ascii") for k, v in m.xattrs.items()} if m.xattrs else None,
+            entriesfile.s(path), kind, m.mode, m.uid, m.gid, m.mtime_ns, m.realsize if kind == "reg" else 0,
+            entriesfile.s(linkname), m.devmajor, m.devminor,
+            {entriesfile.s(k): base64.b64encode(v).decode("ascii") for k, v in m.xattrs.items()} if m.xattrs else None,
             None, [list(p) for p in m.sparse] if m.sparse is not None else None,
             self._name(m.uname), self._name(m.gname), t.decode("latin-1"),
         ]
@@ -252,7 +252,7 @@ class Extractor:
             # payload the tree does not show (volume labels, dumpdir lists): keep it for export
             if m.size:
                 self._open_payload(self._shadow(), str(idx).encode(), m, 0o600)
-                rec[E.DATA] = f"../shadow/{idx}"
+                rec[entriesfile.DATA] = f"../shadow/{idx}"
         if kind is not None:
             owns = self._place(m, path, kind, linkname, rec)
         self.spool.add(rec, owns)
@@ -270,7 +270,7 @@ class Extractor:
                 except FileExistsError:
                     self._displace(path, pfd, base, m.name)
                     self._open_payload(pfd, base, m, mode)
-            rec[E.DATA] = rec[E.P]
+            rec[entriesfile.DATA] = rec[entriesfile.P]
             return True
         if kind == "dir":
             mode = host_dir_mode(m.mode)
@@ -318,7 +318,7 @@ class Extractor:
                 self._displace(path, pfd, base, m.name)
                 os.link(tbase, base, src_dir_fd=tpfd, dst_dir_fd=pfd, follow_symlinks=False)
             if stat.S_ISREG(tst.st_mode):
-                rec[E.DATA] = rec[E.P]
+                rec[entriesfile.DATA] = rec[entriesfile.P]
                 return True
             return False
         # chr, blk, fifo: recorded only, never created on the host
@@ -330,7 +330,7 @@ class Extractor:
         """uname/gname as str; a layer has few distinct ones, so decode each once."""
         v = self._names.get(b)
         if v is None:
-            v = E.s(b)
+            v = entriesfile.s(b)
             if len(self._names) < 4096:
                 self._names[b] = v
         return v

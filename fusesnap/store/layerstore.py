@@ -46,7 +46,7 @@ from .recovery import FsckReport, check_leftovers, recover, replay_intents
 log = logging.getLogger("fusesnap.store")
 
 __all__ = ["GC_ROOT_LABEL", "NAME_LABEL", "ENTRIES", "TAR_SPLIT", "FsckReport", "LayerInfo", "LayerStore",
-           "StagedLayer", "rmtree"]
+           "StagedLayer", "StoreTransaction", "rmtree"]
 
 
 @dataclass
@@ -65,6 +65,36 @@ class LayerInfo:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class StoreTransaction:
+    """What LayerStore.transaction() hands out: SQL on the caller's own tables, and
+    reference changes on layers that commit or roll back with it."""
+
+    def __init__(self, conn: Any) -> None:
+        self._c = conn
+
+    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
+        return self._c.execute(sql, params)
+
+    def add_ref(self, chain_id: str, holder: str) -> None:
+        if self._c.execute("SELECT 1 FROM layers WHERE chain_id=?", (chain_id,)).fetchone() is None:
+            raise NotFound(f"no such layer: {chain_id}")
+        self._c.execute("INSERT OR IGNORE INTO layer_refs(chain_id, holder, kind) VALUES (?,?,'ref')",
+                        (chain_id, holder))
+
+    def drop_ref(self, chain_id: str, holder: str) -> None:
+        self._c.execute("DELETE FROM layer_refs WHERE chain_id=? AND holder=? AND kind='ref'", (chain_id, holder))
+
+    def release_all(self, holder: str) -> None:
+        """Drop every retain `holder` has (e.g. all layers of a pull once its record exists)."""
+        self._c.execute("DELETE FROM layer_refs WHERE holder=? AND kind='retain'", (holder,))
+
+    def retain_holders(self, prefix: str) -> list[str]:
+        """Holders of retains whose name starts with `prefix` (to find those of dead processes)."""
+        rows = self._c.execute("SELECT DISTINCT holder FROM layer_refs WHERE kind='retain' AND substr(holder, 1, ?)=?"
+                               " ORDER BY holder", (len(prefix), prefix)).fetchall()
+        return [r[0] for r in rows]
 
 
 @dataclass
@@ -93,6 +123,34 @@ class StagedLayer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class StoreTransaction:
+    """What LayerStore.transaction() hands out: SQL on the caller's own tables (errors come
+    out as one line), and reference changes on layers that commit or roll back with it."""
+
+    def __init__(self, db: StoreDB, t: Tx) -> None:
+        self._db = db
+        self._t = t
+
+    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
+        return self._t.execute(sql, params)
+
+    def add_ref(self, chain_id: str, holder: str) -> None:
+        if not self._db.has_layer(chain_id):
+            raise NotFound(f"no such layer: {chain_id}")
+        self._db.add_ref(self._t, chain_id, holder, "ref")
+
+    def drop_ref(self, chain_id: str, holder: str) -> None:
+        self._db.drop_ref(self._t, chain_id, holder, "ref")
+
+    def release_all(self, holder: str) -> None:
+        """Drop every retain `holder` has (e.g. all layers of a pull once its record exists)."""
+        self._db.drop_retains(self._t, holder)
+
+    def retain_holders(self, prefix: str) -> list[str]:
+        """Holders of retains whose name starts with `prefix` (to find those of dead processes)."""
+        return self._db.retain_holders(self._t, prefix)
 
 
 def _now_rfc3339() -> str:
@@ -376,6 +434,13 @@ class LayerStore:
         """Remove every reference and retain of one holder (fsck of a holder that is gone)."""
         with self.db.tx() as t:
             return self.db.drop_holder(t, holder)
+
+    @contextmanager
+    def transaction(self) -> Iterator["StoreTransaction"]:
+        """One write transaction on metadata.db, for tables other packages keep there (image
+        records) together with the layer references that must change with them."""
+        with self.db.tx() as t:
+            yield StoreTransaction(self.db, t)
 
     def set_labels(self, chain_id: str, labels: dict[str, str]) -> None:
         """Set (value str) or delete (value "") labels. `fusesnap.io/name` adds a name to the

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import header as H
+from . import header
 
 
 @dataclass(slots=True)
@@ -38,4 +38,4 @@ class Member:
     @property
     def kind(self) -> str:
         """reg, dir, sym, hard, chr, blk or fifo (anything unknown reads as reg, as tar does)."""
-        return H.KIND_OF_TYPEFLAG.get(self.typeflag, "reg")
+        return header.KIND_OF_TYPEFLAG.get(self.typeflag, "reg")

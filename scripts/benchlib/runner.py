@@ -111,6 +111,8 @@ class Runner:
         finally:
             for t, m in list(self.live):
                 self._unmount(t, m)
+            for finish in dict.fromkeys(w.finish for w in workloads if w.finish):
+                finish()
             for t in self.targets:
                 t.cleanup()
         return self.results

@@ -45,6 +45,7 @@ class Workload:
     setup: Callable[[Ctx], None] | None = None
     applies: Callable[[Target], str | None] | None = None
     timed_inside: bool = False  # the step times itself (returns a measured value)
+    finish: Callable[[], None] | None = None  # end of run: release what the steps kept between runs
 
     @property
     def higher_is_better(self) -> bool:

@@ -292,7 +292,7 @@ def _apply(op: Op, root: str) -> str:
 
 
 def describe(op: Op) -> str:
-    """One line, shell-like, for reports and FS_BUGS entries."""
+    """One line, shell-like, for reports and regression cases."""
     args = " ".join(f"{k}={v!r}" for k, v in op.items() if k != "op")
     return f"{op['op']} {args}"
 

@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Differential runner: the same seeded ops on kernel overlayfs and a FUSE overlay.
 
-    python tests/diffrun.py --seeds 0-999                 # run more seeds (fusesnap)
-    python tests/diffrun.py --seeds 0-99 --target fuse-overlayfs
-    python tests/diffrun.py --seeds 17 --minimize         # shrink failures, save replays
-    python tests/diffrun.py --replay FILE [--minimize] [-v]
+    python tests/differential/diffrun.py --seeds 0-999                 # run more seeds (fusesnap)
+    python tests/differential/diffrun.py --seeds 0-99 --target fuse-overlayfs
+    python tests/differential/diffrun.py --seeds 17 --minimize         # shrink failures, save replays
+    python tests/differential/diffrun.py --replay FILE [--minimize] [-v]
 
 Per batch of seeds (one tmpfs, one kernel overlayfs mount with redirect_dir=on,index=on,
 one target mount; measured: a mount pair per seed is ~9x slower): each seed's lower
@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # tests/: helpers
 
 import difflowers  # noqa: E402
 import diffops  # noqa: E402
@@ -647,7 +648,7 @@ def case_from_json(d: dict[str, Any]) -> Case:
 
 
 def format_case(case: Case, outcome: Outcome) -> str:
-    """Lowers, ops with per-target results, and the failures, for humans and FS_BUGS.md."""
+    """Lowers, ops with per-target results, and the failures, for humans and regression cases."""
     lines = [f"seed {case.seed}"]
     for j, layer in enumerate(case.lowers):
         lines.append(f"  lower {j} ({'top' if j == 0 else 'below'}):")

@@ -7,14 +7,15 @@ unprivileged uid), the trees after remounting fusesnap on the same upper (mid-wa
 and at the end), the final trees, inode-number stability, and finally what kernel
 overlayfs shows when mounted on fusesnap's upper. The same runs with -o writeback=1 (profile
 fusesnap-writeback, 100 seeds). A plain-directory oracle checks
-the kernel side itself. More seeds on demand: ``python tests/diffrun.py --seeds
+the kernel side itself. More seeds on demand: ``python tests/differential/diffrun.py --seeds
 0-9999`` (see its --help; --minimize shrinks failures into replay files).
 
 Bugs still open are tracked strictly, so a fix makes the test fail until the entry
 goes: KNOWN_FAILING (single seeds, strict xfail), OPEN_BUGS (minimized cases in
-tests/diffcases, strict xfail) and OPEN_KINDS (a failure kind too common to list
+tests/differential/diffcases, strict xfail) and OPEN_KINDS (a failure kind too common to list
 by seed: filtered out, and test_open_failure_kinds_still_seen fails once it stops
-occurring). The bug names refer to /work/notes/FS_BUGS.md.
+occurring). Each fixed bug keeps its minimized case in tests/differential/diffcases,
+named after what went wrong, as a regression test.
 """
 
 from __future__ import annotations
@@ -38,13 +39,13 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="kernel overlayfs moun
 # 6.6 have no user xattrs on tmpfs), so fewer seeds there to stay near two minutes
 CI_SEEDS = range(0, 500) if diffrun.tmpfs_usable() else range(0, 200)
 BATCH = 50
-# seed -> bug (an entry in the fs helper's bug list); strict xfail, run alone
+# seed -> bug (what goes wrong); strict xfail, run alone
 KNOWN_FAILING: dict[int, str] = {}
 
 
 # Minimized failing cases found by this test (lowers and ops spelled out, so they keep
-# testing the same thing whatever the generators do later), named after their entry
-# in /work/notes/FS_BUGS.md. Cases of bugs still open run as strict xfails.
+# testing the same thing whatever the generators do later), named after what went
+# wrong. Cases of bugs still open run as strict xfails.
 CASES_DIR = Path(__file__).parent / "diffcases"
 OPEN_BUGS: dict[str, str] = {}
 

@@ -1,4 +1,4 @@
-"""Copy-up data path (fusesnap/fs/copyup.py): identical content for every size, holes kept,
+"""Copy-up data path (fusesnap/fs/core/datacopy.py): identical content for every size, holes kept,
 fallbacks when the kernel cannot copy, and the same through a real mount (worker-thread path
 for files above BIG, hard-linked lower files copied once)."""
 
@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from fusesnap.fs.core import copyup
-from fusesnap.fs.core.copyup import BIG, copy_data, data_extents
+from fusesnap.fs.core import datacopy as copyup
+from fusesnap.fs.core.datacopy import copy_data, data_extents
+from fusesnap.fs.fuse.operations import BIG
 from helpers import is_root
 from unionmount import KINDS, Union, built_union, mkfile
 

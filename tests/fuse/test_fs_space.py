@@ -1,4 +1,4 @@
-"""fallocate(2) modes and lseek(SEEK_DATA/SEEK_HOLE) reach the host file (issue 3; FS_BUGS F3).
+"""fallocate(2) modes and lseek(SEEK_DATA/SEEK_HOLE) reach the host file.
 
 They need the patched pyfuse3 that scripts/setup installs (third_party/pyfuse3). Every
 behaviour test runs on kernel overlayfs too (the reference that proves the test right) and on

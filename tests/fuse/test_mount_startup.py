@@ -1,4 +1,4 @@
-"""How `fusesnap mount` and `fusesnap-overlay` start their daemon (issue 5, mount time).
+"""How `fusesnap mount` and `fusesnap-overlay` start their daemon.
 
 The daemon is forked before pyfuse3/trio are imported, so the command's own
 process never loads them: it parses arguments and opens the store while the

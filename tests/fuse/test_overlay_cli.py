@@ -1,4 +1,4 @@
-"""fusesnap-overlay's command-line contract (issue 3): fuse-overlayfs-compatible options, the
+"""fusesnap-overlay's command-line contract: fuse-overlayfs-compatible options, the
 mount.fuse3 form, daemonizing only once the mount is live, failures, exit on unmount."""
 
 from __future__ import annotations

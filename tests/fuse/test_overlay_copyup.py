@@ -1,5 +1,5 @@
-"""Copy-up, deletes, rmdir of merged dirs, mkdir over whiteouts, and renaming lower directories
-(issue 3, Semantics 3-5); the last test remounts the same upper and expects the same tree.
+"""Copy-up, deletes, rmdir of merged dirs, mkdir over whiteouts, and renaming lower directories;
+the last test remounts the same upper and expects the same tree.
 
 Checks go through the mount; the upper directory is inspected only for what the issue pins down
 (whiteout only when needed, opaque dir after mkdir over a whiteout, copy-up keeps hard links as one

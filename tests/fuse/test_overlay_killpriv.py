@@ -156,7 +156,7 @@ def test_killpriv_v2_is_asked_for_only_in_the_initial_user_namespace():
     import subprocess
     import sys
 
-    probe = "from fusesnap.fs.fuse.operations import _in_initial_user_namespace as f; print(f())"
+    probe = "from fusesnap.linux.kernel import in_initial_user_namespace as f; print(f())"
     here = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     inside = subprocess.run(["unshare", "-Ur", sys.executable, "-c", probe], capture_output=True, text=True)
     assert here.stdout.strip() == "True"

@@ -1,4 +1,4 @@
-"""Lookup/readdir merge of upper over lowers (issue 3, Semantics 1): layer order, both whiteout
+"""Lookup/readdir merge of upper over lowers: layer order, both whiteout
 forms, every opaque marker, markers never visible, and readdir's d_type, '.'/'..', no duplicates,
 stable offsets while entries change.
 

@@ -1,4 +1,4 @@
-"""Every operation a real rootfs needs (issue 3, Semantics 2), on lower files, upper files and
+"""Every operation a real rootfs needs, on lower files, upper files and
 new files of one shared mount per kind: setattr variants, open/create flags, read/write, dirs,
 rename flags, links, special files, xattrs, statfs, fsync, fallocate, lseek, access."""
 

@@ -1,4 +1,4 @@
-"""POSIX details users trip over (issue 3, Semantics 6): ENAMETOOLONG, paths deeper than PATH_MAX,
+"""POSIX details users trip over: ENAMETOOLONG, paths deeper than PATH_MAX,
 open-unlinked files, directory st_nlink, one st_dev, stable and shared inode numbers.
 
 Kernel overlayfs differs in two places, asserted on fusesnap only: a merged directory reports

@@ -1,4 +1,4 @@
-"""fusesnap-overlay run by an unprivileged user (issue 3): through fusermount3 in the host's
+"""fusesnap-overlay run by an unprivileged user: through fusermount3 in the host's
 namespaces, and directly inside `unshare -Urm` (a user namespace mapping the user to root).
 
 One probe process per mode (run as the test user) mounts, runs every check, unmounts, waits for the

@@ -18,7 +18,7 @@ BENCH = ROOT / "scripts" / "bench.py"
 BIN = Path(sys.executable).parent
 TARGETS = ["plain", "kernel", "fuse-overlayfs", "fusesnap-overlay", "fusesnap"]
 # n/a by design (the workload does not apply to that target), not failures
-NOT_APPLICABLE = ("no daemon", "not a layer store", "not a mount")
+NOT_APPLICABLE = ("no daemon", "not a layer store", "not a mount", "not a mount program")
 
 pytestmark = pytest.mark.skipif(not is_root(), reason="building overlay layers and kernel overlayfs need root")
 

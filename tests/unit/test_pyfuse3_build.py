@@ -7,6 +7,8 @@ import subprocess
 import sys
 from importlib.metadata import version
 
+import pytest
+
 
 def test_patched_pyfuse3_has_every_feature_and_its_own_version() -> None:
     import pyfuse3
@@ -25,3 +27,25 @@ def test_importing_pyfuse3_does_not_load_importlib_metadata() -> None:
                           "import sys, pyfuse3; print('importlib.metadata' in sys.modules)"],
                          capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_a_pyfuse3_without_the_patches_is_refused_in_one_line() -> None:
+    """fusesnap checks its pyfuse3 build at start: a stock one is named, with the way out."""
+    from types import SimpleNamespace
+
+    import pyfuse3
+
+    from fusesnap.errors import FusesnapError
+    from fusesnap.fs.fuse.operations import PATCHES, missing_patches, require_patched
+
+    assert missing_patches(pyfuse3) == []
+    stock = SimpleNamespace(__version__="3.5.0", Operations=type("Operations", (), {}))
+    assert missing_patches(stock) == list(PATCHES)
+    with pytest.raises(FusesnapError) as e:
+        require_patched(stock)
+    msg = str(e.value)
+    assert "\n" not in msg and "pyfuse3 3.5.0 lacks fusesnap's patches (0001" in msg and "scripts/setup" in msg
+    half = SimpleNamespace(**{k: getattr(pyfuse3, k) for k in dir(pyfuse3) if not k.startswith("__")},
+                           __version__=pyfuse3.__version__)
+    del half.READ_FD
+    assert missing_patches(half) == ["0009 read from an fd"]

@@ -13,10 +13,24 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 
 from fusesnap.fs.core.longpath import short
 
 _READ_ONLY_ERRNOS = (errno.EACCES, errno.EPERM, errno.ETXTBSY, errno.EROFS)
+
+
+def fd_cap() -> int:
+    """How many fds each cache of FileFds keeps: a quarter of the (raised) RLIMIT_NOFILE, at most 16384."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard, 1 << 16) if hard != resource.RLIM_INFINITY else 1 << 16
+    if soft != resource.RLIM_INFINITY and soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError):
+            pass
+    return max(64, min(16384, soft // 4))
 
 
 class FileFds:

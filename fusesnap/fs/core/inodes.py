@@ -7,9 +7,13 @@ from a counter above the lower tree's range.
 
 from __future__ import annotations
 
+import errno
 import stat as S
+from typing import Any
 
-from fusesnap.fs.core.lowertree import LNode
+from fusesnap.fs.core.attrs import ROOT_INO
+from fusesnap.fs.core.errs import err
+from fusesnap.fs.core.lowertree import LNode, LowerTree
 
 
 class Inode:
@@ -29,9 +33,9 @@ class Inode:
         self.wh: set[bytes] | None = None   # directories: names whited out in the upper
         self.opaque = False            # directories: lower entries hidden
         self.nlink = lower.nlink if lower is not None and kind != S.S_IFDIR else 1
-        self.attr = None               # cached pyfuse3.EntryAttributes for lower objects
+        self.attr: Any = None          # cached attribute record (lower objects; nameless ones)
         self.lookups = 0
-        self.busy = None               # trio.Event while a copy-up is running
+        self.busy: Any = None          # the FUSE layer's event while a copy-up runs off its loop
         # writeback cache: (atime, mtime) of the kernel's last SETATTR of the mtime,
         # which later WRITEs of the same file put back on the host
         self.kernel_times: tuple[int, int] | None = None
@@ -42,7 +46,7 @@ class Inode:
 
     def path(self) -> bytes:
         """Path relative to the upper root (b'.' for the root)."""
-        if self.parent is None and self.ino != 1:
+        if self.parent is None and self.ino != ROOT_INO:
             raise FileNotFoundError(2, "object has no name any more")
         parts = []
         n = self
@@ -61,7 +65,7 @@ class Inode:
         return out
 
     def add_name(self, parent: "Inode", name: bytes) -> None:
-        if self.parent is None and self.name == b"" and self.ino != 1:
+        if self.parent is None and self.name == b"" and self.ino != ROOT_INO:
             self.parent, self.name = parent, name
             return
         if self.parent is parent and self.name == name:
@@ -85,3 +89,62 @@ class Inode:
 
     def __repr__(self) -> str:
         return f"<Inode {self.ino} {self.path()!r} upper={self.upper}>"
+
+
+class InodeTable:
+    """Every object the kernel may know, by inode number.
+
+    Numbers come from the lower tree (a lazy tree hands them out as it grows)
+    or, for objects made in the upper, from a counter above the tree's range."""
+
+    __slots__ = ("by_ino", "root", "next_ino", "_tree_ino", "upper_links")
+
+    def __init__(self, tree: LowerTree, root: Inode) -> None:
+        self.by_ino: dict[int, Inode] = {ROOT_INO: root}
+        self.root = root
+        self.next_ino = tree.max_ino + 1
+        self._tree_ino = getattr(tree, "new_ino", None)
+        # upper hard-link groups: host inode number -> the view's inode
+        self.upper_links: dict[int, Inode] = {}
+
+    def get(self, ino: int) -> Inode:
+        i = self.by_ino.get(ino)
+        if i is None:
+            raise err(errno.ESTALE)
+        return i
+
+    def new_ino(self) -> int:
+        if self._tree_ino is not None:
+            return self._tree_ino()
+        n = self.next_ino
+        self.next_ino += 1
+        return n
+
+    def add(self, i: Inode) -> Inode:
+        self.by_ino[i.ino] = i
+        return i
+
+    def new_upper(self, d: Inode, name: bytes, kind: int) -> Inode:
+        """A fresh object made in the upper below d (not yet entered in d's kids)."""
+        return self.add(Inode(self.new_ino(), kind, None, True, d, name))
+
+    def lower(self, ln: LNode, d: Inode, name: bytes) -> Inode:
+        """The inode of lower object ln, reached as d/name (hard links share one)."""
+        i = self.by_ino.get(ln.ino)
+        if i is None or i.lower is not ln:
+            i = Inode(ln.ino, S.S_IFMT(ln.mode), ln, False, d, name)
+            self.by_ino[ln.ino] = i
+        else:
+            i.add_name(d, name)
+        return i
+
+    def forget(self, ino: int, n: int) -> bool:
+        """The kernel dropped n references; True when a nameless object is gone for good."""
+        i = self.by_ino.get(ino)
+        if i is None or ino == ROOT_INO:
+            return False
+        i.lookups -= n
+        if i.lookups <= 0 and i.parent is None:
+            del self.by_ino[ino]
+            return True
+        return False

@@ -15,7 +15,7 @@ import os
 import stat as S
 from typing import Sequence
 
-from fusesnap.fs.core import upperformat as uf
+from fusesnap.fs.core import upperformat
 from fusesnap.fs.core.longpath import LIMIT, short
 from fusesnap.fs.core.lowertree import LNode, lookup_path
 
@@ -54,10 +54,10 @@ class LazyDir(LNode):
 
 
 def _presented(st: os.stat_result, xattrs: dict[bytes, bytes] | None) -> tuple[int, int, int, int]:
-    ov = uf.override_in(xattrs) if xattrs else None
+    ov = upperformat.override_in(xattrs) if xattrs else None
     if ov is None:
         return st.st_mode, st.st_uid, st.st_gid, st.st_rdev
-    p = uf.presented_stat(st, ov)
+    p = upperformat.presented_stat(st, ov)
     return p.mode, p.uid, p.gid, p.rdev
 
 
@@ -72,11 +72,11 @@ class LazyLowerTree:
         self._next = 2
         self.by_host: dict[tuple[int, int, int], LNode] = {}
         top = os.lstat(self.dirs[0])
-        xattrs = uf.read_xattrs(self.dirs[0])
+        xattrs = upperformat.read_xattrs(self.dirs[0])
         root = self._dir_node(top, xattrs, list(enumerate(self.dirs)))
         root.ino = 1
         self._next = 2
-        if uf.xattrs_say_opaque(xattrs):
+        if upperformat.xattrs_say_opaque(xattrs):
             root.hostdirs = root.hostdirs[:1]
         self.root = root
 
@@ -114,7 +114,7 @@ class LazyLowerTree:
         mode, uid, gid, _ = _presented(st, xattrs)
         n = LazyDir.__new__(LazyDir)
         LNode.__init__(n, S.S_IFDIR | (mode & 0o7777), uid, gid, 0, st.st_mtime_ns, 0, None, None,
-                       uf.visible_xattrs(xattrs) or None, None)
+                       upperformat.visible_xattrs(xattrs) or None, None)
         n.hostdirs = hostdirs
         n.tree = self
         _NLINK.__set__(n, st.st_nlink)
@@ -139,7 +139,7 @@ class LazyLowerTree:
                 for de in it:
                     name = de.name
                     if name.startswith(b".wh."):
-                        if name == uf.OPQ_NAME:
+                        if name == upperformat.OPQ_NAME:
                             opaque = True
                         else:
                             layer_wh.append(name[4:])
@@ -150,7 +150,7 @@ class LazyLowerTree:
                             if de.is_dir(follow_symlinks=False):
                                 full = hd + b"/" + name
                                 sub.append((layer, full))
-                                if uf.xattrs_say_opaque(uf.read_xattrs(short(full))):
+                                if upperformat.xattrs_say_opaque(upperformat.read_xattrs(short(full))):
                                     del subdirs[name]
                             else:
                                 del subdirs[name]   # a non-directory or a whiteout ends the merge of NAME
@@ -162,7 +162,7 @@ class LazyLowerTree:
                         continue
                     full = hd + b"/" + name
                     sp = full if short_ok else short(full)
-                    xattrs = uf.read_xattrs(sp)   # one listxattr; the values only when there are names
+                    xattrs = upperformat.read_xattrs(sp)   # one listxattr; the values only when there are names
                     if xattrs is None and fmt == IFREG and st.st_nlink == 1:
                         # the common case (a plain file, no xattrs, no hard links): host metadata as is
                         n = LNode(st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns,
@@ -174,7 +174,7 @@ class LazyLowerTree:
                     if fmt == S.S_IFDIR:
                         hds = [(layer, full)]
                         n = self._dir_node(st, xattrs, hds)
-                        if not uf.xattrs_say_opaque(xattrs):
+                        if not upperformat.xattrs_say_opaque(xattrs):
                             subdirs[name] = hds
                         kids[name] = n
                         continue
@@ -190,7 +190,7 @@ class LazyLowerTree:
                               rdev if S.S_IFMT(mode) in (S.S_IFCHR, S.S_IFBLK) else 0,
                               os.readlink(short(full)) if fmt == S.S_IFLNK else None,
                               full if fmt == S.S_IFREG else None,
-                              uf.visible_xattrs(xattrs) or None, None)
+                              upperformat.visible_xattrs(xattrs) or None, None)
                     n.ino = self.new_ino()
                     if fmt == S.S_IFREG and st.st_nlink > 1:
                         n.nlink = st.st_nlink

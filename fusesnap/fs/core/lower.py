@@ -15,7 +15,7 @@ from typing import Iterable, Iterator, Protocol, runtime_checkable
 
 from fusesnap.errors import InvalidInput
 from fusesnap.layerentry import KIND_OF_FMT, LayerEntry
-from fusesnap.fs.core import upperformat as uf
+from fusesnap.fs.core import upperformat
 from fusesnap.fs.core.longpath import short
 
 
@@ -36,8 +36,8 @@ def entry_role(e: LayerEntry) -> tuple[int, bytes, bytes] | None:
     parent, _, name = path.rpartition(b"/")
     if name in (b".", b"..") or b"/../" in b"/" + path + b"/":
         raise InvalidInput(f"lower entry with unsafe path {path!r}")
-    if name.startswith(uf.WH_PREFIX):
-        return (OPAQUE, parent, b"") if name == uf.OPQ_NAME else (WHITEOUT, parent, name[4:])
+    if name.startswith(upperformat.WH_PREFIX):
+        return (OPAQUE, parent, b"") if name == upperformat.OPQ_NAME else (WHITEOUT, parent, name[4:])
     if e.kind == "chr" and e.devmajor == 0 and e.devminor == 0:
         return (WHITEOUT, parent, name)
     return (MEMBER, parent, name)
@@ -67,7 +67,7 @@ class DirLower:
         seen: dict[tuple[int, int], bytes] = {}
         st = os.lstat(root)
         yield LayerEntry(b".", "dir", st.st_mode & 0o7777, st.st_uid, st.st_gid, st.st_mtime_ns,
-                         xattrs=uf.read_xattrs(root) or {})
+                         xattrs=upperformat.read_xattrs(root) or {})
         stack: list[bytes] = [b""]
         while stack:
             rel = stack.pop()
@@ -82,12 +82,12 @@ class DirLower:
                     relp = rel + b"/" + name if rel else name
                     st = de.stat(follow_symlinks=False)
                     full = short(base + b"/" + name)
-                    xattrs = uf.read_xattrs(full)
+                    xattrs = upperformat.read_xattrs(full)
                     mode = st.st_mode
                     uid, gid, rdev = st.st_uid, st.st_gid, st.st_rdev
-                    ov = uf.override_in(xattrs) if xattrs else None
+                    ov = upperformat.override_in(xattrs) if xattrs else None
                     if ov is not None:
-                        p = uf.presented_stat(st, ov)
+                        p = upperformat.presented_stat(st, ov)
                         mode, uid, gid, rdev = p.mode, p.uid, p.gid, p.rdev
                     fmt = S.S_IFMT(mode)
                     kind = KIND_OF_FMT.get(fmt, "reg")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from fusesnap.errors import InvalidInput
-from fusesnap.fs.core import upperformat as uf
+from fusesnap.fs.core import upperformat
 from fusesnap.fs.core.lower import OPAQUE, ROOT, WHITEOUT, LowerSource, entry_role
 from fusesnap.fs.core.packedtree import PackedTree, is_packed
 from fusesnap.layerentry import FMT_OF_KIND, LayerEntry
@@ -149,8 +149,8 @@ class LowerTree:
             if what == ROOT:   # the layer's root directory: its metadata wins
                 r = self.root
                 r.mode, r.uid, r.gid, r.mtime_ns = S.S_IFDIR | (e.mode & 0o7777), e.uid, e.gid, e.mtime_ns
-                r.xattrs = uf.visible_xattrs(e.xattrs) or None
-                if uf.xattrs_say_opaque(e.xattrs):
+                r.xattrs = upperformat.visible_xattrs(e.xattrs) or None
+                if upperformat.xattrs_say_opaque(e.xattrs):
                     r.kids = {}
                 continue
             if what == WHITEOUT:
@@ -162,7 +162,7 @@ class LowerTree:
             path = e.path.strip(b"/")
             if e.kind == "dir":
                 dirs.append(e)
-                if uf.xattrs_say_opaque(e.xattrs):
+                if upperformat.xattrs_say_opaque(e.xattrs):
                     opaques.append(path)
             elif e.kind == "hard":
                 hards.append(e)
@@ -186,7 +186,7 @@ class LowerTree:
             pd = self._dir_at(parent, True)
             old = pd.kids.get(name)
             n = LNode(S.S_IFDIR | (e.mode & 0o7777), e.uid, e.gid, 0, e.mtime_ns, 0,
-                      None, None, uf.visible_xattrs(e.xattrs) or None,
+                      None, None, upperformat.visible_xattrs(e.xattrs) or None,
                       old.kids if (old is not None and old.kids is not None) else {})
             pd.kids[name] = n
             placed[path] = n
@@ -204,7 +204,7 @@ class LowerTree:
             n = LNode(fmt | (e.mode & 0o7777), e.uid, e.gid, e.size if fmt == S.S_IFREG else
                       (len(e.linkname) if fmt == S.S_IFLNK else 0), e.mtime_ns, rdev,
                       e.linkname if fmt == S.S_IFLNK else None, src,
-                      uf.visible_xattrs(e.xattrs) or None, None)
+                      upperformat.visible_xattrs(e.xattrs) or None, None)
             pd.kids[name] = n
             placed[path] = n
         # 4. hard links (target in this layer, else below)

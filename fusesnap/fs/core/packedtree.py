@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from fusesnap.errors import InvalidInput
-from fusesnap.fs.core import upperformat as uf
+from fusesnap.fs.core import upperformat
 from fusesnap.fs.core.lower import OPAQUE, ROOT, WHITEOUT, LowerSource, entry_role
 from fusesnap.layerentry import FMT_OF_KIND
 
@@ -124,7 +124,7 @@ class TreeBuilder:
             what, parent, name = role
             if what == ROOT:  # the layer's root directory: its metadata wins
                 root_meta = e
-                if uf.xattrs_say_opaque(e.xattrs):
+                if upperformat.xattrs_say_opaque(e.xattrs):
                     opaques.append(b"")
                 continue
             if what == WHITEOUT:
@@ -135,7 +135,7 @@ class TreeBuilder:
                 continue
             path = e.path.strip(b"/")
             pd = self.kids[self._walk(local, parent, implicit, L)]  # type: ignore[index]
-            xattrs = uf.visible_xattrs(e.xattrs) if e.xattrs else None
+            xattrs = upperformat.visible_xattrs(e.xattrs) if e.xattrs else None
             if e.kind == "dir":
                 old = pd.get(name)
                 kids = self.kids[old] if old is not None and self.kids[old] is not None else {}
@@ -143,7 +143,7 @@ class TreeBuilder:
                 if xattrs:
                     self.xattrs[n] = xattrs
                 pd[name] = n
-                if uf.xattrs_say_opaque(e.xattrs):
+                if upperformat.xattrs_say_opaque(e.xattrs):
                     opaques.append(path)
             elif e.kind == "hard":
                 target = e.linkname.strip(b"/")
@@ -181,8 +181,8 @@ class TreeBuilder:
             self.mode[r] = S.S_IFDIR | (root_meta.mode & 0o7777)
             self.uid[r], self.gid[r], self.mtime[r] = root_meta.uid, root_meta.gid, _clamp(root_meta.mtime_ns)
             self.xattrs.pop(r, None)
-            if root_meta.xattrs and uf.visible_xattrs(root_meta.xattrs):
-                self.xattrs[r] = uf.visible_xattrs(root_meta.xattrs)
+            if root_meta.xattrs and upperformat.visible_xattrs(root_meta.xattrs):
+                self.xattrs[r] = upperformat.visible_xattrs(root_meta.xattrs)
         self._graft(local, implicit)
         for path, target in cross:
             t = self._find(self.root, target)

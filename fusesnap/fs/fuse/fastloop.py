@@ -31,7 +31,7 @@ import time
 import pyfuse3
 import trio
 
-# Long enough for a busy client's next request (untar: most arrive within 25 us),
+# Long enough for a busy client's next request (docs/BENCHMARKS.md, "Busy polling"),
 # short enough that a miss costs little.
 BUSY_POLL_US = 50
 _MAX_SKIP = 64

@@ -304,7 +304,7 @@ def _serve(ops: Operations, mountpoint: str, fopts: set[str], notify_fd: int | N
         return 1
     new = fastloop.fuse_fds() - before
     if len(new) == 1 and os.environ.get("FUSESNAP_STOCK_LOOP") != "1":
-        busy = ops.u.opts.busy_poll_us
+        busy = ops.union.opts.busy_poll_us
         fastloop.install(new.pop(), busy_poll_us=fastloop.default_busy_poll_us() if busy is None else busy)
     if notify_fd is not None:
         os.write(notify_fd, b"ok")
@@ -329,7 +329,7 @@ def _serve(ops: Operations, mountpoint: str, fopts: set[str], notify_fd: int | N
 
             async def readahead() -> None:
                 # after FUSE_INIT: its reply caps the readahead at what the kernel offered
-                kb = ops.u.opts.read_ahead_kb
+                kb = ops.union.opts.read_ahead_kb
                 if kb is None:
                     kb = read_ahead_that_splices(DEFAULT_KB, ops.splice_max)
                 for delay in (0.05, 0.5):

@@ -1,7 +1,10 @@
-"""pyfuse3 glue: map requests onto Union, OSError onto FUSEError, add caching hints.
+"""The FUSE layer: decode a pyfuse3 request, call the union core, encode the answer.
 
-Kept deliberately thin: every handler is a few lines, synchronous work stays
-synchronous (no thread hop per request) and only big copy-ups leave the loop.
+The filesystem's rules live in fs/core (plain Python); this module only maps
+requests onto `Union`, OSError onto FUSEError, and adds what the kernel
+protocol needs: caching hints, zero-message opens, spliced reads, and big
+copy-ups moved to a worker thread so the loop keeps serving. Every handler is a
+few lines; synchronous work stays synchronous (no thread hop per request).
 """
 
 from __future__ import annotations
@@ -16,66 +19,49 @@ from typing import Any, Awaitable, Callable, TypeVar
 import pyfuse3
 import trio
 
-from fusesnap.fs.fuse import splicing
-from fusesnap.linux import callers, spaceops
-from fusesnap.fs.core.copyup import BIG, copy_data
+from fusesnap.errors import FusesnapError
+from fusesnap.fs.core.datacopy import copy_data
 from fusesnap.fs.core.inodes import Inode
 from fusesnap.fs.core.union import Union
+from fusesnap.fs.fuse import splicing
+from fusesnap.linux import spaceops
+from fusesnap.linux.kernel import in_initial_user_namespace, release_at_least
 
 FUSEError = pyfuse3.FUSEError
-# fusesnap's patched pyfuse3 (third_party/pyfuse3) lets opendir() return a FileInfo with cache_readdir;
-# with stock pyfuse3 listings are simply not cached by the kernel.
-_OPENDIR_FILEINFO = bool(getattr(pyfuse3, "OPENDIR_FILEINFO", False))
-# ... and (patch 0004) passes the inode to readdir/fsyncdir when the kernel opens directories itself.
-_NO_OPENDIR = bool(getattr(pyfuse3, "NO_OPENDIR", False))
-# ... and (patch 0005) passes the inode to read/write/... when the kernel opens files itself.
-_NO_OPEN = bool(getattr(pyfuse3, "NO_OPEN", False))
-# ... and (patch 0009) may answer read() from a file descriptor, spliced by libfuse.
-_READ_FD = bool(getattr(pyfuse3, "READ_FD", False))
 log = logging.getLogger("fusesnap.fs")
+
+# What each of fusesnap's pyfuse3 patches (third_party/pyfuse3) adds, by what it exposes.
+PATCHES: dict[str, Callable[[Any], bool]] = {
+    "0001 fallocate and lseek handlers": lambda m: hasattr(m.Operations, "lseek"),
+    "0002 opendir returning cache_readdir": lambda m: hasattr(m, "OPENDIR_FILEINFO"),
+    "0003 symlink caching": lambda m: hasattr(m.Operations, "enable_symlink_cache"),
+    "0004 readdir without opendir": lambda m: hasattr(m, "NO_OPENDIR"),
+    "0005 files without open": lambda m: hasattr(m, "NO_OPEN"),
+    "0006 plain READDIR": lambda m: hasattr(m, "READDIRPLUS_AUTO"),
+    "0007 literal __version__": lambda m: "+fusesnap" in getattr(m, "__version__", ""),
+    "0008 HANDLE_KILLPRIV_V2": lambda m: hasattr(m, "killpriv_v2_active"),
+    "0009 read from an fd": lambda m: hasattr(m, "READ_FD"),
+}
+
+
+def missing_patches(module: Any) -> list[str]:
+    """The fusesnap patches a pyfuse3 module lacks (none for the build scripts/setup makes)."""
+    return [name for name, present in PATCHES.items() if not present(module)]
+
+
+def require_patched(module: Any) -> None:
+    """fusesnap needs its pyfuse3 build: with a stock one it would lose kernel caching,
+    spliced reads, fallocate and SEEK_DATA silently, so it refuses, in one line."""
+    missing = missing_patches(module)
+    if missing:
+        raise FusesnapError(f"pyfuse3 {getattr(module, '__version__', '?')} lacks fusesnap's patches "
+                            f"({', '.join(m.split()[0] for m in missing)}): install it with scripts/setup "
+                            "(third_party/pyfuse3)")
+
+
+require_patched(pyfuse3)
 T = TypeVar("T")
-
-
-def _killpriv_v2_active() -> bool:
-    """FUSE_HANDLE_KILLPRIV_V2 negotiated (pyfuse3 patch 0008)."""
-    active = getattr(pyfuse3, "killpriv_v2_active", None)
-    return bool(active and active())
-
-
-def _more_than_mctime(fields) -> bool:
-    """A SETATTR of something beside mtime and ctime."""
-    return (fields.update_uid or fields.update_gid or fields.update_mode or fields.update_size
-            or fields.update_atime)
-
-
-def _flushed_times(fields) -> bool:
-    """A SETATTR of mtime (and ctime) alone: how the writeback cache flushes times. (Not
-    a SETATTR of nothing or of the ctime alone: those may ask to drop setuid bits.)"""
-    return fields.update_mtime and not _more_than_mctime(fields)
-
-
-def _in_initial_user_namespace() -> bool:
-    """Whether this process sees every uid unmapped, as only the initial user namespace does."""
-    try:
-        with open("/proc/self/uid_map") as f:
-            return f.read().split() == ["0", "0", "4294967295"]
-    except OSError:
-        return False
-
-
-def _kernel_invalidates_before_direct_writes() -> bool:
-    """Linux >= 6.6 drops other opens' cached pages of a range before a FOPEN_DIRECT_IO
-    write to it (fs/fuse/file.c fuse_direct_io); before, their readers kept stale pages."""
-    try:
-        major, minor = (int(x) for x in os.uname().release.split(".")[:2])
-    except ValueError:
-        return False
-    return (major, minor) >= (6, 6)
-
-
-def _no_ids_or_mode(fields) -> bool:
-    """A SETATTR of nothing but perhaps the ctime: what chown(f, -1, -1) leaves of itself."""
-    return not (fields.update_mtime or _more_than_mctime(fields))
+BIG = 1 << 20            # copy-ups above this size run in a worker thread
 
 
 def _sup_groups(pid: int) -> set[int]:
@@ -113,63 +99,74 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_symlink_cache = True     # honoured by a pyfuse3 that knows FUSE_CAP_CACHE_SYMLINKS
     # Zero-message opendir (pyfuse3 patch 0004); pyfuse3 resets it when the kernel lacks it.
-    readdir_without_opendir = _NO_OPENDIR
+    readdir_without_opendir = True
     # Plain READDIR where entries are only listed (pyfuse3 patch 0006): the kernel
     # then instantiates no dentry and inode per entry of a big listing.
     readdirplus_auto = True
 
     def __init__(self, union: Union) -> None:
         super().__init__()
-        self.u = union
+        union.use_attr_record(pyfuse3.EntryAttributes)
+        self.union = union
         # Zero-message open (pyfuse3 patch 0005; reset by pyfuse3 when the kernel
         # lacks it): no OPEN/RELEASE round trip per open(2). Only where the kernel
-        # checks permissions itself: without default_permissions OPEN is where the
-        # daemon checks them.
-        self.files_without_open = _NO_OPEN and union.kernel_checks_permissions
-        self.timeout = union.timeout
+        # checks permissions itself: a daemon that checks them does so at OPEN.
+        self.files_without_open = union.kernel_checks_permissions
         self.noxattrs = union.opts.noxattrs
         self.fsync_enabled = union.opts.fsync
         # writeback=1: the kernel merges small writes into big WRITEs (untar, builds), and
         # then owns mtime, size and dirty pages the host file does not have yet. Off by
-        # default: a full disk then fails close() after every write() succeeded
-        # (tests/test_overlay_full_disk.py), and the kernel forgets st_blocks on every
-        # close(), so the next stat of an unchanged file costs a GETATTR
-        # (docs/BENCHMARKS.md, "Untar, request by request").
+        # default: a full disk then fails close() after every write() succeeded, and the
+        # kernel forgets st_blocks on every close(), so the next stat of an unchanged
+        # file costs a GETATTR (docs/BENCHMARKS.md, "Untar, request by request").
         self.writeback = union.opts.writeback
         self.enable_writeback_cache = self.writeback
         # FUSE_HANDLE_KILLPRIV_V2 (pyfuse3 patch 0008): the kernel sets SB_NOSEC, so a
-        # write no longer asks for security.capability every time (27k GETXATTRs in an
-        # untar of a rootfs); dropping setuid/setgid on write, truncate and chown is
-        # ours. The kernel flags a WRITE for a writer without CAP_FSETID in the initial
-        # user namespace; root of a user namespace (a daemon started by rootless podman,
-        # and its containers) would then lose setuid bits that kernel overlayfs lets it
-        # keep, so there the kernel keeps deciding.
-        self.handle_killpriv_v2 = _in_initial_user_namespace()
+        # write no longer asks for security.capability every time; dropping setuid/setgid
+        # on write, truncate and chown is ours (fs/core/setattrs.py). The kernel flags a
+        # WRITE for a writer without CAP_FSETID in the initial user namespace; root of a
+        # user namespace (a daemon started by rootless podman, and its containers) would
+        # then lose setuid bits that kernel overlayfs lets it keep, so there the kernel
+        # keeps deciding.
+        self.handle_killpriv_v2 = in_initial_user_namespace()
         # New files a caller only writes (tar, cp, dpkg, compilers) are created with
         # CREATE and opened FOPEN_DIRECT_IO: every write(2) is then one WRITE, where the
-        # page cache splits one that starts inside a page it has not cached in two (35k
-        # WRITEs instead of 21k in an untar of a rootfs), for one RELEASE per file.
-        # Readers of the file stay coherent only where the kernel invalidates their pages
-        # before such a write; setuid bits only where the kernel flags the write for us.
+        # page cache splits one that starts inside a page it has not cached in two, for
+        # one RELEASE per file. Readers of the file stay coherent only where the kernel
+        # invalidates their pages before such a write (Linux 6.6, "fuse: invalidate page
+        # cache pages before direct write"); setuid bits only where the kernel flags the
+        # write for us.
         self.direct_create = self.files_without_open and not self.writeback \
-            and self.handle_killpriv_v2 and _kernel_invalidates_before_direct_writes()
-        # The largest READ answered with the host fd, which libfuse splices
-        # (fs/splicing.py); -1: none is (a pyfuse3 without patch 0009).
-        limit = splicing.max_spliced_read() if _READ_FD else -1
+            and self.handle_killpriv_v2 and release_at_least(6, 6)
+        # The largest READ answered with the host fd, which libfuse splices (fs/fuse/splicing.py).
+        limit = splicing.max_spliced_read()
         self.splice_max = (1 << 62) if limit is None else limit
+        self.access_log = union.access_log
+        if self.access_log is not None:
+            # A recorded mount (record=FILE) gets recording handlers; every other mount keeps
+            # the plain ones, so recording costs nothing where it is off. The kernel opens
+            # files without asking (no OPEN), so a file counts as touched at the first request
+            # for its content: READ (read, execute and mmap all fault pages in through it),
+            # WRITE, CREATE/MKNOD; an empty file, which no READ ever reaches, at LOOKUP.
+            # Later accesses hit the kernel's caches and send nothing, recorded or not.
+            self.read = self._read_recorded
+            self.write = self._write_recorded
+            self.lookup = self._lookup_recorded
+            self.create = self._create_recorded
+            self.mknod = self._mknod_recorded
 
     # ------------------------------------------------------------------ helpers
     def _entry(self, i: Inode, st: os.stat_result | None = None) -> pyfuse3.EntryAttributes:
         """Attributes for a reply that hands the kernel a reference (st: see Union.attr)."""
-        a = self.u.attr(i, st)
+        a = self.union.attr(i, st)
         i.lookups += 1
         return a
 
-    def _neg(self) -> pyfuse3.EntryAttributes:
-        a = pyfuse3.EntryAttributes()
-        a.st_ino = 0
-        a.entry_timeout = self.timeout
-        return a
+    def _inode(self, ino: int) -> Inode:
+        i = self.union.inodes.get(ino)
+        if i is None:
+            raise FUSEError(errno.ESTALE)
+        return i
 
     async def _copy_up(self, i: Inode, data: bool = True) -> None:
         """Copy-up; big files copy their data in a worker thread so the loop keeps serving."""
@@ -177,7 +174,7 @@ class Operations(pyfuse3.Operations):
             await i.busy.wait()
         if i.upper:
             return
-        u = self.u
+        u = self.union
         if not data or i.kind != S.S_IFREG or i.lower is None or i.lower.size < BIG:
             u.copy_up(i, data)
             return
@@ -200,39 +197,41 @@ class Operations(pyfuse3.Operations):
 
     async def _copy_up_files(self, d: Inode) -> None:
         """Copy up every file below a lower directory that is about to move."""
-        for k in list(self.u.kids(d).values()):
+        for k in list(self.union.kids(d).values()):
             if k.is_dir:
                 if k.lower is not None and not k.opaque:
                     await self._copy_up_files(k)
             elif not k.upper:
                 await self._copy_up(k)
 
-    def _inode(self, ino: int) -> Inode:
-        i = self.u.inodes.get(ino)
-        if i is None:
-            raise FUSEError(errno.ESTALE)
+    async def _for_write(self, fh: int) -> Inode:
+        """The inode behind a write access: copied up first (the open did not)."""
+        i = self._inode(fh)
+        if not i.upper:
+            self.union.require_writable()
+            await self._copy_up(i)
         return i
 
     # ------------------------------------------------------------------ lookups
     @_fuse_errors
     async def lookup(self, parent_inode, name, ctx=None):
-        i = self.u.lookup(self._inode(parent_inode), name)
+        i = self.union.lookup(self._inode(parent_inode), name)
         if i is None:
-            return self._neg()
+            return self.union.negative_attr()
         return self._entry(i)
 
     async def forget(self, inode_list):
-        f = self.u.forget
+        f = self.union.forget
         for ino, n in inode_list:
             f(ino, n)
 
     @_fuse_errors
     async def getattr(self, inode, ctx=None):
-        return self.u.attr(self._inode(inode))
+        return self.union.attr(self._inode(inode))
 
     @_fuse_errors
     async def readlink(self, inode, ctx):
-        return self.u.readlink(self._inode(inode))
+        return self.union.readlink(self._inode(inode))
 
     # ------------------------------------------------------------------ directories
     @_fuse_errors
@@ -245,15 +244,13 @@ class Operations(pyfuse3.Operations):
         if not i.is_dir:
             raise FUSEError(errno.ENOTDIR)
         # The handle is the inode: readdir works by inode either way.
-        if _OPENDIR_FILEINFO:
-            fi = pyfuse3.FileInfo(fh=inode, keep_cache=True)
-            fi.cache_readdir = True
-            return fi
-        return inode
+        fi = pyfuse3.FileInfo(fh=inode, keep_cache=True)
+        fi.cache_readdir = True
+        return fi
 
     @_fuse_errors
     async def readdir(self, fh, start_id, token):
-        u = self.u
+        u = self.union
         d = self._inode(fh)
         li = u.listing(d, start_id == 0)
         reply = pyfuse3.readdir_reply
@@ -270,7 +267,7 @@ class Operations(pyfuse3.Operations):
         ents, cookies = li.ents, li.cookies
         attr, get = u.attr, kids.get
         start = li.index(start_id - 2)
-        if not getattr(token, "plus", True):
+        if not token.plus:
             # plain READDIR: inode number and type only, no lookup reference
             a = pyfuse3.EntryAttributes()
             for idx in range(start, len(ents)):
@@ -298,47 +295,42 @@ class Operations(pyfuse3.Operations):
 
     @_fuse_errors
     async def fsyncdir(self, fh, datasync):
-        h = self.u.inodes.get(fh)
-        if h is None or not h.upper or not self.fsync_enabled:
-            return
-        fd = os.open(self.u.up(h), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        h = self.union.inodes.get(fh)
+        if h is not None and self.fsync_enabled:
+            self.union.fsync_dir(h)
 
     @_fuse_errors
     async def mkdir(self, parent_inode, name, mode, ctx):
-        return self._entry(self.u.mkdir(self._inode(parent_inode), name, mode, ctx))
+        return self._entry(self.union.mkdir(self._inode(parent_inode), name, mode, ctx))
 
     @_fuse_errors
     async def rmdir(self, parent_inode, name, ctx):
-        self.u.rmdir(self._inode(parent_inode), name)
+        self.union.rmdir(self._inode(parent_inode), name)
 
     @_fuse_errors
     async def unlink(self, parent_inode, name, ctx):
-        self.u.unlink(self._inode(parent_inode), name)
+        self.union.unlink(self._inode(parent_inode), name)
 
     @_fuse_errors
     async def symlink(self, parent_inode, name, target, ctx):
-        return self._entry(self.u.symlink(self._inode(parent_inode), name, target, ctx))
+        return self._entry(self.union.symlink(self._inode(parent_inode), name, target, ctx))
 
     @_fuse_errors
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        return self._entry(self.u.mknod(self._inode(parent_inode), name, mode, rdev, ctx))
+        return self._entry(self.union.mknod(self._inode(parent_inode), name, mode, rdev, ctx))
 
     @_fuse_errors
     async def link(self, inode, new_parent_inode, new_name, ctx):
         i = self._inode(inode)
         await self._copy_up(i)
-        return self._entry(self.u.link(i, self._inode(new_parent_inode), new_name))
+        return self._entry(self.union.link(i, self._inode(new_parent_inode), new_name))
 
     @_fuse_errors
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         od = self._inode(parent_inode_old)
         nd = self._inode(parent_inode_new)
-        src = self.u.lookup(od, name_old)
-        dst = self.u.lookup(nd, name_new) if flags & 2 else None     # RENAME_EXCHANGE
+        src = self.union.lookup(od, name_old)
+        dst = self.union.lookup(nd, name_new) if flags & 2 else None     # RENAME_EXCHANGE
         for x in (src, dst):
             if x is None:
                 continue
@@ -347,18 +339,18 @@ class Operations(pyfuse3.Operations):
                     await self._copy_up_files(x)   # big files off the loop first
             else:
                 await self._copy_up(x)
-        self.u.rename(od, name_old, nd, name_new, flags)
+        self.union.rename(od, name_old, nd, name_new, flags)
 
     # ------------------------------------------------------------------ files
     # Every file handle is the inode number: the kernel opens files itself
     # (files_without_open) and sends the inode, or open/create return it.
     @_fuse_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
-        if self.files_without_open and not (self.direct_create and _killpriv_v2_active()):
+        if self.files_without_open and not (self.direct_create and pyfuse3.killpriv_v2_active()):
             # the kernel creates files with MKNOD and opens them itself (no_create):
             # one request per new file instead of CREATE + RELEASE
             raise FUSEError(errno.ENOSYS)
-        _fd, i, st = self.u.create(self._inode(parent_inode), name, mode, flags, ctx)
+        _fd, i, st = self.union.create(self._inode(parent_inode), name, mode, flags, ctx)
         fi = pyfuse3.FileInfo(fh=i.ino, keep_cache=True)
         if self.files_without_open and flags & os.O_ACCMODE == os.O_WRONLY and not flags & os.O_APPEND:
             # (an appender is likely a log someone tails: it keeps the page cache)
@@ -372,44 +364,26 @@ class Operations(pyfuse3.Operations):
             raise FUSEError(errno.ENOSYS)
         i = self._inode(inode)
         if (flags & os.O_ACCMODE != os.O_RDONLY) and not (flags & os.O_TRUNC) and not i.upper:
-            self.u._writable()
+            self.union.require_writable()
             await self._copy_up(i)
-        self.u.open(i, flags, ctx.uid)
+        self.union.open(i, flags, ctx.uid)
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
     @_fuse_errors
     async def read(self, fh, off, size):
-        fd = self.u.read_fd(self._inode(fh))
+        fd = self.union.read_fd(self._inode(fh))
         if size <= self.splice_max:
             # pyfuse3 patch 0009: libfuse splices the reply from the fd (no copy
             # through Python: one memory copy per byte fewer than pread + writev)
             return fd
         return os.pread(fd, size, off)
 
-    async def _for_write(self, fh: int) -> Inode:
-        """The inode behind a write access: copied up first (the open did not)."""
-        i = self._inode(fh)
-        if not i.upper:
-            self.u._writable()
-            await self._copy_up(i)
-        return i
-
     @_fuse_errors
     async def write(self, fh, off, buf, kill_suidgid=False):
-        i = self.u.inodes.get(fh)
+        i = self.union.inodes.get(fh)
         if i is None or not i.upper:       # _for_write's work, inline on the busiest request
             i = await self._for_write(fh)
-        if kill_suidgid:
-            self.u.kill_suidgid(i)
-        fd = self.u.write_fd(i)
-        n = os.pwrite(fd, buf, off)
-        t = i.kernel_times
-        if t is not None:
-            # The kernel owns mtime under the writeback cache and sends it as a SETATTR,
-            # which may overtake the last cached pages: the host's own update is undone.
-            # (Pages written back before that SETATTR need nothing: it follows them.)
-            os.utime(fd, ns=t)
-        return n
+        return self.union.write(i, off, buf, kill_suidgid)
 
     async def _launder(self, ino: int) -> None:
         """Have the kernel write this inode's dirty pages back (and drop its pages).
@@ -428,19 +402,13 @@ class Operations(pyfuse3.Operations):
         raise FUSEError(errno.ENOSYS)
 
     async def release(self, fh):
-        # fds are kept per inode (fusesnap.fs.core.filefds), not per open
+        # fds are kept per inode (fs/core/filefds.py), not per open
         pass
 
     @_fuse_errors
     async def fsync(self, fh, datasync):
-        i = self._inode(fh)
-        if not self.fsync_enabled or not i.upper:
-            return
-        fd = self.u.read_fd(i)
-        if datasync:
-            os.fdatasync(fd)
-        else:
-            os.fsync(fd)
+        if self.fsync_enabled:
+            self.union.fsync(self._inode(fh), datasync)
 
     @_fuse_errors
     async def fallocate(self, fh, mode, offset, length):
@@ -449,80 +417,35 @@ class Operations(pyfuse3.Operations):
         i = await self._for_write(fh)
         if self.writeback:
             await self._launder(fh)   # allocation next to pages the host has not seen: st_blocks
-        spaceops.fallocate(self.u.write_fd(i), mode, offset, length)
+        spaceops.fallocate(self.union.write_fd(i), mode, offset, length)
         i.attr = None
 
     @_fuse_errors
     async def lseek(self, fh, offset, whence):
         if self.writeback and whence in (os.SEEK_DATA, os.SEEK_HOLE):
             await self._launder(fh)           # data still in the kernel is data
-        return spaceops.lseek(self.u.read_fd(self._inode(fh)), offset, whence)
+        return spaceops.lseek(self.union.read_fd(self._inode(fh)), offset, whence)
 
     @_fuse_errors
     async def setattr(self, inode, attr, fields, fh, ctx):
+        u = self.union
         i = self._inode(inode)
-        if self.writeback and not i.upper and _flushed_times(fields) \
-                and attr.st_mtime_ns == self.u.attr(i).st_mtime_ns:
-            # The writeback cache flushes a lower file's times after a change that kept its
-            # mtime (an unlink: the ctime, which no file keeps): nothing to copy up for that.
-            return self.u.attr(i)
-        if not i.upper and not (fields.update_size and attr.st_size == 0):
-            await self._copy_up(i)
-        opening = False
-        if fields.update_size and attr.st_size == 0 and fh is None and self.files_without_open:
-            # open(O_TRUNC) or truncate(2)? Unknown counts as the (common) open.
-            opening = callers.in_open(ctx.pid) is not False
-        kept = None
-        if self.writeback and fields.update_size and not fields.update_mtime and i.kind == S.S_IFREG:
-            # the kernel owns mtime here and leaves it for a size it did not change: so must the host
-            kept = self.u.attr(i).st_mtime_ns
-        self.u.setattr(i, fields, attr, on_open_file=fh is not None, opening=opening)
-        self._drop_suidgid(i, fields, ctx)
-        if kept is not None:
-            self.u.set_mtime(i, kept)
-        a = self.u.attr(i)
-        if self.writeback and fields.update_mtime and i.kind == S.S_IFREG:
-            i.kernel_times = (a.st_atime_ns, a.st_mtime_ns)
-        return a
-
-    def _drop_suidgid(self, i: Inode, fields, ctx) -> None:
-        """Under HANDLE_KILLPRIV_V2 setuid/setgid are ours to drop after a SETATTR.
-
-        A truncate by a caller without CAP_FSETID says so (kill_suidgid). Otherwise the
-        kernel strips the mode it would have set and sends a SETATTR of nothing (the
-        ctime under writeback): for chown(f, -1, -1), and before a write or fallocate by
-        a caller without CAP_FSETID; a caller with CAP_FSETID sends one only when
-        security.capability went, and keeps the bits."""
-        if fields.update_size:
-            if getattr(fields, "kill_suidgid", False):
-                self.u.kill_suidgid(i)
-            return
-        if not _no_ids_or_mode(fields) or not _killpriv_v2_active() or not self.u.keeps_suidgid(i):
-            return
-        chown = callers.in_chown(ctx.pid)
-        if chown or callers.has_cap(ctx.pid, callers.CAP_FSETID) is False:
-            if chown and ctx.uid != self.u.attr(i).st_uid and not callers.has_cap(ctx.pid, callers.CAP_FOWNER):
-                raise FUSEError(errno.EPERM)      # the mode change a non-owner may not make
-            self.u.kill_suidgid(i)
+        if u.setattr_is_noop(i, attr, fields):
+            return u.attr(i)
+        if u.setattr_copies_data(i, attr, fields):
+            await self._copy_up(i)       # big files off the loop
+        u.setattr(i, attr, fields, ctx, on_open_file=fh is not None,
+                  kernel_opens_files=self.files_without_open, killpriv_v2=pyfuse3.killpriv_v2_active())
+        return u.attr(i)
 
     @_fuse_errors
     async def access(self, inode, mode, ctx):
-        # only asked without default_permissions (rootless): check the presented mode
-        a = self.u.attr(self._inode(inode))
-        m = a.st_mode
-        if ctx.uid == 0:
-            return not (mode & os.X_OK) or bool(m & 0o111) or S.S_ISDIR(m)
-        if ctx.uid == a.st_uid:
-            bits = (m >> 6) & 7
-        elif ctx.gid == a.st_gid or (ctx.pid and a.st_gid in _sup_groups(ctx.pid)):
-            bits = (m >> 3) & 7
-        else:
-            bits = m & 7
-        return (mode & bits) == mode
+        # asked only where the kernel does not check (a private rootless mount)
+        return self.union.may_access(self._inode(inode), mode, ctx, lambda: _sup_groups(ctx.pid))
 
     @_fuse_errors
     async def statfs(self, ctx):
-        v = self.u.statfs()
+        v = self.union.statfs()
         s = pyfuse3.StatvfsData()
         s.f_bsize = v.f_bsize
         s.f_frsize = v.f_frsize
@@ -535,18 +458,52 @@ class Operations(pyfuse3.Operations):
         s.f_namemax = 255
         return s
 
+    # ------------------------------------------------------------------ recording
+    def _note(self, ino: int) -> None:
+        log = self.access_log
+        if ino in log.seen:
+            return
+        i = self.union.inodes.get(ino)
+        if i is not None and i.kind == S.S_IFREG:
+            log.note(i, self.union.attr(i).st_size)
+
+    async def _read_recorded(self, fh, off, size):
+        self._note(fh)
+        return await Operations.read(self, fh, off, size)
+
+    async def _write_recorded(self, fh, off, buf, kill_suidgid=False):
+        n = await Operations.write(self, fh, off, buf, kill_suidgid)
+        self._note(fh)
+        return n
+
+    async def _lookup_recorded(self, parent_inode, name, ctx=None):
+        a = await Operations.lookup(self, parent_inode, name, ctx)
+        if a.st_ino and a.st_size == 0:
+            self._note(a.st_ino)
+        return a
+
+    async def _create_recorded(self, parent_inode, name, mode, flags, ctx):
+        fi, a = await Operations.create(self, parent_inode, name, mode, flags, ctx)
+        self._note(a.st_ino)
+        return fi, a
+
+    async def _mknod_recorded(self, parent_inode, name, mode, rdev, ctx):
+        a = await Operations.mknod(self, parent_inode, name, mode, rdev, ctx)
+        self._note(a.st_ino)
+        return a
+
     # ------------------------------------------------------------------ xattrs
     @_fuse_errors
     async def getxattr(self, inode, name, ctx):
         if self.noxattrs:
             raise FUSEError(errno.ENOSYS)
-        return self.u.getxattr(self._inode(inode), name)
+        return self.union.getxattr(self._inode(inode), name)
 
     @_fuse_errors
     async def listxattr(self, inode, ctx):
         if self.noxattrs:
             raise FUSEError(errno.ENOSYS)
-        return self.u.listxattr(self._inode(inode))
+        return self.union.listxattr(self._inode(inode))
 
     @_fuse_errors
     async def setxattr(self, inode, name, value, ctx):
@@ -554,11 +511,10 @@ class Operations(pyfuse3.Operations):
             raise FUSEError(errno.ENOSYS)
         i = self._inode(inode)
         await self._copy_up(i)
-        self.u.setxattr(i, name, value)
+        self.union.setxattr(i, name, value)
 
     @_fuse_errors
     async def removexattr(self, inode, name, ctx):
         if self.noxattrs:
             raise FUSEError(errno.ENOSYS)
-        i = self._inode(inode)
-        self.u.removexattr(i, name)
+        self.union.removexattr(self._inode(inode), name)

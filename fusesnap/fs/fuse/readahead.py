@@ -4,11 +4,9 @@ A FUSE mount starts with the kernel's 128 KiB read-ahead (the FUSE_INIT reply
 can only lower it), so a sequential reader costs one READ round trip per
 128 KiB: fuse-overlayfs gets 128 KiB requests. Raising the mount's
 backing-device read-ahead after FUSE_INIT lets the kernel send READ requests
-of up to max_pages (1 MiB with libfuse 3; strace of the daemon during a cold
-2 GiB read shows 1 MiB preads at 1024 KiB). More than 1 MiB measured no faster
-on the 2-core test machine (1024 against 4096 KiB: medians within the noise
-of 9-12 alternating runs). Only root may write /sys/class/bdi; anyone else
-keeps the kernel's value (logged at debug).
+of up to max_pages (1 MiB with libfuse 3). More than that measured no faster
+(docs/BENCHMARKS.md). Only root may write /sys/class/bdi; anyone else keeps
+the kernel's value (logged at debug).
 
 The device is found in /proc/self/mountinfo, never by stat(2) of the mount
 point: the daemon calls this for its own mount, and a stat would wait for the

@@ -171,7 +171,7 @@ def test_uid_mapping_keeps_on_disk_ids_through_copy_up_and_chown(tmp_path):
     assert (st.st_uid, st.st_gid) == (0, 0), "copy-up must keep the on-disk owner"
     fields = SimpleNamespace(update_size=False, update_uid=True, update_gid=False, update_mode=False,
                              update_atime=False, update_mtime=False)
-    u.setattr(f, fields, SimpleNamespace(st_uid=1003))
+    u.setattr(f, SimpleNamespace(st_uid=1003), fields)
     st = os.lstat(up / "f")
     assert (st.st_uid, st.st_gid) == (3, 0)
     assert (u.attr(f).st_uid, u.attr(f).st_gid) == (1003, 2000)

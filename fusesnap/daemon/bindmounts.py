@@ -1,0 +1,161 @@
+"""Daemon-made mounts: the daemon mounts each snapshot itself and hands containerd a `bind` of it.
+
+containerd 1.6 performs a `fuse3.PROG` mount in the shim by running
+mount.fuse3; the shim reaps every child that exits, so its own wait for the
+helper often gets ECHILD, and containerd then unmounts the fresh mount and
+runs the helper again (up to 10 times): two to seven FUSE start-ups per
+`ctr run` here. A bind mount is one mount(2) call with no helper. So at
+Prepare/View the daemon mounts the snapshot (a fresh `fusesnap mount`
+process: pyfuse3 serves one filesystem per process, and forking a process
+that runs gRPC threads is unsafe) at `<socket>.mounts/<hash of key>` and
+returns `bind` of that directory; Commit and Remove unmount it first.
+
+Mount processes are started ahead of need (warmmount.py): one or two wait,
+imported and with their FUSE daemon forked, so that a Prepare pays for the
+mount itself (~30 ms here) rather than for an interpreter's start-up (~150 ms).
+
+The mount daemons are separate processes: they outlive a restart of
+`fusesnap serve`, which finds them in the mount table again; a mount that is
+gone (a reboot, a killed mount daemon) is made again on the next Mounts call,
+or at start-up for every snapshot whose mount directory is still there.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Iterable
+
+from ..errors import FusesnapError, InUse
+from ..linux import mountinfo
+from ..snapshots.mounting import umount
+from ..snapshots.snapshotter import Info, Mount
+
+log = logging.getLogger(__name__)
+
+
+class WarmPool:
+    """Mount processes (warmmount.py) started before they are needed, `size` of them idle at most."""
+
+    def __init__(self, root: Path, size: int = 2) -> None:
+        # -P: not the daemon's working directory first on sys.path (it may hold another fusesnap)
+        self._argv = [sys.executable, "-P", "-m", "fusesnap.daemon.warmmount", str(root)]
+        self._size = size
+        self._idle: list[subprocess.Popen] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self.fill()
+
+    def _start(self) -> subprocess.Popen:
+        return subprocess.Popen(self._argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+
+    def fill(self) -> None:
+        with self._lock:
+            while not self._closed and len(self._idle) < self._size:
+                self._idle.append(self._start())
+
+    def mount(self, key: str, mountpoint: Path) -> tuple[int, str]:
+        """Mount snapshot `key` at mountpoint through a ready process: (exit code, stderr)."""
+        with self._lock:
+            proc = self._idle.pop(0) if self._idle else None
+        if proc is None or proc.poll() is not None:   # none ready, or it died idle
+            if proc is not None:
+                proc.communicate()
+            proc = self._start()
+        threading.Thread(target=self.fill, daemon=True).start()   # the next one starts meanwhile
+        _, err = proc.communicate(json.dumps([key, str(mountpoint)]) + "\n")
+        return proc.returncode, err
+
+    def close(self) -> None:
+        """Let the idle processes go (an empty request: they exit without mounting)."""
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for proc in idle:
+            proc.communicate("")
+
+
+def _alive(mp: Path) -> bool:
+    """Whether the FUSE daemon behind mp still answers (statfs always reaches it; stat may be cached)."""
+    try:
+        os.statvfs(mp)
+    except OSError as e:
+        return e.errno != errno.ENOTCONN
+    return True
+
+
+class BindMounts:
+    """The daemon's own mount of each active snapshot and view, one directory per key."""
+
+    def __init__(self, root: Path, directory: Path) -> None:
+        self.root = root
+        self.dir = directory
+        self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._pool = WarmPool(root)
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def path(self, key: str) -> Path:
+        return self.dir / hashlib.sha256(key.encode()).hexdigest()[:32]
+
+    def _lock(self, key: str) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(key, threading.Lock())
+
+    def ensure(self, info: Info) -> list[Mount]:
+        """Mount `info` (active: rw, view: ro) unless it is mounted already; the bind to hand out."""
+        mp = self.path(info.name)
+        with self._lock(info.name):
+            if mountinfo.find(mp) is not None and not _alive(mp):
+                log.warning("mount of snapshot %r lost its daemon; mounting it again", info.name)
+                umount(mp)
+            if mountinfo.find(mp) is None:
+                mp.mkdir(mode=0o755, exist_ok=True)
+                rc, err = self._pool.mount(info.name, mp)
+                if rc != 0:
+                    why = (err.strip().splitlines() or [f"exit {rc}"])[-1].removeprefix("fusesnap: ")
+                    raise FusesnapError(f"mounting snapshot {info.name!r}: {why}")
+        return [Mount(type="bind", source=str(mp), options=["rbind", "rw" if info.kind == "active" else "ro"])]
+
+    def release(self, key: str) -> None:
+        """Unmount the daemon's mount of `key` before its snapshot is committed or removed;
+        refused while a bind of it (a running container) is still mounted."""
+        mp = self.path(key)
+        with self._lock(key):
+            mine = mountinfo.find(mp)
+            if mine is not None:
+                others = [m.mountpoint for m in mountinfo.mounts()
+                          if m.device == mine.device and m.mount_id != mine.mount_id]
+                if others:
+                    raise InUse(f"snapshot {key!r} is still mounted at {os.fsdecode(others[0])}")
+                umount(mp)
+            try:
+                mp.rmdir()
+            except FileNotFoundError:
+                pass
+        with self._guard:
+            self._locks.pop(key, None)
+
+    def close(self) -> None:
+        self._pool.close()
+
+    def recover(self, infos: Iterable[Info]) -> int:
+        """Mount again every snapshot whose mount directory survived but whose mount did not."""
+        n = 0
+        for info in infos:
+            if info.kind in ("active", "view") and self.path(info.name).is_dir() \
+                    and mountinfo.find(self.path(info.name)) is None:
+                try:
+                    self.ensure(info)
+                    n += 1
+                except FusesnapError as e:
+                    log.warning("%s", e)
+        return n

@@ -1,0 +1,1 @@
+"""Whole images: pull and push through OCI layouts, image archives and registries, image records."""

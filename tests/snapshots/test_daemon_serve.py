@@ -1,0 +1,223 @@
+"""`fusesnap serve` as containerd's client sees it: status codes, streaming, labels, socket, signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from fusesnap.daemon.client import RemoteSnapshotter
+from fusesnap.daemon.pb import snapshots_pb2 as pb, snapshots_pb2_grpc as pb_grpc
+from helpers import run_as, script, user_env
+
+REF = "containerd.io/snapshot.ref"
+
+
+class Served:
+    def __init__(self, tmp: Path, mounts: str = "bind") -> None:
+        self.root, self.sock = tmp / "root", tmp / "run" / "fusesnap.sock"
+        self.proc = subprocess.Popen([script("fusesnap"), "--root", str(self.root), "serve", "--mounts", mounts,
+                                      "--address", str(self.sock)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.client = RemoteSnapshotter(self.sock)
+        self.client.wait_ready(30)
+        self.channel = grpc.insecure_channel(f"unix:{self.sock}")
+        self.stub = pb_grpc.SnapshotsStub(self.channel)
+
+    def code(self, method: str, request: object) -> grpc.StatusCode:
+        with pytest.raises(grpc.RpcError) as ei:
+            getattr(self.stub, method)(request, timeout=30)
+        return ei.value.code()
+
+    def stop(self, sig: int = signal.SIGTERM) -> tuple[int, str]:
+        self.client.close()
+        self.channel.close()
+        self.proc.send_signal(sig)
+        _, err = self.proc.communicate(timeout=60)
+        return self.proc.returncode, err.decode()
+
+
+@pytest.fixture
+def served(shared_tmp):
+    s = Served(shared_tmp)
+    yield s
+    if s.proc.poll() is None:
+        s.stop()
+
+
+def test_errors_carry_the_codes_containerd_reads(served):
+    c = served.client
+    c.prepare("a")
+    c.commit("base", "a")
+    c.prepare("child", "base")
+    assert served.code("Stat", pb.StatSnapshotRequest(key="missing")) == grpc.StatusCode.NOT_FOUND
+    assert served.code("Mounts", pb.MountsRequest(key="missing")) == grpc.StatusCode.NOT_FOUND
+    assert served.code("Prepare", pb.PrepareSnapshotRequest(key="child", parent="base")) == \
+        grpc.StatusCode.ALREADY_EXISTS
+    assert served.code("Commit", pb.CommitSnapshotRequest(name="base", key="child")) == \
+        grpc.StatusCode.ALREADY_EXISTS
+    # a parent with children cannot go: containerd's "cannot remove snapshot with child"
+    assert served.code("Remove", pb.RemoveSnapshotRequest(key="base")) == grpc.StatusCode.FAILED_PRECONDITION
+    assert served.code("Prepare", pb.PrepareSnapshotRequest(key="x", parent="child")) == \
+        grpc.StatusCode.INVALID_ARGUMENT        # parent is not committed
+    assert served.code("Prepare", pb.PrepareSnapshotRequest(key="y", labels={"k": "v" * 5000})) == \
+        grpc.StatusCode.INVALID_ARGUMENT
+    assert served.code("Update", pb.UpdateSnapshotRequest(info=pb.Info(name="child"), update_mask={"paths": ["kind"]})) \
+        == grpc.StatusCode.INVALID_ARGUMENT
+    assert served.code("Prepare", pb.PrepareSnapshotRequest(key="")) == grpc.StatusCode.INVALID_ARGUMENT
+    list(served.stub.List(pb.ListSnapshotsRequest(filters=["kind==active"]), timeout=30))
+    with pytest.raises(grpc.RpcError) as ei:
+        list(served.stub.List(pb.ListSnapshotsRequest(filters=["labels.=="]), timeout=30))
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert served.stop() [0] == 0
+
+
+def test_list_streams_in_batches_and_filters(shared_tmp):
+    served = Served(shared_tmp, mounts="fuse3")      # 230 snapshots: no mount for each
+    c = served.client
+    try:
+        for i in range(230):
+            mounts = c.prepare(f"s{i:03}", labels={"even": str(i % 2 == 0).lower()})
+        assert mounts[0].type == "fuse3.fusesnap" and "snapshot=s229" in mounts[0].options
+        batches = list(served.stub.List(pb.ListSnapshotsRequest(), timeout=60))
+        assert [len(b.info) for b in batches] == [100, 100, 30]
+        evens = c.list("labels.even==true", "name==s001")
+        assert len(evens) == 116 and {i.kind for i in evens} == {"active"}
+    finally:
+        assert served.stop()[0] == 0
+
+
+def test_update_and_usage(served):
+    c = served.client
+    mounts = c.prepare("k", labels={"a": "1", "b": "2"})
+    # the daemon mounted the snapshot itself and hands out a bind of it
+    assert [(m.type, m.options) for m in mounts] == [("bind", ["rbind", "rw"])]
+    assert os.path.ismount(mounts[0].source) and c.mounts("k") == mounts
+    info = c.stat("k")
+    info.labels = {"a": "changed", "c": "3"}
+    after = c.update(info, "labels.a", "labels.b")
+    assert after.labels == {"a": "changed"} and after.updated > after.created
+    assert c.update(info).labels == {"a": "changed", "c": "3"}
+    Path(mounts[0].source, "f").write_bytes(b"x" * 10000)
+    u = c.usage("k")
+    assert u.inodes == 1 and u.size >= 10000
+
+
+def test_a_layer_containerd_is_about_to_extract_again_is_adopted(served):
+    """containerd's remote-snapshot protocol: Prepare with the layer's chainID in the ref label gets
+    AlreadyExists when that layer was committed on the same parent; containerd then finds it by listing."""
+    c = served.client
+    chain = "sha256:" + "ab" * 32
+    c.prepare("ns/1/extract-1 " + chain, "", {REF: chain})
+    c.commit("ns/2/" + chain, "ns/1/extract-1 " + chain)
+    assert c.stat("ns/2/" + chain).labels == {REF: chain}     # the commit kept the ref label
+    code = served.code("Prepare", pb.PrepareSnapshotRequest(key="other/1/extract-2 " + chain, labels={REF: chain}))
+    assert code == grpc.StatusCode.ALREADY_EXISTS
+    found = c.list(f'labels."{REF}"=={chain},parent==')
+    assert [i.name for i in found] == ["ns/2/" + chain]
+    # on another parent the layer is a different snapshot: extracted as usual
+    c.prepare("p", "")
+    c.commit("other-parent", "p")
+    c.prepare("ns/3/extract-3 " + chain, "other-parent", {REF: chain})
+
+
+def test_socket_mode_stale_socket_and_a_second_daemon(served, shared_tmp):
+    st = served.sock.stat()
+    assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o660
+    r = subprocess.run([script("fusesnap"), "--root", str(shared_tmp / "root2"), "serve", "--address",
+                        str(served.sock)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        f"fusesnap: error: another daemon is already serving on {served.sock}"]
+    rc, err = served.stop(signal.SIGKILL)
+    assert served.sock.exists()              # a killed daemon leaves its socket behind...
+    again = Served(shared_tmp)               # ...which the next one replaces
+    assert again.client.list() == []
+    rc, err = again.stop(signal.SIGINT)
+    assert rc == 0 and "SIGINT: stopping" in err and not again.sock.exists()
+
+
+def test_bad_address_and_root_are_one_line_errors(shared_tmp):
+    (shared_tmp / "file").write_text("")
+    for args in (["--root", str(shared_tmp / "r"), "serve", "--address", str(shared_tmp / "file")],
+                 ["--root", str(shared_tmp / "file" / "r"), "serve", "--address", str(shared_tmp / "s.sock")]):
+        r = subprocess.run([script("fusesnap"), *args], capture_output=True, text=True, timeout=60)
+        assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert r.stderr.startswith("fusesnap: error: ") and "Traceback" not in r.stderr
+
+
+@pytest.mark.rootless
+def test_rootless_default_socket(shared_tmp, test_user):
+    runtime = shared_tmp / "xdg-run"
+    run_as(test_user, ["mkdir", "-m", "0700", str(runtime)], check=True)
+    env = user_env(test_user, XDG_RUNTIME_DIR=str(runtime), XDG_DATA_HOME=str(shared_tmp / "xdg-data"))
+    proc = subprocess.Popen([script("fusesnap"), "serve"], user=test_user.pw_uid, group=test_user.pw_gid,
+                            extra_groups=[], env=env, stderr=subprocess.PIPE)
+    sock = runtime / "fusesnap" / "fusesnap.sock"
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        st = sock.stat()
+        assert st.st_uid == test_user.pw_uid and stat.S_IMODE(st.st_mode) == 0o660
+        assert stat.S_IMODE(sock.parent.stat().st_mode) == 0o700
+        store = shared_tmp / "xdg-data" / "fusesnap"
+        r = run_as(test_user, [os.fspath(Path(script("fusesnap")).parent / "python"), "-c",
+                               "import sys; from fusesnap.daemon.client import RemoteSnapshotter as R; "
+                               "c = R(sys.argv[1]); c.wait_ready(30); c.prepare('k'); print(c.stat('k').kind)",
+                               str(sock)], env=env, timeout=60)
+        assert r.stdout.decode().strip() == "active", r.stderr.decode()
+        assert (store / "snapshots.db").exists() and stat.S_IMODE(store.stat().st_mode) == 0o700
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    assert proc.returncode == 0 and not sock.exists()
+    env.pop("XDG_RUNTIME_DIR")
+    r = run_as(test_user, [script("fusesnap"), "serve"], env=env, timeout=60)
+    assert r.returncode == 1 and r.stderr.decode().strip() == \
+        "fusesnap: error: XDG_RUNTIME_DIR is not set: pass --address SOCKET"
+
+
+def test_store_layers_stay_out_of_the_listing(served):
+    """containerd's garbage collector removes every listed snapshot it did not make: the store's
+    own layer snapshots (named by their chainID) are not listed, but Stat and Prepare find them."""
+    from fusesnap.snapshots.snapshotter import Snapshotter
+
+    c = served.client
+    c.prepare("w")
+    c.commit("named", "w")
+    with Snapshotter(served.root) as sn:
+        chain = sn.stat("named").chain_id
+        assert chain in {i.name for i in sn.list()}          # the in-process view has both
+    assert [i.name for i in c.list()] == ["named"]
+    assert c.stat(chain).kind == "committed"
+    c.view("on-the-layer", chain)
+    assert {i.name for i in c.list()} == {"named", "on-the-layer"}
+
+
+def test_tells_systemd_when_it_serves(shared_tmp):
+    """Type=notify (contrib/fusesnap-snapshotter.service): READY=1 once the socket accepts calls."""
+    import socket
+
+    notify = shared_tmp / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.bind(str(notify))
+        s.settimeout(60)
+        sock = shared_tmp / "s.sock"
+        proc = subprocess.Popen([script("fusesnap"), "--root", str(shared_tmp / "root"), "serve", "--address",
+                                 str(sock)], env={**os.environ, "NOTIFY_SOCKET": str(notify)},
+                                stderr=subprocess.PIPE)
+        try:
+            assert s.recv(64) == b"READY=1"
+            c = RemoteSnapshotter(sock)
+            assert c.list() == []           # ready meant ready
+            c.close()
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=60)
+    assert proc.returncode == 0
