@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import json
 import random
-import threading
-import time
 from pathlib import Path
 
-from .common import Cli, Model, StressFailure, one_line_error, random_tar, run_until, sha, write_upper
+from .common import Cli, Model, StressFailure, one_line_error, random_tar, run_all, run_until, sha, write_upper
 
 
 class _Client:
@@ -80,15 +78,7 @@ class _Client:
 
 def clients(cli: Cli, rnd: random.Random, n: int, seconds: float, model: Model) -> int:
     workers = [_Client(cli, c, rnd.getrandbits(64)) for c in range(n)]
-    deadline = time.monotonic() + seconds
-    threads = [threading.Thread(target=w.run, args=(deadline,)) for w in workers]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    errors = [w.error for w in workers if w.error]
-    if errors:
-        raise StressFailure(errors[0])
+    run_all(workers, seconds)
     for w in workers:
         model.layers.update(w.model.layers)
         model.commits.update(w.model.commits)

@@ -11,6 +11,7 @@ import random
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -73,6 +74,19 @@ def run_until(deadline: float, step: Callable[[], None]) -> str | None:
     except (StressFailure, OSError) as e:
         return str(e)
     return None
+
+
+def run_all(workers: list, seconds: float) -> None:
+    """Run each worker's run(deadline) in a thread of its own; raise the first worker's error."""
+    deadline = time.monotonic() + seconds
+    threads = [threading.Thread(target=w.run, args=(deadline,)) for w in workers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    errors = [w.error for w in workers if w.error]
+    if errors:
+        raise StressFailure(errors[0])
 
 
 def one_line_error(r: subprocess.CompletedProcess, what: str) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from fusesnap.snapshots.snapshotter import Snapshotter
 
-from .common import Cli, Model, StressFailure, diff_digest, invariants, repaired_and_clean, run_until, sha
+from .common import Cli, Model, StressFailure, diff_digest, invariants, repaired_and_clean, run_all, run_until, sha
 
 MAX_FILE = 256 << 10
 MAX_IO = 64 << 10
@@ -196,17 +196,11 @@ def fsx(cli: Cli, rnd: random.Random, nworkers: int, seconds: float, model: Mode
     cli.ok("mount", "fsx", str(mp))
     try:
         workers = [_Worker(mp, w, rnd.getrandbits(64)) for w in range(nworkers)]
-        deadline = time.monotonic() + seconds
-        threads = [threading.Thread(target=w.run, args=(deadline,)) for w in workers]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        for w in workers:
-            w.close()
-        errors = [w.error for w in workers if w.error]
-        if errors:
-            raise StressFailure(errors[0])
+        try:
+            run_all(workers, seconds)
+        finally:
+            for w in workers:
+                w.close()
         check_files(workers, "fsx in the mount")
     finally:
         unmount(cli, mp)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import stat as S
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Protocol, runtime_checkable
 
@@ -41,6 +42,37 @@ def entry_role(e: LayerEntry) -> tuple[int, bytes, bytes] | None:
     if e.kind == "chr" and e.devmajor == 0 and e.devminor == 0:
         return (WHITEOUT, parent, name)
     return (MEMBER, parent, name)
+
+
+@dataclass
+class LayerMarks:
+    """What a layer says about the layers below it (see layer_members)."""
+
+    root: LayerEntry | None = None  # the layer's root directory entry
+    whiteouts: list[tuple[bytes, bytes]] = field(default_factory=list)  # (parent, name) hidden
+    opaques: list[bytes] = field(default_factory=list)  # directories whose lower contents are hidden
+
+
+def layer_members(entries: Iterable[LayerEntry], marks: LayerMarks) -> Iterator[tuple[LayerEntry, bytes, bytes]]:
+    """(entry, parent, name) of a layer's own entries; its root entry, whiteouts and opaque
+    markers (also an opaque xattr on a directory) go to `marks` as they pass."""
+    for e in entries:
+        role = entry_role(e)
+        if role is None:
+            continue
+        what, parent, name = role
+        if what == ROOT:
+            marks.root = e
+            if upperformat.xattrs_say_opaque(e.xattrs):
+                marks.opaques.append(b"")
+        elif what == WHITEOUT:
+            marks.whiteouts.append((parent, name))
+        elif what == OPAQUE:
+            marks.opaques.append(parent)
+        else:
+            if e.kind == "dir" and upperformat.xattrs_say_opaque(e.xattrs):
+                marks.opaques.append(e.path.strip(b"/"))
+            yield e, parent, name
 
 
 @runtime_checkable

@@ -17,7 +17,7 @@ from typing import Iterable, Sequence
 
 from fusesnap.errors import InvalidInput
 from fusesnap.fs.core import upperformat
-from fusesnap.fs.core.lower import OPAQUE, ROOT, WHITEOUT, LowerSource, entry_role
+from fusesnap.fs.core.lower import LayerMarks, LowerSource, layer_members
 from fusesnap.fs.core.packedtree import PackedTree, is_packed
 from fusesnap.layerentry import FMT_OF_KIND, LayerEntry
 
@@ -139,35 +139,19 @@ class LowerTree:
         dirs: list[LayerEntry] = []
         others: list[LayerEntry] = []
         hards: list[LayerEntry] = []
-        whiteouts: list[tuple[bytes, bytes]] = []
-        opaques: list[bytes] = []
-        for e in source.entries():
-            role = entry_role(e)
-            if role is None:
-                continue
-            what, parent, name = role
-            if what == ROOT:   # the layer's root directory: its metadata wins
-                r = self.root
-                r.mode, r.uid, r.gid, r.mtime_ns = S.S_IFDIR | (e.mode & 0o7777), e.uid, e.gid, e.mtime_ns
-                r.xattrs = upperformat.visible_xattrs(e.xattrs) or None
-                if upperformat.xattrs_say_opaque(e.xattrs):
-                    r.kids = {}
-                continue
-            if what == WHITEOUT:
-                whiteouts.append((parent, name))
-                continue
-            if what == OPAQUE:
-                opaques.append(parent)
-                continue
-            path = e.path.strip(b"/")
+        marks = LayerMarks()
+        for e, _parent, _name in layer_members(source.entries(), marks):
             if e.kind == "dir":
                 dirs.append(e)
-                if upperformat.xattrs_say_opaque(e.xattrs):
-                    opaques.append(path)
             elif e.kind == "hard":
                 hards.append(e)
             else:
                 others.append(e)
+        whiteouts, opaques = marks.whiteouts, marks.opaques
+        if marks.root is not None:   # the layer's root directory: its metadata wins
+            e, r = marks.root, self.root
+            r.mode, r.uid, r.gid, r.mtime_ns = S.S_IFDIR | (e.mode & 0o7777), e.uid, e.gid, e.mtime_ns
+            r.xattrs = upperformat.visible_xattrs(e.xattrs) or None
         # 1. whiteouts and opaque markers act on the layers below only
         for parent, name in whiteouts:
             d = self._dir_at(parent, False)

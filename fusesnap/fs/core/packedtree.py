@@ -31,7 +31,7 @@ from typing import Any
 
 from fusesnap.errors import InvalidInput
 from fusesnap.fs.core import upperformat
-from fusesnap.fs.core.lower import OPAQUE, ROOT, WHITEOUT, LowerSource, entry_role
+from fusesnap.fs.core.lower import LayerMarks, LowerSource, layer_members
 from fusesnap.layerentry import FMT_OF_KIND
 
 MAGIC = b"fusesnap-packedtree\n"
@@ -113,26 +113,9 @@ class TreeBuilder:
         self.roots.append(os.fsencode(source.data_root))
         local = self._node(_DIR, 0, 0, 0, 0, L, {})
         implicit: set[int] = set()
-        whiteouts: list[tuple[bytes, bytes]] = []
-        opaques: list[bytes] = []
         cross: list[tuple[bytes, bytes]] = []  # hard links to something below this layer
-        root_meta: Any = None
-        for e in source.entries():
-            role = entry_role(e)
-            if role is None:
-                continue
-            what, parent, name = role
-            if what == ROOT:  # the layer's root directory: its metadata wins
-                root_meta = e
-                if upperformat.xattrs_say_opaque(e.xattrs):
-                    opaques.append(b"")
-                continue
-            if what == WHITEOUT:
-                whiteouts.append((parent, name))
-                continue
-            if what == OPAQUE:
-                opaques.append(parent)
-                continue
+        marks = LayerMarks()
+        for e, parent, name in layer_members(source.entries(), marks):
             path = e.path.strip(b"/")
             pd = self.kids[self._walk(local, parent, implicit, L)]  # type: ignore[index]
             xattrs = upperformat.visible_xattrs(e.xattrs) if e.xattrs else None
@@ -143,8 +126,6 @@ class TreeBuilder:
                 if xattrs:
                     self.xattrs[n] = xattrs
                 pd[name] = n
-                if upperformat.xattrs_say_opaque(e.xattrs):
-                    opaques.append(path)
             elif e.kind == "hard":
                 target = e.linkname.strip(b"/")
                 t = self._find(local, target)
@@ -168,14 +149,15 @@ class TreeBuilder:
                     self.xattrs[n] = xattrs
                 pd[name] = n
         # whiteouts and opaque markers act on the layers below only
-        for parent, name in whiteouts:
+        for parent, name in marks.whiteouts:
             d = self._walk(self.root, parent, None)
             if d is not None:
                 self.kids[d].pop(name, None)  # type: ignore[union-attr]
-        for path in opaques:
+        for path in marks.opaques:
             d = self._walk(self.root, path, None)
             if d is not None:
                 self.kids[d] = {}
+        root_meta = marks.root
         if root_meta is not None:
             r = self.root
             self.mode[r] = S.S_IFDIR | (root_meta.mode & 0o7777)
