@@ -64,6 +64,10 @@ class IdMap:
         d = json.loads(text)
         return cls(int(d["userns"]), tuple(tuple(e) for e in d["uid"]), tuple(tuple(e) for e in d["gid"]))
 
+    def is_initial(self) -> bool:
+        """The initial user namespace (the host's): every id maps to itself."""
+        return self.uid == INITIAL and self.gid == INITIAL
+
     def same_mapping(self, other: "IdMap") -> bool:
         return self.uid == other.uid and self.gid == other.gid
 

@@ -297,19 +297,22 @@ class Snapshotter:
 
     def note_mount(self, key: str) -> None:
         """Record the user namespace an active snapshot is being mounted in (what its upper's
-        owners mean, for a commit run elsewhere: see idmap.py). Writes only on the first
-        mount, or when a later mount comes from a namespace with another mapping."""
+        owners mean, for a commit run elsewhere: see idmap.py). Mounts from the initial
+        namespace write nothing; the first from another records its mapping; a later one
+        with a different mapping marks the snapshot as mixed (its commit is refused)."""
         rec = self.db.get(key)
         if rec is None or rec.kind != "active" or rec.idmap == MIXED:
             return
         cur = IdMap.current()
-        if rec.idmap is not None:
+        if rec.idmap is None:
+            if cur.is_initial():
+                return
+            value = cur.to_json()
+        else:
             old = IdMap.from_json(rec.idmap)
             if old.userns == cur.userns or old.same_mapping(cur):
                 return
             value = MIXED
-        else:
-            value = cur.to_json()
         with self.store.db.tx() as t:
             SnapshotDB.set_idmap(t, rec.id, value)
 
