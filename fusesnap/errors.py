@@ -25,3 +25,11 @@ class InvalidInput(FusesnapError):
 
 class IntegrityError(FusesnapError):
     """Stored data does not match its recorded checksum or digest."""
+
+
+class DatabaseError(FusesnapError):
+    """The store database cannot be used right now (no space, locked, unwritable)."""
+
+
+class DamagedStore(DatabaseError):
+    """The store's database or records are damaged; `fusesnap fsck --repair` rebuilds them."""

@@ -7,6 +7,7 @@ import io
 import os
 import sqlite3
 import subprocess
+import tarfile
 from pathlib import Path
 
 import zstandard
@@ -17,6 +18,17 @@ from helpers import script
 def fusesnap(root: Path, *args: str, input: bytes | None = None, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([script("fusesnap"), "--root", str(root), *args], input=input,
                           capture_output=True, **kw)
+
+
+def tar_of(files: dict[str, bytes], fmt: int = tarfile.PAX_FORMAT) -> bytes:
+    """A layer tar of regular files, in the given order."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as t:
+        for name, data in files.items():
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            t.addfile(ti, io.BytesIO(data))
+    return buf.getvalue()
 
 
 def uncompressed(data: bytes) -> bytes:

@@ -5,39 +5,39 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..errors import FusesnapError, InvalidInput
+from ..errors import FusesnapError, InvalidInput, NotFound
 from .images import check_not_image_archive
-from .main import parse_labels
+from .main import emit_json, parse_labels
+from .output import output_file
 from .progress import Progress, ProgressReader, ProgressWriter, file_size
 
+if TYPE_CHECKING:
+    from ..store.layerstore import LayerStore
 
-def _store(args: argparse.Namespace) -> Any:
+# The store and snapshot modules (and sqlite3 with them) are imported inside the commands:
+# `fusesnap --help` and a mount's argument parsing must not load them
+# (tests/fuse/test_mount_startup.py pins it).
+
+
+def _store(args: argparse.Namespace) -> "LayerStore":
     from ..store.layerstore import LayerStore
 
     return LayerStore(args.root)
 
 
-def _resolve(st: Any, args: argparse.Namespace, ref: str) -> Any:
-    """A layer by chainID, hex prefix or name label; else by any committed snapshot name."""
-    from ..errors import NotFound
+def _resolve(st: "LayerStore", args: argparse.Namespace, ref: str) -> Any:
+    """A layer by chainID, hex prefix or name; else by a committed snapshot name of an older store."""
+    from ..snapshots.names import chain_of_name
 
     try:
         return st.get(ref)
     except NotFound:
-        from ..snapshots.names import chain_of_name
-
         chain = chain_of_name(args.root, ref)
         if chain is None:
             raise
         return st.get(chain)
-
-
-def _emit(args: argparse.Namespace, obj: Any) -> None:
-    from .main import emit_json
-
-    emit_json(obj)
 
 
 def _import_with_progress(st: Any, f: Any, args: argparse.Namespace, labels: dict[str, str]) -> Any:
@@ -57,11 +57,10 @@ def _export_with_progress(st: Any, info: Any, f: Any) -> None:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from ..store.layerstore import GC_ROOT_LABEL
+    from ..store.layerstore import GC_ROOT_LABEL, NAME_LABEL
 
     labels = {GC_ROOT_LABEL: "true", **parse_labels(args.label)}
     if args.name:
-        from ..store.layerstore import NAME_LABEL
         labels[NAME_LABEL] = args.name
     with _store(args) as st:
         if args.file == "-":
@@ -80,7 +79,7 @@ def cmd_import(args: argparse.Namespace) -> int:
                 src = f if args.raw else check_not_image_archive(f, args.file)
                 info = _import_with_progress(st, src, args, labels)
     if args.json:
-        _emit(args, info.to_json())
+        emit_json(info.to_json())
     else:
         print(info.chain_id)
         print(info.diff_id)
@@ -91,15 +90,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     with _store(args) as st:
         info = _resolve(st, args, args.ref)
         if args.output:
-            tmp = f"{args.output}.fusesnap-tmp-{os.getpid()}"
-            try:
-                with open(tmp, "wb") as f:
-                    _export_with_progress(st, info, f)
-                os.replace(tmp, args.output)
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-                raise
+            with output_file(args.output) as f:
+                _export_with_progress(st, info, f)
         else:
             if sys.stdout.isatty():
                 raise InvalidInput("refusing to write a tar to a terminal (use -o FILE or a redirect)")
@@ -112,12 +104,12 @@ def cmd_layers(args: argparse.Namespace) -> int:
     with _store(args) as st:
         infos = st.list()
     if args.json:
-        _emit(args, [i.to_json() for i in infos])
+        emit_json([i.to_json() for i in infos])
         return 0
     print(f"{'CHAIN ID':<19} {'DIFF ID':<19} {'PARENT':<19} {'SIZE':>12} {'REFS':>4}  NAME")
     for i in infos:
         short = lambda d: d[7:19] if d else "-"  # noqa: E731
-        name = i.labels.get("fusesnap.io/name", "")
+        name = ",".join(i.names)
         print(f"sha256:{short(i.chain_id):<12} sha256:{short(i.diff_id):<12} "
               f"{('sha256:' + short(i.parent)) if i.parent else '-':<19} {i.size:>12} {i.refcount:>4}  {name}")
     return 0
@@ -130,11 +122,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     obj = info.to_json()
     obj["chain"] = chain
     if args.json:
-        _emit(args, obj)
+        emit_json(obj)
     else:
         for k in ("chain_id", "diff_id", "parent", "size", "diff_size", "tar_size", "created", "refcount"):
             print(f"{k}: {obj[k] if obj[k] is not None else '-'}")
         print("compressed_digests: " + (", ".join(info.compressed_digests) or "-"))
+        print("names: " + (", ".join(info.names) or "-"))
         print("labels: " + (", ".join(f"{k}={v}" for k, v in sorted(info.labels.items())) or "-"))
         print("chain: " + " ".join(chain))
     return 0
@@ -148,7 +141,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
             if not args.json:
                 print(chain)
     if args.json:
-        _emit(args, {"removed": args.refs})
+        emit_json({"removed": args.refs})
     return 0
 
 
@@ -156,7 +149,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
     with _store(args) as st:
         removed = st.gc()
     if args.json:
-        _emit(args, {"removed": removed})
+        emit_json({"removed": removed})
     else:
         for c in removed:
             print(c)
@@ -164,10 +157,11 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_fsck(args: argparse.Namespace) -> int:
-    with _store(args) as st:
-        rep = st.fsck(repair=args.repair)
+    from ..snapshots.snapshotter import fsck_store
+
+    rep = fsck_store(args.root, repair=args.repair)
     if args.json:
-        _emit(args, rep.to_json())
+        emit_json(rep.to_json())
     else:
         for r in rep.repaired:
             print(f"repaired: {r}")
@@ -184,7 +178,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("import", help="import a layer tar (plain, gzip or zstd) from FILE or '-' (stdin)")
     p.add_argument("file", metavar="FILE|-")
     p.add_argument("--parent", metavar="CHAINID", help="chainID (or name) of the parent layer")
-    p.add_argument("--name", help="set the name label (fusesnap.io/name)")
+    p.add_argument("--name", help="a name for the layer (a layer may have several; a name names one layer)")
     p.add_argument("--label", action="append", metavar="KEY=VALUE", help="set a label (repeatable)")
     p.add_argument("--raw", action="store_true",
                    help="store FILE as one layer even if it is an image archive (docker-archive, oci-archive)")
@@ -209,6 +203,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("gc", help="remove leftovers and layers nothing references")
     p.set_defaults(func=cmd_gc)
 
-    p = sub.add_parser("fsck", help="verify layers against their index and the database against disk")
-    p.add_argument("--repair", action="store_true", help="remove half-made leftovers")
+    p = sub.add_parser("fsck", help="verify the database, layers against their index, snapshots against layers",
+                       description="Check the store: the database file, every layer's data against its index"
+                       " and diffID, rows against directories, leftovers of interrupted operations, and"
+                       " snapshot records against the layers they hold.")
+    p.add_argument("--repair", action="store_true",
+                   help="finish or undo interrupted operations, rebuild lost rows (or a damaged database)"
+                   " from the layers' own records, drop references no snapshot holds; never deletes a"
+                   " complete layer")
     p.set_defaults(func=cmd_fsck)

@@ -182,6 +182,12 @@ def run(args: argparse.Namespace) -> int:
         where = f": {e.filename}" if e.filename else ""
         print(f"fusesnap: error: {e.strerror or e}{where}", file=sys.stderr)
         return FusesnapError.exit_code
+    except Exception as e:
+        sqlite3 = sys.modules.get("sqlite3")  # loaded only if a command used the database
+        if sqlite3 is None or not isinstance(e, sqlite3.Error):
+            raise
+        print(f"fusesnap: error: store database: {e}", file=sys.stderr)
+        return FusesnapError.exit_code
     return int(rc or 0)
 
 

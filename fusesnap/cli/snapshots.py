@@ -11,17 +11,11 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidInput
-from .main import parse_labels
+from .main import emit_json, parse_labels
+from .output import output_file
 
 if TYPE_CHECKING:   # argparse is imported by build_parser(); a plain mount parses without it
     import argparse
-
-
-def _emit(obj: Any) -> None:
-    import json
-
-    json.dump(obj, sys.stdout, indent=2, sort_keys=True, default=str)
-    sys.stdout.write("\n")
 
 
 def _open(args: argparse.Namespace):
@@ -55,7 +49,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         fn = sn.prepare if args.command == "prepare" else sn.view
         mounts = fn(args.key, _image_parent(sn, args.parent or ""), parse_labels(args.label))
         if getattr(args, "json", False):
-            _emit([m.to_json() for m in mounts])
+            emit_json([m.to_json() for m in mounts])
     return 0
 
 
@@ -63,7 +57,7 @@ def cmd_commit(args: argparse.Namespace) -> int:
     with _open(args) as sn:
         info = sn.commit(args.name, args.key, parse_labels(args.label))
     if getattr(args, "json", False):
-        _emit(info.to_json())
+        emit_json(info.to_json())
     else:
         print(info.chain_id)
     return 0
@@ -93,7 +87,7 @@ def cmd_stat(args: argparse.Namespace) -> int:
     with _open(args) as sn:
         info = sn.stat(args.key)
     if getattr(args, "json", False):
-        _emit(info.to_json())
+        emit_json(info.to_json())
     else:
         _print_info(info)
     return 0
@@ -104,7 +98,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         infos = sn.list(*args.filters)
     infos.sort(key=lambda i: (i.created, i.name))
     if getattr(args, "json", False):
-        _emit([i.to_json() for i in infos])
+        emit_json([i.to_json() for i in infos])
         return 0
     def short(s: str) -> str:
         return s if args.no_trunc or not s.startswith("sha256:") else s[:19]
@@ -138,7 +132,7 @@ def cmd_update(args: argparse.Namespace) -> int:
             raise InvalidInput("nothing to update: give --label KEY=VALUE (or --label KEY to delete it)")
         info = sn.update(Info(cur.name, cur.kind, args.parent or cur.parent, labels), *paths)
     if getattr(args, "json", False):
-        _emit(info.to_json())
+        emit_json(info.to_json())
     else:
         _print_info(info)
     return 0
@@ -148,7 +142,7 @@ def cmd_usage(args: argparse.Namespace) -> int:
     with _open(args) as sn:
         u = sn.usage(args.key)
     if getattr(args, "json", False):
-        _emit({"size": u.size, "inodes": u.inodes})
+        emit_json({"size": u.size, "inodes": u.inodes})
     else:
         print(f"size: {u.size}")
         print(f"inodes: {u.inodes}")
@@ -157,7 +151,7 @@ def cmd_usage(args: argparse.Namespace) -> int:
 
 def cmd_mounts(args: argparse.Namespace) -> int:
     with _open(args) as sn:
-        _emit([m.to_json() for m in sn.mounts(args.key)])
+        emit_json([m.to_json() for m in sn.mounts(args.key)])
     return 0
 
 
@@ -165,7 +159,7 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     with _open(args) as sn:
         removed = sn.cleanup()
     if getattr(args, "json", False):
-        _emit(removed)
+        emit_json(removed)
     else:
         for r in removed:
             print(r)
@@ -182,12 +176,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
             diff_id = sn.diff(args.key, dst)
         dst.flush()
     else:
-        import os
-
-        tmp = args.output + ".partial"
-        with _open(args) as sn, open(tmp, "wb") as f:
+        with _open(args) as sn, output_file(args.output) as f:
             diff_id = sn.diff(args.key, f)
-        os.replace(tmp, args.output)
     print(diff_id, file=sys.stderr)
     return 0
 
@@ -217,6 +207,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         from ..snapshots.mounting import mount_snapshot
 
         with _open(args) as sn:
+            sn.note_mount(args.key)
             return mount_snapshot(sn, args.key, args.mountpoint, foreground=args.foreground, options=args.options,
                                   daemon=daemon)
 
@@ -246,6 +237,7 @@ def cmd_mount_helper(args: argparse.Namespace) -> int:
         from ..snapshots.snapshotter import Snapshotter
 
         with Snapshotter(root) as sn:
+            sn.note_mount(kv["snapshot"])
             return mount_snapshot(sn, kv["snapshot"], args.mountpoint, foreground=args.foreground,
                                   options=[",".join(fuse_opts)] if fuse_opts else [], daemon=daemon)
 

@@ -8,6 +8,7 @@ every producer of image archives puts a telling name early — `manifest.json`,
 
 from __future__ import annotations
 
+import io
 import re
 import tarfile
 import zlib
@@ -35,8 +36,8 @@ def _decompressed(prefix: bytes) -> bytes:
     try:
         if prefix.startswith(b"\x1f\x8b"):
             return zlib.decompressobj(31).decompress(prefix, 4 * PEEK)
-        if prefix.startswith(b"\x28\xb5\x2f\xfd"):
-            return zstandard.ZstdDecompressor().decompressobj().decompress(prefix)[:4 * PEEK]
+        if prefix.startswith(b"\x28\xb5\x2f\xfd"):  # bounded: a few KB of zstd can hold gigabytes
+            return zstandard.ZstdDecompressor().stream_reader(io.BytesIO(prefix)).read(4 * PEEK)
     except (zlib.error, zstandard.ZstdError):
         return b""
     return prefix
@@ -77,7 +78,8 @@ def scan_plain_tar(f: BinaryIO) -> str | None:
     pos = f.tell()
     try:
         with tarfile.open(fileobj=f, mode="r:") as tar:
-            for m in tar:
+            while (m := tar.next()) is not None:
+                tar.members.clear()  # TarFile keeps every member it read: memory would grow with the tar
                 k = kind_of_name(m.name)
                 if k:
                     return k

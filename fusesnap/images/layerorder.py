@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Sequence
 
 from ..errors import InvalidInput
-from ..snapshots.changeset import Member, encode_header
+from ..snapshots.changeset import encode_header, member
 from ..snapshots.landmarks import CONTENT, NAMES, NO_PREFETCH, PREFETCH
 from ..store.extract import normalize
 from ..tarsplit import header as H
@@ -142,7 +142,7 @@ def reorder(spans: Sequence[Span], wanted: Sequence[bytes]) -> Plan:
 
 def landmark_member(name: bytes) -> bytes:
     """A landmark member as eStargz writes it: a one-byte regular file at the root."""
-    return encode_header(Member(name, "reg", 0o644, size=len(CONTENT))) + CONTENT + bytes(_pad(len(CONTENT)))
+    return encode_header(member(name, "reg", 0o644, size=len(CONTENT))) + CONTENT + bytes(_pad(len(CONTENT)))
 
 
 def write(src: BinaryIO, spans: Sequence[Span], order: Sequence[int], dst: BinaryIO) -> str:

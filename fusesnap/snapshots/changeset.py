@@ -14,6 +14,7 @@ links to the first path (in tar order) of the same inode.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import stat
@@ -23,9 +24,12 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator
 
 from ..errors import InvalidInput
-from ..layerentry import Kind, LayerEntry
+from ..layerentry import LayerEntry, kind_of_mode
+from ..store.layout import host_file_mode
 from ..tarsplit.header import TYPEFLAG_OF_KIND
+from ..tarsplit.member import Member
 from . import upperview
+from .idmap import IdTranslation
 
 BLOCK = 512
 WHITEOUT_PREFIX = b".wh."
@@ -34,22 +38,15 @@ CHUNK = 1 << 20
 
 
 
-@dataclass
-class Member:
-    """One tar member to write. `source` supplies a regular file's content."""
+def member(path: bytes, kind: str, mode: int, uid: int = 0, gid: int = 0, mtime: int = 0,
+           **fields: object) -> Member:
+    """A member to write: file type by kind, mtime in whole seconds (as the changeset stores it)."""
+    return Member(name=path, typeflag=TYPEFLAG_OF_KIND[kind], mode=mode, uid=uid, gid=gid,
+                  mtime_ns=mtime * 1_000_000_000, **fields)  # type: ignore[arg-type]
 
-    path: bytes
-    kind: Kind
-    mode: int
-    uid: int = 0
-    gid: int = 0
-    mtime: int = 0
-    size: int = 0
-    linkname: bytes = b""
-    devmajor: int = 0
-    devminor: int = 0
-    xattrs: dict[bytes, bytes] = field(default_factory=dict)
-    source: Path | None = None
+
+def mtime_s(m: Member) -> int:
+    return m.mtime_ns // 1_000_000_000
 
 
 def _s(b: bytes) -> str:
@@ -58,12 +55,12 @@ def _s(b: bytes) -> str:
 
 def encode_header(m: Member) -> bytes:
     """The header block(s) of one member, PAX where needed, fixed everywhere else."""
-    ti = tarfile.TarInfo(_s(m.path))
-    ti.type = TYPEFLAG_OF_KIND[m.kind]
+    ti = tarfile.TarInfo(_s(m.name))
+    ti.type = m.typeflag
     ti.mode = m.mode & 0o7777
     ti.uid, ti.gid = m.uid, m.gid
     ti.uname = ti.gname = ""
-    ti.mtime = int(m.mtime)
+    ti.mtime = mtime_s(m)
     ti.size = m.size if m.kind == "reg" else 0
     ti.linkname = _s(m.linkname)
     ti.devmajor, ti.devminor = (m.devmajor, m.devminor) if m.kind in ("chr", "blk") else (0, 0)
@@ -80,7 +77,7 @@ def tar_chunks(members: Iterable[Member]) -> Iterator[bytes]:
         yield encode_header(m)
         if m.kind == "reg" and m.size:
             if m.source is None:
-                raise InvalidInput(f"no content for {_s(m.path)!r}")
+                raise InvalidInput(f"no content for {_s(m.name)!r}")
             left = m.size
             with open(m.source, "rb") as f:
                 while left:
@@ -164,23 +161,22 @@ class UpperChangeset:
 
 
 class Donations:
-    """Donor for LayerStore.import_tar: each upper file is offered as a fresh hard link.
+    """Donor for LayerStore.stage_tar: each upper file is offered as a fresh hard link.
 
     The store renames what it is given into the new layer. Giving it a link
     (same filesystem, no data copied) instead of the upper's own name keeps the
-    upper whole if the import fails. The store normalizes a donated file's host
-    mode to 0644/0755 (by the member's exec bits); files whose host mode differs
-    are not donated, so even a SIGKILL mid-import leaves the upper's presented
-    metadata intact (only sub-second mtimes may be truncated; restore() undoes
-    that after an ordinary failure).
+    upper whole if the commit fails or is killed: the store never changes a
+    donated file (it takes only files whose host mode already is the one the
+    layer gives them), and the link in the layer is deleted with the layer if
+    the commit does not complete.
     """
 
     def __init__(self, cs: UpperChangeset, spool: Path) -> None:
         self.cs = cs
         self.spool = Path(spool)
         self.spool.mkdir(mode=0o700, exist_ok=True)
-        self.given: list[tuple[Path, os.stat_result]] = []
-        self._modes = {m.path: m.mode for m in cs.members if m.kind == "reg"}
+        self.given = 0
+        self._modes = {m.name: m.mode for m in cs.members if m.kind == "reg"}
 
     def __call__(self, path: bytes) -> str | None:
         key = path.rstrip(b"/")
@@ -189,31 +185,24 @@ class Donations:
             return None
         try:
             st = os.lstat(src)
-            store_mode = 0o755 if self._modes.get(key, 0) & 0o111 else 0o644
-            if stat.S_IMODE(st.st_mode) != store_mode:
+            if stat.S_IMODE(st.st_mode) != host_file_mode(self._modes.get(key, 0)):
                 return None
-            link = self.spool / str(len(self.given))
+            link = self.spool / str(self.given)
             os.link(src, link)
         except OSError:
             return None  # the store then writes the content from the stream
-        self.given.append((src, st))
+        self.given += 1
         return str(link)
-
-    def restore(self) -> None:
-        for src, st in self.given:
-            try:
-                os.chmod(src, stat.S_IMODE(st.st_mode))
-                os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))
-            except OSError:
-                pass
 
 
 def _whiteout(path: bytes, mtime: int) -> Member:
-    return Member(path=path, kind="reg", mode=0, uid=0, gid=0, mtime=mtime)
+    return member(path, "reg", 0, mtime=mtime)
 
 
-def scan_upper(upper: Path) -> UpperChangeset:
-    """Walk an upper dir (docs/ARCHITECTURE.md format) into sorted OCI changeset members."""
+def scan_upper(upper: Path, ids: IdTranslation | None = None) -> UpperChangeset:
+    """Walk an upper dir (docs/ARCHITECTURE.md format) into sorted OCI changeset members.
+
+    `ids` maps host owners into the user namespace the snapshot was mounted in."""
     upper = Path(upper)
     members: list[Member] = []
     sources: dict[bytes, Path] = {}
@@ -261,22 +250,23 @@ def scan_upper(upper: Path) -> UpperChangeset:
             make_readable(hp, st, 0o500)
         elif stat.S_ISREG(st.st_mode):
             make_readable(hp, st, 0o400)
-        ps = upperview.presented(hp, st)
-        if ps.kind not in TYPEFLAG_OF_KIND:
+        ps = upperview.presented(hp, st, ids)
+        kind = kind_of_mode(ps.mode)
+        if kind not in TYPEFLAG_OF_KIND:
             return  # a socket (possibly only presented as one): tar has no such member
         mtime = int(st.st_mtime)
-        xattrs = upperview.visible_xattrs(hp, ps.kind)
-        m = Member(path=path, kind=ps.kind, mode=ps.mode, uid=ps.uid, gid=ps.gid, mtime=mtime, xattrs=xattrs)
-        if ps.kind == "dir":
+        xattrs = upperview.visible_xattrs(hp, kind)  # type: ignore[arg-type]
+        m = member(path, kind, stat.S_IMODE(ps.mode), ps.uid, ps.gid, mtime, xattrs=xattrs)
+        if kind == "dir":
             members.append(m)
             if upperview.is_opaque(hp):
                 members.append(_whiteout(path + b"/" + OPAQUE_MARKER, mtime))
             walk(path, hp, mtime)
             return
-        if ps.kind == "reg":
+        if kind == "reg":
             key = (st.st_dev, st.st_ino)
             if st.st_nlink > 1 and key in first_link:
-                m.kind = "hard"
+                m.typeflag = TYPEFLAG_OF_KIND["hard"]
                 m.linkname = first_link[key]
                 m.xattrs = {}
             else:
@@ -285,10 +275,10 @@ def scan_upper(upper: Path) -> UpperChangeset:
                 m.size = st.st_size
                 m.source = hp
                 sources[path] = hp
-        elif ps.kind == "sym":
+        elif kind == "sym":
             m.linkname = os.readlink(os.fsencode(hp))
-        elif ps.kind in ("chr", "blk"):
-            m.devmajor, m.devminor = ps.devmajor, ps.devminor
+        elif kind in ("chr", "blk"):
+            m.devmajor, m.devminor = os.major(ps.rdev), os.minor(ps.rdev)
         members.append(m)
 
     root_st = os.stat(upper)
@@ -350,14 +340,14 @@ def squash_members(layers: Iterable[tuple[Iterable[LayerEntry], Path]]) -> list[
                     state.clear()
                     whiteouts.clear()
                     opaque.clear()
-                opaque[parent] = Member(path=e.path, kind="reg", mode=e.mode, uid=e.uid, gid=e.gid, mtime=mtime)
+                opaque[parent] = member(e.path, "reg", e.mode, e.uid, e.gid, mtime)
                 continue
             if base.startswith(WHITEOUT_PREFIX):
                 target = (parent + b"/" if parent else b"") + base[len(WHITEOUT_PREFIX):]
                 drop_tree(target, including=True)
-                whiteouts[target] = Member(path=e.path, kind="reg", mode=e.mode, uid=e.uid, gid=e.gid, mtime=mtime)
+                whiteouts[target] = member(e.path, "reg", e.mode, e.uid, e.gid, mtime)
                 continue
-            m = Member(path=e.path, kind=e.kind, mode=e.mode, uid=e.uid, gid=e.gid, mtime=mtime,
+            m = member(e.path, e.kind, e.mode, e.uid, e.gid, mtime,
                        size=e.size, linkname=e.linkname, devmajor=e.devmajor, devminor=e.devminor,
                        xattrs=dict(e.xattrs))
             ident: object = object()
@@ -369,21 +359,21 @@ def squash_members(layers: Iterable[tuple[Iterable[LayerEntry], Path]]) -> list[
                     raise InvalidInput(f"hard link {_s(e.path)!r} points to missing {_s(e.linkname)!r}")
                 tm = tgt[0]
                 if tm.kind != "reg":  # a link to a non-file: repeat that entry under this path
-                    m = Member(**{**tm.__dict__, "path": e.path})
+                    m = dataclasses.replace(tm, name=e.path)
                     state[e.path] = layer_paths[e.path] = (m, object())
                     continue
-                m = Member(path=e.path, kind="reg", mode=tm.mode, uid=tm.uid, gid=tm.gid, mtime=tm.mtime,
+                m = member(e.path, "reg", tm.mode, tm.uid, tm.gid, mtime_s(tm),
                            size=tm.size, xattrs=dict(tm.xattrs), source=tm.source)
                 ident = tgt[1]
             old = state.get(e.path)
             if e.path in whiteouts:
                 del whiteouts[e.path]
                 if m.kind == "dir":
-                    opaque[e.path] = Member(path=e.path + b"/" + OPAQUE_MARKER, kind="reg", mode=0, mtime=mtime)
+                    opaque[e.path] = member(e.path + b"/" + OPAQUE_MARKER, "reg", 0, mtime=mtime)
             elif old is not None and old[0].kind == "dir" and m.kind != "dir":
                 drop_tree(e.path, including=False)
             elif old is not None and old[0].kind != "dir" and m.kind == "dir":
-                opaque[e.path] = Member(path=e.path + b"/" + OPAQUE_MARKER, kind="reg", mode=0, mtime=mtime)
+                opaque[e.path] = member(e.path + b"/" + OPAQUE_MARKER, "reg", 0, mtime=mtime)
             state[e.path] = layer_paths[e.path] = (m, ident)
 
     keyed: list[tuple[tuple[bytes, ...], Member, object]] = []
@@ -392,12 +382,10 @@ def squash_members(layers: Iterable[tuple[Iterable[LayerEntry], Path]]) -> list[
     for target, m in whiteouts.items():
         comps = _components(target)
         wpath = b"/".join(comps[:-1] + (WHITEOUT_PREFIX + comps[-1],))
-        keyed.append((_components(wpath), Member(path=wpath, kind="reg", mode=m.mode, uid=m.uid, gid=m.gid,
-                                                 mtime=m.mtime), None))
+        keyed.append((_components(wpath), member(wpath, "reg", m.mode, m.uid, m.gid, mtime_s(m)), None))
     for d, m in opaque.items():
         if d in state or d == b"":
-            keyed.append(((_components(d) if d else ()) + (b"",), Member(path=(d + b"/" if d else b"") + OPAQUE_MARKER, kind="reg", mode=m.mode,
-                                                          uid=m.uid, gid=m.gid, mtime=m.mtime), None))
+            keyed.append(((_components(d) if d else ()) + (b"",), member((d + b"/" if d else b"") + OPAQUE_MARKER, "reg", m.mode, m.uid, m.gid, mtime_s(m)), None))
     keyed.sort(key=lambda t: t[0])
     out: list[Member] = []
     first_of: dict[int, bytes] = {}
@@ -405,9 +393,9 @@ def squash_members(layers: Iterable[tuple[Iterable[LayerEntry], Path]]) -> list[
         if m.kind == "reg" and ident is not None:
             key = id(ident)
             if key in first_of:
-                m = Member(path=m.path, kind="hard", mode=m.mode, uid=m.uid, gid=m.gid, mtime=m.mtime,
+                m = member(m.name, "hard", m.mode, m.uid, m.gid, mtime_s(m),
                            linkname=first_of[key])
             else:
-                first_of[key] = m.path
+                first_of[key] = m.name
         out.append(m)
     return out

@@ -125,18 +125,17 @@ class RWLayer:
 
     @property
     def mount_count(self) -> int:
-        return self._api._mounts.get(self.name, 0)
+        return self._api.mounts.count(self.name)
 
     def mount(self) -> Path:
         """Mount (first call) or just count another user of the mount; returns the merged dir."""
-        n = self.mount_count
-        if n == 0:
+        if self.mount_count == 0:
             mp = self.mountpoint
             mp.mkdir(parents=True, exist_ok=True)
             rc = self.sn.mount(self.name, mp)
             if rc != 0:
                 raise InvalidInput(f"mounting layer {self.name!r} failed (exit {rc})")
-        self._api._mounts[self.name] = n + 1
+        self._api.mounts.take(self.name)
         return self.mountpoint
 
     def unmount(self) -> None:
@@ -146,13 +145,11 @@ class RWLayer:
             raise InvalidInput(f"layer {self.name!r} is not mounted")
         if n == 1:
             self.sn.umount(self.mountpoint)
-            del self._api._mounts[self.name]
             try:
                 self.mountpoint.rmdir()
             except OSError:
                 pass
-        else:
-            self._api._mounts[self.name] = n - 1
+        self._api.mounts.drop(self.name)
 
     def _upper(self) -> Path:
         return self.sn.upper_dir(self.name)
@@ -170,8 +167,8 @@ class RWLayer:
 
     def _collect(self, cs: changeset.UpperChangeset, tree, out: dict[str, ChangeKind]) -> None:
         for m in cs.members:
-            base = m.path.rsplit(b"/", 1)[-1]
-            parent = m.path[: -len(base) - 1] if b"/" in m.path else b""
+            base = m.name.rsplit(b"/", 1)[-1]
+            parent = m.name[: -len(base) - 1] if b"/" in m.name else b""
             if base == changeset.OPAQUE_MARKER:
                 node = tree.lookup(parent)
                 if node is not None and node.kids:
@@ -186,12 +183,12 @@ class RWLayer:
                 if tree.lookup(target) is not None:
                     out["/" + os.fsdecode(target)] = "D"
                 continue
-            node = tree.lookup(m.path)
-            p = "/" + os.fsdecode(m.path)
+            node = tree.lookup(m.name)
+            p = "/" + os.fsdecode(m.name)
             if node is None:
                 out[p] = "A"
             elif m.kind == "dir" and node.is_dir() and stat.S_IMODE(node.mode) == m.mode and \
-                    (node.uid, node.gid) == (m.uid, m.gid) and node.mtime_ns // 1_000_000_000 == m.mtime:
+                    (node.uid, node.gid) == (m.uid, m.gid) and node.mtime_ns // 1_000_000_000 == changeset.mtime_s(m):
                 continue  # only a parent of something that changed
             else:
                 out[p] = "C"
@@ -226,6 +223,26 @@ class RWLayer:
         return self.sn.diff(self.name, dst)
 
 
+class MountCounts:
+    """How many users each read-write layer's mount has (moby's mount reference count)."""
+
+    def __init__(self) -> None:
+        self._n: dict[str, int] = {}
+
+    def count(self, name: str) -> int:
+        return self._n.get(name, 0)
+
+    def take(self, name: str) -> None:
+        self._n[name] = self._n.get(name, 0) + 1
+
+    def drop(self, name: str) -> None:
+        n = self._n.get(name, 0) - 1
+        if n > 0:
+            self._n[name] = n
+        else:
+            self._n.pop(name, None)
+
+
 class LayerAPI:
     """Moby-style layer store facade; one per Snapshotter."""
 
@@ -233,7 +250,7 @@ class LayerAPI:
         self.sn = sn
         self.store = sn.store
         self.mount_root = Path(mount_root) if mount_root else sn.root / "mnt"
-        self._mounts: dict[str, int] = {}
+        self.mounts = MountCounts()
 
     # -- read-only layers -----------------------------------------------------------------
     def register(self, tar: BinaryIO, parent: str | None = None) -> ROLayer:
@@ -281,7 +298,7 @@ class LayerAPI:
         parent_chain = self.sn.stat(parent).chain_id if parent else None
         if parent and parent_chain is None:
             raise InvalidInput(f"parent {parent!r} is not committed")
-        if self.sn._taken(name):
+        if self.sn.exists(name):
             raise InvalidInput(f"layer {name!r} already exists")
         base = parent or ""
         init_name: str | None = None
@@ -301,7 +318,7 @@ class LayerAPI:
                     self.sn.umount(mp)
                 self.sn.commit(init_name, prep, {"fusesnap.io/init-for": name})
             except BaseException:
-                if self.sn._taken(prep):
+                if self.sn.exists(prep):
                     self.sn.remove(prep)
                 raise
             finally:

@@ -148,7 +148,7 @@ def mount_snapshot(sn: "Snapshotter", key: str, mountpoint: str | os.PathLike, *
     mp = Path(mountpoint)
     if not mp.is_dir():
         raise InvalidInput(f"mount point {str(mp)!r} is not a directory")
-    rec = sn._record(key)
+    rec = sn.record(key)
     opts = parse_options(list(options))
     opts.fsname = fsname_for(sn, rec.id)
     upper = work = None

@@ -7,31 +7,46 @@ named by its own chainID, so imported images can be parents directly.
 Active snapshots own `snapshots/<id>/{upper,work}`; views own nothing.
 
 Store references keep parents alive: each active/view holds a reference on
-its parent layer, each committed name one on its layer.
+its parent layer, each committed name one on its layer (and is one of the
+layer's store names, so `export NAME` finds it).
+
+Snapshot records live in the store's database: a snapshot and the references it
+holds change in one transaction, and a commit's new layer row, its reference,
+the committed record and the removal of the active record commit together.
+Directories follow intents recorded in those transactions (store/recovery.py):
+a crash can leave neither a reference nobody holds, nor a layer without its
+snapshot, nor an upper next to the layer its files became.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-import shutil
-import stat
 import uuid
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable
 
-from ..digest import is_digest
-from ..errors import AlreadyExists, InUse, InvalidInput, NotFound
+from ..digest import chain_id as compute_chain_id, is_digest
+from ..errors import AlreadyExists, FusesnapError, InUse, InvalidInput, NotFound
+from ..store.fsck import database_problem, set_database_aside
+from ..store.layerstore import NAME_LABEL, LayerInfo, LayerStore
+from ..store.layout import StoreLayout, crash_point, rmtree
+from ..store.recovery import FsckReport
 from . import changeset
 from .filters import info_adaptor, match_any, parse_filters
+from .idmap import IdMap, translation_for
 from .metadata import Kind, Record, SnapshotDB, format_ns, now_ns, parse_rfc3339_ns
+from .mounting import container_options, mount_snapshot, not_mounted, umount
 
 if TYPE_CHECKING:
-    from ..store.layerstore import LayerInfo, LayerStore
     from .treecache import TreeCache
 
-DB_NAME = "snapshots.db"
+SNAPSHOT_RECORD = "snapshot.json"  # in snapshots/<id>/: what rebuilds the record of an active snapshot
+HOLDER_PREFIX = "snapshot:"
+MIXED = "mixed"  # idmap of a snapshot mounted from two different user namespaces
 
 
 @dataclass
@@ -81,7 +96,7 @@ class Mount:
 
 def _new_holder() -> str:
     """A store reference holder unique to one snapshot record (safe against concurrent same-name calls)."""
-    return f"snapshot:{uuid.uuid4().hex}"
+    return f"{HOLDER_PREFIX}{uuid.uuid4().hex}"
 
 
 def _check_key(key: str, what: str = "key") -> None:
@@ -110,18 +125,16 @@ def disk_usage(path: Path) -> Usage:
 class Snapshotter:
     """The Python API behind `fusesnap prepare/view/commit/...` (one instance per store root)."""
 
-    def __init__(self, root: Path | str, store: "LayerStore | None" = None) -> None:
-        from ..store.layerstore import LayerStore
-
+    def __init__(self, root: Path | str, store: LayerStore | None = None, *, finish: bool = True) -> None:
+        """Open the snapshotter of a store root (`finish`: see LayerStore)."""
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
         self._own_store = store is None
-        self.store: LayerStore = store if store is not None else LayerStore(self.root)
+        self.store: LayerStore = store if store is not None else LayerStore(self.root, finish=finish)
         self.snapshots_dir = self.root / "snapshots"
-        self.snapshots_dir.mkdir(exist_ok=True)
+        self.snapshots_dir.mkdir(mode=0o700, exist_ok=True)
         self.trash_dir = self.snapshots_dir / ".trash"
-        self.trash_dir.mkdir(exist_ok=True)
-        self.db = SnapshotDB(self.root / DB_NAME)
+        self.trash_dir.mkdir(mode=0o700, exist_ok=True)
+        self.db = SnapshotDB(self.store.db, self.root)
         self._trees: TreeCache | None = None
         self._closed = False
 
@@ -129,17 +142,17 @@ class Snapshotter:
     @property
     def trees(self) -> "TreeCache":
         if self._trees is None:
+            # imported on first use: commands that never mount skip fs.core (~10 ms of imports)
             from .treecache import TreeCache
 
             self._trees = TreeCache(self.root / "cache" / "lowertrees", self.store)
         return self._trees
 
     def close(self) -> None:
-        """Release the database and store handles; closing twice is fine."""
+        """Release the store handle (if this snapshotter opened it); closing twice is fine."""
         if self._closed:
             return
         self._closed = True
-        self.db.close()
         if self._own_store:
             self.store.close()
 
@@ -153,7 +166,7 @@ class Snapshotter:
         return self.snapshots_dir / str(sid)
 
     def upper_dir(self, key: str) -> Path:
-        rec = self._record(key)
+        rec = self.record(key)
         if rec.kind != "active":
             raise InvalidInput(f"snapshot {key!r} is {rec.kind}, only active snapshots have an upper")
         return self.snapshot_dir(rec.id) / "upper"
@@ -161,13 +174,20 @@ class Snapshotter:
     def work_dir(self, key: str) -> Path:
         return self.upper_dir(key).parent / "work"
 
-    def _record(self, key: str) -> Record:
+    def record(self, key: str) -> Record:
+        """The database record of an explicit snapshot (NotFound for unnamed layer snapshots)."""
         rec = self.db.get(key)
         if rec is None:
             raise NotFound(f"snapshot {key!r} does not exist")
         return rec
 
-    def _layer(self, chain_id: str) -> "LayerInfo | None":
+    _record = record  # mounting.py's name for it (to be switched to record())
+
+    def exists(self, key: str) -> bool:
+        """True when `key` names a snapshot (a record, or a stored layer's chainID)."""
+        return self.db.get(key) is not None or (is_digest(key) and self.store.exists(key))
+
+    def _layer(self, chain_id: str) -> LayerInfo | None:
         try:
             return self.store.get(chain_id)
         except NotFound:
@@ -176,20 +196,19 @@ class Snapshotter:
     def _info_of_record(self, rec: Record) -> Info:
         return Info(rec.name, rec.kind, rec.parent, dict(rec.labels), rec.created_ns, rec.updated_ns, rec.chain_id)
 
-    def _info_of_layer(self, li: "LayerInfo") -> Info:
+    def _info_of_layer(self, li: LayerInfo) -> Info:
         created = parse_rfc3339_ns(li.created)
         updated = self.db.layer_updated(li.chain_id) or created
         return Info(li.chain_id, "committed", li.parent or "", dict(li.labels), created, updated, li.chain_id)
 
-    def _taken(self, name: str) -> bool:
-        return self.db.get(name) is not None or (is_digest(name) and self._layer(name) is not None)
+    def _give_up(self, t: Any, path: Path, why: str) -> int:
+        """Record (inside a transaction) that a snapshot directory is to be deleted."""
+        return self.store.db.add_intent(t, self.store.layout.relative(path), why)
 
-    def _trash(self, path: Path) -> None:
-        if not path.exists():
-            return
-        dst = self.trash_dir / f"{path.name}-{uuid.uuid4().hex}"
-        os.rename(path, dst)
-        _rmtree(dst)
+    def _delete_now(self, path: Path, intent: int) -> None:
+        self.store.layout.trash(path)
+        with self.store.db.tx() as t:
+            self.store.db.drop_intent(t, intent)
 
     # -- lifecycle -----------------------------------------------------------------------
     def stat(self, key: str) -> Info:
@@ -215,9 +234,9 @@ class Snapshotter:
         parent = parent or ""
         parent_chain: str | None = None
         if parent:
-            pinfo = self.stat(parent) if self._taken(parent) else None
+            pinfo = self.stat(parent) if self.exists(parent) else None
             if pinfo is None:
-                # A layer reference the store understands (its name label, a unique hex prefix):
+                # A layer reference the store understands (one of its names, a unique hex prefix):
                 # the parent is then that layer's own snapshot, named by its chainID.
                 try:
                     parent = self.store.get(parent).chain_id
@@ -227,28 +246,39 @@ class Snapshotter:
             if pinfo.kind != "committed":
                 raise InvalidInput(f"parent snapshot {parent!r} is {pinfo.kind}, not committed")
             parent_chain = pinfo.chain_id
-        if self._taken(key):
+            assert parent_chain
+            self.store.check_present(parent_chain)
+        if self.exists(key):
             raise AlreadyExists(f"snapshot {key!r} already exists")
         holder = _new_holder()
-        if parent_chain:
-            self.store.add_ref(parent_chain, holder)
+        labels = dict(labels or {})
+        ts = now_ns()
+        made: Path | None = None
         try:
-            with self.db.tx() as c:
+            with self.store.db.tx() as t:
                 if self.db.get(key) is not None:
                     raise AlreadyExists(f"snapshot {key!r} already exists")
-                sid = SnapshotDB.insert(c, key, kind, parent, parent_chain, None, holder, dict(labels or {}),
-                                        now_ns())
+                if parent_chain:
+                    if not self.store.db.has_layer(parent_chain):
+                        raise NotFound(f"parent snapshot {parent!r} was removed meanwhile")
+                    self.store.db.add_ref(t, parent_chain, holder, "ref")
+                sid = SnapshotDB.insert(t, key, kind, parent, parent_chain, None, holder, labels, ts)
                 if kind == "active":
                     d = self.snapshot_dir(sid)
                     if d.exists():  # leftover of a crash: never reuse its contents
-                        self._trash(d)
+                        self.store.layout.trash(d)
                     d.mkdir(mode=0o700)
+                    made = d
                     for sub in ("upper", "work"):
                         (d / sub).mkdir()
                         os.chmod(d / sub, 0o755)
+                    (d / SNAPSHOT_RECORD).write_text(json.dumps(
+                        {"name": key, "kind": kind, "parent": parent, "parent_chain": parent_chain,
+                         "labels": labels, "created_ns": ts}, sort_keys=True))
+                crash_point("prepare-before-commit")
         except BaseException:
-            if parent_chain:
-                self.store.drop_ref(parent_chain, holder)
+            if made is not None:
+                rmtree(made)
             raise
         return self.mounts(key)
 
@@ -257,9 +287,7 @@ class Snapshotter:
         info = self.stat(key)
         if info.kind == "committed":
             raise InvalidInput(f"snapshot {key!r} is committed: create a view or an active snapshot to mount it")
-        rec = self._record(key)
-        from .mounting import container_options
-
+        rec = self.record(key)
         opts = ["rw" if info.kind == "active" else "ro", *container_options(), f"root={self.root}",
                 f"snapshot={key}"]
         if info.kind == "active":
@@ -269,8 +297,36 @@ class Snapshotter:
             opts.append(f"chain={rec.parent_chain}")
         return [Mount(type="fuse3.fusesnap", source="fusesnap", options=opts)]
 
+    def note_mount(self, key: str) -> None:
+        """Record the user namespace an active snapshot is being mounted in (what its upper's
+        owners mean, for a commit run elsewhere: see idmap.py). Mounts from the initial
+        namespace write nothing; the first from another records its mapping; a later one
+        with a different mapping marks the snapshot as mixed (its commit is refused)."""
+        rec = self.db.get(key)
+        if rec is None or rec.kind != "active" or rec.idmap == MIXED:
+            return
+        cur = IdMap.current()
+        if rec.idmap is None:
+            if cur.is_initial():
+                return
+            value = cur.to_json()
+        else:
+            old = IdMap.from_json(rec.idmap)
+            if old.userns == cur.userns or old.same_mapping(cur):
+                return
+            value = MIXED
+        with self.store.db.tx() as t:
+            SnapshotDB.set_idmap(t, rec.id, value)
+
     def changeset(self, key: str) -> changeset.UpperChangeset:
-        return changeset.scan_upper(self.upper_dir(key))
+        rec = self.record(key)
+        return changeset.scan_upper(self.upper_dir(key), ids=self._ids_of(rec))
+
+    def _ids_of(self, rec: Record) -> Any:
+        if rec.idmap == MIXED:
+            raise InvalidInput(f"snapshot {rec.name!r} was mounted from user namespaces with different id"
+                               " mappings: its upper mixes their owners, so its changes cannot be stored")
+        return translation_for(rec.idmap)
 
     def diff(self, key: str, dst: BinaryIO) -> str:
         """Write the OCI changeset of active `key` to dst (what commit would store); return its diffID."""
@@ -285,94 +341,64 @@ class Snapshotter:
         return "sha256:" + h.hexdigest()
 
     def commit(self, name: str, key: str, labels: dict[str, str] | None = None) -> Info:
-        """Store the changes of active `key` as a layer named `name`; the active snapshot goes away."""
+        """Store the changes of active `key` as a layer named `name`; the active snapshot goes away.
+
+        The upper's files become the layer's by hard link (no copy). Until the transaction
+        that inserts the layer, its reference and the committed record and deletes the
+        active one, nothing is visible and the upper is untouched; right after it, the
+        upper is deleted (an intent in that transaction finishes the job after a crash)."""
         _check_key(name, "name")
-        rec = self._record(key)
+        rec = self.record(key)
         if rec.kind != "active":
             raise InvalidInput(f"snapshot {key!r} is {rec.kind}: only active snapshots can be committed")
         if self.db.get(name) is not None:
             raise AlreadyExists(f"snapshot {name!r} already exists")
-        from .mounting import not_mounted
-
+        named = self.store.db.chains_named(name)
+        if named:
+            raise AlreadyExists(f"name {name!r} is already used by layer {named[0]}")
         with not_mounted(self, rec.id, key, "commit"):   # and no daemon starts on the upper meanwhile
-            cs = changeset.scan_upper(self.snapshot_dir(rec.id) / "upper")
+            d = self.snapshot_dir(rec.id)
+            cs = changeset.scan_upper(d / "upper", ids=self._ids_of(rec))
+            holder = _new_holder()
+            spool = d / "donate"
             try:
-                li = self._import_changeset(cs, rec, name)
+                if is_digest(name) and self._layer(name) is not None:
+                    # A layer of that chainID exists; fine only if these changes produce exactly it.
+                    if compute_chain_id(rec.parent_chain, _digest_of(cs.chunks())) != name:
+                        raise AlreadyExists(f"snapshot {name!r} already exists")
+                rmtree(spool)  # links left by a commit that was killed
+                donor = cs.donations(spool)
+                try:
+                    labels = dict(labels or {})
+                    ts = now_ns()
+                    note = {"snapshot": {"name": name, "parent": rec.parent, "labels": labels, "created_ns": ts}}
+                    with self.store.stage_tar(changeset.ChunkReader(cs.chunks()), rec.parent_chain,
+                                              donor=donor) as staged:
+                        with self.store.publish(staged, labels={NAME_LABEL: name}, claim=True, note=note) as t:
+                            intent = self._swap_records(t, rec, name, staged.chain_id, holder, labels, ts)
+                finally:
+                    rmtree(spool)
             finally:
                 cs.restore()
-            holder = _new_holder()
-            self.store.add_ref(li.chain_id, holder)
-            try:
-                with self.db.tx() as c:
-                    if self.db.get(name) is not None:
-                        raise AlreadyExists(f"snapshot {name!r} already exists")
-                    SnapshotDB.insert(c, name, "committed", rec.parent, rec.parent_chain, li.chain_id, holder,
-                                      dict(labels or {}), now_ns())
-                    SnapshotDB.delete(c, rec.id)
-            except BaseException:
-                self.store.drop_ref(li.chain_id, holder)
-                raise
-            if rec.parent_chain:
-                self.store.drop_ref(rec.parent_chain, rec.holder)
-            self._trash(self.snapshot_dir(rec.id))
-        self._mirror_name(li.chain_id)
+            crash_point("commit-after-tx")
+            self._delete_now(d, intent)
         return self.stat(name)
 
-    def _import_changeset(self, cs: changeset.UpperChangeset, rec: Record, name: str) -> "LayerInfo":
-        if is_digest(name) and self._layer(name) is not None:
-            # A layer of that chainID exists; fine only if these changes produce exactly it.
-            from ..digest import chain_id as _chain
-
-            if _chain(rec.parent_chain, _digest_of(cs.chunks())) != name:
-                raise AlreadyExists(f"snapshot {name!r} already exists")
-        named = self._layer_named(name)
-        if named is not None:
-            raise AlreadyExists(f"name {name!r} is already used by layer {named}")
-        spool = self.snapshot_dir(rec.id) / "donate"
-        _rmtree(spool)  # links left by a commit that was killed
-        donor = cs.donations(spool)
-        try:
-            return self.store.import_tar(changeset.ChunkReader(cs.chunks()), rec.parent_chain, donor=donor)
-        except BaseException:
-            donor.restore()
-            _rmtree(spool)
-            raise
-
-    def _layer_named(self, name: str) -> str | None:
-        """The layer whose store name label (what `export NAME` resolves) is `name`, if any."""
-        from ..store.layerstore import NAME_LABEL
-
-        hexish = name[7:] if name.startswith("sha256:") else name
-        if not all(c in "0123456789abcdef" for c in hexish):
-            # not digest-like: the store resolves such a reference by its name label alone
-            try:
-                li = self.store.get(name)
-            except (NotFound, InvalidInput):
-                return None
-            return li.chain_id if li.labels.get(NAME_LABEL) == name else None
-        for li in self.store.list():
-            if li.labels.get(NAME_LABEL) == name:
-                return li.chain_id
-        return None
-
-    def _mirror_name(self, chain_id: str, dropped: str | None = None) -> None:
-        """Keep the layer's store name label on one of its committed names, so export accepts it."""
-        from ..store.layerstore import NAME_LABEL
-
-        li = self._layer(chain_id)
-        if li is None:
-            return
-        names = self.db.names_for_chain(chain_id)
-        cur = li.labels.get(NAME_LABEL)
-        if cur is not None and cur != dropped:
-            return  # one of our names, or a name given at import time: keep it
-        want = names[0] if names else ""
-        if want == (cur or ""):
-            return
-        try:
-            self.store.set_labels(chain_id, {NAME_LABEL: want})
-        except AlreadyExists:
-            pass
+    def _swap_records(self, t: Any, rec: Record, name: str, chain: str, holder: str,
+                      labels: dict[str, str], ts: int) -> int:
+        """Inside the commit's transaction (which also gave the layer the name): the committed
+        record replaces the active one."""
+        if self.db.get(name) is not None:
+            raise AlreadyExists(f"snapshot {name!r} already exists")
+        if self.db.get_id(rec.id) is None:
+            raise NotFound(f"snapshot {rec.name!r} was removed during the commit")
+        sdb = self.store.db
+        sdb.add_ref(t, chain, holder, "ref")
+        SnapshotDB.insert(t, name, "committed", rec.parent, rec.parent_chain, chain, holder, labels, ts)
+        SnapshotDB.delete(t, rec.id)
+        if rec.parent_chain:
+            sdb.drop_ref(t, rec.parent_chain, rec.holder, "ref")
+        return self._give_up(t, self.snapshot_dir(rec.id), "commit")
 
     def remove(self, key: str) -> None:
         """Remove a snapshot; refused while another snapshot or layer builds on it."""
@@ -380,40 +406,44 @@ class Snapshotter:
         if rec is None:
             self._remove_layer_snapshot(key)
             return
-        children = self.db.children(key)
-        if children:
-            raise InUse(f"cannot remove snapshot {key!r}: snapshot {children[0]!r} is based on it")
+        # an active snapshot's or a view's daemon must not start meanwhile
+        with not_mounted(self, rec.id, key, "remove") if rec.kind != "committed" else nullcontext():
+            intent = None
+            with self.store.db.tx() as t:
+                if self.db.get_id(rec.id) is None:
+                    raise NotFound(f"snapshot {key!r} does not exist")
+                children = self.db.children(key)
+                if children:
+                    raise InUse(f"cannot remove snapshot {key!r}: snapshot {children[0]!r} is based on it")
+                SnapshotDB.delete(t, rec.id)
+                held = rec.chain_id if rec.kind == "committed" else rec.parent_chain
+                if held:
+                    self.store.db.drop_ref(t, held, rec.holder, "ref")
+                if rec.kind == "committed":
+                    assert rec.chain_id
+                    self.store.db.drop_name(t, rec.chain_id, key)
+                elif rec.kind == "active":
+                    intent = self._give_up(t, self.snapshot_dir(rec.id), "remove")
+            if intent is not None:
+                crash_point("remove-after-tx")
+                self._delete_now(self.snapshot_dir(rec.id), intent)
         if rec.kind == "committed":
-            with self.db.tx() as c:
-                SnapshotDB.delete(c, rec.id)
             assert rec.chain_id
-            self.store.drop_ref(rec.chain_id, rec.holder)
-            self._mirror_name(rec.chain_id, dropped=key)
             self._maybe_remove_layer(rec.chain_id)
-            return
-        from .mounting import not_mounted
-
-        with not_mounted(self, rec.id, key, "remove"):   # and no daemon starts meanwhile
-            with self.db.tx() as c:
-                SnapshotDB.delete(c, rec.id)
-            if rec.parent_chain:
-                self.store.drop_ref(rec.parent_chain, rec.holder)
-            if rec.kind == "active":
-                self._trash(self.snapshot_dir(rec.id))
 
     def _maybe_remove_layer(self, chain_id: str) -> None:
         """Drop a committed layer once no name, snapshot or child layer refers to it any more."""
         if self.db.names_for_chain(chain_id):
             return
         li = self._layer(chain_id)
-        if li is None or li.refcount > 0:
+        if li is None or li.refcount > 0 or li.names:
             return
         try:
             self.store.remove(chain_id)
         except (InUse, NotFound):
             return
-        with self.db.tx() as c:
-            SnapshotDB.forget_layer(c, chain_id)
+        with self.store.db.tx() as t:
+            SnapshotDB.forget_layer(t, chain_id)
 
     def _remove_layer_snapshot(self, chain_id: str) -> None:
         if not is_digest(chain_id) or self._layer(chain_id) is None:
@@ -428,20 +458,17 @@ class Snapshotter:
             self.store.remove(chain_id)
         except InUse as e:
             raise InUse(f"cannot remove snapshot {chain_id!r}: {e}") from None
-        with self.db.tx() as c:
-            SnapshotDB.forget_layer(c, chain_id)
+        with self.store.db.tx() as t:
+            SnapshotDB.forget_layer(t, chain_id)
 
     # -- mounting ------------------------------------------------------------------------
     def mount(self, key: str, mountpoint: str | os.PathLike, *, foreground: bool = False,
               options: Iterable[str] = ()) -> int:
         """Mount active `key` (rw) or view `key` (ro); returns once the mount is live."""
-        from .mounting import mount_snapshot
-
+        self.note_mount(key)
         return mount_snapshot(self, key, mountpoint, foreground=foreground, options=options)
 
     def umount(self, mountpoint: str | os.PathLike, timeout: float = 30.0) -> None:
-        from .mounting import umount
-
         umount(mountpoint, timeout)
 
     # -- queries -------------------------------------------------------------------------
@@ -518,9 +545,10 @@ class Snapshotter:
         return self._record(key).parent_chain
 
     def cleanup(self) -> list[str]:
-        """Delete what no snapshot references: orphaned snapshot dirs, trash, stale tree caches."""
-        removed: list[str] = []
-        with self.db.tx():  # holds off concurrent prepares while their dirs are judged
+        """Delete what no snapshot references: what crashed operations left, orphaned snapshot
+        dirs, references held by no snapshot, trash, stale tree caches."""
+        removed = [r for r in self.store.recover().repaired]
+        with self.store.db.tx():  # holds off concurrent prepares while their dirs are judged
             ids = {str(r.id) for r in self.db.all() if r.kind == "active"}
             for d in sorted(self.snapshots_dir.iterdir()):
                 if d.name not in ids and d != self.trash_dir:
@@ -528,11 +556,128 @@ class Snapshotter:
                     os.rename(d, dst)
                     removed.append(str(d))
         for d in sorted(self.trash_dir.iterdir()):
-            _rmtree(d)
+            rmtree(d)
             removed.append(str(d))
+        for chain, holder in self._orphan_holders():
+            if self.store.drop_holder(holder):
+                removed.append(f"reference {holder} on layer {chain}")
         live = {li.chain_id for li in self.store.list()}
+        with self.store.db.tx() as t:
+            for chain in self.db.updated_layers():
+                if chain not in live:
+                    SnapshotDB.forget_layer(t, chain)
         removed += self.trees.prune(live)
         return removed
+
+    def _orphan_holders(self) -> list[tuple[str, str]]:
+        """(chain, holder) of snapshot references whose snapshot record does not exist."""
+        owned = self.db.holders()
+        return [(c, h) for c, h, _kind in self.store.holders(HOLDER_PREFIX) if h not in owned]
+
+    # -- consistency ---------------------------------------------------------------------
+    def check(self, repair: bool = False, rebuilt: bool = False) -> FsckReport:
+        """The snapshot records against the store: references, layers, directories.
+
+        `rebuilt`: the database was just rebuilt from the layers, so active snapshots are
+        restored from the snapshot.json in their directories (views and committed names
+        lived only in the database and are gone)."""
+        rep = FsckReport()
+        if rebuilt and repair:
+            self._restore_committed(rep)
+            self._restore_actives(rep)
+        recs = self.db.all()
+        for chain, holder in self._orphan_holders():
+            if repair and self.store.drop_holder(holder):
+                rep.repaired.append(f"dropped reference {holder} on layer {chain}: no snapshot holds it")
+            else:
+                rep.problems.append(f"layer {chain} is referenced by {holder}, which no snapshot holds")
+        ids = set()
+        for rec in recs:
+            rep.checked += 1
+            for c in (rec.chain_id, rec.parent_chain):
+                if c and not self.store.exists(c):
+                    rep.problems.append(f"snapshot {rec.name!r}: its layer {c} does not exist")
+            if rec.kind == "active":
+                ids.add(str(rec.id))
+                if not (self.snapshot_dir(rec.id) / "upper").is_dir():
+                    rep.problems.append(f"snapshot {rec.name!r}: its directory {self.snapshot_dir(rec.id)} is missing")
+        with self.store.db.tx():  # holds off concurrent prepares while their dirs are judged
+            ids |= {str(r.id) for r in self.db.all() if r.kind == "active"}
+            for d in sorted(self.snapshots_dir.iterdir()):
+                if d.name in ids or d == self.trash_dir:
+                    continue
+                if repair:
+                    self.store.layout.trash(d)
+                    rep.repaired.append(f"removed {d} (no snapshot owns it)")
+                else:
+                    rep.problems.append(f"directory {d} belongs to no snapshot")
+        return rep
+
+    def _restore_committed(self, rep: FsckReport) -> None:
+        """Committed records from the layer records their commits wrote (parents first)."""
+        for li in self.store.list():
+            try:
+                lrec = self.store.layer_record(li.chain_id)
+            except FusesnapError:
+                continue
+            meta = (lrec.note if lrec else {}).get("snapshot")
+            if not meta or self.exists(meta["name"]):
+                continue
+            parent = meta.get("parent", "")
+            if parent and not self.exists(parent):
+                parent = li.parent or ""
+            holder = _new_holder()
+            with self.store.db.tx() as t:
+                self.store.db.add_ref(t, li.chain_id, holder, "ref")
+                SnapshotDB.insert(t, meta["name"], "committed", parent, li.parent, li.chain_id, holder,
+                                  dict(meta.get("labels") or {}), int(meta.get("created_ns") or now_ns()))
+            rep.repaired.append(f"restored committed snapshot {meta['name']!r} from the record of {li.chain_id}")
+
+    def _restore_actives(self, rep: FsckReport) -> None:
+        known = self.db.ids()
+        for d in sorted(self.snapshots_dir.iterdir(), key=lambda p: p.name):
+            if not d.name.isdigit() or int(d.name) in known:
+                continue
+            try:
+                meta = json.loads((d / SNAPSHOT_RECORD).read_text())
+            except (OSError, ValueError):
+                continue
+            name, parent_chain = meta["name"], meta.get("parent_chain")
+            if self.exists(name) or (parent_chain and not self.store.exists(parent_chain)):
+                continue
+            parent = meta.get("parent", "")
+            if parent and not self.exists(parent):
+                parent = parent_chain or ""
+            holder = _new_holder()
+            with self.store.db.tx() as t:
+                if parent_chain:
+                    self.store.db.add_ref(t, parent_chain, holder, "ref")
+                SnapshotDB.insert(t, name, meta.get("kind", "active"), parent, parent_chain, None, holder,
+                                  dict(meta.get("labels") or {}), int(meta.get("created_ns") or now_ns()),
+                                  int(d.name))
+            rep.repaired.append(f"restored active snapshot {name!r} from {d / SNAPSHOT_RECORD}")
+
+
+def fsck_store(root: Path | str, repair: bool = False) -> FsckReport:
+    """`fusesnap fsck`: the database file, the store's layers and leftovers, the snapshot records.
+
+    A missing, empty or damaged database is reported (one line naming the file); with
+    repair it is moved aside and rebuilt from the layers' own records, and active
+    snapshots from theirs."""
+    rep = FsckReport()
+    layout = StoreLayout(Path(root))
+    why = database_problem(layout)
+    rebuilt = False
+    if why is not None:
+        if not repair:
+            rep.problems.append(why)
+            return rep
+        rep.repaired.append(set_database_aside(layout))
+        rebuilt = True
+    with LayerStore(root, check=False, finish=repair) as store, Snapshotter(root, store) as sn:
+        rep.merge(store.fsck(repair))
+        rep.merge(sn.check(repair, rebuilt))
+    return rep
 
 
 def _digest_of(chunks: Iterable[bytes]) -> str:
@@ -540,30 +685,3 @@ def _digest_of(chunks: Iterable[bytes]) -> str:
     for c in chunks:
         h.update(c)
     return "sha256:" + h.hexdigest()
-
-
-def _rmtree(path: Path) -> None:
-    """Delete a tree that may hold 0o000 dirs and files (chmod applied for real by a rootless daemon).
-
-    Best effort: what cannot be deleted stays in the trash for the next `cleanup`.
-    """
-    if not (path.exists() or path.is_symlink()):
-        return
-    if not path.is_dir() or path.is_symlink():
-        path.unlink(missing_ok=True)
-        return
-    try:
-        shutil.rmtree(path)
-        return
-    except OSError:
-        pass
-    stack = [str(path)]
-    while stack:  # give the owner access back everywhere, then retry
-        d = stack.pop()
-        try:
-            os.chmod(d, stat.S_IRWXU)
-            with os.scandir(d) as it:
-                stack.extend(e.path for e in it if e.is_dir(follow_symlinks=False))
-        except OSError:
-            continue
-    shutil.rmtree(path, ignore_errors=True)

@@ -1,10 +1,11 @@
 """The merged lower tree of a chain, computed once and cached per chainID.
 
 A chain's layers never change, so its merged tree never does either. The
-cache lives in `cache/lowertrees/<chainID hex>` (LowerTree.save format); a
-chain missing from it is built from the nearest cached ancestor plus the
-layers above it (LowerTree.overlay, one layer at a time), so mounting chain N
-after chain N-1 reads one index, and mounting a chain again reads none.
+cache lives in `cache/lowertrees/<chainID hex>` (PackedTree.save format: flat
+arrays, so a daemon holds a million-entry chain in ~70 MB); a chain missing
+from it is built from the nearest cached ancestor plus the layers above it (one
+pass over each layer's index), so mounting chain N after chain N-1 reads one
+index, and mounting a chain again reads none.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from typing import TYPE_CHECKING
 from ..digest import hex_of, is_digest
 from ..errors import FusesnapError
 from ..fs.core.lower import IndexLower
-from ..fs.core.lowertree import LowerTree, build_lower_tree
+from ..fs.core.lowertree import LowerTree
+from ..fs.core.packedtree import PackedTree, TreeBuilder
 from .landmarks import without_landmarks
 
 if TYPE_CHECKING:
@@ -32,7 +34,7 @@ class TreeCache:
     def __init__(self, directory: Path, store: "LayerStore") -> None:
         self.dir = Path(directory)
         self.store = store
-        self._mem: OrderedDict[str, LowerTree] = OrderedDict()
+        self._mem: OrderedDict[str, LowerTree | PackedTree] = OrderedDict()
         self.built_layers = 0  # layers read from indexes by this instance (observability for tests/bench)
 
     @classmethod
@@ -43,13 +45,13 @@ class TreeCache:
     def path(self, chain_id: str) -> Path:
         return self.dir / hex_of(chain_id)
 
-    def _remember(self, chain_id: str, tree: LowerTree) -> None:
+    def _remember(self, chain_id: str, tree: LowerTree | PackedTree) -> None:
         self._mem[chain_id] = tree
         self._mem.move_to_end(chain_id)
         while len(self._mem) > _MEMORY_SLOTS:
             self._mem.popitem(last=False)
 
-    def _load(self, chain_id: str) -> LowerTree | None:
+    def _load(self, chain_id: str) -> LowerTree | PackedTree | None:
         if chain_id in self._mem:
             self._mem.move_to_end(chain_id)
             return self._mem[chain_id]
@@ -69,34 +71,34 @@ class TreeCache:
         self.built_layers += 1
         return IndexLower(without_landmarks(self.store.entries(chain_id)), self.store.fs_dir(chain_id))
 
-    def get(self, chain_id: str | None) -> LowerTree:
+    def get(self, chain_id: str | None) -> LowerTree | PackedTree:
         """The merged tree of chain `chain_id` (None: the empty tree)."""
         if not chain_id:
-            return build_lower_tree([])
+            return TreeBuilder().pack()
         tree = self._load(chain_id)
         if tree is not None:
             return tree
         chain = self.store.chain(chain_id)
-        base: LowerTree | None = None
+        builder: TreeBuilder | None = None
         start = 0
         for i in range(len(chain) - 2, -1, -1):
             base = self._load(chain[i])
-            if base is not None:
+            if isinstance(base, PackedTree):  # (an older cache format is rebuilt, not extended)
+                builder = TreeBuilder.from_packed(base)
                 start = i + 1
                 break
-        if base is None:
-            tree = build_lower_tree([self._lower(c) for c in reversed(chain)])
-        else:
-            tree = base
-            for c in chain[start:]:
-                tree = tree.overlay(self._lower(c))
+        if builder is None:
+            builder = TreeBuilder()
+        for c in chain[start:]:
+            builder.apply(self._lower(c))
+        tree = builder.pack()
         self.save(chain_id, tree)
         return tree
 
-    def save(self, chain_id: str, tree: LowerTree) -> None:
+    def save(self, chain_id: str, tree: LowerTree | PackedTree) -> None:
         self._remember(chain_id, tree)
         try:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             tree.save(self.path(chain_id))
         except OSError as e:  # a read-only or full cache dir costs speed, not correctness
             log.warning("cannot cache the lower tree of %s: %s", chain_id, e)

@@ -19,8 +19,9 @@ import zstandard
 from ..errors import InvalidInput
 
 READ_SIZE = 1 << 20
-OUT_MAX = 4 << 20
-ZSTD_FEED = 64 << 10  # compressed bytes per zstd call: bounds memory on decompression bombs
+OUT_MAX = 1 << 20
+ZSTD_BLOCKS = 8  # zstd blocks per decompress call: each regenerates at most 128 KiB, so <= 1 MiB out
+ZSTD_MAGIC_LE = 0xFD2FB528
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 OTHER_MAGIC = {b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz"}
@@ -32,7 +33,7 @@ class ThreadedSha256:
 
     def __init__(self) -> None:
         self._h = hashlib.sha256()
-        self._q: queue.Queue[bytes | None] = queue.Queue(maxsize=64)
+        self._q: queue.Queue[bytes | None] = queue.Queue(maxsize=16)  # <= 16 chunks of <= ~1 MiB in flight
         self._t = threading.Thread(target=self._run, name="sha256", daemon=True)
         self._t.start()
         self._digest: str | None = None
@@ -55,6 +56,71 @@ class ThreadedSha256:
         if self._t.is_alive():
             self._q.put(None)
             self._t.join()
+
+
+class ZstdPacer:
+    """How many compressed bytes may go to zstd at once, so that one call cannot produce more
+    than ZSTD_BLOCKS blocks of output (a 32 KiB zstd frame can hold 1 GiB of zeros).
+
+    Walks the frame format (RFC 8878): frame header, then blocks with a 3-byte header
+    each (raw, RLE or compressed; each regenerates at most 128 KiB), an optional 4-byte
+    checksum; skippable frames. Anything else is handed over whole for zstd to refuse."""
+
+    def __init__(self) -> None:
+        self.left = 0  # bytes of the current header, block content or checksum still to pass
+        self.after = "frame"  # what comes once `left` is passed: frame, block or checksum
+        self.checksum = False
+
+    def allowance(self, buf: memoryview) -> int:
+        """Bytes of buf (which starts where the last allowance ended) that may be fed now;
+        0 when a header is cut and more input is needed first."""
+        pos = 0
+        blocks = 0
+        end = len(buf)
+        while True:
+            if self.left:
+                take = min(self.left, end - pos)
+                pos += take
+                self.left -= take
+                if self.left:
+                    return pos
+                if self.after == "checksum":
+                    self.left, self.after = 4, "frame"
+                    continue
+            if pos == end:
+                return pos
+            if self.after == "frame":
+                if end - pos < 8:
+                    return pos
+                magic = int.from_bytes(buf[pos:pos + 4], "little")
+                if magic == ZSTD_MAGIC_LE:
+                    fhd = buf[pos + 4]
+                    single = (fhd >> 5) & 1
+                    fcs = (0 if not single else 1, 2, 4, 8)[fhd >> 6]
+                    self.left = 5 + (0 if single else 1) + (0, 1, 2, 4)[fhd & 3] + fcs
+                    self.checksum = bool(fhd & 4)
+                    self.after = "block"
+                elif magic & 0xFFFFFFF0 == 0x184D2A50:  # skippable frame
+                    self.left = 8 + int.from_bytes(buf[pos + 4:pos + 8], "little")
+                    self.after = "frame"
+                else:
+                    return end  # not a frame: zstd reports it
+                continue
+            # a block header
+            if blocks >= ZSTD_BLOCKS:
+                return pos
+            if end - pos < 3:
+                return pos
+            hdr = int.from_bytes(buf[pos:pos + 3], "little")
+            btype = (hdr >> 1) & 3
+            if btype == 3:
+                return end  # reserved block type: zstd reports it
+            self.left = 3 + (1 if btype == 1 else hdr >> 3)
+            blocks += 1
+            if hdr & 1:
+                self.after = "checksum" if self.checksum else "frame"
+            else:
+                self.after = "block"
 
 
 class LayerStream:
@@ -134,6 +200,7 @@ class LayerStream:
     def _zstd(self, first: bytes) -> Iterator[bytes]:
         dctx = zstandard.ZstdDecompressor()
         d = dctx.decompressobj()
+        pacer = ZstdPacer()
         started = False
         pending = memoryview(first)
         while True:
@@ -150,7 +217,15 @@ class LayerStream:
                     pending = memoryview(b"")
                     continue
                 d = dctx.decompressobj()
-            piece, pending = pending[:ZSTD_FEED], pending[ZSTD_FEED:]
+                pacer = ZstdPacer()
+            n = pacer.allowance(pending)
+            if n == 0:  # a frame or block header is cut: read on before deciding
+                more = self._read_raw()
+                if more:
+                    pending = memoryview(bytes(pending) + more)
+                    continue
+                n = len(pending)  # the end: the decompressor judges what is left
+            piece, pending = pending[:n], pending[n:]
             started = True
             try:
                 out = d.decompress(piece)

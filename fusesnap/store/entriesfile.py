@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,17 +36,59 @@ def b(x: str) -> bytes:
     return x.encode("utf-8", "surrogateescape")
 
 
-def write_entries(path: Path, records: list[list[Any]]) -> None:
-    cctx = zstandard.ZstdCompressor(level=1)
-    with open(path, "wb") as f, cctx.stream_writer(f, closefd=False) as z:
-        buf = []
-        for r in records:
-            buf.append(json.dumps(r, separators=(",", ":")))
-            if len(buf) >= 1024:
-                z.write(("\n".join(buf) + "\n").encode("ascii"))
-                buf.clear()
-        if buf:
-            z.write(("\n".join(buf) + "\n").encode("ascii"))
+class EntriesSpool:
+    """Records written out as an import produces them (memory stays flat however many
+    members a tar has), compressed into entries.json.zst by finish().
+
+    A record whose payload sits at its own path may later be displaced by a member of
+    the same name (its payload then moves to shadow/); finish() patches the data paths
+    of those records: the i-th record owning path P gets the i-th place P's payloads
+    were moved to, the last one keeps P."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._f = open(path, "w", encoding="ascii", buffering=1 << 16)
+        self.count = 0
+        self._owns = bytearray()  # bit per record: its data is at its own path
+
+    def add(self, rec: list[Any], owns_path: bool) -> None:
+        i = self.count
+        if not i & 7:
+            self._owns.append(0)
+        if owns_path:
+            self._owns[i >> 3] |= 1 << (i & 7)
+        self._f.write(json.dumps(rec, separators=(",", ":")))
+        self._f.write("\n")
+        self.count = i + 1
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+
+    def finish(self, dst: Path, displaced: dict[bytes, list[str]]) -> int:
+        """Write entries.json.zst; returns the number of records. The spool file is removed."""
+        self.close()
+        cctx = zstandard.ZstdCompressor(level=1)
+        with open(self.path, "rb") as src, open(dst, "wb") as f, cctx.stream_writer(f, closefd=False) as z:
+            if not displaced:
+                while chunk := src.read(1 << 20):
+                    z.write(chunk)
+            else:
+                seen: dict[bytes, int] = {}
+                for i, line in enumerate(src):
+                    if self._owns[i >> 3] & (1 << (i & 7)):
+                        rec = json.loads(line)
+                        p = b(rec[P])
+                        moved = displaced.get(p)
+                        if moved is not None:
+                            k = seen.get(p, 0)
+                            seen[p] = k + 1
+                            if k < len(moved):
+                                rec[DATA] = moved[k]
+                                line = (json.dumps(rec, separators=(",", ":")) + "\n").encode("ascii")
+                    z.write(line)
+        os.unlink(self.path)
+        return self.count
 
 
 def read_records(path: Path) -> Iterator[list[Any]]:

@@ -14,7 +14,7 @@ from typing import BinaryIO
 from ..errors import IntegrityError
 from ..tarsplit.crc64 import crc64_update
 from ..tarsplit.index import SEGMENT_TYPE, read_index
-from . import entriesfile as E
+from . import entriesfile
 from .decompress import ThreadedSha256
 
 FLUSH = 1 << 20
@@ -22,7 +22,8 @@ CHUNK = 1 << 20
 DIRECT = 64 << 10
 
 
-def export_layer(layer_dir: Path, diff_id: str, dst: BinaryIO, label: str) -> None:
+def export_layer(layer_dir: Path, diff_id: str | None, dst: BinaryIO, label: str) -> str:
+    """Write the layer's tar to dst; returns its digest, which must equal diff_id when one is given."""
     h = ThreadedSha256()  # hashing overlaps with reading files and writing dst
     out = bytearray()
     try:
@@ -38,7 +39,7 @@ def export_layer(layer_dir: Path, diff_id: str, dst: BinaryIO, label: str) -> No
             out.clear()
 
     try:
-        recs = E.read_records(layer_dir / "entries.json.zst")
+        recs = entriesfile.read_records(layer_dir / "entries.json.zst")
         for e in read_index(layer_dir / "tar-split.json.zst"):
             if e.type == SEGMENT_TYPE:
                 out += e.payload
@@ -50,10 +51,10 @@ def export_layer(layer_dir: Path, diff_id: str, dst: BinaryIO, label: str) -> No
                     name = e.name.decode("utf-8", "backslashreplace")
                     if len(name) > 120:
                         name = name[:100] + "..." + name[-17:]
-                    if rec[E.DATA] is None:
+                    if rec[entriesfile.DATA] is None:
                         raise IntegrityError(f"layer {label}: no stored data for file {name}")
-                    path = E.b(rec[E.DATA])  # relative to fs/ ("../shadow/N" for replaced payloads)
-                    extents = rec[E.SPARSE] if rec[E.SPARSE] is not None else [[0, e.size]]
+                    path = entriesfile.b(rec[entriesfile.DATA])  # relative to fs/ ("../shadow/N" for replaced payloads)
+                    extents = rec[entriesfile.SPARSE] if rec[entriesfile.SPARSE] is not None else [[0, e.size]]
                     crc = 0
                     try:
                         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fs_fd)
@@ -89,5 +90,6 @@ def export_layer(layer_dir: Path, diff_id: str, dst: BinaryIO, label: str) -> No
         os.close(fs_fd)
         h.close()
     got = "sha256:" + h.hexdigest()
-    if got != diff_id:
+    if diff_id is not None and got != diff_id:
         raise IntegrityError(f"layer {label}: exported tar has digest {got}, expected diffID {diff_id}")
+    return got

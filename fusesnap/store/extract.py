@@ -22,8 +22,10 @@ O_NOFOLLOW|O_DIRECTORY, so nothing is ever written outside fs/. Decisions per ho
   in the index only, nothing on the host.
 
 Never applied to host files: owners, setuid/setgid/sticky bits, device nodes, fifos,
-xattrs. Files are created 0644/0755, directories 0755 (minus umask), so the owner can
-always read and remove them. All of it is recorded in the index and presented by the
+xattrs. Host modes are never wider than the tar's: files get owner read/write (plus the
+tar's owner execute bit) and at most the tar's group/other read/execute bits, directories
+owner rwx plus the same; parents the tar does not list are owner-only. So the owner
+can always read and remove them, and nobody else gets more than the layer presents. All of it is recorded in the index and presented by the
 filesystem instead. Sparse files keep their holes (seek past them, then ftruncate).
 """
 
@@ -38,17 +40,18 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from ..errors import InvalidInput
-from ..tarsplit import header as H
+from ..tarsplit import header
 from ..tarsplit.crc64 import crc64_update
-from ..tarsplit.parser import Member
+from ..tarsplit.member import Member
 from ..tarsplit.stream import ByteStream
-from . import entriesfile as E
+from . import entriesfile
+from .layout import host_dir_mode, host_file_mode
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 MAX_OPEN_DIRS = 256
 
-SKIPPED = {H.GNU_VOLHDR, H.GNU_MULTIVOL}
+SKIPPED = {header.GNU_VOLHDR, header.GNU_MULTIVOL}
 
 
 MAX_PATH = 4000  # no real filesystem tree has longer paths (PATH_MAX is 4096)
@@ -104,19 +107,25 @@ def feed_member(sink: MemberSink, m: Member, stream: ByteStream) -> int | None:
 
 
 class Extractor:
-    """Creates one layer's files under `layer_dir/fs` and collects its entries records."""
+    """Creates one layer's files under `layer_dir/fs` and streams its entries records to a spool.
+
+    Memory does not grow with the member count beyond a bit per member: what is at a
+    path is asked of the filesystem (every regular file at a path is the payload of the
+    last record owning that path), only members recorded without a host object
+    (devices, fifos, symlinks Linux cannot hold) are remembered by path."""
 
     def __init__(self, layer_dir: Path, donor: Callable[[bytes], str | None] | None = None) -> None:
         self.layer_dir = layer_dir
         self.donor = donor
         self.fs = layer_dir / "fs"
-        os.mkdir(self.fs, 0o755)
+        os.mkdir(self.fs, 0o700)
         self.root_fd = os.open(self.fs, _DIR_FLAGS)
         self._fds: dict[bytes, int] = {}
         self._shadow_fd: int | None = None
-        self.records: list[list[Any]] = []
-        self.kinds: dict[bytes, str] = {}  # what each path currently is on disk
-        self.data_owner: dict[bytes, int] = {}  # path -> index of the record whose data is that path
+        self.spool = entriesfile.EntriesSpool(layer_dir / "entries.spool")
+        self.recorded_only: set[bytes] = set()  # paths whose member has no host object
+        self.displaced: dict[bytes, list[str]] = {}  # path -> where its earlier payloads went, in order
+        self._moved = 0
         self.diff_size = 0
         self._names: dict[bytes, str] = {}
         self._member: Member | None = None
@@ -131,10 +140,15 @@ class Extractor:
             os.close(fd)
         self._fds.clear()
         for fd in (self.root_fd, self._shadow_fd):
-            if fd is not None:
+            if fd is not None and fd >= 0:
                 os.close(fd)
         self.root_fd = -1
         self._shadow_fd = None
+        self.spool.close()
+
+    def finish(self, entries: Path) -> int:
+        """Write the entries file; returns the number of members."""
+        return self.spool.finish(entries, self.displaced)
 
     # -- path resolution -------------------------------------------------------------------
     def _dirfd(self, path: bytes, member: bytes) -> int:
@@ -161,8 +175,7 @@ class Extractor:
             try:
                 nfd = os.open(base, _DIR_FLAGS, dir_fd=fd)
             except FileNotFoundError:
-                os.mkdir(base, 0o755, dir_fd=fd)  # parent the tar did not list
-                self.kinds[sub] = "dir"
+                os.mkdir(base, 0o700, dir_fd=fd)  # parent the tar did not list: owner-only
                 nfd = os.open(base, _DIR_FLAGS, dir_fd=fd)
             except OSError as e:
                 if e.errno in (errno.ENOTDIR, errno.ELOOP):
@@ -176,26 +189,32 @@ class Extractor:
     def _shadow(self) -> int:
         if self._shadow_fd is None:
             d = self.layer_dir / "shadow"
-            os.mkdir(d, 0o755)
+            os.mkdir(d, 0o700)
             self._shadow_fd = os.open(d, _DIR_FLAGS)
         return self._shadow_fd
 
+    def _lstat(self, pfd: int, base: bytes) -> os.stat_result | None:
+        try:
+            return os.stat(base, dir_fd=pfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+
     def _displace(self, path: bytes, pfd: int, base: bytes, member: bytes) -> None:
         """Make room for a member that replaces an earlier one at the same path."""
-        try:
-            st = os.stat(base, dir_fd=pfd, follow_symlinks=False)
-        except FileNotFoundError:
+        self.recorded_only.discard(path)
+        st = self._lstat(pfd, base)
+        if st is None:
             return
         if stat.S_ISDIR(st.st_mode):
             raise InvalidInput(f"refusing member {show(member)}: it replaces an earlier directory")
-        owner = self.data_owner.pop(path, None)
-        if owner is not None:
-            name = str(owner)
+        if stat.S_ISREG(st.st_mode):  # the payload of the last record owning this path: keep it
+            moved = self.displaced.setdefault(path, [])
+            self._moved += 1
+            name = f"d{self._moved}"
             os.rename(base, name, src_dir_fd=pfd, dst_dir_fd=self._shadow())
-            self.records[owner][E.DATA] = "../shadow/" + name
+            moved.append("../shadow/" + name)
         else:
             os.unlink(base, dir_fd=pfd)
-        self.kinds.pop(path, None)
 
     # -- members ------------------------------------------------------------------------------
     def begin(self, m: Member) -> None:
@@ -207,11 +226,11 @@ class Extractor:
         self._member = m
         self._fd = -1
         self._extents = None
-        idx = len(self.records)
+        idx = self.spool.count
         t = m.typeflag
         path = normalize(m.name)
-        kind = H.KIND_OF_TYPEFLAG.get(t, "reg")
-        if kind == "reg" and m.name.endswith(b"/") and t in (H.REG, H.AREG) and not m.size:
+        kind = header.KIND_OF_TYPEFLAG.get(t, "reg")
+        if kind == "reg" and m.name.endswith(b"/") and t in (header.REG, header.AREG) and not m.size:
             kind = "dir"  # V7/old tars mark directories only by the trailing slash
         if t in SKIPPED or not path:
             kind = None
@@ -221,95 +240,107 @@ class Extractor:
         elif b"\0" in linkname:
             raise InvalidInput(f"refusing member {show(m.name)}: NUL byte in link target")
         rec: list[Any] = [
-            E.s(path), kind, m.mode, m.uid, m.gid, m.mtime_ns, m.realsize if kind == "reg" else 0,
-            E.s(linkname), m.devmajor, m.devminor,
-            {E.s(k): base64.b64encode(v).decode("ascii") for k, v in m.xattrs.items()} if m.xattrs else None,
+            entriesfile.s(path), kind, m.mode, m.uid, m.gid, m.mtime_ns, m.realsize if kind == "reg" else 0,
+            entriesfile.s(linkname), m.devmajor, m.devminor,
+            {entriesfile.s(k): base64.b64encode(v).decode("ascii") for k, v in m.xattrs.items()} if m.xattrs else None,
             None, [list(p) for p in m.sparse] if m.sparse is not None else None,
             self._name(m.uname), self._name(m.gname), t.decode("latin-1"),
         ]
-        self.records.append(rec)
         self.diff_size += m.size
-
+        owns = False
         if kind is None or (kind != "reg" and m.size):
             # payload the tree does not show (volume labels, dumpdir lists): keep it for export
             if m.size:
                 self._open_payload(self._shadow(), str(idx).encode(), m, 0o600)
-                rec[E.DATA] = f"../shadow/{idx}"
-            if kind is None:
-                return
+                rec[entriesfile.DATA] = f"../shadow/{idx}"
+        if kind is not None:
+            owns = self._place(m, path, kind, linkname, rec)
+        self.spool.add(rec, owns)
+
+    def _place(self, m: Member, path: bytes, kind: str, linkname: bytes, rec: list[Any]) -> bool:
+        """Create the host object of a member; True when its record's data is at its own path."""
         parent, _, base = path.rpartition(b"/")
         pfd = self._dirfd(parent, m.name)
         if kind == "reg":
-            mode = 0o755 if m.mode & 0o111 else 0o644
-            if not (self.donor is not None and m.sparse is None and self.kinds.get(path) is None
+            mode = host_file_mode(m.mode)
+            if not (self.donor is not None and m.sparse is None and self._lstat(pfd, base) is None
                     and self._take_donor(path, pfd, base, m)):
                 try:
                     self._open_payload(pfd, base, m, mode)
                 except FileExistsError:
                     self._displace(path, pfd, base, m.name)
                     self._open_payload(pfd, base, m, mode)
-            rec[E.DATA] = rec[E.P]
-            self.data_owner[path] = idx
-        elif kind == "dir":
-            if self.kinds.get(path) != "dir":
-                try:
-                    os.mkdir(base, 0o755, dir_fd=pfd)
-                except FileExistsError:
-                    if not stat.S_ISDIR(os.stat(base, dir_fd=pfd, follow_symlinks=False).st_mode):
-                        self._displace(path, pfd, base, m.name)
-                        os.mkdir(base, 0o755, dir_fd=pfd)
-        elif kind == "sym":
+            rec[entriesfile.DATA] = rec[entriesfile.P]
+            return True
+        if kind == "dir":
+            mode = host_dir_mode(m.mode)
+            try:
+                os.mkdir(base, mode, dir_fd=pfd)
+            except FileExistsError:
+                st = self._lstat(pfd, base)
+                if st is not None and stat.S_ISDIR(st.st_mode):
+                    os.chmod(base, mode, dir_fd=pfd)  # created as a parent first, or listed twice
+                else:
+                    self._displace(path, pfd, base, m.name)
+                    os.mkdir(base, mode, dir_fd=pfd)
+            return False
+        if kind == "sym":
             if not linkname or len(linkname) >= 4096:
                 # Linux cannot hold such a symlink: record it only, like a device
-                if path in self.kinds:
-                    self._displace(path, pfd, base, m.name)
-                self.kinds[path] = "dev"
-                return
+                self._displace(path, pfd, base, m.name)
+                self.recorded_only.add(path)
+                return False
             try:
                 os.symlink(linkname, base, dir_fd=pfd)
             except FileExistsError:
                 self._displace(path, pfd, base, m.name)
                 os.symlink(linkname, base, dir_fd=pfd)
-        elif kind == "hard":
-            tkind = self.kinds.get(linkname)
-            if tkind == "dev":  # link to a device/fifo member: recorded only, like its target
-                if path in self.kinds:
-                    self._displace(path, pfd, base, m.name)
-                self.kinds[path] = "dev"
-                return
-            if linkname == path or tkind is None or tkind == "dir":
+            return False
+        if kind == "hard":
+            if linkname in self.recorded_only:  # link to a device/fifo member: recorded only, like its target
+                self._displace(path, pfd, base, m.name)
+                self.recorded_only.add(path)
+                return False
+            tparent, _, tbase = linkname.rpartition(b"/")
+            tst = None
+            if linkname != path:
+                try:
+                    tst = self._lstat(self._dirfd(tparent, m.name), tbase)
+                except InvalidInput:
+                    tst = None
+            if tst is None or stat.S_ISDIR(tst.st_mode):
                 raise InvalidInput(
                     f"refusing hard link {show(m.name)} -> {show(m.linkname)}: target is not an earlier file of this layer")
-            tparent, _, tbase = linkname.rpartition(b"/")
             tpfd = self._dirfd(tparent, m.name)
             try:
                 os.link(tbase, base, src_dir_fd=tpfd, dst_dir_fd=pfd, follow_symlinks=False)
             except FileExistsError:
                 self._displace(path, pfd, base, m.name)
                 os.link(tbase, base, src_dir_fd=tpfd, dst_dir_fd=pfd, follow_symlinks=False)
-            if self.data_owner.get(linkname) is not None or tkind == "hard":
-                rec[E.DATA] = rec[E.P]
-                self.data_owner[path] = idx
-            kind = tkind if tkind == "sym" else "hard"
-        else:  # chr, blk, fifo: recorded only, never created on the host
-            if path in self.kinds:
-                self._displace(path, pfd, base, m.name)
-            self.kinds[path] = "dev"
-            return
-        self.kinds[path] = kind
+            if stat.S_ISREG(tst.st_mode):
+                rec[entriesfile.DATA] = rec[entriesfile.P]
+                return True
+            return False
+        # chr, blk, fifo: recorded only, never created on the host
+        self._displace(path, pfd, base, m.name)
+        self.recorded_only.add(path)
+        return False
 
     def _name(self, b: bytes) -> str:
         """uname/gname as str; a layer has few distinct ones, so decode each once."""
         v = self._names.get(b)
         if v is None:
-            v = self._names[b] = E.s(b)
+            v = entriesfile.s(b)
+            if len(self._names) < 4096:
+                self._names[b] = v
         return v
 
     def _take_donor(self, path: bytes, pfd: int, base: bytes, m: Member) -> bool:
         """Rename the donor's file into place; the payload is then read (and CRC'd) but not written.
 
-        False (nothing done) when there is no usable donor file: not a regular file,
-        wrong size, or on another filesystem.
+        False (nothing done) when there is no usable donor file: not a regular file, wrong
+        size, a host mode other than the one the layer gives it (the donor may be a hard
+        link to a file still in use: the store never changes it), or on another filesystem.
         """
         src = self.donor(path) if self.donor else None
         if not src:
@@ -318,17 +349,13 @@ class Extractor:
             st = os.lstat(src)
         except OSError:
             return False
-        if not stat.S_ISREG(st.st_mode) or st.st_size != m.size:
+        if not stat.S_ISREG(st.st_mode) or st.st_size != m.size or \
+                stat.S_IMODE(st.st_mode) != host_file_mode(m.mode):
             return False
         try:
             os.rename(src, base, dst_dir_fd=pfd)
         except OSError:
             return False
-        try:
-            os.chmod(base, 0o755 if m.mode & 0o111 else 0o644, dir_fd=pfd)
-            os.utime(base, ns=(m.mtime_ns, m.mtime_ns), dir_fd=pfd, follow_symlinks=False)
-        except (OSError, OverflowError, ValueError):
-            pass
         return True
 
     def _open_payload(self, dfd: int, base: bytes, m: Member, mode: int) -> None:
@@ -337,25 +364,37 @@ class Extractor:
             self._extents = [list(e) for e in m.sparse if e[1]]
             self._extents.reverse()
 
+    def _too_big(self, e: OSError) -> InvalidInput:
+        m = self._member
+        name = show(m.name) if m is not None else "?"
+        size = m.realsize if m is not None else 0
+        return InvalidInput(f"member {name}: {size} bytes is more than this filesystem can hold in one file"
+                            f" ({e.strerror})")
+
     def data(self, mv: memoryview | bytes) -> None:
         """Payload bytes of the current member, in archive order."""
         fd = self._fd
         if fd < 0:
             return  # recorded-only member, or a donated file
         ext = self._extents
-        if ext is None:
-            while mv:
-                mv = mv[os.write(fd, mv):]
-            return
-        while mv:  # sparse: the packed data fills the extents one after the other
-            cur = ext[-1]
-            take = min(len(mv), cur[1])
-            n = os.pwrite(fd, mv[:take], cur[0])
-            cur[0] += n
-            cur[1] -= n
-            if not cur[1]:
-                ext.pop()
-            mv = mv[n:]
+        try:
+            if ext is None:
+                while mv:
+                    mv = mv[os.write(fd, mv):]
+                return
+            while mv:  # sparse: the packed data fills the extents one after the other
+                cur = ext[-1]
+                take = min(len(mv), cur[1])
+                n = os.pwrite(fd, mv[:take], cur[0])
+                cur[0] += n
+                cur[1] -= n
+                if not cur[1]:
+                    ext.pop()
+                mv = mv[n:]
+        except OSError as e:
+            if e.errno in (errno.EFBIG, errno.EINVAL):
+                raise self._too_big(e) from None
+            raise
 
     def end(self) -> None:
         fd = self._fd
@@ -365,7 +404,12 @@ class Extractor:
         m = self._member
         try:
             if self._extents is not None:
-                os.ftruncate(fd, m.realsize)
+                try:
+                    os.ftruncate(fd, m.realsize)
+                except OSError as e:
+                    if e.errno in (errno.EFBIG, errno.EINVAL):
+                        raise self._too_big(e) from None
+                    raise
             try:
                 os.utime(fd, ns=(m.mtime_ns, m.mtime_ns))
             except (OSError, OverflowError, ValueError):

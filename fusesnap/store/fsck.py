@@ -1,25 +1,26 @@
-"""fsck: leftovers of interrupted imports/removals, DB rows vs. directories, data vs. index.
+"""fsck: the database file, leftovers of interrupted operations, rows against directories, data
+against the index.
 
-Repairs only remove what is half-made (unlocked staging dirs, trash, layer dirs without
-a DB row) and rows whose directory is gone when nothing depends on them; a layer whose
-data no longer matches its index is reported, never silently deleted.
+Repairs finish or undo what is half-made (pending intents, dead staging dirs,
+stale locks, trash, layer directories without their index), rebuild rows of
+complete layers from their own records, and remove rows whose directory is gone
+when nothing depends on them. A layer whose data no longer matches its index is
+reported, never silently deleted; neither is a complete, verifiable layer.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from ..digest import chain_id as compute_chain_id, hex_of
 from ..errors import FusesnapError
-from . import db as dbm
 from . import entriesfile
+from .db import StoreDB, probe
 from .exporter import export_layer
-from .locks import FileLock, is_locked
-
-if TYPE_CHECKING:
-    from .layerstore import FsckReport, LayerStore
+from .layout import ENTRIES, TAR_SPLIT, StoreLayout
+from .recovery import FsckReport, check_leftovers, check_rowless, replay_intents
 
 
 class _Null:
@@ -27,54 +28,56 @@ class _Null:
         return len(b)
 
 
-def check_leftovers(store: "LayerStore", rep: "FsckReport", repair: bool) -> None:
-    from .layerstore import rmtree
+def missing_database(layout: StoreLayout) -> str | None:
+    """Why the database is no database for this store (missing or empty beside layers), or None."""
+    p = layout.db_path
+    try:
+        size = p.stat().st_size
+    except FileNotFoundError:
+        size = -1
+    if size > 0:
+        return None
+    n = layout.data_dirs()
+    if not n:
+        return None
+    state = "missing" if size < 0 else "empty"
+    return (f"the store database {p} is {state} but the store holds {n} layer or snapshot"
+            " directories: `fusesnap fsck --repair` rebuilds it from the layers' records")
 
-    for p in sorted(store.staging_dir.iterdir()):
-        if p.name.endswith(".lock"):
-            if not (store.staging_dir / p.name[:-5]).exists() and not is_locked(p):
-                if repair:
-                    p.unlink(missing_ok=True)
-            continue
-        lock = store.staging_dir / f"{p.name}.lock"
-        if is_locked(lock):
-            continue  # a live import
-        if repair:
-            rmtree(p)
-            lock.unlink(missing_ok=True)
-            rep.repaired.append(f"removed staging leftover staging/{p.name}")
-        else:
-            rep.problems.append(f"staging leftover staging/{p.name}")
-    for p in sorted(store.trash_dir.iterdir()):
-        if repair:
-            rmtree(p)
-            rep.repaired.append(f"removed trash leftover trash/{p.name}")
-        else:
-            rep.problems.append(f"trash leftover trash/{p.name}")
-    for p in sorted(store.layers_dir.iterdir()):
-        chain = "sha256:" + p.name
-        if store.exists(chain):
-            continue
-        try:
-            lock = FileLock(store.locks_dir / f"{p.name}.lock", blocking=False)
-        except BlockingIOError:
-            continue  # an import is between rename and commit
-        try:
-            if store.exists(chain):
-                continue
-            if repair:
-                store._trash(p)
-                rep.repaired.append(f"removed layer directory without a database row layers/{p.name}")
-            else:
-                rep.problems.append(f"layer directory layers/{p.name} has no database row")
-        finally:
-            lock.close()
+
+def database_problem(layout: StoreLayout) -> str | None:
+    """Why the store's database cannot be trusted (missing or empty beside data, damaged), or None."""
+    missing = missing_database(layout)
+    if missing is not None:
+        return missing
+    p = layout.db_path
+    if not p.exists():
+        return None
+    why = probe(p)
+    if why is None:
+        return None
+    return f"the store database {p} is damaged ({why}); fsck --repair moves it aside and rebuilds it"
+
+
+def set_database_aside(layout: StoreLayout) -> str:
+    """Move a damaged (or empty) database out of the way so a new one can be rebuilt; returns what was done."""
+    p = layout.db_path
+    if not p.exists():
+        return f"creating a new store database {p}"
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    dst = p.with_name(f"{p.name}.damaged-{stamp}")
+    os.rename(p, dst)
+    for suffix in ("-journal", "-wal", "-shm"):
+        side = Path(f"{p}{suffix}")
+        if side.exists():
+            os.rename(side, Path(f"{dst}{suffix}"))
+    return f"moved the store database aside to {dst.name}; rebuilding it from the layers"
 
 
 def unexpected_files(layer_dir: Path) -> list[str]:
     """Paths under fs/ that no member of the layer (or an ancestor directory of one) accounts for."""
     expected: set[bytes] = set()
-    for rec in entriesfile.read_records(layer_dir / "entries.json.zst"):
+    for rec in entriesfile.read_records(layer_dir / ENTRIES):
         p = entriesfile.b(rec[entriesfile.P])
         while p and p not in expected:
             expected.add(p)
@@ -91,32 +94,25 @@ def unexpected_files(layer_dir: Path) -> list[str]:
     return sorted(out)
 
 
-def fsck(store: "LayerStore", repair: bool) -> "FsckReport":
-    from .layerstore import ENTRIES, TAR_SPLIT, FsckReport
-
-    rep = FsckReport()
-    check_leftovers(store, rep, repair)
-    with store._lock:
-        rows = store.conn.execute("SELECT chain_id, diff_id, parent FROM layers ORDER BY chain_id").fetchall()
-    for chain, diff, parent in rows:
+def _check_rows(layout: StoreLayout, db: StoreDB, rep: FsckReport, repair: bool) -> None:
+    for chain, diff, parent, *_ in db.layers():
         rep.checked += 1
-        d = store.layers_dir / hex_of(chain)
+        d = layout.layers_dir / hex_of(chain)
         if compute_chain_id(parent, diff) != chain:
             rep.problems.append(f"layer {chain}: chainID does not match parent and diffID")
         if not d.is_dir() or not (d / TAR_SPLIT).is_file() or not (d / ENTRIES).is_file():
             problem = f"layer {chain}: directory or index missing"
             if repair:
                 try:
-                    with store._lock, dbm.Tx(store.conn) as c:
-                        if c.execute("SELECT 1 FROM layers WHERE parent=?", (chain,)).fetchone() or \
-                                c.execute("SELECT 1 FROM layer_refs WHERE chain_id=?", (chain,)).fetchone():
-                            raise FusesnapError("still referenced")
-                        c.execute("DELETE FROM layer_labels WHERE chain_id=?", (chain,))
-                        c.execute("DELETE FROM layers WHERE chain_id=?", (chain,))
+                    with layout.chain_lock(chain), db.tx() as t:
+                        why = db.why_in_use(t, chain)
+                        if why:
+                            raise FusesnapError(why)
+                        db.delete_layer(t, chain)
                     rep.repaired.append(f"removed database row of {chain} (its directory is gone)")
                     continue
                 except FusesnapError:
-                    problem += " (not removed: other layers or references need it)"
+                    problem += " (row kept: other layers or references need it)"
             rep.problems.append(problem)
             continue
         try:
@@ -127,4 +123,15 @@ def fsck(store: "LayerStore", repair: bool) -> "FsckReport":
                 rep.problems.append(f"layer {chain}: unexpected file fs/{extra[0]}{more}: layers are immutable")
         except (FusesnapError, OSError) as e:
             rep.problems.append(str(e))
+
+
+def fsck(layout: StoreLayout, db: StoreDB, repair: bool) -> FsckReport:
+    """Check (and with repair, mend) one store; the database file itself must already be usable."""
+    rep = FsckReport()
+    for why in db.quick_check():
+        rep.problems.append(f"the store database {db.path}: {why}")
+    replay_intents(layout, db, rep, repair)
+    check_leftovers(layout, rep, repair)
+    check_rowless(layout, db, rep, repair)
+    _check_rows(layout, db, rep, repair)
     return rep

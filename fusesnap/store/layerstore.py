@@ -1,13 +1,16 @@
 """LayerStore: content-addressed layers keyed by chainID (see docs/ARCHITECTURE.md "Store API").
 
-Layout under the root: metadata.db (SQLite WAL), layers/<hex>/{fs/, shadow/,
-tar-split.json.zst, entries.json.zst}, staging/<rand>/ (+ <rand>.lock held while an
-import is alive), trash/, locks/<hex>.lock (per-chainID flock).
+Layout: see layout.py. SQL: see db.py (one database shared with the snapshotter).
 
-Import is atomic: everything is built in staging/, made durable (one syncfs, or per-file
-fsync for small layers), renamed to layers/<hex> under the chainID lock, then the DB
-row is committed. A crash leaves at worst a staging dir or a layer dir without a row;
-fsck --repair removes both.
+Import is two steps, usable apart: `stage_tar` builds the layer in staging/ in
+one streaming pass; `publish` writes its layer.json, makes it durable (one
+syncfs, or per-file fsync for small layers), renames it to layers/<hex> under
+the chainID lock and inserts its row in a transaction the caller may extend
+(a commit adds the snapshot rows to the same transaction). A crash leaves at
+worst a dead staging dir or a complete layer dir without a row, which `fsck
+--repair` rebuilds from its layer.json; a publish with `claim=True` (commit)
+records an intent first, so a crash before its transaction deletes the layer
+dir instead (its files may be links to a live upper).
 """
 
 from __future__ import annotations
@@ -15,9 +18,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-import secrets
-import shutil
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -25,97 +25,28 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from ..digest import chain_id as compute_chain_id, hex_of, is_digest
-from ..errors import AlreadyExists, InUse, IntegrityError, InvalidInput, NotFound
+from ..digest import chain_id as compute_chain_id, is_digest
+from ..errors import DamagedStore, InUse, IntegrityError, InvalidInput, NotFound
 from ..layerentry import LayerEntry
-from ..linux import libc
 from ..tarsplit.index import IndexWriter
 from ..tarsplit.parser import TarParser
 from ..tarsplit.stream import ByteStream
-from . import db as dbm
 from . import entriesfile
+from .db import GC_ROOT_LABEL, NAME_LABEL, StoreDB, Tx
 from .decompress import LayerStream
 from .exporter import export_layer
 from .extract import Extractor, feed_member
-from .pipeline import ExtractPipeline
+from .fsck import fsck, missing_database
+from .layerrecord import LayerRecord
+from .layout import ENTRIES, TAR_SPLIT, StoreLayout, crash_point, fsync_dir, rmtree, sync_tree
 from .locks import FileLock
+from .pipeline import ExtractPipeline
+from .recovery import FsckReport, check_leftovers, recover, replay_intents
 
 log = logging.getLogger("fusesnap.store")
 
-NAME_LABEL = "fusesnap.io/name"
-GC_ROOT_LABEL = "fusesnap.io/gc.root"
-TAR_SPLIT = "tar-split.json.zst"
-ENTRIES = "entries.json.zst"
-
-def syncfs(path: Path) -> None:
-    """Flush the whole filesystem holding `path` once (cheaper than fsync per file)."""
-    if os.environ.get("FUSESNAP_NO_SYNC") == "1":
-        return
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        try:
-            libc.syncfs(fd)
-        except OSError:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-SMALL_LAYER = 256  # members: below this, fsync each file instead of syncfs() of the whole fs
-
-
-def sync_tree(path: Path, members: int) -> None:
-    """Make a staged layer durable: fsync each file and dir of a small layer, syncfs() a big one.
-
-    syncfs waits for every dirty page of the filesystem (other processes' too), which
-    is the cheap way for a big layer but slow for a snapshot commit of a few files.
-    """
-    if os.environ.get("FUSESNAP_NO_SYNC") == "1":
-        return
-    if members >= SMALL_LAYER:
-        syncfs(path)
-        return
-    for dirpath, dirnames, filenames in os.walk(path):
-        for n in filenames:
-            p = os.path.join(dirpath, n)
-            try:
-                fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            except OSError:
-                continue  # a symlink
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(Path(dirpath))
-
-
-def crash_point(name: str) -> None:
-    """Test hook: FUSESNAP_CRASH_AT=<name> kills this process with SIGKILL at that point of an import."""
-    if os.environ.get("FUSESNAP_CRASH_AT") == name:
-        os.kill(os.getpid(), 9)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def rmtree(path: Path) -> None:
-    """Remove a tree we created; make directories writable first if needed."""
-    def onerror(func: Any, p: str, exc: Any) -> None:
-        try:
-            os.chmod(os.path.dirname(p), 0o700)
-            func(p)
-        except FileNotFoundError:
-            pass
-
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.exists():
-        shutil.rmtree(path, onerror=onerror)
+__all__ = ["GC_ROOT_LABEL", "NAME_LABEL", "ENTRIES", "TAR_SPLIT", "FsckReport", "LayerInfo", "LayerStore",
+           "StagedLayer", "StoreTransaction", "rmtree"]
 
 
 @dataclass
@@ -128,8 +59,9 @@ class LayerInfo:
     created: str
     compressed_digests: list[str] = field(default_factory=list)
     refcount: int = 0
-    labels: dict[str, str] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)  # fusesnap.io/name: the first of `names`
     tar_size: int = 0  # bytes of the uncompressed tar (what export writes)
+    names: list[str] = field(default_factory=list)  # every name that resolves to this layer
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -166,34 +98,88 @@ class StoreTransaction:
 
 
 @dataclass
-class FsckReport:
-    checked: int = 0
-    problems: list[str] = field(default_factory=list)
-    repaired: list[str] = field(default_factory=list)
+class StagedLayer:
+    """A layer built in staging/, not yet visible; close() discards what publish did not take."""
 
-    @property
-    def ok(self) -> bool:
-        return not self.problems
+    path: Path
+    lock: FileLock
+    chain_id: str
+    diff_id: str
+    parent: str | None
+    diff_size: int
+    tar_size: int
+    members: int
+    compressed_digest: str | None
+    compressed_size: int
 
-    def to_json(self) -> dict[str, Any]:
-        return {"checked": self.checked, "problems": self.problems, "repaired": self.repaired, "ok": self.ok}
+    def close(self) -> None:
+        if self.path.exists():
+            rmtree(self.path)
+        self.lock.path.unlink(missing_ok=True)
+        self.lock.close()
+
+    def __enter__(self) -> "StagedLayer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class StoreTransaction:
+    """What LayerStore.transaction() hands out: SQL on the caller's own tables (errors come
+    out as one line), and reference changes on layers that commit or roll back with it."""
+
+    def __init__(self, db: StoreDB, t: Tx) -> None:
+        self._db = db
+        self._t = t
+
+    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
+        return self._t.execute(sql, params)
+
+    def add_ref(self, chain_id: str, holder: str) -> None:
+        if not self._db.has_layer(chain_id):
+            raise NotFound(f"no such layer: {chain_id}")
+        self._db.add_ref(self._t, chain_id, holder, "ref")
+
+    def drop_ref(self, chain_id: str, holder: str) -> None:
+        self._db.drop_ref(self._t, chain_id, holder, "ref")
+
+    def release_all(self, holder: str) -> None:
+        """Drop every retain `holder` has (e.g. all layers of a pull once its record exists)."""
+        self._db.drop_retains(self._t, holder)
+
+    def retain_holders(self, prefix: str) -> list[str]:
+        """Holders of retains whose name starts with `prefix` (to find those of dead processes)."""
+        return self._db.retain_holders(self._t, prefix)
+
+
+def _now_rfc3339() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class LayerStore:
-    def __init__(self, root: Path | str) -> None:
+    def __init__(self, root: Path | str, *, check: bool = True, finish: bool = True) -> None:
+        """Open (or create) the store at root. A missing or empty database beside existing layers
+        is damage (DamagedStore), not an empty store; fsck opens with check=False to rebuild it.
+        `finish` carries out the intents of crashed operations (e.g. deletes the upper a killed
+        commit left beside its new layer); fsck without repair opens with finish=False."""
         self.root = Path(root)
-        for d in ("layers", "staging", "trash", "locks"):
-            (self.root / d).mkdir(parents=True, exist_ok=True)
-        self.layers_dir = self.root / "layers"
-        self.staging_dir = self.root / "staging"
-        self.trash_dir = self.root / "trash"
-        self.locks_dir = self.root / "locks"
-        self._lock = threading.RLock()
-        self.conn = dbm.connect(self.root / "metadata.db")
+        self.layout = StoreLayout(self.root)
+        self.layout.create()
+        self.layers_dir = self.layout.layers_dir
+        self.staging_dir = self.layout.staging_dir
+        self.trash_dir = self.layout.trash_dir
+        self.locks_dir = self.layout.locks_dir
+        if check:
+            why = missing_database(self.layout)
+            if why is not None:
+                raise DamagedStore(why)
+        self.db = StoreDB(self.layout.db_path)
+        if finish:
+            self.finish_intents()
 
     def close(self) -> None:
-        with self._lock:
-            self.conn.close()
+        self.db.close()
 
     def __enter__(self) -> "LayerStore":
         return self
@@ -201,94 +187,81 @@ class LayerStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- paths & locks ------------------------------------------------------------------------
+    # -- paths --------------------------------------------------------------------------------
     def layer_dir(self, chain_id: str) -> Path:
-        return self.layers_dir / hex_of(chain_id)
+        return self.layout.layer_dir(chain_id)
 
     def fs_dir(self, chain_id: str) -> Path:
         return self.layer_dir(self.get(chain_id).chain_id) / "fs"
 
-    def _chain_lock(self, chain_id: str, blocking: bool = True) -> FileLock:
-        return FileLock(self.locks_dir / f"{hex_of(chain_id)}.lock", blocking)
-
     # -- queries ------------------------------------------------------------------------------
-    def _resolve(self, ref: str) -> str:
-        """chainID for a chainID, its bare hex, a unique hex prefix (>= 12) or a name label."""
-        c = self.conn
-        with self._lock:
-            if is_digest(ref):
-                row = c.execute("SELECT chain_id FROM layers WHERE chain_id=?", (ref,)).fetchone()
-                if row:
-                    return row[0]
-            row = c.execute("SELECT chain_id FROM layer_labels WHERE key=? AND value=? ORDER BY chain_id",
-                            (NAME_LABEL, ref)).fetchall()
-            if len(row) == 1:
-                return row[0][0]
-            if len(row) > 1:
-                raise InvalidInput(f"name {ref!r} is ambiguous ({len(row)} layers carry it)")
-            hx = ref[7:] if ref.startswith("sha256:") else ref
-            if 12 <= len(hx) <= 64 and all(ch in "0123456789abcdef" for ch in hx):
-                rows = c.execute("SELECT chain_id FROM layers WHERE chain_id >= ? AND chain_id < ? LIMIT 2",
-                                 ("sha256:" + hx, "sha256:" + hx + "g")).fetchall()
-                if len(rows) == 1:
-                    return rows[0][0]
-                if len(rows) > 1:
-                    raise InvalidInput(f"layer reference {ref!r} is ambiguous")
+    def resolve(self, ref: str) -> str:
+        """chainID for a chainID, a name, or a unique hex prefix (>= 12 digits, with or without sha256:)."""
+        db = self.db
+        if is_digest(ref) and db.has_layer(ref):
+            return ref
+        named = db.chains_named(ref)
+        if named:
+            return named[0]
+        hx = ref[7:] if ref.startswith("sha256:") else ref
+        if 12 <= len(hx) <= 64 and all(ch in "0123456789abcdef" for ch in hx):
+            rows = db.chains_with_prefix(hx)
+            if len(rows) == 1:
+                return rows[0]
+            if len(rows) > 1:
+                raise InvalidInput(f"layer reference {ref!r} is ambiguous")
         raise NotFound(f"no such layer: {ref}")
+
+    _resolve = resolve
 
     def _info(self, row: tuple[Any, ...]) -> LayerInfo:
         chain, diff, parent, diff_size, size, tar_size, created = row
-        c = self.conn
-        refs = c.execute("SELECT COUNT(*) FROM layer_refs WHERE chain_id=?", (chain,)).fetchone()[0]
-        kids = c.execute("SELECT COUNT(*) FROM layers WHERE parent=?", (chain,)).fetchone()[0]
-        labels = dict(c.execute("SELECT key, value FROM layer_labels WHERE chain_id=? ORDER BY key", (chain,)))
-        comp = [r[0] for r in c.execute("SELECT digest FROM compressed_digests WHERE diff_id=? ORDER BY digest", (diff,))]
-        return LayerInfo(chain, diff, parent, size, diff_size, created, comp, refs + kids, labels, tar_size)
-
-    _COLS = "chain_id, diff_id, parent, diff_size, size, tar_size, created"
+        refcount, labels, names, comp = self.db.details(chain, diff)
+        if names:
+            labels[NAME_LABEL] = names[0]
+        return LayerInfo(chain, diff, parent, size, diff_size, created, comp, refcount, labels, tar_size, names)
 
     def get(self, ref: str) -> LayerInfo:
-        chain = self._resolve(ref)
-        with self._lock:
-            row = self.conn.execute(f"SELECT {self._COLS} FROM layers WHERE chain_id=?", (chain,)).fetchone()
-            if not row:
-                raise NotFound(f"no such layer: {ref}")
-            return self._info(row)
+        row = self.db.layer(self.resolve(ref))
+        if not row:
+            raise NotFound(f"no such layer: {ref}")
+        return self._info(row)
 
     def exists(self, chain_id: str) -> bool:
-        with self._lock:
-            return self.conn.execute("SELECT 1 FROM layers WHERE chain_id=?", (chain_id,)).fetchone() is not None
+        return self.db.has_layer(chain_id)
 
     def list(self) -> list[LayerInfo]:
-        with self._lock:
-            rows = self.conn.execute(f"SELECT {self._COLS} FROM layers ORDER BY created, chain_id").fetchall()
-            return [self._info(r) for r in rows]
+        return [self._info(r) for r in self.db.layers()]
 
     def diff_id_for(self, compressed_digest: str) -> str | None:
         """The diffID a compressed blob digest is known to decompress to."""
-        with self._lock:
-            row = self.conn.execute("SELECT diff_id FROM compressed_digests WHERE digest=?",
-                                    (compressed_digest,)).fetchone()
-            return row[0] if row else None
+        return self.db.diff_id_for(compressed_digest)
 
     def chain(self, chain_id: str) -> list[str]:
         out = []
-        cur: str | None = self._resolve(chain_id)
-        with self._lock:
-            while cur:
-                out.append(cur)
-                row = self.conn.execute("SELECT parent FROM layers WHERE chain_id=?", (cur,)).fetchone()
-                if not row:
-                    raise IntegrityError(f"layer {cur} is missing from the database")
-                cur = row[0]
+        cur: str | None = self.resolve(chain_id)
+        while cur:
+            out.append(cur)
+            row = self.db.parent_of(cur)
+            if not row:
+                raise IntegrityError(f"layer {cur} is missing from the database")
+            cur = row[0]
         return out[::-1]
 
     def entries(self, chain_id: str) -> Iterator[LayerEntry]:
         """This layer's members in tar order, metadata as the tar recorded it."""
-        d = self.layer_dir(self._resolve(chain_id))
+        d = self.layer_dir(self.resolve(chain_id))
         for rec in entriesfile.read_records(d / ENTRIES):
             if rec[entriesfile.KIND] is not None:
                 yield entriesfile.to_entry(rec)
+
+    def check_present(self, chain_id: str) -> None:
+        """IntegrityError unless every layer of the chain still has its directory and index."""
+        for c in self.chain(chain_id):
+            d = self.layer_dir(c)
+            if not (d / "fs").is_dir() or not (d / TAR_SPLIT).is_file() or not (d / ENTRIES).is_file():
+                raise IntegrityError(f"layer {c} is damaged: its directory or index is missing"
+                                     " (`fusesnap fsck` reports it)")
 
     # -- import -------------------------------------------------------------------------------
     def import_tar(self, src: BinaryIO, parent: str | None = None, *,
@@ -301,10 +274,22 @@ class LayerStore:
         makes it visible, so a concurrent gc cannot remove it before the caller's next step
         (a multi-layer pull retains each layer it imports, then releases them all).
         """
+        with self.stage_tar(src, parent, donor=donor) as staged:
+            with self.publish(staged, labels=labels, retain=retain):
+                pass
+        return self.get(staged.chain_id)
+
+    def stage_tar(self, src: BinaryIO, parent: str | None = None, *,
+                  donor: Callable[[bytes], str | None] | None = None) -> StagedLayer:
+        """Build a layer from a tar in staging/ (nothing visible yet); publish() makes it a layer.
+
+        donor(path) may return a host file whose content equals that regular-file member:
+        it is renamed into the staging dir instead of written (commit offers hard links
+        to its upper's files). Payload bytes are still read, hashed and CRC-checked."""
         if parent is not None:
             parent = self.get(parent).chain_id
         t0 = time.monotonic()
-        stage, stage_lock = self._new_staging()
+        stage, stage_lock = self.layout.new_staging()
         ls: LayerStream | None = None
         try:
             ls = LayerStream(src)
@@ -326,78 +311,88 @@ class LayerStore:
             finally:
                 pipe.abort()
                 ex.close()
-            entriesfile.write_entries(stage / ENTRIES, ex.records)
+            members = ex.finish(stage / ENTRIES)
             diff_id = ls.diff_id
             chain = compute_chain_id(parent, diff_id)
-            log.info("import: %d members, %d tar bytes (%s input) -> %s in %.2fs", len(ex.records), ls.size,
+            log.info("import: %d members, %d tar bytes (%s input) -> %s in %.2fs", members, ls.size,
                      ls.compression, chain, time.monotonic() - t0)
-            crash_point("staged")
-            sync_tree(stage, len(ex.records))
-            with self._chain_lock(chain):
-                if not self.exists(chain):
-                    target = self.layer_dir(chain)
-                    if target.exists():  # leftover of a crash between rename and commit
-                        self._trash(target)
-                    crash_point("before-rename")
-                    os.rename(stage, target)
-                    fsync_dir(self.layers_dir)
-                    crash_point("after-rename")
-                    log.debug("import: %s stored", chain)
-                    try:
-                        self._insert(chain, diff_id, parent, ex.diff_size, ls, labels, retain)
-                    except BaseException:
-                        self._trash(target)  # e.g. the parent was removed meanwhile: no row-less dir
-                        raise
-                else:
-                    log.info("import: %s already stored, nothing to do", chain)
-                    if labels:
-                        self.set_labels(chain, labels)
-                    with self._lock, dbm.Tx(self.conn) as c:
-                        self._add_compressed(c, diff_id, ls)
-                        if retain:
-                            self._ref_row(c, chain, retain, "retain")
-            return self.get(chain)
+            return StagedLayer(stage, stage_lock, chain, diff_id, parent, ex.diff_size, ls.size, members,
+                               ls.compressed_digest, ls.compressed_size)
+        except BaseException:
+            rmtree(stage)
+            stage_lock.path.unlink(missing_ok=True)
+            stage_lock.close()
+            raise
         finally:
             if ls is not None:
                 ls.close()
-            if stage.exists():
-                rmtree(stage)
-            stage_lock.path.unlink(missing_ok=True)
-            stage_lock.close()
 
-    def _new_staging(self) -> tuple[Path, FileLock]:
-        name = secrets.token_hex(8)
-        lock = FileLock(self.staging_dir / f"{name}.lock")
-        stage = self.staging_dir / name
-        stage.mkdir(mode=0o755)
-        return stage, lock
+    @contextmanager
+    def publish(self, staged: StagedLayer, *, labels: dict[str, str] | None = None,
+                retain: str | None = None, claim: bool = False, note: dict | None = None) -> Iterator[Tx]:
+        """Make a staged layer visible (or reuse the stored one of that chainID) in a transaction
+        the caller's block runs in; if the block raises, nothing is published.
 
-    @staticmethod
-    def _add_compressed(c: Any, diff_id: str, ls: LayerStream) -> None:
-        if ls.compressed_digest:
-            c.execute("INSERT OR IGNORE INTO compressed_digests(digest, diff_id, size) VALUES (?,?,?)",
-                      (ls.compressed_digest, diff_id, ls.compressed_size))
+        `claim=True` records an intent before the directory is put in place, so that a
+        crash before the transaction deletes it (commit: its files are links to an upper).
+        `note` is kept in the new layer's layer.json (see layer_record)."""
+        chain = staged.chain_id
+        labels = dict(labels or {})
+        name = labels.pop(NAME_LABEL, None)
+        db = self.db
+        target = self.layer_dir(chain)
+        rel = self.layout.relative(target)
+        crash_point("staged")
+        with self.layout.chain_lock(chain):
+            existing = db.has_layer(chain)
+            intent = None
+            if not existing:
+                created = _now_rfc3339()
+                comp = [(staged.compressed_digest, staged.compressed_size)] if staged.compressed_digest else []
+                LayerRecord(chain, staged.diff_id, staged.parent, staged.diff_size, staged.tar_size, created,
+                            comp, labels, [name] if name else [], dict(note or {})).write(staged.path)
+                sync_tree(staged.path, staged.members)
+                if target.exists() or target.is_symlink():  # left by a crash between rename and commit
+                    self.layout.trash(target)
+                    with db.tx() as t:
+                        db.drop_intents_for(t, rel)
+                if claim:
+                    with db.tx() as t:
+                        intent = db.add_intent(t, rel, "commit")
+                crash_point("before-rename")
+                os.rename(staged.path, target)
+                fsync_dir(self.layers_dir)
+                crash_point("after-rename")
+            else:
+                log.info("import: %s already stored, nothing to do", chain)
+            try:
+                with db.tx() as t:
+                    if not existing:
+                        db.insert_layer(t, chain, staged.diff_id, staged.parent, staged.diff_size,
+                                        staged.tar_size, created)
+                        if intent is not None:
+                            db.drop_intent(t, intent)
+                    for k, v in labels.items():
+                        db.set_label(t, chain, k, v)
+                    if name:
+                        db.add_name(t, chain, name)
+                    if staged.compressed_digest:
+                        db.add_compressed(t, staged.compressed_digest, staged.diff_id, staged.compressed_size)
+                    if retain:
+                        db.add_ref(t, chain, retain, "retain")
+                    yield t
+            except BaseException:
+                if not existing:  # nothing was published: take the directory back out
+                    self.layout.trash(target)
+                    if intent is not None:
+                        with db.tx() as t:
+                            db.drop_intent(t, intent)
+                raise
+        log.debug("import: %s stored", chain)
 
-    def _insert(self, chain: str, diff_id: str, parent: str | None, diff_size: int, ls: LayerStream,
-                labels: dict[str, str] | None, retain: str | None = None) -> None:
-        tar_size = ls.size
-        created = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        with self._lock, dbm.Tx(self.conn) as c:
-            psize = 0
-            if parent is not None:
-                row = c.execute("SELECT size FROM layers WHERE chain_id=?", (parent,)).fetchone()
-                if row is None:
-                    raise NotFound(f"parent layer {parent} was removed during the import")
-                psize = row[0]
-            c.execute("INSERT INTO layers(chain_id, diff_id, parent, diff_size, size, tar_size, created)"
-                      " VALUES (?,?,?,?,?,?,?)", (chain, diff_id, parent, diff_size, psize + diff_size, tar_size, created))
-            for k, v in (labels or {}).items():
-                if k == NAME_LABEL:
-                    self._check_name_free(c, v, chain)
-                c.execute("INSERT OR REPLACE INTO layer_labels(chain_id, key, value) VALUES (?,?,?)", (chain, k, v))
-            self._add_compressed(c, diff_id, ls)
-            if retain:
-                self._ref_row(c, chain, retain, "retain")
+    def layer_record(self, chain_id: str) -> LayerRecord | None:
+        """The layer.json a layer was published with (None for layers written before it existed)."""
+        return LayerRecord.read(self.layer_dir(chain_id))
 
     # -- export -------------------------------------------------------------------------------
     def export(self, ref: str, dst: BinaryIO) -> None:
@@ -405,21 +400,16 @@ class LayerStore:
         info = self.get(ref)
         export_layer(self.layer_dir(info.chain_id), info.diff_id, dst, label=info.chain_id)
 
-    # -- references, labels -------------------------------------------------------------------
-    @staticmethod
-    def _ref_row(c: Any, chain: str, holder: str, kind: str) -> None:
-        c.execute("INSERT OR IGNORE INTO layer_refs(chain_id, holder, kind) VALUES (?,?,?)", (chain, holder, kind))
-
+    # -- references, labels, names -------------------------------------------------------------
     def _add_ref(self, chain_id: str, holder: str, kind: str) -> None:
-        chain = self._resolve(chain_id)
-        with self._lock, dbm.Tx(self.conn) as c:
-            self._ref_row(c, chain, holder, kind)
+        chain = self.resolve(chain_id)
+        with self.db.tx() as t:
+            self.db.add_ref(t, chain, holder, kind)
 
     def _drop_ref(self, chain_id: str, holder: str, kind: str) -> None:
-        chain = self._resolve(chain_id)
-        with self._lock, dbm.Tx(self.conn) as c:
-            cur = c.execute("DELETE FROM layer_refs WHERE chain_id=? AND holder=? AND kind=?", (chain, holder, kind))
-            if cur.rowcount == 0:
+        chain = self.resolve(chain_id)
+        with self.db.tx() as t:
+            if not self.db.drop_ref(t, chain, holder, kind):
                 raise NotFound(f"layer {chain} has no {kind} held by {holder!r}")
 
     def retain(self, chain_id: str, holder: str) -> None:
@@ -436,77 +426,83 @@ class LayerStore:
     def drop_ref(self, chain_id: str, holder: str) -> None:
         self._drop_ref(chain_id, holder, "ref")
 
+    def holders(self, prefix: str) -> list[tuple[str, str, str]]:
+        """(chainID, holder, kind) of every reference or retain whose holder starts with prefix."""
+        return self.db.holders(prefix)
+
+    def drop_holder(self, holder: str) -> int:
+        """Remove every reference and retain of one holder (fsck of a holder that is gone)."""
+        with self.db.tx() as t:
+            return self.db.drop_holder(t, holder)
+
     @contextmanager
     def transaction(self) -> Iterator["StoreTransaction"]:
-        """One IMMEDIATE transaction on metadata.db, for tables other packages keep there
-        (image records) together with the layer references that must change with them."""
-        with self._lock, dbm.Tx(self.conn) as c:
-            yield StoreTransaction(c)
-
-    @staticmethod
-    def _check_name_free(c: Any, name: str, chain: str) -> None:
-        other = c.execute("SELECT chain_id FROM layer_labels WHERE key=? AND value=? AND chain_id<>?",
-                          (NAME_LABEL, name, chain)).fetchone()
-        if other:
-            raise AlreadyExists(f"name {name!r} is already used by layer {other[0]}")
+        """One write transaction on metadata.db, for tables other packages keep there (image
+        records) together with the layer references that must change with them."""
+        with self.db.tx() as t:
+            yield StoreTransaction(self.db, t)
 
     def set_labels(self, chain_id: str, labels: dict[str, str]) -> None:
-        """Set (value str) or delete (value "") labels."""
-        chain = self._resolve(chain_id)
-        with self._lock, dbm.Tx(self.conn) as c:
+        """Set (value str) or delete (value "") labels. `fusesnap.io/name` adds a name to the
+        layer's names (AlreadyExists if another layer has it); "" removes all its names."""
+        chain = self.resolve(chain_id)
+        with self.db.tx() as t:
             for k, v in labels.items():
-                if k == NAME_LABEL and v:
-                    self._check_name_free(c, v, chain)
-                if v == "":
-                    c.execute("DELETE FROM layer_labels WHERE chain_id=? AND key=?", (chain, k))
+                if k == NAME_LABEL:
+                    if v:
+                        self.db.add_name(t, chain, v)
+                    else:
+                        self.db.drop_name(t, chain)
                 else:
-                    c.execute("INSERT OR REPLACE INTO layer_labels(chain_id, key, value) VALUES (?,?,?)", (chain, k, v))
+                    self.db.set_label(t, chain, k, v)
+
+    def add_name(self, chain_id: str, name: str) -> None:
+        """Another name for a layer (export, inspect, prepare accept it); AlreadyExists if taken."""
+        chain = self.resolve(chain_id)
+        with self.db.tx() as t:
+            self.db.add_name(t, chain, name)
+
+    def remove_name(self, chain_id: str, name: str) -> None:
+        chain = self.resolve(chain_id)
+        with self.db.tx() as t:
+            self.db.drop_name(t, chain, name)
 
     # -- removal ------------------------------------------------------------------------------
     def remove(self, chain_id: str) -> None:
-        """Delete a layer nothing references: DB row first, then rename into trash/, then delete."""
-        chain = self._resolve(chain_id)
-        with self._chain_lock(chain):
-            with self._lock, dbm.Tx(self.conn) as c:
-                kids = c.execute("SELECT chain_id FROM layers WHERE parent=? LIMIT 1", (chain,)).fetchone()
-                if kids:
-                    raise InUse(f"layer {chain} is the parent of {kids[0]}")
-                refs = c.execute("SELECT kind, holder FROM layer_refs WHERE chain_id=? LIMIT 1", (chain,)).fetchone()
-                if refs:
-                    raise InUse(f"layer {chain} is referenced ({refs[0]} by {refs[1]!r})")
-                diff = c.execute("SELECT diff_id FROM layers WHERE chain_id=?", (chain,)).fetchone()
-                if diff is None:
+        """Delete a layer nothing references: its row and an intent in one transaction, then
+        the directory (renamed into trash/ first), then the intent."""
+        chain = self.resolve(chain_id)
+        target = self.layer_dir(chain)
+        with self.layout.chain_lock(chain):
+            with self.db.tx() as t:
+                why = self.db.why_in_use(t, chain)
+                if why:
+                    raise InUse(why)
+                if not self.db.delete_layer(t, chain):
                     raise NotFound(f"no such layer: {chain_id}")
-                c.execute("DELETE FROM layer_labels WHERE chain_id=?", (chain,))
-                c.execute("DELETE FROM layers WHERE chain_id=?", (chain,))
-                if not c.execute("SELECT 1 FROM layers WHERE diff_id=?", (diff[0],)).fetchone():
-                    c.execute("DELETE FROM compressed_digests WHERE diff_id=?", (diff[0],))
+                intent = self.db.add_intent(t, self.layout.relative(target), "remove")
             log.info("rm: %s", chain)
             crash_point("rm-after-commit")
-            self._trash(self.layer_dir(chain))
+            self.layout.trash(target)
+            with self.db.tx() as t:
+                self.db.drop_intent(t, intent)
 
-    def _trash(self, path: Path) -> None:
-        if not path.exists():
-            return
-        t = self.trash_dir / f"{path.name}-{secrets.token_hex(4)}"
-        os.rename(path, t)
-        crash_point("in-trash")
-        rmtree(t)
+    def finish_intents(self) -> None:
+        """Carry out pending intents of crashed operations (one query when there are none)."""
+        if self.db.intents():
+            replay_intents(self.layout, self.db, FsckReport(), True)
+
+    def recover(self) -> FsckReport:
+        """Finish or undo what crashed operations left (intents, dead staging dirs, trash)."""
+        return recover(self.layout, self.db)
 
     def gc(self) -> list[str]:
         """Remove leftovers and every layer nothing needs: no children, refs, retains, name or gc.root label."""
-        self.fsck_leftovers(repair=True)
+        self.recover()
         removed: list[str] = []
         while True:
-            with self._lock:
-                rows = self.conn.execute(
-                    "SELECT chain_id FROM layers l WHERE"
-                    " NOT EXISTS (SELECT 1 FROM layers k WHERE k.parent = l.chain_id) AND"
-                    " NOT EXISTS (SELECT 1 FROM layer_refs r WHERE r.chain_id = l.chain_id) AND"
-                    " NOT EXISTS (SELECT 1 FROM layer_labels b WHERE b.chain_id = l.chain_id AND b.key IN (?, ?))",
-                    (NAME_LABEL, GC_ROOT_LABEL)).fetchall()
             progress = False
-            for (chain,) in rows:
+            for chain in self.db.gc_candidates():
                 try:
                     self.remove(chain)
                 except (InUse, NotFound):
@@ -518,12 +514,11 @@ class LayerStore:
 
     # -- fsck ---------------------------------------------------------------------------------
     def fsck_leftovers(self, repair: bool) -> FsckReport:
-        from .fsck import check_leftovers
         rep = FsckReport()
-        check_leftovers(self, rep, repair)
+        replay_intents(self.layout, self.db, rep, repair)
+        check_leftovers(self.layout, rep, repair)
         return rep
 
     def fsck(self, repair: bool = False) -> FsckReport:
         """Verify every layer's files against its index and every DB row against disk."""
-        from .fsck import fsck
-        return fsck(self, repair)
+        return fsck(self.layout, self.db, repair)

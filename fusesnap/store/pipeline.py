@@ -14,7 +14,7 @@ import queue
 import threading
 from typing import Any
 
-from ..tarsplit.parser import Member
+from ..tarsplit.member import Member
 from .extract import Extractor
 
 BATCH_BYTES = 1 << 20

@@ -28,6 +28,7 @@ from .crc64 import crc_b64, crc_from_b64
 FILE_TYPE = 1
 SEGMENT_TYPE = 2
 SEGMENT_CHUNK = 1 << 20  # trailing junk is split like tar-split does, never one huge line
+FLUSH_CHARS = 1 << 20  # lines buffered before compression: memory stays flat for junk segments
 # names that need no JSON escaping: printable ASCII without '"' and backslash
 _PLAIN_NAME = re.compile(rb"[\x20-\x21\x23-\x5b\x5d-\x7e]*")
 
@@ -49,6 +50,7 @@ class IndexWriter:
         self._f = f
         self._z = zstandard.ZstdCompressor(level=level).stream_writer(f, closefd=False)
         self._buf: list[str] = []
+        self._chars = 0
         self._pos = 0
 
     def segment(self, raw: bytes | bytearray) -> None:
@@ -70,14 +72,16 @@ class IndexWriter:
 
     def _emit(self, line: str) -> None:
         self._buf.append(line)
+        self._chars += len(line)
         self._pos += 1
-        if len(self._buf) >= 512:
+        if len(self._buf) >= 512 or self._chars >= FLUSH_CHARS:
             self.flush()
 
     def flush(self) -> None:
         if self._buf:
             self._z.write("".join(self._buf).encode("utf-8"))
             self._buf.clear()
+            self._chars = 0
 
     def close(self) -> None:
         self.flush()

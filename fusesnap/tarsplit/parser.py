@@ -15,38 +15,18 @@ from __future__ import annotations
 
 import base64
 import urllib.parse
-from dataclasses import dataclass, field
-
 from ..errors import InvalidInput
-from . import header as H
+from . import header
+from .member import Member
 from .stream import ByteStream
+
+__all__ = ["Member", "TarParser", "MAX_EXTENSION"]
 
 MAX_EXTENSION = 64 << 20  # PAX / GNU long-name data larger than this is hostile
 
 
-@dataclass(slots=True)
-class Member:
-    segment: bytes
-    offset: int  # stream offset of the member's header block
-    name: bytes
-    linkname: bytes
-    typeflag: bytes
-    mode: int
-    uid: int
-    gid: int
-    mtime_ns: int
-    uname: bytes
-    gname: bytes
-    devmajor: int
-    devminor: int
-    size: int  # payload bytes that follow in the archive
-    realsize: int  # logical size of the file (differs for sparse files)
-    sparse: list[tuple[int, int]] | None = None
-    xattrs: dict[bytes, bytes] = field(default_factory=dict)
-
-
 def _pad(n: int) -> int:
-    return -n % H.BLOCK
+    return -n % header.BLOCK
 
 
 class TarParser:
@@ -69,8 +49,8 @@ class TarParser:
         longlink: bytes | None = None
         while True:
             off = s.offset
-            block = s.read_upto(H.BLOCK)
-            if not block or block == H.ZERO_BLOCK:
+            block = s.read_upto(header.BLOCK)
+            if not block or block == header.ZERO_BLOCK:
                 if pax or longname is not None or longlink is not None:
                     raise InvalidInput(f"truncated tar: extension header at offset {off} has no member")
                 if not block and self.members == 0 and off == 0:
@@ -78,33 +58,33 @@ class TarParser:
                 seg += block
                 self.end_segment = bytes(seg)
                 return None
-            if len(block) < H.BLOCK:
+            if len(block) < header.BLOCK:
                 raise InvalidInput(f"truncated tar header at offset {off}")
             seg += block
-            hdr = H.parse_header(block, off)
+            hdr = header.parse_header(block, off)
             t = hdr.typeflag
-            if t in H.EXTENSIONS:
+            if t in header.EXTENSIONS:
                 if hdr.size > MAX_EXTENSION:
                     raise InvalidInput(f"absurd extension header size {hdr.size} at offset {off}")
                 data = s.read_exact(hdr.size, "extension header")
                 seg += data
                 seg += s.read_exact(_pad(hdr.size), "padding")
-                if t == H.PAX:
-                    pax.extend(H.parse_pax(data, off))
-                elif t == H.PAX_GLOBAL:
-                    for k, v in H.parse_pax(data, off):
+                if t == header.PAX:
+                    pax.extend(header.parse_pax(data, off))
+                elif t == header.PAX_GLOBAL:
+                    for k, v in header.parse_pax(data, off):
                         self._globals[k] = v
-                elif t == H.GNU_LONGNAME:
-                    longname = H.cstr(data)
-                elif t == H.GNU_LONGLINK:
-                    longlink = H.cstr(data)
+                elif t == header.GNU_LONGNAME:
+                    longname = header.cstr(data)
+                elif t == header.GNU_LONGLINK:
+                    longlink = header.cstr(data)
                 continue
             m = self._member(hdr, off, seg, pax, longname, longlink)
             self.members += 1
             self._pending_pad = _pad(m.size)
             return m
 
-    def _member(self, hdr: H.Header, off: int, seg: bytearray, pax: list[tuple[bytes, bytes]],
+    def _member(self, hdr: header.Header, off: int, seg: bytearray, pax: list[tuple[bytes, bytes]],
                 longname: bytes | None, longlink: bytes | None) -> Member:
         s = self.s
         name = longname if longname is not None else hdr.name
@@ -134,7 +114,7 @@ class TarParser:
                 elif k == b"gname":
                     gname = v
                 elif k == b"mtime":
-                    mtime_ns = H.parse_pax_time(v)
+                    mtime_ns = header.parse_pax_time(v)
                 elif k.startswith(b"SCHILY.xattr."):
                     xattrs[k[13:]] = v
                 elif k.startswith(b"LIBARCHIVE.xattr."):
@@ -151,22 +131,22 @@ class TarParser:
                     sp[k[11:]] = v
             except ValueError:
                 raise InvalidInput(f"bad PAX value for {k.decode('latin-1')} at offset {off}") from None
-        if size < 0 or size > H.MAX_SIZE:
+        if size < 0 or size > header.MAX_SIZE:
             raise InvalidInput(f"absurd size {size} in tar header at offset {off}")
         t = hdr.typeflag
-        if t in H.HEADER_ONLY:
+        if t in header.HEADER_ONLY:
             size = 0
         realsize = size
         sparse: list[tuple[int, int]] | None = None
-        if t == H.GNU_SPARSE and hdr.gnu:
+        if t == header.GNU_SPARSE and hdr.gnu:
             b = hdr.block
-            sparse = H.gnu_sparse_entries(b, 386, 4)
+            sparse = header.gnu_sparse_entries(b, 386, 4)
             extended = b[482]
-            realsize = H.parse_number(b[483:495], "realsize")
+            realsize = header.parse_number(b[483:495], "realsize")
             while extended:
-                ext = s.read_exact(H.BLOCK, "sparse header")
+                ext = s.read_exact(header.BLOCK, "sparse header")
                 seg += ext
-                sparse += H.gnu_sparse_entries(ext, 0, 21)
+                sparse += header.gnu_sparse_entries(ext, 0, 21)
                 extended = ext[504]
         elif sp or sp_pairs:
             if b"name" in sp:
@@ -212,12 +192,12 @@ class TarParser:
             if pos >= len(buf):
                 if len(buf) > MAX_EXTENSION:
                     raise InvalidInput(f"absurd GNU sparse map at offset {off}")
-                buf += self.s.read_exact(H.BLOCK, "sparse map")
+                buf += self.s.read_exact(header.BLOCK, "sparse map")
             nl = buf.find(b"\n", pos)
             if nl < 0:
                 if len(buf) > MAX_EXTENSION:
                     raise InvalidInput(f"absurd GNU sparse map at offset {off}")
-                buf += self.s.read_exact(H.BLOCK, "sparse map")
+                buf += self.s.read_exact(header.BLOCK, "sparse map")
                 continue
             try:
                 v = int(buf[pos:nl])

@@ -172,7 +172,7 @@ def test_rootless_default_socket(shared_tmp, test_user):
                                "c = R(sys.argv[1]); c.wait_ready(30); c.prepare('k'); print(c.stat('k').kind)",
                                str(sock)], env=env, timeout=60)
         assert r.stdout.decode().strip() == "active", r.stderr.decode()
-        assert (store / "snapshots.db").exists() and stat.S_IMODE(store.stat().st_mode) == 0o700
+        assert (store / "metadata.db").exists() and stat.S_IMODE(store.stat().st_mode) == 0o700
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=60)

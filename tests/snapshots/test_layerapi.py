@@ -208,7 +208,7 @@ def test_rw_layer_init_mount_refcount_changes_size(rw_api):
     api.release_rw_layer(again)
     with pytest.raises(Exception):
         api.get_rw_layer("ctr")
-    assert not api.sn._taken("ctr-init")
+    assert not api.sn.exists("ctr-init")
 
 
 def test_rw_layer_opaque_dir_reports_deleted_lower_children(rw_api):

@@ -376,16 +376,16 @@ def test_failed_import_restores_the_upper(sn, monkeypatch):
     f = write(sn, "k", "f", b"x" * 1000)
     before = io.BytesIO()
     sn.diff("k", before)
-    real = sn.store.import_tar
+    real = sn.store.stage_tar
 
-    def failing(src, parent=None, *, labels=None, donor=None):
+    def failing(src, parent=None, *, donor=None):
         assert donor is not None and donor(b"f")  # the store would take this file...
         raise OSError(28, "No space left on device")  # ...and then fail
 
-    monkeypatch.setattr(sn.store, "import_tar", failing)
+    monkeypatch.setattr(sn.store, "stage_tar", failing)
     with pytest.raises(OSError):
         sn.commit("c", "k")
-    monkeypatch.setattr(sn.store, "import_tar", real)
+    monkeypatch.setattr(sn.store, "stage_tar", real)
     assert f.read_bytes() == b"x" * 1000 and sn.stat("k").kind == "active"
     again = io.BytesIO()
     sn.diff("k", again)

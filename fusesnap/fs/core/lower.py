@@ -10,12 +10,69 @@ from __future__ import annotations
 
 import os
 import stat as S
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Protocol, runtime_checkable
 
+from fusesnap.errors import InvalidInput
 from fusesnap.layerentry import KIND_OF_FMT, LayerEntry
 from fusesnap.fs.core import upperformat
 from fusesnap.fs.core.longpath import short
+
+
+# What a layer entry does to the merged tree (entry_role)
+ROOT, WHITEOUT, OPAQUE, MEMBER = range(4)
+
+
+def entry_role(e: LayerEntry) -> tuple[int, bytes, bytes] | None:
+    """How one layer entry acts on the layers below it, as every lower-tree builder reads it:
+    (ROOT, b"", b"") the layer's root directory; (WHITEOUT, parent, name) hides `name`;
+    (OPAQUE, dir, b"") hides everything below `dir`; (MEMBER, parent, name) an entry of its
+    own; None for nothing (a NUL in the path, a root entry that is no directory)."""
+    path = e.path.strip(b"/")
+    if path in (b"", b"."):
+        return (ROOT, b"", b"") if e.kind == "dir" else None
+    if b"\0" in path:
+        return None
+    parent, _, name = path.rpartition(b"/")
+    if name in (b".", b"..") or b"/../" in b"/" + path + b"/":
+        raise InvalidInput(f"lower entry with unsafe path {path!r}")
+    if name.startswith(upperformat.WH_PREFIX):
+        return (OPAQUE, parent, b"") if name == upperformat.OPQ_NAME else (WHITEOUT, parent, name[4:])
+    if e.kind == "chr" and e.devmajor == 0 and e.devminor == 0:
+        return (WHITEOUT, parent, name)
+    return (MEMBER, parent, name)
+
+
+@dataclass
+class LayerMarks:
+    """What a layer says about the layers below it (see layer_members)."""
+
+    root: LayerEntry | None = None  # the layer's root directory entry
+    whiteouts: list[tuple[bytes, bytes]] = field(default_factory=list)  # (parent, name) hidden
+    opaques: list[bytes] = field(default_factory=list)  # directories whose lower contents are hidden
+
+
+def layer_members(entries: Iterable[LayerEntry], marks: LayerMarks) -> Iterator[tuple[LayerEntry, bytes, bytes]]:
+    """(entry, parent, name) of a layer's own entries; its root entry, whiteouts and opaque
+    markers (also an opaque xattr on a directory) go to `marks` as they pass."""
+    for e in entries:
+        role = entry_role(e)
+        if role is None:
+            continue
+        what, parent, name = role
+        if what == ROOT:
+            marks.root = e
+            if upperformat.xattrs_say_opaque(e.xattrs):
+                marks.opaques.append(b"")
+        elif what == WHITEOUT:
+            marks.whiteouts.append((parent, name))
+        elif what == OPAQUE:
+            marks.opaques.append(parent)
+        else:
+            if e.kind == "dir" and upperformat.xattrs_say_opaque(e.xattrs):
+                marks.opaques.append(e.path.strip(b"/"))
+            yield e, parent, name
 
 
 @runtime_checkable

@@ -17,7 +17,8 @@ from typing import Iterable, Sequence
 
 from fusesnap.errors import InvalidInput
 from fusesnap.fs.core import upperformat
-from fusesnap.fs.core.lower import LowerSource
+from fusesnap.fs.core.lower import LayerMarks, LowerSource, layer_members
+from fusesnap.fs.core.packedtree import PackedTree, is_packed
 from fusesnap.layerentry import FMT_OF_KIND, LayerEntry
 
 _FORMAT_VERSION = 1
@@ -138,40 +139,19 @@ class LowerTree:
         dirs: list[LayerEntry] = []
         others: list[LayerEntry] = []
         hards: list[LayerEntry] = []
-        whiteouts: list[tuple[bytes, bytes]] = []
-        opaques: list[bytes] = []
-        for e in source.entries():
-            path = e.path.strip(b"/")
-            if path in (b"", b"."):
-                if e.kind == "dir":   # the layer's root directory: its metadata wins
-                    r = self.root
-                    r.mode, r.uid, r.gid, r.mtime_ns = S.S_IFDIR | (e.mode & 0o7777), e.uid, e.gid, e.mtime_ns
-                    r.xattrs = upperformat.visible_xattrs(e.xattrs) or None
-                    if upperformat.xattrs_say_opaque(e.xattrs):
-                        r.kids = {}
-                continue
-            if b"\0" in path:
-                continue
-            parent, _, name = path.rpartition(b"/")
-            if name in (b".", b"..") or b"/../" in b"/" + path + b"/":
-                raise InvalidInput(f"lower entry with unsafe path {path!r}")
-            if name.startswith(upperformat.WH_PREFIX):
-                if name == upperformat.OPQ_NAME:
-                    opaques.append(parent)
-                else:
-                    whiteouts.append((parent, name[4:]))
-                continue
-            if e.kind == "chr" and e.devmajor == 0 and e.devminor == 0:
-                whiteouts.append((parent, name))
-                continue
+        marks = LayerMarks()
+        for e, _parent, _name in layer_members(source.entries(), marks):
             if e.kind == "dir":
                 dirs.append(e)
-                if upperformat.xattrs_say_opaque(e.xattrs):
-                    opaques.append(path)
             elif e.kind == "hard":
                 hards.append(e)
             else:
                 others.append(e)
+        whiteouts, opaques = marks.whiteouts, marks.opaques
+        if marks.root is not None:   # the layer's root directory: its metadata wins
+            e, r = marks.root, self.root
+            r.mode, r.uid, r.gid, r.mtime_ns = S.S_IFDIR | (e.mode & 0o7777), e.uid, e.gid, e.mtime_ns
+            r.xattrs = upperformat.visible_xattrs(e.xattrs) or None
         # 1. whiteouts and opaque markers act on the layers below only
         for parent, name in whiteouts:
             d = self._dir_at(parent, False)
@@ -282,7 +262,10 @@ class LowerTree:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "LowerTree":
+    def load(cls, path: str | os.PathLike) -> "LowerTree | PackedTree":
+        """A saved tree: this format, or a PackedTree (what the snapshotter's cache writes)."""
+        if is_packed(path):
+            return PackedTree.load(path)
         with open(path, "rb") as f:
             data = f.read()
         try:

@@ -378,13 +378,21 @@ def _pending_main(spec_r: int, note_w: int) -> int:
 # Lower trees a mount server keeps loaded for its workers (keep_tree): cache file path ->
 # (the file's identity when loaded, the tree). Lower trees are immutable once built.
 # Every process forked later maps them (shared until touched), which also counts in
-# its proportional memory: ~600 bytes a node, so not more than this many nodes.
+# its proportional memory: not more than this many bytes of them, estimated.
 _KEPT: dict[str, tuple[tuple[int, ...], Any]] = {}
-KEEP_NODES = 100_000
+KEEP_BYTES = 64 << 20
 # Cache files this process loaded from disk, and kept trees it used: for a mount server
 # to keep the former and to drop the least recently used first.
 loaded_from_disk: list[str] = []
 used_kept: list[str] = []
+
+
+def _tree_bytes(tree: Any) -> int:
+    """What a loaded tree holds, roughly: ~70 bytes an entry packed (fs/core/packedtree.py),
+    ~700 as objects."""
+    from fusesnap.fs.core.packedtree import PackedTree
+
+    return len(tree) * (70 if isinstance(tree, PackedTree) else 700)
 
 
 def _identity(path: str) -> tuple[int, ...]:
@@ -404,12 +412,12 @@ def keep_tree(path: str) -> bool:
         _KEPT[path] = old
         return False
     tree = LowerTree.load(path)
-    if len(tree) > KEEP_NODES:
+    if _tree_bytes(tree) > KEEP_BYTES:
         return False
     _KEPT[path] = (ident, tree)
-    total = sum(len(t) for _, t in _KEPT.values())
-    while total > KEEP_NODES:
-        total -= len(_KEPT.pop(next(iter(_KEPT)))[1])
+    total = sum(_tree_bytes(t) for _, t in _KEPT.values())
+    while total > KEEP_BYTES:
+        total -= _tree_bytes(_KEPT.pop(next(iter(_KEPT)))[1])
     return True
 
 
