@@ -188,10 +188,34 @@ def _tree_spec(sn: "Snapshotter", chain: str | None) -> tuple | None:
         return ("empty",)
     path = sn.trees.path(chain)
     if not path.exists():
-        sn.trees.get(chain)          # builds and saves it (a failed save only logs)
+        _build_tree_cache(sn, chain)
         if not path.exists():
             return None
     return ("cache", str(path))
+
+
+def _build_tree_cache(sn: "Snapshotter", chain: str) -> None:
+    """Build and save the chain's lower tree (a failed save only logs). A process that
+    will serve the mount itself (a mount server's worker) builds it in a child: the
+    build holds ~250 bytes an entry, and memory a process has freed mostly stays with
+    it, so the daemon would keep that for its life instead of the packed tree's ~70."""
+    from ..fs.fuse.mount import serving_here
+
+    if not serving_here():
+        sn.trees.get(chain)
+        return
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            from .snapshotter import Snapshotter
+
+            with Snapshotter(sn.root) as own:     # its own database connections: none cross the fork
+                own.trees.get(chain)
+            code = 0
+        finally:
+            os._exit(code)
+    os.waitpid(pid, 0)
 
 
 def umount(mountpoint: str | os.PathLike, timeout: float = 30.0) -> None:

@@ -133,6 +133,11 @@ def serve_here(report_live: Callable[[int], None]) -> None:
     _report_live = report_live
 
 
+def serving_here() -> bool:
+    """Whether this process will serve the mounts it makes (serve_here)."""
+    return _report_live is not None
+
+
 def serve_pending() -> int | None:
     """Serve the mount that went live here until it is unmounted; its exit code, or
     None when there is none."""
