@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import os
 import pwd
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -138,3 +140,13 @@ def wait_exited(pid: int, timeout: float = 15.0) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def one_file_tar(name: str, data: bytes) -> bytes:
+    """A tar holding one regular file."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        ti = tarfile.TarInfo(name)
+        ti.size = len(data)
+        tf.addfile(ti, io.BytesIO(data))
+    return buf.getvalue()

@@ -9,27 +9,16 @@ daemon is gone they go through.
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 import subprocess
-import tarfile
 from pathlib import Path
 
 import pytest
 
-from helpers import fuse_daemon, is_mounted, is_root, run_as, script, unmount, user_env, wait_exited
+from helpers import fuse_daemon, is_mounted, one_file_tar, is_root, run_as, script, unmount, user_env, wait_exited
 
 pytestmark = pytest.mark.skipif(not is_root(), reason="unshare -m and nsenter need root")
-
-
-def _tar() -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tf:
-        ti = tarfile.TarInfo("base")
-        ti.size = 5
-        tf.addfile(ti, io.BytesIO(b"base\n"))
-    return buf.getvalue()
 
 
 class Store:
@@ -64,7 +53,7 @@ def _setup(base: Path, user=None) -> tuple[Store, Path, Path]:
         if user is not None:
             os.chown(d, user.pw_uid, user.pw_gid)
     tar = base / "l.tar"
-    tar.write_bytes(_tar())
+    tar.write_bytes(one_file_tar("base", b"base\n"))
     s = Store(root, user)
     chain = s.ok("import", str(tar)).split()[0]
     s.ok("prepare", "k", chain)
