@@ -36,13 +36,14 @@ from benchlib.runner import Cell, Options, Runner, log  # noqa: E402
 from benchlib.memreport import no_free_page_reporting  # noqa: E402
 from benchlib.scratchfs import CHOICES, scratch_fs  # noqa: E402
 from benchlib.sysutil import BenchError, is_root, rmtree  # noqa: E402
+from benchlib.startup_bench import STARTUP_WORKLOADS, startup_titles  # noqa: E402
 from benchlib.targets import ALL_TARGETS, EXTRA_TARGETS, find_program, make_targets  # noqa: E402
 from benchlib.workloads import WORKLOADS, titles_for, walk  # noqa: E402
 from benchlib.images_bench import IMAGE_WORKLOADS, image_titles  # noqa: E402
 from benchlib.podman_bench import PODMAN_WORKLOADS  # noqa: E402
 from benchlib.recorder_bench import RECORDER_WORKLOADS  # noqa: E402
 
-WORKLOADS = WORKLOADS + IMAGE_WORKLOADS + RECORDER_WORKLOADS + PODMAN_WORKLOADS
+WORKLOADS = WORKLOADS + STARTUP_WORKLOADS + IMAGE_WORKLOADS + RECORDER_WORKLOADS + PODMAN_WORKLOADS
 
 KNOWN_TARGETS = ALL_TARGETS + EXTRA_TARGETS
 
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         log("cold steps run WITHOUT dropping caches (" + ("--no-drop-caches" if is_root() else "not root") + ")")
 
     workloads = [w for w in WORKLOADS if not args.only or w.name in args.only]
-    titles = {**titles_for(ws), **image_titles(ws)}
+    titles = {**titles_for(ws), **startup_titles(ws), **image_titles(ws)}
     n, size = walk(Path(ws.stacks["rootfs"].flat))
     expect = {"rootfs_entries": n, "rootfs_bytes": size}
     scratch = args.cache / "run"

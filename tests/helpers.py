@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import os
 import pwd
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -97,3 +99,54 @@ def wait_mounted(path: str | os.PathLike, timeout: float = 10.0) -> None:
             return
         time.sleep(0.02)
     raise RuntimeError(f"{path} did not get mounted")
+
+
+def fusesnap_ok(root: str | os.PathLike, *args: str, **kw) -> str:
+    """Run `fusesnap --root ROOT ARGS...`; its stdout, after asserting it succeeded."""
+    r = subprocess.run([script("fusesnap"), "--root", str(root), *args], capture_output=True, text=True,
+                       timeout=120, **kw)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def fuse_daemon(mountpoint: str | os.PathLike, timeout: float = 10.0) -> int:
+    """The process serving a FUSE mount: it holds /dev/fuse and names the mount point in
+    its command line."""
+    want = os.fsencode(str(mountpoint))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            try:
+                argv = Path(f"/proc/{d}/cmdline").read_bytes().split(b"\0")
+                if want in argv and any(os.readlink(f"/proc/{d}/fd/{fd}") == "/dev/fuse"
+                                        for fd in os.listdir(f"/proc/{d}/fd")):
+                    return int(d)
+            except OSError:
+                continue
+        time.sleep(0.05)
+    raise AssertionError(f"no daemon serves {mountpoint}")
+
+
+def wait_exited(pid: int, timeout: float = 15.0) -> bool:
+    """Wait until pid has exited (a zombie counts); False if it still runs after timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX":
+                return True
+        except OSError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def one_file_tar(name: str, data: bytes) -> bytes:
+    """A tar holding one regular file."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        ti = tarfile.TarInfo(name)
+        ti.size = len(data)
+        tf.addfile(ti, io.BytesIO(data))
+    return buf.getvalue()

@@ -236,12 +236,13 @@ def scratch(prefix: str = "fusesnap-ov-") -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def built_union(kind: str, build: Callable[..., None], nlowers: int = 2) -> Iterator[Union]:
+def built_union(kind: str, build: Callable[..., None], nlowers: int = 2,
+                extra: Iterable[str] = ()) -> Iterator[Union]:
     """A mount of `kind` over nlowers lowers filled by build(*lowers); unmounted and removed after."""
     with scratch() as base:
         lowers, upper, work, mnt = layout(base, nlowers)
         build(*lowers)
-        un = mount_union(kind, mnt, lowers, upper, work)
+        un = mount_union(kind, mnt, lowers, upper, work, extra)
         try:
             yield un
         finally:

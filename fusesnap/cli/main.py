@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..errors import FusesnapError
+from .entry import helper_source, plain_mount_args
 
 if TYPE_CHECKING:
     import argparse
@@ -93,7 +94,9 @@ def setup_logging(verbosity: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    fast = _plain_mount_args(sys.argv[1:] if argv is None else argv)
+    console = argv is None       # the console script: this process is ours to end
+    argv = helper_source(sys.argv[1:] if argv is None else argv)
+    fast = plain_mount_args(argv)
     early = _early_daemon() if fast is not None else None
     try:
         if early is not None:
@@ -119,60 +122,9 @@ def main(argv: list[str] | None = None) -> int:
             import gc
 
             gc.enable()
-    if argv is None and getattr(args, "quick_exit", False):
+    if console and getattr(args, "quick_exit", False):
         quick_exit(rc)
     return rc
-
-
-_GLOBAL_FLAGS = {"-v": 1, "-vv": 2, "-vvv": 3, "--verbose": 1}
-
-
-def _plain_mount_args(argv: list[str]) -> dict[str, Any] | None:
-    """The arguments of a plain mount command line, without argparse or any import:
-    `fusesnap [--root R] [-v] [--json] mount KEY MP [-o OPT]... [--json]` or the
-    mount.fuse3 helper form `fusesnap ... fusesnap TARGET [-o OPTS]...`. Anything
-    else (-f, --help, abbreviations, a missing or extra argument) returns None and
-    goes through argparse as usual. _namespace() of the result equals what
-    build_parser() gives."""
-    root, verbose, json_out = None, 0, False
-    i = 0
-    while i < len(argv) and argv[i].startswith("-"):
-        a = argv[i]
-        if a == "--root" and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
-            root, i = argv[i + 1], i + 2
-        elif a.startswith("--root=") and len(a) > 7:
-            root, i = a[7:], i + 1
-        elif a in _GLOBAL_FLAGS:
-            verbose, i = verbose + _GLOBAL_FLAGS[a], i + 1
-        elif a == "--json":
-            json_out, i = True, i + 1
-        else:
-            return None
-    if i >= len(argv) or argv[i] not in ("mount", "fusesnap"):
-        return None
-    command, rest = argv[i], argv[i + 1:]
-    positional: list[str] = []
-    options: list[str] = []
-    j = 0
-    while j < len(rest):
-        a = rest[j]
-        if a == "-o" and j + 1 < len(rest) and not rest[j + 1].startswith("-"):
-            options.append(rest[j + 1])
-            j += 2
-            continue
-        if a.startswith("-o") and len(a) > 2 and a[2] not in "=-":
-            options.append(a[2:])
-        elif a == "--json":
-            json_out = True
-        elif a.startswith("-"):
-            return None           # -f, --help, anything argparse must judge
-        else:
-            positional.append(a)
-        j += 1
-    if (command, len(positional)) not in (("mount", 2), ("fusesnap", 1)):
-        return None
-    return {"root": root, "verbose": verbose, "json": json_out, "command": command,
-            "positional": positional, "options": options}
 
 
 def _namespace(plain: dict[str, Any]) -> Any:
@@ -187,6 +139,7 @@ def _namespace(plain: dict[str, Any]) -> Any:
                          foreground=False, options=plain["options"], quick_exit=True)
     if plain["command"] == "mount":
         ns.key, ns.mountpoint = plain["positional"]
+        ns.record = None              # --record FILE is not a plain command line
         ns.func = snapshots.cmd_mount
     else:
         ns.mountpoint, = plain["positional"]

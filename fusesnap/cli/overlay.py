@@ -41,9 +41,17 @@ options (fuse-overlayfs' vocabulary):
   busy_poll=US          spin up to US microseconds for the next request before
                         sleeping (default 50 with two CPUs or more, else 0)
   read_ahead_kb=N       the mount's read-ahead (root only; default 1024)
-  default_permissions, allow_other, fsname=NAME, and the mount flags
-  dev/nodev, suid/nosuid, exec/noexec, atime/noatime, sync/async ...
-Unknown options are ignored with a warning."""
+  allow_other           let other users use the mount (off by default)
+  suid, dev             honour setuid bits and device nodes (off by default)
+  default_permissions, fsname=NAME, and the mount flags
+  exec/noexec, atime/noatime, sync/async ...
+Unknown options are ignored with a warning.
+
+Mounts are nodev,nosuid and only their owner may use them, for root too:
+ask for dev, suid or allow_other. Root of a user namespace other than the
+host's (rootless podman's mount program) gets allow_other and suid by
+default, as with fuse-overlayfs: there the kernel confines them to that
+namespace's processes and ids."""
 
 
 def _version() -> str:

@@ -28,7 +28,7 @@ def main(argv: list[str]) -> int:
         return 2
     with spawn_daemon() as daemon:
         from ..errors import FusesnapError
-        from ..snapshots.mounting import mount_snapshot
+        from ..snapshots.mounting import container_options, mount_snapshot
         from ..snapshots.snapshotter import Snapshotter
 
         with Snapshotter(argv[0]) as sn:
@@ -37,7 +37,7 @@ def main(argv: list[str]) -> int:
                 return 0
             try:
                 key, mountpoint = json.loads(line)
-                return mount_snapshot(sn, key, mountpoint, daemon=daemon)
+                return mount_snapshot(sn, key, mountpoint, daemon=daemon, options=container_options())
             except FusesnapError as e:
                 print(f"fusesnap: error: {e}", file=sys.stderr)
                 return 1

@@ -49,7 +49,7 @@ class MountOptions:
     workdir: str | None = None
     timeout: float = 3600.0
     read_only: bool = False
-    allow_other: bool | None = None          # None: on when root
+    allow_other: bool | None = None          # None: on for root of a user namespace (fs/fuse/mount.py)
     default_permissions: bool | None = None  # None: on when root (as fuse-overlayfs, off rootless)
     uidmap: IdMap = field(default_factory=IdMap)
     gidmap: IdMap = field(default_factory=IdMap)

@@ -1,9 +1,12 @@
 """Mounting snapshots through the FUSE filesystem: lower tree from the cache, upper from the snapshot.
 
-Each mount is tagged with the FUSE fsname `fusesnap:<store tag>:<snapshot id>`
-so the snapshotter can tell, from /proc/self/mountinfo alone, whether a
-snapshot is mounted (commit and remove refuse to pull an upper out from under
-a live mount).
+A snapshot's daemon holds a flock on `mounts/<snapshot id>.lock` in the store
+root for as long as it serves (exclusive for an active snapshot: two daemons
+must never share an upper; shared for a view), so commit and remove can tell a
+live mount from none in whatever mount namespace it was made (`unshare -m`, a
+container's): they hold the lock exclusively while they work. Each mount is
+also tagged with the FUSE fsname `fusesnap:<store tag>:<snapshot id>`, which
+says where it is mounted.
 """
 
 from __future__ import annotations
@@ -12,11 +15,12 @@ import hashlib
 import logging
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 from ..errors import FusesnapError, InUse, InvalidInput
-from ..linux import mountinfo
+from ..linux import flock, mountinfo
 from ..linux.mountinfo import is_mountpoint
 
 if TYPE_CHECKING:
@@ -34,22 +38,96 @@ def fsname_for(sn: "Snapshotter", sid: int) -> str:
     return f"fusesnap:{store_tag(sn.root)}:{sid}"
 
 
-def mount_table() -> list[tuple[str, str, str]]:
-    """(mountpoint, fstype, source) of every mount this process can see."""
-    return [(os.fsdecode(m.mountpoint), m.fstype, os.fsdecode(m.source)) for m in mountinfo.mounts()]
+def mount_table(path: str = mountinfo.SELF) -> list[tuple[str, str, str]]:
+    """(mountpoint, fstype, source) of every mount in a mountinfo file (default: this process's)."""
+    return [(os.fsdecode(m.mountpoint), m.fstype, os.fsdecode(m.source)) for m in mountinfo.mounts(path)]
 
 
-
-def mounts_of(sn: "Snapshotter", sid: int) -> list[str]:
-    """Mount points where snapshot `sid` of this store is mounted."""
+def mounts_of(sn: "Snapshotter", sid: int, table: str = mountinfo.SELF) -> list[str]:
+    """Mount points where snapshot `sid` of this store is mounted (in this process's mount table)."""
     name = fsname_for(sn, sid)
-    return [mp for mp, fstype, src in mount_table() if fstype.startswith("fuse") and src == name]
+    return [mp for mp, fstype, src in mount_table(table) if fstype.startswith("fuse") and src == name]
+
+
+def lock_path(sn: "Snapshotter", sid: int) -> Path:
+    """The file snapshot `sid`'s daemon holds a flock on while it serves."""
+    d = sn.root / "mounts"
+    d.mkdir(mode=0o700, exist_ok=True)
+    return d / f"{sid}.lock"
+
+
+def _where(sn: "Snapshotter", sid: int, holders: list[int]) -> str:
+    """Where the daemons holding the lock mounted the snapshot, as well as we can tell."""
+    own_ns = _mount_ns("self")
+    for pid in holders:
+        try:
+            mps = mounts_of(sn, sid, f"/proc/{pid}/mountinfo")
+        except OSError:
+            continue
+        if mps:
+            other = "" if _mount_ns(str(pid)) == own_ns else " in another mount namespace"
+            return f"at {mps[0]}{other} (daemon pid {pid})"
+    return f"(daemon pid {holders[0]})" if holders else "(by a live daemon)"
+
+
+def _mount_ns(pid: str) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/mnt")
+    except OSError:
+        return None
+
+
+# How long a lock held by a daemon whose mount this process cannot see may take to go:
+# a daemon lets go when it exits, a few milliseconds after its mount went away.
+_EXIT_GRACE = 2.0
+
+
+@contextmanager
+def not_mounted(sn: "Snapshotter", sid: int, key: str, action: str) -> Iterator[None]:
+    """Hold off every daemon of snapshot `sid` for the body; InUse if one serves it now,
+    in any mount namespace."""
+    def refuse(where: str) -> InUse:
+        return InUse(f"cannot {action} snapshot {key!r}: it is mounted {where} (unmount it first)")
+
+    path = lock_path(sn, sid)
+    fd = flock.hold(path)
+    deadline = time.monotonic() + _EXIT_GRACE
+    while fd is None:
+        mps = mounts_of(sn, sid)
+        if mps:
+            raise refuse(f"at {mps[0]}")
+        if time.monotonic() > deadline:   # mounted where this process cannot see it
+            raise refuse(_where(sn, sid, flock.holders(path)))
+        time.sleep(0.01)
+        fd = flock.hold(path)
+    try:
+        mps = mounts_of(sn, sid)   # a daemon of a fusesnap that took no lock
+        if mps:
+            raise refuse(f"at {mps[0]}")
+        yield
+    finally:
+        os.close(fd)
 
 
 def check_not_mounted(sn: "Snapshotter", sid: int, key: str, action: str) -> None:
-    mps = mounts_of(sn, sid)
-    if mps:
-        raise InUse(f"cannot {action} snapshot {key!r}: it is mounted at {mps[0]} (unmount it first)")
+    """InUse if snapshot `sid` is mounted now (in any mount namespace)."""
+    with not_mounted(sn, sid, key, action):
+        pass
+
+
+def daemon_lock(sn: "Snapshotter", sid: int, key: str, active: bool) -> tuple[str, bool, str]:
+    """The lock a daemon of snapshot `sid` holds (fs.fuse.mount.Lock): exclusive for an
+    active snapshot, shared for a view."""
+    busy = (f"snapshot {key!r} is in use: mounted by another daemon, or being committed or removed"
+            if active else f"snapshot {key!r} is being removed")
+    return (str(lock_path(sn, sid)), not active, busy)
+
+
+def container_options() -> list[str]:
+    """Mount options for a snapshot a container runtime uses: its containers may run
+    as users other than the mount's owner, so root asks for allow_other (a plain user
+    cannot without user_allow_other; root of a user namespace has it by default)."""
+    return ["allow_other"] if os.geteuid() == 0 else []
 
 
 def mount_snapshot(sn: "Snapshotter", key: str, mountpoint: str | os.PathLike, *, foreground: bool = False,
@@ -70,12 +148,13 @@ def mount_snapshot(sn: "Snapshotter", key: str, mountpoint: str | os.PathLike, *
     mp = Path(mountpoint)
     if not mp.is_dir():
         raise InvalidInput(f"mount point {str(mp)!r} is not a directory")
-    rec = sn._record(key)
+    rec = sn.record(key)
     opts = parse_options(list(options))
     opts.fsname = fsname_for(sn, rec.id)
     upper = work = None
+    lock = daemon_lock(sn, rec.id, key, info.kind == "active")
     if info.kind == "active":
-        check_not_mounted(sn, rec.id, key, "mount")  # two daemons must never share an upper
+        check_not_mounted(sn, rec.id, key, "mount")  # fail early; the daemon's lock decides
         d = sn.snapshot_dir(rec.id)
         upper, work = d / "upper", d / "work"
         opts.upperdir, opts.workdir = str(upper), str(work)
@@ -91,7 +170,7 @@ def mount_snapshot(sn: "Snapshotter", key: str, mountpoint: str | os.PathLike, *
         spec = _tree_spec(sn, rec.parent_chain)
         if spec is not None:
             try:
-                return daemon.start(spec, upper, work, mp, opts)
+                return daemon.start(spec, upper, work, mp, opts, lock)
             except TreeUnavailable as e:   # e.g. the cache file went bad: rebuild it here
                 log.info("mounting %s: cached lower tree unusable (%s); rebuilding it", key, e)
         daemon.cancel()
@@ -99,7 +178,7 @@ def mount_snapshot(sn: "Snapshotter", key: str, mountpoint: str | os.PathLike, *
 
     tree = sn.trees.get(rec.parent_chain)
     # fs.mount double-forks: the daemon is init's child, no zombie is left to reap here
-    return mount(tree, upper, work, mp, opts, foreground)
+    return mount(tree, upper, work, mp, opts, foreground, lock)
 
 
 def _tree_spec(sn: "Snapshotter", chain: str | None) -> tuple | None:
@@ -109,10 +188,34 @@ def _tree_spec(sn: "Snapshotter", chain: str | None) -> tuple | None:
         return ("empty",)
     path = sn.trees.path(chain)
     if not path.exists():
-        sn.trees.get(chain)          # builds and saves it (a failed save only logs)
+        _build_tree_cache(sn, chain)
         if not path.exists():
             return None
     return ("cache", str(path))
+
+
+def _build_tree_cache(sn: "Snapshotter", chain: str) -> None:
+    """Build and save the chain's lower tree (a failed save only logs). A process that
+    will serve the mount itself (a mount server's worker) builds it in a child: the
+    build holds ~250 bytes an entry, and memory a process has freed mostly stays with
+    it, so the daemon would keep that for its life instead of the packed tree's ~70."""
+    from ..fs.fuse.mount import serving_here
+
+    if not serving_here():
+        sn.trees.get(chain)
+        return
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            from .snapshotter import Snapshotter
+
+            with Snapshotter(sn.root) as own:     # its own database connections: none cross the fork
+                own.trees.get(chain)
+            code = 0
+        finally:
+            os._exit(code)
+    os.waitpid(pid, 0)
 
 
 def umount(mountpoint: str | os.PathLike, timeout: float = 30.0) -> None:

@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import uuid
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable
@@ -38,7 +39,7 @@ from . import changeset
 from .filters import info_adaptor, match_any, parse_filters
 from .idmap import IdMap, translation_for
 from .metadata import Kind, Record, SnapshotDB, format_ns, now_ns, parse_rfc3339_ns
-from .mounting import check_not_mounted, mount_snapshot, umount
+from .mounting import container_options, mount_snapshot, not_mounted, umount
 
 if TYPE_CHECKING:
     from .treecache import TreeCache
@@ -287,7 +288,8 @@ class Snapshotter:
         if info.kind == "committed":
             raise InvalidInput(f"snapshot {key!r} is committed: create a view or an active snapshot to mount it")
         rec = self.record(key)
-        opts = ["rw" if info.kind == "active" else "ro", f"root={self.root}", f"snapshot={key}"]
+        opts = ["rw" if info.kind == "active" else "ro", *container_options(), f"root={self.root}",
+                f"snapshot={key}"]
         if info.kind == "active":
             d = self.snapshot_dir(rec.id)
             opts += [f"upperdir={d / 'upper'}", f"workdir={d / 'work'}"]
@@ -354,32 +356,32 @@ class Snapshotter:
         named = self.store.db.chains_named(name)
         if named:
             raise AlreadyExists(f"name {name!r} is already used by layer {named[0]}")
-        check_not_mounted(self, rec.id, key, "commit")
-        d = self.snapshot_dir(rec.id)
-        cs = changeset.scan_upper(d / "upper", ids=self._ids_of(rec))
-        holder = _new_holder()
-        spool = d / "donate"
-        try:
-            if is_digest(name) and self._layer(name) is not None:
-                # A layer of that chainID exists; fine only if these changes produce exactly it.
-                if compute_chain_id(rec.parent_chain, _digest_of(cs.chunks())) != name:
-                    raise AlreadyExists(f"snapshot {name!r} already exists")
-            rmtree(spool)  # links left by a commit that was killed
-            donor = cs.donations(spool)
+        with not_mounted(self, rec.id, key, "commit"):   # and no daemon starts on the upper meanwhile
+            d = self.snapshot_dir(rec.id)
+            cs = changeset.scan_upper(d / "upper", ids=self._ids_of(rec))
+            holder = _new_holder()
+            spool = d / "donate"
             try:
-                labels = dict(labels or {})
-                ts = now_ns()
-                note = {"snapshot": {"name": name, "parent": rec.parent, "labels": labels, "created_ns": ts}}
-                with self.store.stage_tar(changeset.ChunkReader(cs.chunks()), rec.parent_chain,
-                                          donor=donor) as staged:
-                    with self.store.publish(staged, labels={NAME_LABEL: name}, claim=True, note=note) as t:
-                        intent = self._swap_records(t, rec, name, staged.chain_id, holder, labels, ts)
+                if is_digest(name) and self._layer(name) is not None:
+                    # A layer of that chainID exists; fine only if these changes produce exactly it.
+                    if compute_chain_id(rec.parent_chain, _digest_of(cs.chunks())) != name:
+                        raise AlreadyExists(f"snapshot {name!r} already exists")
+                rmtree(spool)  # links left by a commit that was killed
+                donor = cs.donations(spool)
+                try:
+                    labels = dict(labels or {})
+                    ts = now_ns()
+                    note = {"snapshot": {"name": name, "parent": rec.parent, "labels": labels, "created_ns": ts}}
+                    with self.store.stage_tar(changeset.ChunkReader(cs.chunks()), rec.parent_chain,
+                                              donor=donor) as staged:
+                        with self.store.publish(staged, labels={NAME_LABEL: name}, claim=True, note=note) as t:
+                            intent = self._swap_records(t, rec, name, staged.chain_id, holder, labels, ts)
+                finally:
+                    rmtree(spool)
             finally:
-                rmtree(spool)
-        finally:
-            cs.restore()
-        crash_point("commit-after-tx")
-        self._delete_now(d, intent)
+                cs.restore()
+            crash_point("commit-after-tx")
+            self._delete_now(d, intent)
         return self.stat(name)
 
     def _swap_records(self, t: Any, rec: Record, name: str, chain: str, holder: str,
@@ -404,27 +406,27 @@ class Snapshotter:
         if rec is None:
             self._remove_layer_snapshot(key)
             return
-        if rec.kind != "committed":
-            check_not_mounted(self, rec.id, key, "remove")
-        intent = None
-        with self.store.db.tx() as t:
-            if self.db.get_id(rec.id) is None:
-                raise NotFound(f"snapshot {key!r} does not exist")
-            children = self.db.children(key)
-            if children:
-                raise InUse(f"cannot remove snapshot {key!r}: snapshot {children[0]!r} is based on it")
-            SnapshotDB.delete(t, rec.id)
-            held = rec.chain_id if rec.kind == "committed" else rec.parent_chain
-            if held:
-                self.store.db.drop_ref(t, held, rec.holder, "ref")
-            if rec.kind == "committed":
-                assert rec.chain_id
-                self.store.db.drop_name(t, rec.chain_id, key)
-            elif rec.kind == "active":
-                intent = self._give_up(t, self.snapshot_dir(rec.id), "remove")
-        if intent is not None:
-            crash_point("remove-after-tx")
-            self._delete_now(self.snapshot_dir(rec.id), intent)
+        # an active snapshot's or a view's daemon must not start meanwhile
+        with not_mounted(self, rec.id, key, "remove") if rec.kind != "committed" else nullcontext():
+            intent = None
+            with self.store.db.tx() as t:
+                if self.db.get_id(rec.id) is None:
+                    raise NotFound(f"snapshot {key!r} does not exist")
+                children = self.db.children(key)
+                if children:
+                    raise InUse(f"cannot remove snapshot {key!r}: snapshot {children[0]!r} is based on it")
+                SnapshotDB.delete(t, rec.id)
+                held = rec.chain_id if rec.kind == "committed" else rec.parent_chain
+                if held:
+                    self.store.db.drop_ref(t, held, rec.holder, "ref")
+                if rec.kind == "committed":
+                    assert rec.chain_id
+                    self.store.db.drop_name(t, rec.chain_id, key)
+                elif rec.kind == "active":
+                    intent = self._give_up(t, self.snapshot_dir(rec.id), "remove")
+            if intent is not None:
+                crash_point("remove-after-tx")
+                self._delete_now(self.snapshot_dir(rec.id), intent)
         if rec.kind == "committed":
             assert rec.chain_id
             self._maybe_remove_layer(rec.chain_id)

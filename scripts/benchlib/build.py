@@ -46,11 +46,13 @@ class Scale:
     tree_files_per_dir: int
     create_files: int
     small_size: int = 4096
+    many_dirs: int = 1000           # the "manyfiles" stack: many_dirs x many_per_dir small files
+    many_per_dir: int = 100
 
 
 SCALES = {
     "full": Scale("full", "debootstrap", 2 << 30, 100, 10_000, 100_000, 100, 100, 10_000),
-    "tiny": Scale("tiny", "synthetic", 8 << 20, 10, 100, 1_000, 10, 10, 100),
+    "tiny": Scale("tiny", "synthetic", 8 << 20, 10, 100, 1_000, 10, 10, 100, many_dirs=10, many_per_dir=10),
 }
 
 
@@ -419,6 +421,11 @@ def build(root: Path, scale: Scale, mirror: str | None = None) -> Workset:
 
     tree = _cached(root / "tree", lambda t: _tree(t, scale.tree_dirs, scale.tree_files_per_dir, scale.small_size))
     stacks["tree"] = Stack("tree", [str(tree)], [str(tar_of(tree, "tree"))], str(tree))
+
+    # a cold walk of many small files (100k in 1,000 directories at full scale)
+    many = _cached(root / f"many-{scale.many_dirs}x{scale.many_per_dir}",
+                   lambda t: _tree(t, scale.many_dirs, scale.many_per_dir, 64))
+    stacks["manyfiles"] = Stack("manyfiles", [str(many)], [str(tar_of(many, many.name))], str(many))
 
     empty = _cached(root / "empty", lambda t: t.mkdir())
     stacks["empty"] = Stack("empty", [str(empty)], [str(tar_of(empty, "empty"))], str(empty))

@@ -117,7 +117,10 @@ class PodmanEnv:
     def storage_conf(self) -> str:
         text = f'[storage]\ndriver = "overlay"\ngraphroot = "{self.graph}"\nrunroot = "{self.runroot}"\n'
         if self.mount_program:
-            text += f'\n[storage.options.overlay]\nmount_program = "{self.mount_program}"\n'
+            # containers may run as other users: a FUSE mount lets them in only when asked
+            # (fusesnap-overlay mounts for its owner alone by default, root included)
+            text += (f'\n[storage.options.overlay]\nmount_program = "{self.mount_program}"\n'
+                     'mountopt = "allow_other"\n')
         return text
 
     def containers_conf(self) -> str:

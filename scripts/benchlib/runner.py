@@ -12,8 +12,9 @@ from pathlib import Path
 from .build import Workset
 from .profile import Recorder
 from .sysutil import BenchError, abort_fuse, call_with_timeout, drop_caches, rmtree
+from .startup_bench import MOUNTS, pss_per_mount
 from .targets import Mounted, Target
-from .workloads import POST_CHECKS, Ctx, Workload
+from .workloads import POST_CHECKS, Ctx, Workload, walk
 
 
 @dataclass
@@ -56,8 +57,8 @@ class Runner:
         self.n += 1
         return self.opts.scratch / f"{self.n:04d}-{target.name}-{tag}"
 
-    def _mount(self, t: Target, stack: str, writable: bool, tag: str) -> Mounted:
-        m = t.mount(self.ws.stacks[stack], self._scratch(t, tag), writable)
+    def _mount(self, t: Target, stack: str, writable: bool, tag: str, probe: str | None = None) -> Mounted:
+        m = t.mount(self.ws.stacks[stack], self._scratch(t, tag), writable, probe)
         self.live.append((t, m))
         return m
 
@@ -108,6 +109,8 @@ class Runner:
                     self._run_fresh(w)
                 elif w.kind == "mount":
                     self._run_mount(w)
+                elif w.kind == "memory":
+                    self._run_memory(w)
         finally:
             for t, m in list(self.live):
                 self._unmount(t, m)
@@ -193,7 +196,7 @@ class Runner:
         try:
             if w.kind == "rw":
                 try:
-                    m = self._mount(t, w.stack, True, w.name)
+                    m = self._mount(t, w.stack, w.writable, w.name)
                 except Exception as e:  # noqa: BLE001
                     raise BenchError(f"mount failed: {e}") from e
             else:
@@ -219,7 +222,8 @@ class Runner:
 
     def _run_mount(self, w: Workload) -> None:
         """Time of the mount command alone, from its start until it returns with the mount
-        live (imports and `fusesnap prepare` happen before and are not counted)."""
+        live (imports and `fusesnap prepare` happen before and are not counted); with
+        w.probe, until a stat of that path in the new mount was answered."""
         log(f"{w.name} ({w.stack}): {self.opts.runs} runs")
         for rep in range(self.opts.runs):
             for t in self._order(rep):
@@ -228,15 +232,34 @@ class Runner:
                 m: Mounted | None = None
                 try:
                     try:
-                        m = call_with_timeout(lambda: self._mount(t, w.stack, True, w.name), self.opts.timeout,
-                                              lambda: None)
+                        m = call_with_timeout(lambda: self._mount(t, w.stack, True, w.name, w.probe),
+                                              self.opts.timeout, lambda: None)
                     except Exception as e:  # noqa: BLE001
                         raise BenchError(f"mount failed: {e}") from e
-                    if m.mount_seconds is None:
+                    seconds = m.first_stat_seconds if w.probe else m.mount_seconds
+                    if seconds is None:
                         raise BenchError("target did not time its mount")
-                    self.results[w.name][t.name].runs.append(m.mount_seconds)
+                    self.results[w.name][t.name].runs.append(seconds)
                 except Exception as e:  # noqa: BLE001
                     self._fail(w, t, e)
                 finally:
                     if m is not None:
                         self._unmount(t, m)
+
+    def _run_memory(self, w: Workload) -> None:
+        """Memory with many mounts alive: MOUNTS mounts of w.stack per target, each
+        walked, then what startup_bench.pss_per_mount makes of their processes."""
+        log(f"{w.name} ({w.stack}): {MOUNTS} mounts per target")
+        for t in self._active(w):
+            mounts: list[Mounted] = []
+            try:
+                for i in range(MOUNTS):
+                    m = self._mount(t, w.stack, True, f"{w.name}-{i}")
+                    mounts.append(m)
+                    walk(m.root)
+                self.results[w.name][t.name].runs.append(pss_per_mount([m.pid for m in mounts]))
+            except Exception as e:  # noqa: BLE001
+                self._fail(w, t, e)
+            finally:
+                for m in mounts:
+                    self._unmount(t, m)

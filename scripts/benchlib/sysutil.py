@@ -148,15 +148,25 @@ def find_daemon(mountpoint: Path | str, exclude: set[int] | None = None) -> int 
 
 def rss_mb(pid: int | None) -> float:
     """VmRSS of pid in MB (10^6 bytes)."""
+    return _proc_kb_field(pid, "status", "VmRSS:") * 1024 / 1e6
+
+
+def pss_mb(pid: int | None) -> float:
+    """Proportional set size of pid (smaps_rollup) in MB (10^6 bytes)."""
+    return _proc_kb_field(pid, "smaps_rollup", "Pss:") * 1024 / 1e6
+
+
+def _proc_kb_field(pid: int | None, name: str, field: str) -> int:
+    """A "FIELD: N kB" line of /proc/PID/NAME."""
     if pid is None:
         raise BenchError("daemon process not found")
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024 / 1e6
+        for line in Path(f"/proc/{pid}/{name}").read_text().splitlines():
+            if line.startswith(field):
+                return int(line.split()[1])
     except OSError as e:
-        raise BenchError(f"cannot read /proc/{pid}/status: {e}") from e
-    raise BenchError(f"no VmRSS for pid {pid}")
+        raise BenchError(f"cannot read /proc/{pid}/{name}: {e}") from e
+    raise BenchError(f"no {field} for pid {pid}")
 
 
 def cpu_seconds(pid: int | None) -> float:

@@ -31,6 +31,7 @@ class Mounted:
     pid: int | None = None  # FUSE daemon
     conn: str | None = None  # /sys/fs/fuse/connections/<conn>
     mount_seconds: float | None = None  # the mount command alone, from start to live mount
+    first_stat_seconds: float | None = None  # from the command's start to a stat of `probe` answered
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -45,7 +46,8 @@ class Target:
         """Why this target cannot run here, or None."""
         return None
 
-    def mount(self, stack: Stack, scratch: Path, writable: bool) -> Mounted:
+    def mount(self, stack: Stack, scratch: Path, writable: bool, probe: str | None = None) -> Mounted:
+        """Mount stack; with probe (a path in it), stat it right after the command returned."""
         raise NotImplementedError
 
     def unmount(self, m: Mounted) -> None:
@@ -55,6 +57,14 @@ class Target:
 
     def cleanup(self) -> None:
         """End of run: release whatever the target kept between mounts."""
+
+
+def first_stat(mnt: Path, probe: str | None, t0: float) -> float | None:
+    """Seconds from t0 until a stat of probe inside the fresh mount was answered."""
+    if probe is None:
+        return None
+    os.stat(mnt / probe)
+    return time.perf_counter() - t0
 
 
 def _dirs(scratch: Path) -> tuple[Path, Path, Path]:
@@ -71,7 +81,7 @@ class Plain(Target):
     name = "plain"
     mounts = False
 
-    def mount(self, stack: Stack, scratch: Path, writable: bool) -> Mounted:
+    def mount(self, stack: Stack, scratch: Path, writable: bool, probe: str | None = None) -> Mounted:
         scratch.mkdir(parents=True, exist_ok=True)
         if not writable:
             return Mounted(root=Path(stack.flat), scratch=scratch)
@@ -98,12 +108,13 @@ class KernelOverlay(Target):
             return "no overlay filesystem in this kernel"
         return None
 
-    def mount(self, stack: Stack, scratch: Path, writable: bool) -> Mounted:
+    def mount(self, stack: Stack, scratch: Path, writable: bool, probe: str | None = None) -> Mounted:
         upper, work, mnt = _dirs(scratch)
         t0 = time.perf_counter()
         overlay_mount(list(reversed(stack.lower_dirs)), mnt, upper, work)
         dt = time.perf_counter() - t0
-        return Mounted(root=mnt, scratch=scratch, mountpoint=mnt, mount_seconds=dt)
+        return Mounted(root=mnt, scratch=scratch, mountpoint=mnt, mount_seconds=dt,
+                       first_stat_seconds=first_stat(mnt, probe, t0))
 
 
 class FuseProgram(Target):
@@ -129,7 +140,7 @@ class FuseProgram(Target):
             self._probe = None if p.returncode == 0 or "Traceback" not in p.stderr else f"{self.name} --help: {err[-1]}"
         return self._probe
 
-    def mount(self, stack: Stack, scratch: Path, writable: bool) -> Mounted:
+    def mount(self, stack: Stack, scratch: Path, writable: bool, probe: str | None = None) -> Mounted:
         upper, work, mnt = _dirs(scratch)
         lowers = ":".join(str(p) for p in reversed(stack.lower_dirs))
         opts = f"lowerdir={lowers},upperdir={upper},workdir={work}"
@@ -138,10 +149,11 @@ class FuseProgram(Target):
         t0 = time.perf_counter()
         run([str(self.program), "-o", opts, str(mnt)], timeout=300)
         dt = time.perf_counter() - t0
+        stat_dt = first_stat(mnt, probe, t0)
         if not is_mounted(mnt):
             raise BenchError(f"{self.name} returned but {mnt} is not mounted")
         return Mounted(root=mnt, scratch=scratch, mountpoint=mnt, pid=find_daemon(mnt), conn=fuse_connection(mnt),
-                       mount_seconds=dt)
+                       mount_seconds=dt, first_stat_seconds=stat_dt)
 
 
 class FusesnapStore(Target):
@@ -208,7 +220,7 @@ class FusesnapStore(Target):
                 raise BenchError(self.failed[stack.name]) from e
         return self.chains[stack.name]
 
-    def mount(self, stack: Stack, scratch: Path, writable: bool) -> Mounted:
+    def mount(self, stack: Stack, scratch: Path, writable: bool, probe: str | None = None) -> Mounted:
         chain = self.chain_of(stack)
         _, _, mnt = _dirs(scratch)
         self.counter += 1
@@ -218,6 +230,7 @@ class FusesnapStore(Target):
             t0 = time.perf_counter()
             self.cli("mount", key, str(mnt), timeout=300)
             dt = time.perf_counter() - t0
+            stat_dt = first_stat(mnt, probe, t0)
         except BenchError:
             self._remove(key)
             raise
@@ -225,7 +238,7 @@ class FusesnapStore(Target):
             self._remove(key)
             raise BenchError(f"fusesnap mount returned but {mnt} is not mounted")
         return Mounted(root=mnt, scratch=scratch, mountpoint=mnt, pid=find_daemon(mnt),
-                       conn=fuse_connection(mnt), extra={"key": key}, mount_seconds=dt)
+                       conn=fuse_connection(mnt), extra={"key": key}, mount_seconds=dt, first_stat_seconds=stat_dt)
 
     def _remove(self, key: str) -> None:
         try:

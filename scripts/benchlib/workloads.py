@@ -45,6 +45,8 @@ class Workload:
     setup: Callable[[Ctx], None] | None = None
     applies: Callable[[Target], str | None] | None = None
     timed_inside: bool = False  # the step times itself (returns a measured value)
+    writable: bool = True  # "rw": a fresh mount with an empty upper per run; False: read-only use of it
+    probe: str | None = None  # "mount": record the time until a stat of this path was answered
     finish: Callable[[], None] | None = None  # end of run: release what the steps kept between runs
 
     @property
@@ -301,9 +303,7 @@ WORKLOADS: list[Workload] = [
              applies=only_tool_targets, timed_inside=True),
     Workload("export", "export rootfs tar (plain: GNU tar -c)", "base", "s", "tool", False, s_export,
              setup=setup_export, applies=only_tool_targets, timed_inside=True),
-    Workload("mount-1", "mount time, 1 layer", "base", "s", "mount", False, applies=needs_mount),
-    Workload("mount-100", "mount time, 100 layers", "chain", "s", "mount", False, applies=needs_mount),
-]
+]  # the start-up, fresh-mount and memory rows: startup_bench.WORKLOADS
 
 POST_CHECKS: dict[str, Callable[[Ctx], None]] = {"copyup": post_copyup}
 

@@ -72,13 +72,14 @@ def mount_kernel(lowers: list[Path], upper: Path, work: Path, mnt: Path) -> None
         raise RuntimeError(f"kernel overlay mount failed: {r.stderr.strip()}")
 
 
-# FUSE mounts default to nodev,nosuid; kernel overlayfs (like mount(8)) to dev,suid. Mount
-# both alike so that opening a device node gives the same answer.
-FUSE_OPTS = ",dev,suid"
+# FUSE mounts default to nodev,nosuid and to their owner alone; kernel overlayfs (like
+# mount(8)) to dev,suid for everyone. Mount both alike so that opening a device node, or
+# an operation run as another user, gives the same answer.
+FUSE_OPTS = ",dev,suid,allow_other"
 
 
 def mount_fuse_overlayfs(lowers: list[Path], upper: Path, work: Path, mnt: Path) -> None:
-    _fuse_mount(["fuse-overlayfs", "-o", _overlay_opts(lowers, upper, work) + FUSE_OPTS + ",allow_other", str(mnt)], mnt)
+    _fuse_mount(["fuse-overlayfs", "-o", _overlay_opts(lowers, upper, work) + FUSE_OPTS, str(mnt)], mnt)
 
 
 def mount_fusesnap(lowers: list[Path], upper: Path, work: Path, mnt: Path) -> None:

@@ -1,12 +1,15 @@
-"""How `fusesnap mount` and `fusesnap-overlay` start their daemon.
+"""How `fusesnap mount` and `fusesnap-overlay` start their daemon in their own process.
 
-The daemon is forked before pyfuse3/trio are imported, so the command's own
-process never loads them: it parses arguments and opens the store while the
-daemon imports on the other core, and returns once the mount is live. These
-tests pin the behaviour that must survive that: the command returns with the
-mount live, errors found by either process are one line and a non-zero exit,
-a daemon that is not needed goes away, and a bad tree cache falls back to a
-rebuilt tree. No timings here (scripts/bench.py measures them).
+The console scripts hand such commands to the mount server
+(tests/fuse/test_mount_server.py); without it (FUSESNAP_MOUNT_SERVER=0, or
+main() called in-process) the daemon is forked before pyfuse3/trio are
+imported, so the command's own process never loads them: it parses arguments
+and opens the store while the daemon imports on the other core, and returns
+once the mount is live. These tests pin the behaviour that must survive both
+ways: the command returns with the mount live, errors found by either process
+are one line and a non-zero exit, a process that is not needed goes away, and
+a bad tree cache falls back to a rebuilt tree. No timings here (scripts/bench.py
+measures them).
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -105,7 +107,8 @@ NOT_PLAIN = [
 def test_plain_mount_command_lines_parse_as_argparse_does():
     code = """
 import json, sys
-from fusesnap.cli.main import _namespace, _plain_mount_args, build_parser
+from fusesnap.cli.entry import plain_mount_args as _plain_mount_args
+from fusesnap.cli.main import _namespace, build_parser
 plain, not_plain = json.loads(sys.argv[1])
 out = {"same": [], "loaded_argparse": None, "not_none": []}
 fast = [_plain_mount_args(a) for a in plain]
@@ -171,22 +174,30 @@ def test_error_found_by_the_daemon_is_one_line_and_nonzero(shared_tmp):
     assert not is_mounted(mp)
 
 
-def _marked_processes(marker: str) -> list[int]:
+def _processes_naming(path: Path) -> list[int]:
+    """Live processes whose command line names path (a daemon keeps its command's, a
+    mount server's worker shows the command line it runs)."""
     pids = []
     for d in os.listdir("/proc"):
-        if d.isdigit():
+        if d.isdigit() and int(d) != os.getpid():
             try:
-                if marker.encode() in Path(f"/proc/{d}/environ").read_bytes():
+                if os.fsencode(str(path)) in Path(f"/proc/{d}/cmdline").read_bytes() and \
+                        Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX":
                     pids.append(int(d))
             except OSError:
                 pass
     return pids
 
 
+VIA = {"server": {}, "own process": {"FUSESNAP_MOUNT_SERVER": "0"}}
+
+
+@pytest.mark.parametrize("via", sorted(VIA))
 @pytest.mark.parametrize("case", ["committed", "missing-key", "not-a-dir", "usage-error", "helper-no-key"])
-def test_error_found_by_the_command_sends_the_daemon_away(shared_tmp, case):
-    """Plain command lines fork the daemon before these errors are found; the usage
-    error goes through argparse (no daemon at all)."""
+def test_error_found_by_the_command_sends_the_daemon_away(shared_tmp, case, via):
+    """In its own process a plain command line forks the daemon before these errors are
+    found; through the server a worker runs it; the usage error goes through argparse
+    (no daemon at all). Nothing that names the store is left running afterwards."""
     root, chain = _layer_store(shared_tmp)
     mp = shared_tmp / "mp"
     mp.mkdir()
@@ -197,25 +208,22 @@ def test_error_found_by_the_command_sends_the_daemon_away(shared_tmp, case):
             "not-a-dir": ["mount", "k2", str(root / "does-not-exist")],
             "usage-error": ["mount", "k2"],
             "helper-no-key": ["fusesnap", str(mp), "-o", f"root={root}"]}[case]
-    marker = uuid.uuid4().hex
-    r = fusesnap(root, *args, env={**os.environ, "FUSESNAP_TEST_MARKER": marker})
+    r = fusesnap(root, *args, env={**os.environ, **VIA[via]})
     assert r.returncode != 0
     if case != "usage-error":      # argparse prints usage + error
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not is_mounted(mp)
     deadline = time.monotonic() + 30
-    while _marked_processes(marker) and time.monotonic() < deadline:
+    while _processes_naming(root) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _marked_processes(marker), "a daemon forked for the failed mount is still running"
+    assert not _processes_naming(root), "a process started for the failed mount is still running"
 
 
 def test_mount_help_forks_no_daemon(shared_tmp):
     root, chain = _layer_store(shared_tmp)
-    marker = uuid.uuid4().hex
-    env = {**os.environ, "FUSESNAP_TEST_MARKER": marker}
-    r = fusesnap(root, "mount", "--help", env=env)
+    r = fusesnap(root, "mount", "--help")
     assert r.returncode == 0 and "MOUNTPOINT" in r.stdout
-    assert not _marked_processes(marker)
+    assert not _processes_naming(root)
 
 
 def test_unreadable_tree_cache_falls_back_to_a_rebuilt_tree(shared_tmp):

@@ -31,7 +31,8 @@ def _build(l0: Path, l1: Path) -> None:
 
 @pytest.fixture(params=KINDS)
 def u(request, test_user):
-    with built_union(request.param, _build) as un:
+    # the test user works in root's mount: fusesnap must be asked to let other users in
+    with built_union(request.param, _build, extra=["allow_other"] if request.param == FUSESNAP else []) as un:
         un.user = test_user
         yield un
 

@@ -6,6 +6,11 @@ called, and `spawn_daemon()` forks the daemon *first*, so that it imports them
 on the other core while the caller is still opening the store and picking the
 lower tree; `PendingDaemon.start()` then hands it what to mount and returns
 once the mount is live, exactly like `mount()`.
+
+In a worker of the mount server (cli/mountserver.py), which has all of that
+imported already, `serve_here()` turns daemonizing into serving in the worker
+itself: once the mount is live the worker reports success to the command that
+waits for it and goes on serving, and no daemon is forked.
 """
 
 from __future__ import annotations
@@ -14,10 +19,12 @@ import gc
 import os
 import signal
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from fusesnap.errors import FusesnapError
 from fusesnap.fs.options import MountOptions
+from fusesnap.linux import flock
+from fusesnap.linux.kernel import in_initial_user_namespace
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -34,6 +41,10 @@ TreeSpec = tuple
 
 _TREE_FAILED = b"\0tree\0"   # notify-pipe prefix: the daemon could not build the lower tree
 
+# A lock the daemon holds for as long as it serves (linux/flock.py), so that others can
+# tell it is alive whatever mount namespace it mounted in: (path, shared, message if taken).
+Lock = tuple[str, bool, str]
+
 
 class TreeUnavailable(FusesnapError):
     """A pending daemon could not build its lower tree (nothing was mounted).
@@ -42,32 +53,43 @@ class TreeUnavailable(FusesnapError):
 
 
 def fuse_options(union: Union, opts: MountOptions) -> set[str]:
+    """The FUSE mount options: nodev,nosuid and no allow_other unless asked for.
+
+    Root of the initial user namespace gets the same defaults as everyone: an
+    image's device nodes and setuid binaries must not reach the host's users.
+    Root of another user namespace (rootless podman's mount program, which can
+    pass `allow_other` but no `suid`) gets allow_other and suid by default, as
+    fuse-overlayfs gives it: the kernel confines both to that namespace."""
     o = {f"fsname={opts.fsname}", "subtype=fusesnap"}
-    root = os.geteuid() == 0
+    # root of a user namespace (rootless podman's mount program, `unshare -Ur`): the kernel
+    # admits only that namespace's processes, lets setuid reach only its ids, ignores devices
+    confined = os.geteuid() == 0 and not in_initial_user_namespace()
+    asked = set(opts.fuse_options)
     if union.kernel_checks_permissions:
         o.add("default_permissions")
-    allow_other = opts.allow_other if opts.allow_other is not None else os.geteuid() == 0
-    if allow_other:
+    if opts.allow_other if opts.allow_other is not None else confined:
         o.add("allow_other")
     if union.readonly:
         o.add("ro")
-    if not opts.keep_atime and "atime" not in opts.fuse_options:
+    if not opts.keep_atime and "atime" not in asked:
         # as fuse-overlayfs: reads through the mount would otherwise invalidate every
         # file's cached attributes (atime) and cost a GETATTR per stat afterwards
         o.add("noatime")
-    if root:   # like a kernel overlay mount: setuid binaries and device nodes work
-        for flag in ("suid", "dev"):
-            if "no" + flag not in opts.fuse_options:
-                o.add(flag)
-    o.update(opts.fuse_options)
+    if not asked & {"suid", "nosuid"}:
+        o.add("suid" if confined else "nosuid")
+    if not asked & {"dev", "nodev"}:
+        o.add("nodev")
+    o.update(asked)
     return o
 
 
 def mount(tree: LowerTree, upper: Path | str | None, work: Path | str | None,
-          mountpoint: Path | str, opts: MountOptions | None = None, foreground: bool = False) -> int:
+          mountpoint: Path | str, opts: MountOptions | None = None, foreground: bool = False,
+          lock: Lock | None = None) -> int:
     """Mount; return 0 once the mount is live (the daemon keeps serving), else 1.
 
-    With foreground=True, serve in this process until unmounted and return then."""
+    With foreground=True, serve in this process until unmounted and return then.
+    With lock, the serving process holds it (taken before mounting) until it exits."""
     opts = opts or MountOptions()
     mountpoint = os.path.abspath(mountpoint)
     try:
@@ -82,15 +104,74 @@ def mount(tree: LowerTree, upper: Path | str | None, work: Path | str | None,
     ops = Operations(union)
     fopts = fuse_options(union, opts)
     if foreground:
-        return _serve(ops, mountpoint, fopts, None, opts.debug)
+        return _serve(ops, mountpoint, fopts, None, opts.debug, lock)
+    if _report_live is not None:
+        return _serve_here(ops, mountpoint, fopts, opts.debug, lock)
     r, w = os.pipe()
-    _fork_daemon(lambda: _serve(ops, mountpoint, fopts, w, opts.debug), close_in_child=(r,))
+    _fork_daemon(lambda: _serve(ops, mountpoint, fopts, _pipe_note(w), opts.debug, lock), close_in_child=(r,))
     os.close(w)
     msg = _read_all(r)
     if msg.startswith(b"ok"):
         return 0
     print(f"fusesnap: cannot mount {mountpoint}: {_reason(msg)}", file=sys.stderr)
     return 1
+
+
+# Set in a mount server's worker: called with 0 once its mount is live (serve_here).
+_report_live: Callable[[int], None] | None = None
+# The mount that went live in this process and waits to be served (serve_here).
+_pending: Callable[[], int] | None = None
+
+
+def serve_here(report_live: Callable[[int], None]) -> None:
+    """Daemonizing mounts serve in this process from now on: report_live(0) once the
+    mount is live, and the command returns 0 as if a daemon served it; then
+    serve_pending() serves it (this process belongs to the mount alone: a mount
+    server's worker). Serving waits until the command has returned, so that what
+    it opened (the store's databases) is closed, not kept for the mount's life."""
+    global _report_live
+    _report_live = report_live
+
+
+def serving_here() -> bool:
+    """Whether this process will serve the mounts it makes (serve_here)."""
+    return _report_live is not None
+
+
+def serve_pending() -> int | None:
+    """Serve the mount that went live here until it is unmounted; its exit code, or
+    None when there is none."""
+    global _pending
+    serve, _pending = _pending, None
+    return serve() if serve is not None else None
+
+
+def _serve_here(ops: Operations, mountpoint: str, fopts: set[str], debug: bool, lock: Lock | None) -> int:
+    """Mount for serve_pending(); 0 once live, 1 with the reason on stderr if not."""
+    global _pending
+    said: list[bytes] = []
+
+    def note(msg: bytes) -> None:
+        said.append(msg)
+        if msg == b"ok" and _report_live is not None:
+            _report_live(0)
+
+    if _go_live(ops, mountpoint, fopts, note, debug, lock):
+        _pending = lambda: _serve_live(ops, mountpoint, debug)   # noqa: E731
+        return 0
+    print(f"fusesnap: cannot mount {mountpoint}: {_reason(said[0] if said else b'')}", file=sys.stderr)
+    return 1
+
+
+def _pipe_note(fd: int) -> Callable[[bytes], None]:
+    """How a forked daemon tells the process waiting on a pipe: b"ok" or why not."""
+    def note(msg: bytes) -> None:
+        try:
+            os.write(fd, msg)
+        except OSError:
+            pass
+        os.close(fd)
+    return note
 
 
 def _fork_daemon(body: Any, close_in_child: tuple[int, ...] = ()) -> None:
@@ -135,12 +216,49 @@ def _reason(msg: bytes) -> str:
     return msg.decode(errors="replace").strip() or "the filesystem daemon exited before the mount was live"
 
 
-def spawn_daemon() -> "PendingDaemon":
-    """Fork a daemon now; it imports pyfuse3/trio while the caller prepares the mount.
+def spawn_daemon() -> "PendingDaemon | HereDaemon":
+    """Fork a daemon now; it imports pyfuse3/trio while the caller prepares the mount
+    (in a mount server's worker: this process will serve, see serve_here).
 
     Use it as a context manager: leaving the block without start() lets the
     daemon exit without mounting anything."""
-    return PendingDaemon()
+    return HereDaemon() if _report_live is not None else PendingDaemon()
+
+
+class HereDaemon:
+    """PendingDaemon's interface for a process that serves its mount itself."""
+
+    def start(self, tree: TreeSpec, upper: Path | str | None, work: Path | str | None,
+              mountpoint: Path | str, opts: MountOptions | None = None, lock: Lock | None = None) -> int:
+        """As PendingDaemon.start; on success the mount waits for serve_pending()."""
+        from fusesnap.fs.core.union import Union
+        from fusesnap.fs.fuse.operations import Operations
+
+        opts = opts or MountOptions()
+        mountpoint = os.path.abspath(mountpoint)
+        if not os.path.isdir(mountpoint):
+            print(f"fusesnap: cannot mount {mountpoint}: mountpoint {mountpoint!r} does not exist "
+                  "or is not a directory", file=sys.stderr)
+            return 1
+        try:
+            tree_ = _build_tree(tree)
+        except Exception as e:   # noqa: BLE001 -- as the forked daemon reports it
+            raise TreeUnavailable(str(e)) from None
+        try:
+            union = Union(tree_, upper, work, opts)
+        except (OSError, FusesnapError) as e:
+            print(f"fusesnap: cannot mount {mountpoint}: {e}", file=sys.stderr)
+            return 1
+        return _serve_here(Operations(union), mountpoint, fuse_options(union, opts), opts.debug, lock)
+
+    def cancel(self) -> None:
+        pass
+
+    def __enter__(self) -> "HereDaemon":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
 
 
 class PendingDaemon:
@@ -155,7 +273,7 @@ class PendingDaemon:
         self._done = False
 
     def start(self, tree: TreeSpec, upper: Path | str | None, work: Path | str | None,
-              mountpoint: Path | str, opts: MountOptions | None = None) -> int:
+              mountpoint: Path | str, opts: MountOptions | None = None, lock: Lock | None = None) -> int:
         """Mount like mount(..., foreground=False): 0 once the mount is live, else 1
         with the reason on stderr. Raises TreeUnavailable if the daemon could not
         build the lower tree (then nothing is mounted and the daemon is gone)."""
@@ -172,7 +290,7 @@ class PendingDaemon:
             return 1
         try:
             spec = pickle.dumps((tree, None if upper is None else str(upper),
-                                 None if work is None else str(work), mountpoint, opts))
+                                 None if work is None else str(work), mountpoint, opts, lock))
         except BaseException:
             self.cancel()
             raise
@@ -247,7 +365,7 @@ def _pending_main(spec_r: int, note_w: int) -> int:
         data = _read_all(spec_r)
         if not data:
             return 0              # cancelled: the caller found an error first
-        tree_spec, upper, work, mountpoint, opts = pickle.loads(data)
+        tree_spec, upper, work, mountpoint, opts, lock = pickle.loads(data)
     except BaseException as e:   # noqa: BLE001 -- reported to the caller, not lost
         return fail(f"the filesystem daemon failed to start: {type(e).__name__}: {e}".encode())
     try:
@@ -259,13 +377,65 @@ def _pending_main(spec_r: int, note_w: int) -> int:
     except (OSError, FusesnapError) as e:
         return fail(str(e).encode(errors="replace"))
     ops = Operations(union)
-    return _serve(ops, mountpoint, fuse_options(union, opts), note_w, opts.debug)
+    return _serve(ops, mountpoint, fuse_options(union, opts), _pipe_note(note_w), opts.debug, lock)
+
+
+# Lower trees a mount server keeps loaded for its workers (keep_tree): cache file path ->
+# (the file's identity when loaded, the tree). Lower trees are immutable once built.
+# Every process forked later maps them (shared until touched), which also counts in
+# its proportional memory: not more than this many bytes of them, estimated.
+_KEPT: dict[str, tuple[tuple[int, ...], Any]] = {}
+KEEP_BYTES = 64 << 20
+# Cache files this process loaded from disk, and kept trees it used: for a mount server
+# to keep the former and to drop the least recently used first.
+loaded_from_disk: list[str] = []
+used_kept: list[str] = []
+
+
+def _tree_bytes(tree: Any) -> int:
+    """What a loaded tree holds, roughly: ~70 bytes an entry packed (fs/core/packedtree.py),
+    ~700 as objects."""
+    from fusesnap.fs.core.packedtree import PackedTree
+
+    return len(tree) * (70 if isinstance(tree, PackedTree) else 700)
+
+
+def _identity(path: str) -> tuple[int, ...]:
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def keep_tree(path: str) -> bool:
+    """Load the lower tree cache file at path and keep it in this process (a mount
+    server), so that the processes it forks find it loaded (an unchanged file);
+    keeping a tree kept already marks it recently used. True if it was loaded."""
+    from fusesnap.fs.core.lowertree import LowerTree
+
+    ident = _identity(path)
+    old = _KEPT.pop(path, None)
+    if old is not None and old[0] == ident:
+        _KEPT[path] = old
+        return False
+    tree = LowerTree.load(path)
+    if _tree_bytes(tree) > KEEP_BYTES:
+        return False
+    _KEPT[path] = (ident, tree)
+    total = sum(_tree_bytes(t) for _, t in _KEPT.values())
+    while total > KEEP_BYTES:
+        total -= _tree_bytes(_KEPT.pop(next(iter(_KEPT)))[1])
+    return True
 
 
 def _build_tree(spec: TreeSpec) -> Any:
     kind = spec[0]
     if kind == "cache":
         from fusesnap.fs.core.lowertree import LowerTree
+
+        kept = _KEPT.get(spec[1])
+        if kept is not None and kept[0] == _identity(spec[1]):
+            used_kept.append(spec[1])
+            return kept[1]
+        loaded_from_disk.append(spec[1])
         return LowerTree.load(spec[1])
     if kind == "dirs":
         if spec[2]:
@@ -279,41 +449,65 @@ def _build_tree(spec: TreeSpec) -> Any:
     raise ValueError(f"unknown lower tree spec {kind!r}")
 
 
-def _serve(ops: Operations, mountpoint: str, fopts: set[str], notify_fd: int | None, debug: bool) -> int:
+def _serve(ops: Operations, mountpoint: str, fopts: set[str], note: Callable[[bytes], None] | None,
+           debug: bool, lock: Lock | None = None) -> int:
+    """Mount and serve until unmounted; note(b"ok") once live, note(reason) if mounting
+    failed (None: print the reason)."""
+    if not _go_live(ops, mountpoint, fopts, note, debug, lock):
+        return 1
+    return _serve_live(ops, mountpoint, debug)
+
+
+def _go_live(ops: Operations, mountpoint: str, fopts: set[str], note: Callable[[bytes], None] | None,
+             debug: bool, lock: Lock | None) -> bool:
+    """Mount: the kernel queues requests from here on. note(b"ok") and stdio let go
+    when live; False (the reason noted or printed) when mounting failed."""
     import pyfuse3
-    import trio
 
     from fusesnap.fs.fuse import fastloop
-    from fusesnap.fs.fuse.readahead import DEFAULT_KB, set_read_ahead
-    from fusesnap.fs.fuse.splicing import read_ahead_that_splices
 
     os.umask(0)
     if debug:
         import logging
         logging.basicConfig(level=logging.DEBUG, format="fusesnap: %(levelname)s %(message)s")
+
+    def failed(reason: str) -> bool:
+        if note is not None:
+            note(reason.encode())
+        else:
+            print(f"fusesnap: cannot mount {mountpoint}: {reason}", file=sys.stderr)
+        return False
+
+    # kept open (inherited by nothing: close-on-exec) until this process exits
+    if lock is not None and flock.hold(lock[0], shared=lock[1]) is None:
+        return failed(lock[2])
     before = fastloop.fuse_fds()
     try:
         pyfuse3.init(ops, mountpoint, fopts)
     except Exception as e:
-        reason = f"{e} (options: {','.join(sorted(fopts))})"
-        if notify_fd is not None:
-            os.write(notify_fd, reason.encode())
-            os.close(notify_fd)
-        else:
-            print(f"fusesnap: cannot mount {mountpoint}: {reason}", file=sys.stderr)
-        return 1
+        return failed(f"{e} (options: {','.join(sorted(fopts))})")
     new = fastloop.fuse_fds() - before
     if len(new) == 1 and os.environ.get("FUSESNAP_STOCK_LOOP") != "1":
         busy = ops.union.opts.busy_poll_us
         fastloop.install(new.pop(), busy_poll_us=fastloop.default_busy_poll_us() if busy is None else busy)
-    if notify_fd is not None:
-        os.write(notify_fd, b"ok")
-        os.close(notify_fd)
+    if note is not None:
+        note(b"ok")
         if not debug:
             devnull = os.open(os.devnull, os.O_RDWR)
             for fd in (0, 1, 2):
                 os.dup2(devnull, fd)
             os.close(devnull)
+    return True
+
+
+def _serve_live(ops: Operations, mountpoint: str, debug: bool) -> int:
+    """Answer requests of the mount _go_live made until it is unmounted (or a signal)."""
+    import pyfuse3
+    import trio
+
+    from fusesnap.fs.fuse.readahead import DEFAULT_KB, set_read_ahead
+    from fusesnap.fs.fuse.splicing import read_ahead_that_splices
+
     gc.enable()      # off while a pending daemon was starting up
     state = {"signalled": False}
 

@@ -1,0 +1,184 @@
+"""The mount command's side of the mount server (cli/mountserver.py).
+
+A mount command that would daemonize hands its whole command line to a
+resident server of the same user and context, which has pyfuse3, trio and the
+CLI imported already and forks a child to run it: the child gets this
+process's stdin, stdout, stderr and working directory (as descriptors), its
+environment and umask, runs the command exactly as it would run here, and
+reports the exit status once the mount is live. This process only waits.
+
+Import cost is the point of this module: the os module, sys, marshal, _socket,
+_sha256 and select, nothing else (no argparse, enum, typing, dataclasses, not
+even `from __future__`), measured with `python -X importtime`.
+
+Protocol (SOCK_SEQPACKET, one message each): the request is
+marshal((1, kind, argv, orig_argv, environ, umask)) with SCM_RIGHTS
+[stdin, stdout, stderr, cwd]; the server's worker answers b"S" when it starts
+the command, then b"R<exit status>"; a server that will not serve this peer
+answers b"N<reason>". Nothing has run before b"S", so a connection that ends
+earlier (a server exiting on idle) is retried with a new server, and a client
+that gave up waiting makes sure no b"S" can reach it first (shutdown).
+"""
+
+import _sha256
+import _socket
+import marshal
+import os
+import select
+import sys
+
+from fusesnap.linux.procctx import context
+
+SWITCH = "FUSESNAP_MOUNT_SERVER"          # "0": run every mount command in its own process
+IDLE = "FUSESNAP_MOUNT_SERVER_IDLE"       # seconds a server it starts lives without a request (300)
+_SERVER_MODULE = "fusesnap.cli.mountserver"
+TITLE_SPACE = 16384                       # bytes of command line the server keeps for its daemons' titles
+_START_TIMEOUT = 120.0                    # seconds a busy machine may take to start the worker
+_MAX_REQUEST = 200_000                    # bytes one SEQPACKET message may carry (wmem_default)
+
+
+def socket_name() -> bytes:
+    """The abstract socket of the server for this process's context and this installation."""
+    me = os.stat(__file__)
+    install = f"{sys.executable}\0{sys.version}\0{me.st_dev}:{me.st_ino}:{me.st_mtime_ns}".encode()
+    digest = _sha256.sha256(context() + b"\0" + install).hexdigest()[:32]
+    return f"\0fusesnap-mountd-{os.geteuid()}-{digest}".encode()
+
+
+def run(kind: str, argv: list[str]) -> int | None:
+    """Run `kind argv` through the server; its exit status, or None when it was not
+    handed over (nothing ran: the caller runs the command itself)."""
+    if os.environ.get(SWITCH) == "0":
+        return None
+    try:
+        name = socket_name()
+        request = _request(kind, argv)
+    except OSError:
+        return None
+    if request is None:
+        return None
+    payload, fds = request
+    try:
+        for _ in range(3):
+            sock = _connect(name, kind)
+            if sock is None:
+                return None
+            try:
+                rc = _exchange(sock, payload, fds)
+            finally:
+                sock.close()
+            if rc != "retry":
+                return rc
+        return None
+    finally:
+        os.close(fds[3])
+
+
+def _request(kind: str, argv: list[str]) -> tuple[bytes, list[int]] | None:
+    for fd in (0, 1, 2):           # a closed stdio descriptor cannot be sent: give it /dev/null
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    payload = marshal.dumps((1, kind, list(argv), list(sys.orig_argv), dict(os.environb), umask))
+    if len(payload) > _MAX_REQUEST:
+        return None
+    cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    return payload, [0, 1, 2, cwd]
+
+
+def _connect(name: bytes, kind: str) -> _socket.socket | None:
+    """A connection to the server, started first if there is none (None: cannot)."""
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(name)
+        return sock
+    except OSError:
+        pass
+    if not _spawn_server(name, kind):
+        sock.close()
+        return None
+    try:
+        sock.connect(name)
+        return sock
+    except OSError:
+        sock.close()
+        return None
+
+
+def _spawn_server(name: bytes, kind: str) -> bool:
+    """Start a server for name; True once one listens there (this one or a racing one)."""
+    r, w = os.pipe()
+    try:
+        os.set_inheritable(w, True)
+        null = os.devnull
+        actions = [(os.POSIX_SPAWN_OPEN, 0, null, os.O_RDWR, 0), (os.POSIX_SPAWN_DUP2, 0, 1),
+                   (os.POSIX_SPAWN_DUP2, 0, 2)]
+        env = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL", "LC_CTYPE")}
+        # -I: nothing from the cwd or PYTHON* variables gets imported into the server
+        idle = os.environ.get(IDLE, "300")
+        argv = [sys.executable, "-I", "-m", _SERVER_MODULE, name[1:].hex(), str(w), idle, kind,
+                "-" * TITLE_SPACE]
+        os.posix_spawn(sys.executable, argv, env, file_actions=actions, setsid=True)
+    except OSError:
+        os.close(r)
+        return False
+    finally:
+        os.close(w)
+    with os.fdopen(r, "rb") as f:
+        status = f.read()
+    return status in (b"ok", b"exists")
+
+
+def _exchange(sock: _socket.socket, payload: bytes, fds: list[int]) -> int | str | None:
+    """Send the request and wait: exit status, "retry" (the server went away before
+    starting anything) or None (refused: nothing ran)."""
+    fd_bytes = b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds)
+    try:
+        sock.sendmsg([payload], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fd_bytes)])
+    except OSError:
+        return "retry"
+    started = False
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    try:
+        while True:
+            if not started and not poller.poll(_START_TIMEOUT * 1000):
+                return _give_up(sock)
+            msg = sock.recv(4096)
+            if not msg:
+                if not started:
+                    return "retry"
+                print("fusesnap: the mount server's worker ended without an exit status", file=sys.stderr)
+                return 1
+            if msg == b"S":
+                started = True
+            elif msg[:1] == b"R":
+                return int(msg[1:])
+            elif msg[:1] == b"N" and not started:
+                return None
+    except KeyboardInterrupt:
+        return 130
+    except OSError:
+        if not started:
+            return "retry"
+        print("fusesnap: lost the mount server's worker before it reported", file=sys.stderr)
+        return 1
+
+
+def _give_up(sock: _socket.socket) -> int | None:
+    """No worker started in time: shut the connection so that none can start after
+    this returns, unless one did just now (then wait for it after all)."""
+    sock.shutdown(_socket.SHUT_RDWR)
+    try:
+        sock.setblocking(False)
+        msg = sock.recv(4096)
+    except OSError:
+        return None
+    if msg != b"S":
+        return None
+    print("fusesnap: the mount server started the command late and no longer reports to it",
+          file=sys.stderr)
+    return 1
