@@ -11,12 +11,7 @@ import sys
 from typing import Any
 
 from ..errors import InvalidInput
-
-
-def _emit(obj: Any) -> None:
-    from .main import emit_json
-
-    emit_json(obj)
+from .output import emit_json
 
 
 def _remote(args: argparse.Namespace) -> Any:
@@ -33,7 +28,7 @@ def _human(n: int) -> str:
 def _report(args: argparse.Namespace, as_json: dict[str, Any], lines: list[str], summary: str) -> int:
     """--json: the object; else the lines on stdout and, unless --quiet, the summary on stderr."""
     if args.json:
-        _emit(as_json)
+        emit_json(as_json)
         return 0
     for line in lines:
         print(line)
@@ -87,7 +82,7 @@ def cmd_images(args: argparse.Namespace) -> int:
     with LayerStore(args.root) as st:
         recs = ImageRecords(st).list()
     if args.json:
-        _emit([r.summary() for r in recs])
+        emit_json([r.summary() for r in recs])
         return 0
     rows = [("NAME", "MANIFEST", "LAYERS", "SIZE", "PLATFORM", "CREATED")]
     for r in recs:
@@ -107,7 +102,7 @@ def cmd_images_inspect(args: argparse.Namespace) -> int:
     with LayerStore(args.root) as st:
         d = ImageRecords(st).get(args.name).details()
     if args.json:
-        _emit(d)
+        emit_json(d)
         return 0
     for k in ("name", "source", "manifest_digest", "media_type", "config_digest", "platform", "created_at",
               "top_chain"):
@@ -141,7 +136,7 @@ def cmd_rmi(args: argparse.Namespace) -> int:
             removed.append(records.remove(name).name)
         BlobDir(images_dir(st)).remove_unlisted(records.kept_blobs())
     if args.json:
-        _emit({"removed": removed})
+        emit_json({"removed": removed})
     else:
         for n in removed:
             print(n)

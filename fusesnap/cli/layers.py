@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import FusesnapError, InvalidInput, NotFound
 from .images import check_not_image_archive
-from .main import emit_json, parse_labels
-from .output import output_file
+from .labels import parse_labels
+from .output import emit_json, output_file
 from .progress import Progress, ProgressReader, ProgressWriter, file_size
 
 if TYPE_CHECKING:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..errors import FusesnapError
-from .entry import helper_source, plain_mount_args
+from .mountargs import helper_source, plain_mount_args
 
 if TYPE_CHECKING:
     import argparse
@@ -66,24 +66,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def emit_json(obj: Any) -> None:
-    import json
-
-    json.dump(obj, sys.stdout, indent=2, sort_keys=True, default=str)
-    sys.stdout.write("\n")
-
-
-def parse_labels(items: list[str] | None) -> dict[str, str]:
-    """KEY=VALUE arguments (repeatable --label) as a dict; a malformed one is a one-line error."""
-    from ..errors import InvalidInput
-
-    out: dict[str, str] = {}
-    for item in items or []:
-        k, sep, v = item.partition("=")
-        if not k or not sep:
-            raise InvalidInput(f"bad label {item!r}: expected KEY=VALUE")
-        out[k] = v
-    return out
 
 
 def setup_logging(verbosity: int) -> None:

@@ -1,4 +1,5 @@
-"""`-o FILE` for commands that write a tar (export, diff): never replace what FILE is.
+"""What commands write: JSON for scripts (`--json`), and `-o FILE` for commands that
+write a tar (export, diff), which never replaces what FILE is.
 
 A regular file (or a new one) is written beside it and renamed over it only
 once complete, so a failed export leaves the old file intact. Anything else
@@ -9,13 +10,21 @@ refused, so `-o` never follows or replaces one silently; so is a directory.
 
 from __future__ import annotations
 
+import json
 import os
 import stat
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from ..errors import InvalidInput
+
+
+def emit_json(obj: Any) -> None:
+    """One JSON document on stdout (sorted keys, anything else as its str())."""
+    json.dump(obj, sys.stdout, indent=2, sort_keys=True, default=str)
+    sys.stdout.write("\n")
 
 
 @contextmanager

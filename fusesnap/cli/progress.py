@@ -8,6 +8,7 @@ that the counter never costs measurable time.
 from __future__ import annotations
 
 import os
+import stat
 import sys
 import time
 from typing import BinaryIO, TextIO
@@ -84,6 +85,4 @@ def file_size(f: BinaryIO) -> int | None:
         st = os.fstat(f.fileno())
     except (OSError, ValueError, AttributeError):
         return None
-    import stat
-
     return st.st_size if stat.S_ISREG(st.st_mode) else None

@@ -9,15 +9,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
 
 from ..errors import InvalidInput, NotFound
-
-
-def _emit(obj: Any) -> None:
-    from .main import emit_json
-
-    emit_json(obj)
+from .output import emit_json
 
 
 def _files(n: int) -> str:
@@ -33,7 +27,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     s = summarize(load(args.file))
     if args.json:
-        _emit(s)
+        emit_json(s)
         return 0
     print(f"files: {s['files']}")
     print(f"bytes: {s['bytes']} ({_mib(s['bytes'])})")
@@ -85,7 +79,7 @@ def cmd_warm(args: argparse.Namespace) -> int:
         finally:
             bar.close()
     if args.json:
-        _emit(res.to_json())
+        emit_json(res.to_json())
         return 0
     print(f"warmed {_files(res.files)}, {_mib(res.bytes)} in {res.seconds:.2f} s")
     if res.missing:
@@ -105,7 +99,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         res = optimize(st, args.image, entries, args.name, compression=args.compression,
                        events=LayerProgress(quiet=args.quiet))
     if args.json:
-        _emit(res.to_json())
+        emit_json(res.to_json())
         return 0
     print(res.record.top_chain)
     print(res.record.manifest_digest)

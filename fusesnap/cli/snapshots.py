@@ -11,8 +11,8 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidInput
-from .main import emit_json, parse_labels
-from .output import output_file
+from .labels import parse_labels
+from .output import emit_json, output_file
 
 if TYPE_CHECKING:   # argparse is imported by build_parser(); a plain mount parses without it
     import argparse

@@ -12,8 +12,7 @@ from typing import Callable, TypeVar
 
 import grpc
 
-from ..snapshots.mounting import mount_all
-from ..snapshots.snapshotter import Info, Mount, Usage
+from ..snapshots.snapshotter import Info, Mount, Usage, mount_all
 from . import convert
 from .errmap import error_of
 from .pb import snapshots_pb2 as pb, snapshots_pb2_grpc as pb_grpc

@@ -25,7 +25,7 @@ from ..linux.mountinfo import is_mountpoint
 
 if TYPE_CHECKING:
     from ..fs.fuse.mount import PendingDaemon
-    from .snapshotter import Mount, Snapshotter
+    from .snapshotter import Snapshotter
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,9 @@ def _mount_ns(pid: str) -> str | None:
 
 
 # How long a lock held by a daemon whose mount this process cannot see may take to go:
-# a daemon lets go when it exits, a few milliseconds after its mount went away.
-_EXIT_GRACE = 2.0
+# a daemon lets go as its request loop ends, milliseconds after its mount went away
+# (longer on a loaded machine).
+_EXIT_GRACE = 5.0
 
 
 @contextmanager
@@ -208,9 +209,7 @@ def _build_tree_cache(sn: "Snapshotter", chain: str) -> None:
     if pid == 0:
         code = 1
         try:
-            from .snapshotter import Snapshotter
-
-            with Snapshotter(sn.root) as own:     # its own database connections: none cross the fork
+            with sn.reopen() as own:     # its own database connections: none cross the fork
                 own.trees.get(chain)
             code = 0
         finally:
@@ -243,20 +242,3 @@ def umount(mountpoint: str | os.PathLike, timeout: float = 30.0) -> None:
         if time.monotonic() > deadline:
             raise FusesnapError(f"could not unmount {mp}: {'; '.join(errors) or 'still mounted'}")
         time.sleep(0.01)
-
-
-def mount_all(mounts: Iterable["Mount"], target: str | os.PathLike) -> None:
-    """Perform mounts as returned by Snapshotter.mounts() (containerd's mount.All)."""
-    from .snapshotter import Snapshotter
-
-    for m in mounts:
-        if m.type != "fuse3.fusesnap":
-            raise InvalidInput(f"unsupported mount type {m.type!r}")
-        kv = dict(o.partition("=")[::2] for o in m.options)
-        root, key = kv.get("root"), kv.get("snapshot")
-        if not root or not key:
-            raise InvalidInput("fusesnap mount lacks root= or snapshot= options")
-        with Snapshotter(root) as sn:
-            rc = mount_snapshot(sn, key, target)
-        if rc != 0:
-            raise FusesnapError(f"mounting snapshot {key!r} at {target} failed (exit {rc})")

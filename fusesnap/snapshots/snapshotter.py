@@ -83,7 +83,7 @@ class Usage:
 
 @dataclass
 class Mount:
-    """What a client mounts (containerd's mount.Mount); see mounting.mount_all."""
+    """What a client mounts (containerd's mount.Mount); see mount_all."""
 
     type: str
     source: str
@@ -155,6 +155,11 @@ class Snapshotter:
         self._closed = True
         if self._own_store:
             self.store.close()
+
+    def reopen(self) -> "Snapshotter":
+        """Another Snapshotter on the same root with database connections of its own (for a
+        forked child: none may cross a fork)."""
+        return Snapshotter(self.root)
 
     def __enter__(self) -> "Snapshotter":
         return self
@@ -283,7 +288,7 @@ class Snapshotter:
         return self.mounts(key)
 
     def mounts(self, key: str) -> list[Mount]:
-        """The mount a client performs for snapshot `key` (see mounting.mount_all)."""
+        """The mount a client performs for snapshot `key` (see mount_all)."""
         info = self.stat(key)
         if info.kind == "committed":
             raise InvalidInput(f"snapshot {key!r} is committed: create a view or an active snapshot to mount it")
@@ -685,3 +690,18 @@ def _digest_of(chunks: Iterable[bytes]) -> str:
     for c in chunks:
         h.update(c)
     return "sha256:" + h.hexdigest()
+
+
+def mount_all(mounts: Iterable["Mount"], target: str | os.PathLike) -> None:
+    """Perform mounts as returned by Snapshotter.mounts() (containerd's mount.All)."""
+    for m in mounts:
+        if m.type != "fuse3.fusesnap":
+            raise InvalidInput(f"unsupported mount type {m.type!r}")
+        kv = dict(o.partition("=")[::2] for o in m.options)
+        root, key = kv.get("root"), kv.get("snapshot")
+        if not root or not key:
+            raise InvalidInput("fusesnap mount lacks root= or snapshot= options")
+        with Snapshotter(root) as sn:
+            rc = mount_snapshot(sn, key, target)
+        if rc != 0:
+            raise FusesnapError(f"mounting snapshot {key!r} at {target} failed (exit {rc})")

@@ -67,36 +67,6 @@ class LayerInfo:
         return asdict(self)
 
 
-class StoreTransaction:
-    """What LayerStore.transaction() hands out: SQL on the caller's own tables, and
-    reference changes on layers that commit or roll back with it."""
-
-    def __init__(self, conn: Any) -> None:
-        self._c = conn
-
-    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
-        return self._c.execute(sql, params)
-
-    def add_ref(self, chain_id: str, holder: str) -> None:
-        if self._c.execute("SELECT 1 FROM layers WHERE chain_id=?", (chain_id,)).fetchone() is None:
-            raise NotFound(f"no such layer: {chain_id}")
-        self._c.execute("INSERT OR IGNORE INTO layer_refs(chain_id, holder, kind) VALUES (?,?,'ref')",
-                        (chain_id, holder))
-
-    def drop_ref(self, chain_id: str, holder: str) -> None:
-        self._c.execute("DELETE FROM layer_refs WHERE chain_id=? AND holder=? AND kind='ref'", (chain_id, holder))
-
-    def release_all(self, holder: str) -> None:
-        """Drop every retain `holder` has (e.g. all layers of a pull once its record exists)."""
-        self._c.execute("DELETE FROM layer_refs WHERE holder=? AND kind='retain'", (holder,))
-
-    def retain_holders(self, prefix: str) -> list[str]:
-        """Holders of retains whose name starts with `prefix` (to find those of dead processes)."""
-        rows = self._c.execute("SELECT DISTINCT holder FROM layer_refs WHERE kind='retain' AND substr(holder, 1, ?)=?"
-                               " ORDER BY holder", (len(prefix), prefix)).fetchall()
-        return [r[0] for r in rows]
-
-
 @dataclass
 class StagedLayer:
     """A layer built in staging/, not yet visible; close() discards what publish did not take."""

@@ -107,7 +107,7 @@ NOT_PLAIN = [
 def test_plain_mount_command_lines_parse_as_argparse_does():
     code = """
 import json, sys
-from fusesnap.cli.entry import plain_mount_args as _plain_mount_args
+from fusesnap.cli.mountargs import plain_mount_args as _plain_mount_args
 from fusesnap.cli.main import _namespace, build_parser
 plain, not_plain = json.loads(sys.argv[1])
 out = {"same": [], "loaded_argparse": None, "not_none": []}

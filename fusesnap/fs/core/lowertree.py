@@ -17,7 +17,7 @@ from typing import Iterable, Sequence
 
 from fusesnap.errors import InvalidInput
 from fusesnap.fs.core import upperformat
-from fusesnap.fs.core.lower import LayerMarks, LowerSource, layer_members
+from fusesnap.fs.core.lower import DirLower, LayerMarks, LowerSource, layer_members
 from fusesnap.fs.core.packedtree import PackedTree, is_packed
 from fusesnap.layerentry import FMT_OF_KIND, LayerEntry
 
@@ -299,5 +299,4 @@ def build_lower_tree(lowers: Sequence[LowerSource]) -> LowerTree:
 
 
 def lower_tree_from_dirs(dirs: Iterable[str | os.PathLike]) -> LowerTree:
-    from fusesnap.fs.core.lower import DirLower
     return build_lower_tree([DirLower(d) for d in dirs])

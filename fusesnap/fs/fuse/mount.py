@@ -44,6 +44,8 @@ _TREE_FAILED = b"\0tree\0"   # notify-pipe prefix: the daemon could not build th
 # A lock the daemon holds for as long as it serves (linux/flock.py), so that others can
 # tell it is alive whatever mount namespace it mounted in: (path, shared, message if taken).
 Lock = tuple[str, bool, str]
+# The lock fd of the mount this process serves (at most one per process), closed when it ends.
+_held_locks: list[int] = []
 
 
 class TreeUnavailable(FusesnapError):
@@ -478,9 +480,12 @@ def _go_live(ops: Operations, mountpoint: str, fopts: set[str], note: Callable[[
             print(f"fusesnap: cannot mount {mountpoint}: {reason}", file=sys.stderr)
         return False
 
-    # kept open (inherited by nothing: close-on-exec) until this process exits
-    if lock is not None and flock.hold(lock[0], shared=lock[1]) is None:
-        return failed(lock[2])
+    # kept open (inherited by nothing: close-on-exec) until the mount is gone (_serve_live)
+    if lock is not None:
+        fd = flock.hold(lock[0], shared=lock[1])
+        if fd is None:
+            return failed(lock[2])
+        _held_locks.append(fd)
     before = fastloop.fuse_fds()
     try:
         pyfuse3.init(ops, mountpoint, fopts)
@@ -547,4 +552,7 @@ def _serve_live(ops: Operations, mountpoint: str, debug: bool) -> int:
             pyfuse3.close(unmount=state["signalled"])
         except Exception:
             pass
+        # the mount is gone: let commit and remove in at once, not when this process is
+        while _held_locks:
+            os.close(_held_locks.pop())
     return code
