@@ -49,3 +49,5 @@ def test_a_pyfuse3_without_the_patches_is_refused_in_one_line() -> None:
                            __version__=pyfuse3.__version__)
     del half.READ_FD
     assert missing_patches(half) == ["0009 read from an fd"]
+    del half.set_request_waiter
+    assert missing_patches(half) == ["0009 read from an fd", "0010 request waiter hook"]

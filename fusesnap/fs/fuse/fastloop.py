@@ -1,10 +1,10 @@
 """A cheaper wait for the next FUSE request than pyfuse3's own.
 
-pyfuse3's session loop awaits `_wait_fuse_readable()` before every request: a
-trio.Lock plus `trio.lowlevel.wait_readable` (epoll registration, a task park
-and a scheduler round trip) -- most of the ~30 us a request costs in Python.
-The loop looks that coroutine up in pyfuse3's module globals on every request,
-so we can replace it: poll(2) the /dev/fuse fd with a 1 ms timeout first (the
+pyfuse3's session loop awaits a waiter before every request: a trio.Lock plus
+`trio.lowlevel.wait_readable` (epoll registration, a task park and a
+scheduler round trip) -- most of what a request costs in Python. Our pyfuse3
+build lets a file system replace it (patch 0010, `set_request_waiter`), so
+ours poll(2)s the /dev/fuse fd with a 1 ms timeout first (the
 next request of a busy client is usually there, or arrives within
 microseconds), yield to trio every 64 requests so threads' results and signals
 are still served, and fall back to pyfuse3's original wait when idle.
@@ -18,8 +18,8 @@ hit resets it: a client that pauses between requests costs at most one spin in
 64 waits, an idle mount none. Only worth it where the daemon and its client
 can run on different CPUs (the caller decides; see `default_busy_poll_us`).
 
-If a pyfuse3 release drops the hook, install() returns False and the stock
-loop runs unchanged.
+install() returns False, and the stock wait stays, on a pyfuse3 without the
+hook (the FUSE layer refuses such a build anyway: operations.require_patched).
 """
 
 from __future__ import annotations
@@ -125,9 +125,10 @@ class SpinBudget:
 
 
 def install(fd: int, spin_ms: int = 1, busy_poll_us: int = 0) -> bool:
-    orig = getattr(pyfuse3, "_wait_fuse_readable", None)
-    if orig is None:
+    set_waiter = getattr(pyfuse3, "set_request_waiter", None)
+    if set_waiter is None:
         return False
+    orig = set_waiter(None)
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     poll = poller.poll
@@ -160,5 +161,5 @@ def install(fd: int, spin_ms: int = 1, busy_poll_us: int = 0) -> bool:
             if not await orig():
                 return False
 
-    pyfuse3._wait_fuse_readable = wait_fuse_readable
+    set_waiter(wait_fuse_readable)
     return True

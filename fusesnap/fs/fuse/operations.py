@@ -41,6 +41,7 @@ PATCHES: dict[str, Callable[[Any], bool]] = {
     "0007 literal __version__": lambda m: "+fusesnap" in getattr(m, "__version__", ""),
     "0008 HANDLE_KILLPRIV_V2": lambda m: hasattr(m, "killpriv_v2_active"),
     "0009 read from an fd": lambda m: hasattr(m, "READ_FD"),
+    "0010 request waiter hook": lambda m: hasattr(m, "set_request_waiter"),
 }
 
 
