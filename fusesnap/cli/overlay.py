@@ -1,4 +1,9 @@
-"""`fusesnap-overlay`: a drop-in for fuse-overlayfs (podman mount_program, mount.fuse3)."""
+"""`fusesnap-overlay`: a drop-in for fuse-overlayfs (podman mount_program, mount.fuse3).
+
+The FUSE layer and the core are imported inside the functions: the daemon is
+forked before them so that its pyfuse3/trio imports overlap the parent's work
+(fs/fuse/mount.py), and `--help` or a bad option line never pays for them.
+"""
 
 from __future__ import annotations
 

@@ -138,7 +138,10 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
             try:
                 mounts = self.binds.ensure(sn.stat(request.key))
             except BaseException:
-                sn.remove(request.key)       # no snapshot without its mount
+                try:
+                    sn.remove(request.key)   # no snapshot without its mount
+                except Exception as e:       # the mount's failure is what the caller must see
+                    log.warning("removing snapshot %r after its mount failed: %s", request.key, e)
                 raise
         return convert.mounts_to_pb(mounts)
 

@@ -23,12 +23,12 @@ from ..errors import InvalidInput
 from ..snapshots.changeset import encode_header, member
 from ..snapshots.landmarks import CONTENT, NAMES, NO_PREFETCH, PREFETCH
 from ..store.extract import normalize
-from ..tarsplit import header as H
+from ..tarsplit import header
 from ..tarsplit.parser import TarParser
 from ..tarsplit.stream import ByteStream
 
 CHUNK = 1 << 20
-END = bytes(2 * H.BLOCK)
+END = bytes(2 * header.BLOCK)
 # Keys of a PAX global header that change no member (git archive writes the commit as a comment).
 _HARMLESS_GLOBALS = {b"comment"}
 
@@ -43,20 +43,20 @@ class Span:
 
 
 def _pad(n: int) -> int:
-    return -n % H.BLOCK
+    return -n % header.BLOCK
 
 
 def _global_keys(seg: bytes, offset: int) -> set[bytes]:
     """Keys set by PAX global headers among a member's extension headers."""
     keys: set[bytes] = set()
     i = 0
-    while i + H.BLOCK <= len(seg):
-        hdr = H.parse_header(seg[i:i + H.BLOCK], offset + i)
-        if hdr.typeflag not in H.EXTENSIONS:
+    while i + header.BLOCK <= len(seg):
+        hdr = header.parse_header(seg[i:i + header.BLOCK], offset + i)
+        if hdr.typeflag not in header.EXTENSIONS:
             break
-        if hdr.typeflag == H.PAX_GLOBAL:
-            keys.update(k for k, _ in H.parse_pax(seg[i + H.BLOCK:i + H.BLOCK + hdr.size], offset + i))
-        i += H.BLOCK + hdr.size + _pad(hdr.size)
+        if hdr.typeflag == header.PAX_GLOBAL:
+            keys.update(k for k, _ in header.parse_pax(seg[i + header.BLOCK:i + header.BLOCK + hdr.size], offset + i))
+        i += header.BLOCK + hdr.size + _pad(hdr.size)
     return keys
 
 
@@ -78,7 +78,7 @@ def scan(f: BinaryIO, what: str) -> list[Span]:
         for _ in stream.chunks(m.size, "file data"):
             pass
         name = normalize(m.name)
-        link = normalize(m.linkname, m.name) if m.typeflag == H.LNK else b""
+        link = normalize(m.linkname, m.name) if m.typeflag == header.LNK else b""
         end = data + m.size + _pad(m.size)
         spans.append(Span(name, m.typeflag, link, start, end))
         start = end
@@ -125,10 +125,10 @@ def reorder(spans: Sequence[Span], wanted: Sequence[bytes]) -> Plan:
             take(parent)            # a directory entry the layer has; else it is implicit
         put((parent + b"/" if parent else b"") + b".wh." + base)
         s = spans[i]
-        if s.typeflag == H.LNK and s.link in at and not take(s.link):
+        if s.typeflag == header.LNK and s.link in at and not take(s.link):
             return False            # the target cannot move ahead of the link
         put(name)
-        if s.typeflag == H.DIR:
+        if s.typeflag == header.DIR:
             put(name + b"/.wh..wh..opq")
         return True
 

@@ -186,7 +186,6 @@ class Snapshotter:
             raise NotFound(f"snapshot {key!r} does not exist")
         return rec
 
-    _record = record  # mounting.py's name for it (to be switched to record())
 
     def exists(self, key: str) -> bool:
         """True when `key` names a snapshot (a record, or a stored layer's chainID)."""
@@ -540,14 +539,14 @@ class Snapshotter:
     def chain_of(self, key: str) -> list[str]:
         """Bottom-to-top chainIDs of the layers below an active/view, or of a committed snapshot."""
         info = self.stat(key)
-        top = info.chain_id if info.kind == "committed" else self._record(key).parent_chain
+        top = info.chain_id if info.kind == "committed" else self.record(key).parent_chain
         return self.store.chain(top) if top else []
 
     def parent_chain(self, key: str) -> str | None:
         info = self.stat(key)
         if info.kind == "committed":
             return info.chain_id
-        return self._record(key).parent_chain
+        return self.record(key).parent_chain
 
     def cleanup(self) -> list[str]:
         """Delete what no snapshot references: what crashed operations left, orphaned snapshot
