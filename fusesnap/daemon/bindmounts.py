@@ -40,6 +40,8 @@ from ..snapshots.snapshotter import Info, Mount
 
 log = logging.getLogger(__name__)
 
+REFILL_DELAY = 0.25   # seconds after a mount before the pool starts its replacement
+
 
 class WarmPool:
     """Mount processes (warmmount.py) started before they are needed, `size` of them idle at most."""
@@ -70,8 +72,12 @@ class WarmPool:
             if proc is not None:
                 proc.communicate()
             proc = self._start()
-        threading.Thread(target=self.fill, daemon=True).start()   # the next one starts meanwhile
         _, err = proc.communicate(json.dumps([key, str(mountpoint)]) + "\n")
+        # The next one starts a little later: its start-up (an interpreter, imports, a forked
+        # FUSE daemon) would otherwise take CPU from the container this mount is for.
+        refill = threading.Timer(REFILL_DELAY, self.fill)
+        refill.daemon = True
+        refill.start()
         return proc.returncode, err
 
     def close(self) -> None:
