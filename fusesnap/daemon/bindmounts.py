@@ -56,7 +56,7 @@ class WarmPool:
         self.fill()
 
     def _start(self) -> subprocess.Popen:
-        return subprocess.Popen(self._argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+        return subprocess.Popen(self._argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
 
     def fill(self) -> None:
@@ -72,13 +72,25 @@ class WarmPool:
             if proc is not None:
                 proc.communicate()
             proc = self._start()
-        _, err = proc.communicate(json.dumps([key, str(mountpoint)]) + "\n")
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            proc.stdin.write(json.dumps([key, str(mountpoint)]) + "\n")
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass
+        # its exit status as a line as soon as the mount is live: the process's own exit is
+        # not waited for here (reaped in the background)
+        status = proc.stdout.readline().strip()
         # The next one starts a little later: its start-up (an interpreter, imports, a forked
         # FUSE daemon) would otherwise take CPU from the container this mount is for.
         refill = threading.Timer(REFILL_DELAY, self.fill)
         refill.daemon = True
         refill.start()
-        return proc.returncode, err
+        if status == "0":
+            threading.Thread(target=_reap, args=(proc,), daemon=True).start()
+            return 0, ""
+        rc, err = _reap(proc)
+        return (int(status) if status.isdigit() else rc or 1), err
 
     def close(self) -> None:
         """Let the idle processes go (an empty request: they exit without mounting)."""
@@ -87,6 +99,15 @@ class WarmPool:
             idle, self._idle = self._idle, []
         for proc in idle:
             proc.communicate("")
+
+
+def _reap(proc: subprocess.Popen) -> tuple[int, str]:
+    """Wait for a mount process that was given its request: (exit code, what it wrote on stderr)."""
+    assert proc.stdout is not None and proc.stderr is not None
+    err = proc.stderr.read()
+    proc.stdout.close()
+    proc.stderr.close()
+    return proc.wait(), err
 
 
 def _alive(mp: Path) -> bool:

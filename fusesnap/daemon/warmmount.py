@@ -5,8 +5,10 @@ pyfuse3/trio imports: well over 100 ms, most of a `ctr run`. In bind mode the
 daemon keeps one or two of these processes ready: each has already forked its
 FUSE daemon (which imports while it waits) and opened the store, and blocks
 reading one JSON line `[KEY, MOUNTPOINT]` on stdin. It then mounts that
-snapshot exactly as `fusesnap mount KEY MOUNTPOINT` would and exits with its
-status; the reason for a failure is its last stderr line. An empty stdin (the
+snapshot exactly as `fusesnap mount KEY MOUNTPOINT` would, writes its exit
+status as a line on stdout as soon as it has one (the daemon need not wait for
+this process to end) and exits with it; the reason for a failure is its last
+stderr line. An empty stdin (the
 daemon stopping) lets it and its FUSE daemon exit without mounting anything.
 
 Kept import-light before the fork: the FUSE daemon is forked first, from a
@@ -32,6 +34,8 @@ def main(argv: list[str]) -> int:
         from ..snapshots.snapshotter import Snapshotter
 
         with Snapshotter(argv[0]) as sn:
+            _ = sn.trees                 # what mounting imports (fs.core, the tree cache) loads
+            import fusesnap.fs.options   # noqa: F401  now, while no request waits for it
             line = sys.stdin.readline()
             if not line:
                 return 0
@@ -48,7 +52,8 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     code = main(sys.argv[1:])
-    # the mount is live in its own process: skip the interpreter's teardown (~15 ms of a Prepare)
-    sys.stdout.flush()
     sys.stderr.flush()
+    sys.stdout.write(f"{code}\n")
+    sys.stdout.flush()
+    # the mount is live in its own process: skip the interpreter's teardown (~15 ms of a Prepare)
     os._exit(code)

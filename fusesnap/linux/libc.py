@@ -45,6 +45,13 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         _raise()
 
 
+def umount2(path: bytes | str, flags: int = 0) -> None:
+    """umount2(2): what `umount` runs, without starting a program (needs CAP_SYS_ADMIN
+    in the mount's user namespace)."""
+    if _libc.umount2(os.fsencode(path), ctypes.c_int(flags)) != 0:
+        _raise(path)
+
+
 def syncfs(fd: int) -> None:
     """Flush the whole filesystem holding fd."""
     if _libc.syncfs(fd) != 0:
