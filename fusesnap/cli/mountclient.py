@@ -45,14 +45,17 @@ def socket_name() -> bytes:
     return f"\0fusesnap-mountd-{os.geteuid()}-{digest}".encode()
 
 
-def run(kind: str, argv: list[str]) -> int | None:
+def run(kind: str, argv: list[str], stdio: tuple[int, int, int] | None = None,
+        orig_argv: list[str] | None = None) -> int | None:
     """Run `kind argv` through the server; its exit status, or None when it was not
-    handed over (nothing ran: the caller runs the command itself)."""
+    handed over (nothing ran: the caller runs the command itself). `stdio`: the
+    command's stdin, stdout and stderr, `orig_argv`: the command line its process
+    shows (defaults: this process's)."""
     if os.environ.get(SWITCH) == "0":
         return None
     try:
         name = socket_name()
-        request = _request(kind, argv)
+        request = _request(kind, argv, stdio, sys.orig_argv if orig_argv is None else orig_argv)
     except OSError:
         return None
     if request is None:
@@ -74,19 +77,46 @@ def run(kind: str, argv: list[str]) -> int | None:
         os.close(fds[3])
 
 
-def _request(kind: str, argv: list[str]) -> tuple[bytes, list[int]] | None:
-    for fd in (0, 1, 2):           # a closed stdio descriptor cannot be sent: give it /dev/null
-        try:
-            os.fstat(fd)
-        except OSError:
-            os.open(os.devnull, os.O_RDWR)
-    umask = os.umask(0o022)
-    os.umask(umask)
-    payload = marshal.dumps((1, kind, list(argv), list(sys.orig_argv), dict(os.environb), umask))
+def start_server(kind: str) -> bool:
+    """Start the server for this context now, if none runs (for a process that will
+    send it mounts later and should not wait for its start then); True if one runs."""
+    if os.environ.get(SWITCH) == "0":
+        return False
+    try:
+        return _spawn_server(socket_name(), kind)
+    except OSError:
+        return False
+
+
+def _request(kind: str, argv: list[str], stdio: tuple[int, int, int] | None,
+             orig_argv: list[str]) -> tuple[bytes, list[int]] | None:
+    if stdio is None:
+        for fd in (0, 1, 2):           # a closed stdio descriptor cannot be sent: give it /dev/null
+            try:
+                os.fstat(fd)
+            except OSError:
+                os.open(os.devnull, os.O_RDWR)
+        stdio = (0, 1, 2)
+    payload = marshal.dumps((1, kind, list(argv), list(orig_argv), dict(os.environb), _umask()))
     if len(payload) > _MAX_REQUEST:
         return None
     cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    return payload, [0, 1, 2, cwd]
+    return payload, [*stdio, cwd]
+
+
+def _umask() -> int:
+    """This process's umask, read without setting it (os.umask sets it, for a moment,
+    for every thread of the process)."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
 
 
 def _connect(name: bytes, kind: str) -> _socket.socket | None:

@@ -10,9 +10,14 @@ process: pyfuse3 serves one filesystem per process, and forking a process
 that runs gRPC threads is unsafe) at `<socket>.mounts/<hash of key>` and
 returns `bind` of that directory; Commit and Remove unmount it first.
 
-Mount processes are started ahead of need (warmmount.py): one or two wait,
-imported and with their FUSE daemon forked, so that a Prepare pays for the
-mount itself (~30 ms here) rather than for an interpreter's start-up (~150 ms).
+How a mount is made: by the mount server of the daemon's context
+(cli/mountserver.py, started with the daemon), which forks a worker that has
+everything imported and runs `fusesnap mount KEY DIR` in it: a Prepare pays for
+the mount itself (~10 ms here), not for an interpreter's start-up (~150 ms),
+and nothing is started between containers. Where no mount server can be used
+(FUSESNAP_MOUNT_SERVER=0), mount processes are started ahead of need instead
+(WarmPool, warmmount.py): one or two wait, imported and with their FUSE daemon
+forked, and each used one is replaced shortly after its mount.
 
 The mount daemons are separate processes: they outlive a restart of
 `fusesnap serve`, which finds them in the mount table again; a mount that is
@@ -33,9 +38,10 @@ import threading
 from pathlib import Path
 from typing import Iterable
 
+from ..cli import mountclient
 from ..errors import FusesnapError, InUse
 from ..linux import mountinfo
-from ..snapshots.mounting import umount
+from ..snapshots.mounting import container_options, umount
 from ..snapshots.snapshotter import Info, Mount
 
 log = logging.getLogger(__name__)
@@ -101,6 +107,39 @@ class WarmPool:
             proc.communicate("")
 
 
+def _mount_by_server(root: Path, key: str, mountpoint: Path) -> tuple[int, str] | None:
+    """`fusesnap mount KEY MOUNTPOINT` run by the mount server: (exit code, its stderr),
+    None if the server did not take it."""
+    argv = ["--root", str(root), "mount", *(f"-o{o}" for o in container_options()), key, str(mountpoint)]
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        # shown as what it is in ps (not as the serve command that asked for it)
+        shown = [sys.executable, os.path.join(os.path.dirname(sys.executable), "fusesnap"), *argv]
+        rc = mountclient.run("fusesnap", argv, stdio=(null, null, err_w), orig_argv=shown)
+    finally:
+        os.close(null)
+        os.close(err_w)
+    try:
+        # what the command wrote before it reported (the mount's daemon, still running,
+        # no longer holds the pipe once it is live; do not wait for its end regardless)
+        os.set_blocking(err_r, False)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(err_r, 65536)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(err_r)
+    if rc is None:
+        return None
+    return rc, b"".join(chunks).decode(errors="replace")
+
+
 def _reap(proc: subprocess.Popen) -> tuple[int, str]:
     """Wait for a mount process that was given its request: (exit code, what it wrote on stderr)."""
     assert proc.stdout is not None and proc.stderr is not None
@@ -126,9 +165,25 @@ class BindMounts:
         self.root = root
         self.dir = directory
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._pool = WarmPool(root)
+        # a mount server that outlives a few idle minutes: a Prepare after a quiet hour should
+        # not wait for one to start
+        os.environ.setdefault(mountclient.IDLE, str(24 * 3600))
+        self._server = mountclient.start_server("fusesnap")
+        self._pool: WarmPool | None = None if self._server else WarmPool(root)
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
+
+    def _mount(self, key: str, mountpoint: Path) -> tuple[int, str]:
+        """Mount snapshot `key` at mountpoint: (exit code, what the mount command printed)."""
+        if self._pool is None:
+            got = _mount_by_server(self.root, key, mountpoint)
+            if got is not None:
+                return got
+            with self._guard:        # the server cannot be used (gone, refused): processes then
+                if self._pool is None:
+                    log.warning("no mount server for this daemon; starting mount processes instead")
+                    self._pool = WarmPool(self.root)
+        return self._pool.mount(key, mountpoint)
 
     def path(self, key: str) -> Path:
         return self.dir / hashlib.sha256(key.encode()).hexdigest()[:32]
@@ -146,7 +201,7 @@ class BindMounts:
                 umount(mp)
             if mountinfo.find(mp) is None:
                 mp.mkdir(mode=0o755, exist_ok=True)
-                rc, err = self._pool.mount(info.name, mp)
+                rc, err = self._mount(info.name, mp)
                 if rc != 0:
                     why = (err.strip().splitlines() or [f"exit {rc}"])[-1].removeprefix("fusesnap: ")
                     raise FusesnapError(f"mounting snapshot {info.name!r}: {why}")
@@ -172,7 +227,8 @@ class BindMounts:
             self._locks.pop(key, None)
 
     def close(self) -> None:
-        self._pool.close()
+        if self._pool is not None:
+            self._pool.close()
 
     def recover(self, infos: Iterable[Info]) -> int:
         """Mount again every snapshot whose mount directory survived but whose mount did not."""

@@ -53,6 +53,24 @@ def _pss_kb(pid: int) -> int:
     return 0
 
 
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _ppid(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _all_pids() -> list[int]:
+    return [int(d) for d in os.listdir("/proc") if d.isdigit()]
+
+
 def _slab_kb() -> int:
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("Slab:"):
@@ -166,7 +184,11 @@ class Bench:
         took = time.perf_counter() - t
         ok = sum(1 for mp in mps if os.path.ismount(mp))
         pids = fuse_daemons(self.serve.root)
-        pss = _pss_kb(self.serve.proc.pid) + sum(_pss_kb(p) for p in pids)
+        # the mount server the daemon's mounts are forked from, and its spare, count too
+        servers = {_ppid(p) for p in pids} - {1, 0}
+        servers = [p for p in servers if _comm(p) == "fusesnap-mountd"]
+        spares = [p for p in _all_pids() if _ppid(p) in servers and p not in pids and _comm(p) == "fusesnap-mountd"]
+        pss = _pss_kb(self.serve.proc.pid) + sum(_pss_kb(p) for p in pids + servers + spares)
         slab_f = _slab_kb() - slab0
         for i, mp in enumerate(mps):
             unmount(mp)
@@ -188,7 +210,7 @@ class Bench:
             unmount(mp)
         c.close()
         self.rows.append((f"{self.concurrent_n} snapshots prepared and mounted at once",
-                          f"{ok}/{self.concurrent_n} mounted in {took:.1f} s (bind mode); daemon + "
+                          f"{ok}/{self.concurrent_n} mounted in {took:.1f} s (bind mode); daemon, mount server + "
                           f"{len(pids)} mount daemons PSS {pss / 1024:.0f} MiB "
                           f"(slab +{slab_f / 1024:.1f} MiB)",
                           f"kernel overlay: no process, slab +{slab_o / 1024:.1f} MiB"))

@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from fusesnap.daemon.client import RemoteSnapshotter
+from fusesnap.daemon.client import RemoteSnapshotter, perform
 from fusesnap.daemon.pb import snapshots_pb2 as pb, snapshots_pb2_grpc as pb_grpc
 from helpers import run_as, script, user_env
 
@@ -20,10 +20,11 @@ REF = "containerd.io/snapshot.ref"
 
 
 class Served:
-    def __init__(self, tmp: Path, mounts: str = "bind") -> None:
+    def __init__(self, tmp: Path, mounts: str = "bind", env: dict[str, str] | None = None) -> None:
         self.root, self.sock = tmp / "root", tmp / "run" / "fusesnap.sock"
         self.proc = subprocess.Popen([script("fusesnap"), "--root", str(self.root), "serve", "--mounts", mounts,
-                                      "--address", str(self.sock)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                      "--address", str(self.sock)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     env=None if env is None else {**os.environ, **env})
         self.client = RemoteSnapshotter(self.sock)
         self.client.wait_ready(30)
         self.channel = grpc.insecure_channel(f"unix:{self.sock}")
@@ -221,3 +222,65 @@ def test_tells_systemd_when_it_serves(shared_tmp):
             proc.send_signal(signal.SIGTERM)
             proc.communicate(timeout=60)
     assert proc.returncode == 0
+
+
+def _fuse_daemons(marker: bytes) -> list[tuple[int, list[bytes]]]:
+    """(pid, command line) of the processes holding /dev/fuse whose command line has marker."""
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{d}/cmdline").read_bytes()
+            if marker in cmd and any(os.readlink(f"/proc/{d}/fd/{fd}") == "/dev/fuse"
+                                     for fd in os.listdir(f"/proc/{d}/fd")):
+                out.append((int(d), cmd.rstrip(b"\0").split(b"\0")))
+        except OSError:
+            continue
+    return out
+
+
+def _parent_comm(pid: int) -> str:
+    parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    return Path(f"/proc/{parent}/comm").read_text().strip()
+
+
+@pytest.mark.parametrize("server", ["mount server", "started processes"])
+def test_bind_mode_mounts_with_and_without_a_mount_server(shared_tmp, server):
+    """The daemon's own mounts come from the mount server (a fork that shows itself as the
+    mount command) or, where none may be used, from mount processes started ahead."""
+    env = {"FUSESNAP_MOUNT_SERVER": "0"} if server == "started processes" else {}
+    s = Served(shared_tmp, env=env)
+    try:
+        c = s.client
+        c.prepare("w")
+        c.commit("base", "w")
+        mps = []
+        for i in range(3):                 # more than the two processes a pool keeps ready
+            mp = shared_tmp / f"mp{i}"
+            mp.mkdir()
+            perform(c.prepare(f"k{i}", "base"), mp)
+            mps.append(mp)
+            (mp / "file").write_text(f"k{i}\n")
+        source = os.fsencode(c.mounts("k0")[0].source)
+        by_server = _fuse_daemons(source)
+        started = _fuse_daemons(b"fusesnap.daemon.warmmount\0" + os.fsencode(str(s.root)))
+        if server == "mount server":
+            # a fork of the mount server, shown as the mount command it runs
+            assert len(by_server) == 1 and not started, (by_server, started)
+            pid, cmdline = by_server[0]
+            assert cmdline[-2:] == [b"k0", source] and b"serve" not in cmdline, cmdline
+            assert Path(f"/proc/{pid}/comm").read_text().strip() == "fusesnap"
+            assert _parent_comm(pid) == "fusesnap-mountd"
+        else:
+            assert not by_server and len(started) >= 3, (by_server, started)
+            assert all(_parent_comm(pid) != "fusesnap-mountd" for pid, _ in started)
+        for i, mp in enumerate(mps):
+            assert (mp / "file").read_text() == f"k{i}\n"
+            subprocess.run(["umount", str(mp)], check=True)
+            c.commit(f"c{i}", f"k{i}")
+        assert [i.name for i in c.list("kind==active")] == []
+        assert s.stop()[0] == 0
+    finally:
+        if s.proc.poll() is None:
+            s.stop()
