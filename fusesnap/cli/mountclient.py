@@ -77,15 +77,29 @@ def run(kind: str, argv: list[str], stdio: tuple[int, int, int] | None = None,
         os.close(fds[3])
 
 
-def start_server(kind: str) -> bool:
-    """Start the server for this context now, if none runs (for a process that will
-    send it mounts later and should not wait for its start then); True if one runs."""
+def keep_alive(kind: str) -> bool:
+    """Start the server for this context if none runs, else count as a request to it
+    (an empty connection: its spare refuses it, and the server's idle time starts
+    again); for a process that sends mounts now and then and should not wait for a
+    server's start. True if a server runs."""
     if os.environ.get(SWITCH) == "0":
         return False
     try:
-        return _spawn_server(socket_name(), kind)
+        sock = _connect(socket_name(), kind)
     except OSError:
         return False
+    if sock is None:
+        return False
+    sock.close()
+    return True
+
+
+def idle_seconds() -> float:
+    """How long a server this process starts lives without a request."""
+    try:
+        return float(os.environ.get(IDLE, "300"))
+    except ValueError:
+        return 300.0
 
 
 def _request(kind: str, argv: list[str], stdio: tuple[int, int, int] | None,

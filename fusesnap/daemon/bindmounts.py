@@ -11,7 +11,7 @@ that runs gRPC threads is unsafe) at `<socket>.mounts/<hash of key>` and
 returns `bind` of that directory; Commit and Remove unmount it first.
 
 How a mount is made: by the mount server of the daemon's context
-(cli/mountserver.py, started with the daemon), which forks a worker that has
+(cli/mountserver.py; the daemon starts it and keeps it from going idle), which forks a worker that has
 everything imported and runs `fusesnap mount KEY DIR` in it: a Prepare pays for
 the mount itself (~10 ms here), not for an interpreter's start-up (~150 ms),
 and nothing is started between containers. Where no mount server can be used
@@ -165,13 +165,20 @@ class BindMounts:
         self.root = root
         self.dir = directory
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # a mount server that outlives a few idle minutes: a Prepare after a quiet hour should
-        # not wait for one to start
-        os.environ.setdefault(mountclient.IDLE, str(24 * 3600))
-        self._server = mountclient.start_server("fusesnap")
-        self._pool: WarmPool | None = None if self._server else WarmPool(root)
+        self._stop = threading.Event()
+        self._pool: WarmPool | None = None
+        if mountclient.keep_alive("fusesnap"):
+            # a Prepare after a quiet hour should not wait for a server to start again
+            every = max(1.0, min(120.0, mountclient.idle_seconds() / 2))
+            threading.Thread(target=self._keep_server, args=(every,), daemon=True).start()
+        else:
+            self._pool = WarmPool(root)
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
+
+    def _keep_server(self, every: float) -> None:
+        while not self._stop.wait(every):
+            mountclient.keep_alive("fusesnap")
 
     def _mount(self, key: str, mountpoint: Path) -> tuple[int, str]:
         """Mount snapshot `key` at mountpoint: (exit code, what the mount command printed)."""
@@ -227,6 +234,7 @@ class BindMounts:
             self._locks.pop(key, None)
 
     def close(self) -> None:
+        self._stop.set()            # the server then goes after its idle time
         if self._pool is not None:
             self._pool.close()
 

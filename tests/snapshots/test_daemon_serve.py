@@ -284,3 +284,63 @@ def test_bind_mode_mounts_with_and_without_a_mount_server(shared_tmp, server):
     finally:
         if s.proc.poll() is None:
             s.stop()
+
+
+def _in_namespace(ns: str) -> list[tuple[int, str, int]]:
+    """(pid, comm, parent pid) of the processes in mount namespace ns."""
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                if os.readlink(f"/proc/{d}/ns/mnt") == ns:
+                    stat_ = Path(f"/proc/{d}/stat").read_text()
+                    comm = stat_[stat_.index("(") + 1:stat_.rindex(")")]
+                    out.append((int(d), comm, int(stat_.rsplit(")", 1)[1].split()[1])))
+            except (OSError, ValueError):
+                continue
+    return out
+
+
+def test_the_daemon_keeps_its_mount_server_from_going_idle(shared_tmp):
+    """A mount server goes after its idle time; the daemon's requests are seconds or hours
+    apart, so it keeps its server alive while it runs, and lets it go when it stops."""
+    root, sock = shared_tmp / "root", shared_tmp / "run" / "fusesnap.sock"
+    # its own mount namespace: a server of its own context, none shared with other tests
+    proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", script("fusesnap"), "--root", str(root),
+                             "serve", "--address", str(sock)], stderr=subprocess.PIPE,
+                            env={**os.environ, "FUSESNAP_MOUNT_SERVER_IDLE": "2"})
+    ns = None
+    try:
+        c = RemoteSnapshotter(sock)
+        c.wait_ready(30)
+        ns = os.readlink(f"/proc/{proc.pid}/ns/mnt")
+
+        def servers() -> set[int]:
+            procs = _in_namespace(ns)
+            mountd = {pid for pid, comm, _ in procs if comm == "fusesnap-mountd"}
+            return {pid for pid, comm, ppid in procs if pid in mountd and ppid not in mountd}
+
+        c.prepare("a")                                     # mounted by a fork of the server
+        first = servers()
+        assert len(first) == 1, _in_namespace(ns)
+        time.sleep(6)                                      # three idle times
+        assert servers() == first
+        c.prepare("b")
+        assert servers() == first
+        c.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        deadline = time.monotonic() + 30
+        while servers() and time.monotonic() < deadline:  # kept alive no more: it goes
+            time.sleep(0.2)
+        assert not servers()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if ns is not None:        # the mount daemons live on in that namespace: end them
+            for pid, _, _ in _in_namespace(ns):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
