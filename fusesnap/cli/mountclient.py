@@ -162,7 +162,7 @@ def _spawn_server(name: bytes, kind: str) -> bool:
                    (os.POSIX_SPAWN_DUP2, 0, 2)]
         env = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "LC_ALL", "LC_CTYPE")}
         # -I: nothing from the cwd or PYTHON* variables gets imported into the server
-        idle = os.environ.get(IDLE, "300")
+        idle = str(idle_seconds())
         argv = [sys.executable, "-I", "-m", _SERVER_MODULE, name[1:].hex(), str(w), idle, kind,
                 "-" * TITLE_SPACE]
         os.posix_spawn(sys.executable, argv, env, file_actions=actions, setsid=True)

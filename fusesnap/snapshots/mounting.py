@@ -106,7 +106,7 @@ def not_mounted(sn: "Snapshotter", sid: int, key: str, action: str) -> Iterator[
         if time.monotonic() > deadline:   # mounted where this process cannot see it
             raise refuse(_where(sn, sid, flock.holders(path)))
         time.sleep(pause)
-        pause = min(pause * 2, 0.02)
+        pause = min(pause * 2, 0.01)
         fd = flock.hold(path)
     try:
         mps = mounts_of(sn, sid)   # a daemon of a fusesnap that took no lock
@@ -234,12 +234,12 @@ def umount(mountpoint: str | os.PathLike, timeout: float = 30.0) -> None:
     cmds = [["fusermount3", "-u", mp]]
     errors = []
     if os.geteuid() == 0:
-        cmds.append(["umount", mp])
         try:
             libc.umount2(mp)    # no helper program to start (~5 ms)
             cmds = []
         except OSError as e:
             errors.append(f"umount2: {e.strerror}")
+            cmds.append(["umount", mp])
     for cmd in cmds:
         try:
             r = subprocess.run(cmd, capture_output=True, text=True)

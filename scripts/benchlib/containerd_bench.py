@@ -37,7 +37,7 @@ from registry import start_registry  # noqa: E402
 from fusesnap.daemon.client import RemoteSnapshotter, perform  # noqa: E402
 
 from .runner import log  # noqa: E402
-from .sysutil import mountpoints, unmount  # noqa: E402
+from .sysutil import mountpoints, unmount, with_mount_servers  # noqa: E402
 
 # fusesnap: `fusesnap serve` (bind mounts, the default); fusesnap-fuse3: `--mounts fuse3`
 SNAPSHOTTERS = ("fusesnap", "fusesnap-fuse3", "overlayfs", "native")
@@ -51,24 +51,6 @@ def _pss_kb(pid: int) -> int:
         if line.startswith("Pss:"):
             return int(line.split()[1])
     return 0
-
-
-def _comm(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""
-
-
-def _ppid(pid: int) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return 0
-
-
-def _all_pids() -> list[int]:
-    return [int(d) for d in os.listdir("/proc") if d.isdigit()]
 
 
 def _slab_kb() -> int:
@@ -185,10 +167,7 @@ class Bench:
         ok = sum(1 for mp in mps if os.path.ismount(mp))
         pids = fuse_daemons(self.serve.root)
         # the mount server the daemon's mounts are forked from, and its spare, count too
-        servers = {_ppid(p) for p in pids} - {1, 0}
-        servers = [p for p in servers if _comm(p) == "fusesnap-mountd"]
-        spares = [p for p in _all_pids() if _ppid(p) in servers and p not in pids and _comm(p) == "fusesnap-mountd"]
-        pss = _pss_kb(self.serve.proc.pid) + sum(_pss_kb(p) for p in pids + servers + spares)
+        pss = _pss_kb(self.serve.proc.pid) + sum(_pss_kb(p) for p in with_mount_servers(pids))
         slab_f = _slab_kb() - slab0
         for i, mp in enumerate(mps):
             unmount(mp)

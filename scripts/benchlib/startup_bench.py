@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import os
 import tarfile
-from pathlib import Path
 
 from .build import Workset
-from .sysutil import BenchError, pss_mb
+from .sysutil import BenchError, pss_mb, with_mount_servers
 from .workloads import Ctx, Workload, check, needs_daemon, needs_mount, s_read_all, s_walk, walk
 
 MOUNTS = 20                     # mounts alive at once for the memory row
 PROBE = {"base": "etc", "chain": "common"}    # what "first stat answered" stats, per stack
-SERVER_COMM = "fusesnap-mountd"
 
 
 def s_walk_many(c: Ctx) -> float:
@@ -51,34 +49,8 @@ def pss_per_mount(pids: list[int | None]) -> float:
     servers they were forked from and of their spare workers, over the number of mounts."""
     if not pids or any(p is None for p in pids):
         raise BenchError("daemon process not found")
-    procs = set(pids)
-    for pid in pids:
-        parent = _ppid(pid)
-        if parent > 1 and _comm(parent) == SERVER_COMM:
-            procs.add(parent)
-            procs.update(c for c in _children(parent) if _comm(c) == SERVER_COMM)
-    return sum(pss_mb(p) for p in procs) / len(pids)
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
-
-def _ppid(pid: int) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def _comm(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""
+    live = [p for p in pids if p is not None]
+    return sum(pss_mb(p) for p in with_mount_servers(live)) / len(live)
 
 
 STARTUP_WORKLOADS: list[Workload] = [

@@ -156,6 +156,42 @@ def pss_mb(pid: int | None) -> float:
     return _proc_kb_field(pid, "smaps_rollup", "Pss:") * 1024 / 1e6
 
 
+MOUNT_SERVER_COMM = "fusesnap-mountd"
+
+
+def with_mount_servers(pids: list[int]) -> set[int]:
+    """pids plus the mount servers they were forked from and those servers' spare
+    workers: what a mount costs in proportional memory is shared with them."""
+    procs = set(pids)
+    for pid in pids:
+        parent = _ppid(pid)
+        if parent > 1 and _comm(parent) == MOUNT_SERVER_COMM:
+            procs.add(parent)
+            procs.update(c for c in _children(parent) if _comm(c) == MOUNT_SERVER_COMM)
+    return procs
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _ppid(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
 def _proc_kb_field(pid: int | None, name: str, field: str) -> int:
     """A "FIELD: N kB" line of /proc/PID/NAME."""
     if pid is None:

@@ -240,9 +240,14 @@ def _fuse_daemons(marker: bytes) -> list[tuple[int, list[bytes]]]:
     return out
 
 
+def _comm_and_parent(pid: int) -> tuple[str, int]:
+    """A process's name and its parent's pid, from /proc/PID/stat."""
+    stat_ = Path(f"/proc/{pid}/stat").read_text()
+    return stat_[stat_.index("(") + 1:stat_.rindex(")")], int(stat_.rsplit(")", 1)[1].split()[1])
+
+
 def _parent_comm(pid: int) -> str:
-    parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    return Path(f"/proc/{parent}/comm").read_text().strip()
+    return _comm_and_parent(_comm_and_parent(pid)[1])[0]
 
 
 @pytest.mark.parametrize("server", ["mount server", "started processes"])
@@ -293,9 +298,7 @@ def _in_namespace(ns: str) -> list[tuple[int, str, int]]:
         if d.isdigit():
             try:
                 if os.readlink(f"/proc/{d}/ns/mnt") == ns:
-                    stat_ = Path(f"/proc/{d}/stat").read_text()
-                    comm = stat_[stat_.index("(") + 1:stat_.rindex(")")]
-                    out.append((int(d), comm, int(stat_.rsplit(")", 1)[1].split()[1])))
+                    out.append((int(d), *_comm_and_parent(int(d))))
             except (OSError, ValueError):
                 continue
     return out
