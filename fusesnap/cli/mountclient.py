@@ -51,6 +51,21 @@ def run(kind: str, argv: list[str], stdio: tuple[int, int, int] | None = None,
     handed over (nothing ran: the caller runs the command itself). `stdio`: the
     command's stdin, stdout and stderr, `orig_argv`: the command line its process
     shows (defaults: this process's)."""
+    for _ in range(3):
+        sock = submit(kind, argv, stdio, orig_argv)
+        if sock is None:
+            return None
+        rc = finish(sock)
+        if rc != "retry":
+            return rc
+    return None
+
+
+def submit(kind: str, argv: list[str], stdio: tuple[int, int, int] | None = None,
+           orig_argv: list[str] | None = None) -> _socket.socket | None:
+    """Hand `kind argv` to the server without waiting for it: the connection to give
+    finish(), or None when it was not handed over (nothing will run). The descriptors
+    are in the request once this returns; the caller may close its own."""
     if os.environ.get(SWITCH) == "0":
         return None
     try:
@@ -66,15 +81,22 @@ def run(kind: str, argv: list[str], stdio: tuple[int, int, int] | None = None,
             sock = _connect(name, kind)
             if sock is None:
                 return None
-            try:
-                rc = _exchange(sock, payload, fds)
-            finally:
-                sock.close()
-            if rc != "retry":
-                return rc
+            if _send(sock, payload, fds):
+                return sock
+            sock.close()
         return None
     finally:
         os.close(fds[3])
+
+
+def finish(sock: _socket.socket, on_start=None) -> int | str | None:
+    """Wait for a submitted command: its exit status, "retry" (the server went away
+    before starting it: nothing ran, submit again) or None (refused: nothing ran).
+    on_start() is called once a worker has taken the command (and its descriptors)."""
+    try:
+        return _receive(sock, on_start)
+    finally:
+        sock.close()
 
 
 def keep_alive(kind: str) -> bool:
@@ -176,14 +198,18 @@ def _spawn_server(name: bytes, kind: str) -> bool:
     return status in (b"ok", b"exists")
 
 
-def _exchange(sock: _socket.socket, payload: bytes, fds: list[int]) -> int | str | None:
-    """Send the request and wait: exit status, "retry" (the server went away before
-    starting anything) or None (refused: nothing ran)."""
+def _send(sock: _socket.socket, payload: bytes, fds: list[int]) -> bool:
     fd_bytes = b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds)
     try:
         sock.sendmsg([payload], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fd_bytes)])
     except OSError:
-        return "retry"
+        return False
+    return True
+
+
+def _receive(sock: _socket.socket, on_start) -> int | str | None:
+    """Wait for the worker's answers: exit status, "retry" (the server went away before
+    starting anything) or None (refused: nothing ran)."""
     started = False
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLIN)
@@ -199,6 +225,8 @@ def _exchange(sock: _socket.socket, payload: bytes, fds: list[int]) -> int | str
                 return 1
             if msg == b"S":
                 started = True
+                if on_start is not None:
+                    on_start()
             elif msg[:1] == b"R":
                 return int(msg[1:])
             elif msg[:1] == b"N" and not started:

@@ -36,13 +36,14 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Iterable
 
 from ..cli import mountclient
 from ..errors import FusesnapError, InUse
-from ..linux import mountinfo
-from ..snapshots.mounting import container_options, umount
-from ..snapshots.snapshotter import Info, Mount
+from ..fs.fuse.mount import planned_fuse_options
+from ..fs.options import parse_options
+from ..linux import fuseconn, mountinfo
+from ..snapshots.mounting import container_options, fsname_for, umount
+from ..snapshots.snapshotter import Info, Mount, Snapshotter
 
 log = logging.getLogger(__name__)
 
@@ -107,22 +108,34 @@ class WarmPool:
             proc.communicate("")
 
 
+def _mount_argv(root: Path, key: str, mountpoint: str) -> list[str]:
+    return ["--root", str(root), "mount", *(f"-o{o}" for o in container_options()), key, mountpoint]
+
+
+def _shown(argv: list[str]) -> list[str]:
+    """The command line a mount's process shows in ps (not the serve command that asked for it)."""
+    return [sys.executable, os.path.join(os.path.dirname(sys.executable), "fusesnap"), *argv]
+
+
 def _mount_by_server(root: Path, key: str, mountpoint: Path) -> tuple[int, str] | None:
     """`fusesnap mount KEY MOUNTPOINT` run by the mount server: (exit code, its stderr),
     None if the server did not take it."""
-    argv = ["--root", str(root), "mount", *(f"-o{o}" for o in container_options()), key, str(mountpoint)]
+    argv = _mount_argv(root, key, str(mountpoint))
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     try:
-        # shown as what it is in ps (not as the serve command that asked for it)
-        shown = [sys.executable, os.path.join(os.path.dirname(sys.executable), "fusesnap"), *argv]
-        rc = mountclient.run("fusesnap", argv, stdio=(null, null, err_w), orig_argv=shown)
+        rc = mountclient.run("fusesnap", argv, stdio=(null, null, err_w), orig_argv=_shown(argv))
     finally:
         os.close(null)
         os.close(err_w)
+    err = _written(err_r)
+    return None if rc is None else (rc, err)
+
+
+def _written(err_r: int) -> str:
+    """What a mount command wrote to the pipe before it reported (the mount's daemon,
+    still running, no longer holds the pipe once it is live; its end is not waited for)."""
     try:
-        # what the command wrote before it reported (the mount's daemon, still running,
-        # no longer holds the pipe once it is live; do not wait for its end regardless)
         os.set_blocking(err_r, False)
         chunks = []
         while True:
@@ -135,9 +148,11 @@ def _mount_by_server(root: Path, key: str, mountpoint: Path) -> tuple[int, str] 
             chunks.append(chunk)
     finally:
         os.close(err_r)
-    if rc is None:
-        return None
-    return rc, b"".join(chunks).decode(errors="replace")
+    return b"".join(chunks).decode(errors="replace")
+
+
+def _last_line(err: str, rc: object) -> str:
+    return (err.strip().splitlines() or [f"exit {rc}"])[-1].removeprefix("fusesnap: ")
 
 
 def _reap(proc: subprocess.Popen) -> tuple[int, str]:
@@ -175,6 +190,11 @@ class BindMounts:
             self._pool = WarmPool(root)
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
+        # Mounts made here with mount(2) whose worker is still starting (key -> set when it
+        # has reported): the kernel queues their requests meanwhile, so they are handed out.
+        self._starting: dict[str, threading.Event] = {}
+        self._direct = os.geteuid() == 0     # may mount FUSE itself; off after the first EPERM
+        self._failed: set[str] = set()       # keys whose worker failed that way: mounted waiting next
 
     def _keep_server(self, every: float) -> None:
         while not self._stop.wait(every):
@@ -199,26 +219,104 @@ class BindMounts:
         with self._guard:
             return self._locks.setdefault(key, threading.Lock())
 
-    def ensure(self, info: Info) -> list[Mount]:
+    def ensure(self, sn: Snapshotter, info: Info) -> list[Mount]:
         """Mount `info` (active: rw, view: ro) unless it is mounted already; the bind to hand out."""
         mp = self.path(info.name)
+        bind = [Mount(type="bind", source=str(mp), options=["rbind", "rw" if info.kind == "active" else "ro"])]
         with self._lock(info.name):
-            if mountinfo.find(mp) is not None and not _alive(mp):
+            starting = self._starting.get(info.name)
+            if starting is not None and not starting.is_set():
+                return bind
+            try:
+                mp.mkdir(mode=0o755)
+                mounted = None              # a directory made just now has nothing on it
+            except OSError as e:            # there already (ENOTCONN: a mount whose daemon is gone)
+                if e.errno not in (errno.EEXIST, errno.ENOTCONN):
+                    raise
+                mounted = mountinfo.find(mp)
+            if mounted is not None and not _alive(mp):
                 log.warning("mount of snapshot %r lost its daemon; mounting it again", info.name)
                 umount(mp)
-            if mountinfo.find(mp) is None:
-                mp.mkdir(mode=0o755, exist_ok=True)
+                mounted = None
+            if mounted is None and not self._mount_direct(sn, info, mp):
                 rc, err = self._mount(info.name, mp)
                 if rc != 0:
-                    why = (err.strip().splitlines() or [f"exit {rc}"])[-1].removeprefix("fusesnap: ")
-                    raise FusesnapError(f"mounting snapshot {info.name!r}: {why}")
-        return [Mount(type="bind", source=str(mp), options=["rbind", "rw" if info.kind == "active" else "ro"])]
+                    raise FusesnapError(f"mounting snapshot {info.name!r}: {_last_line(err, rc)}")
+                self._failed.discard(info.name)
+        return bind
+
+    def _mount_direct(self, sn: Snapshotter, info: Info, mp: Path) -> bool:
+        """Mount the snapshot's FUSE connection here with mount(2) (fuseconn) and hand it to a
+        worker of the mount server, which serves it once started: the Prepare does not wait
+        for that start (~10 ms), the container's first request does, if it comes sooner.
+        False (nothing mounted) where that cannot be done: then the caller mounts and waits."""
+        if not self._direct or self._pool is not None or info.name in self._failed:
+            return False
+        rec = sn.record(info.name)
+        if rec.parent_chain and not sn.trees.path(rec.parent_chain).exists():
+            return False        # the worker builds the chain's lower tree first, which may fail: wait
+        opts = parse_options(container_options())
+        opts.fsname = fsname_for(sn, rec.id)
+        try:
+            fd = fuseconn.mount(str(mp), planned_fuse_options(opts, info.kind == "view"))
+        except (OSError, ValueError) as e:
+            if getattr(e, "errno", None) == errno.EPERM:
+                self._direct = False
+            log.info("mounting snapshot %r with mount(2): %s; through the mount command instead", info.name, e)
+            return False
+        argv = _mount_argv(self.root, info.name, "/dev/fd/0")      # the connection is its stdin
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            shown = _shown(_mount_argv(self.root, info.name, str(mp)))
+            sock = mountclient.submit("fusesnap", argv, stdio=(fd, null, err_w), orig_argv=shown)
+        finally:
+            os.close(null)
+            os.close(err_w)
+        if sock is None:       # no server to take it: undo, and mount the ordinary way
+            os.close(err_r)
+            os.close(fd)
+            umount(mp)
+            return False
+        done = threading.Event()
+        self._starting[info.name] = done
+        threading.Thread(target=self._follow, args=(info.name, sock, fd, err_r, done), daemon=True).start()
+        log.debug("snapshot %r mounted with mount(2); a worker of the mount server starts serving it", info.name)
+        return True
+
+    def _follow(self, key: str, sock: object, fd: int, err_r: int, done: threading.Event) -> None:
+        """Wait for the worker serving a mount made by _mount_direct. The connection's descriptor
+        here is closed as soon as the worker has its own: if the worker fails, the connection
+        is then aborted (requests fail with ENOTCONN) and the next Mounts mounts it again."""
+        held = [fd]
+
+        def let_go() -> None:
+            if held:
+                os.close(held.pop())
+        try:
+            rc = mountclient.finish(sock, let_go)   # type: ignore[arg-type]
+        finally:
+            let_go()
+        err = _written(err_r)
+        with self._guard:
+            mine = self._starting.get(key) is done
+            if mine:
+                del self._starting[key]
+        done.set()
+        if rc != 0 and mine:            # (a released snapshot's worker just found its mount gone)
+            why = "the mount server did not take it" if rc in (None, "retry") else _last_line(err, rc)
+            log.warning("mounting snapshot %r: %s (its next Mounts mounts it again and waits)", key, why)
+            with self._guard:
+                self._failed.add(key)
 
     def release(self, key: str) -> None:
         """Unmount the daemon's mount of `key` before its snapshot is committed or removed;
         refused while a bind of it (a running container) is still mounted."""
         mp = self.path(key)
         with self._lock(key):
+            with self._guard:
+                self._starting.pop(key, None)    # its worker, if still starting, finds the mount gone
+                self._failed.discard(key)
             mine = mountinfo.find(mp)
             if mine is not None:
                 others = [m.mountpoint for m in mountinfo.mounts()
@@ -238,15 +336,24 @@ class BindMounts:
         if self._pool is not None:
             self._pool.close()
 
-    def recover(self, infos: Iterable[Info]) -> int:
-        """Mount again every snapshot whose mount directory survived but whose mount did not."""
+    def recover(self, sn: Snapshotter) -> int:
+        """Mount again every snapshot whose mount directory survived but whose mount did not,
+        or whose mount lost its daemon (a daemon killed while a mount's worker started)."""
         n = 0
-        for info in infos:
-            if info.kind in ("active", "view") and self.path(info.name).is_dir() \
-                    and mountinfo.find(self.path(info.name)) is None:
-                try:
-                    self.ensure(info)
-                    n += 1
-                except FusesnapError as e:
-                    log.warning("%s", e)
+        for info in sn.list():
+            if info.kind not in ("active", "view"):
+                continue
+            mp = self.path(info.name)
+            try:
+                if not mp.is_dir():
+                    continue
+            except OSError:             # ENOTCONN: mounted, daemon gone
+                pass
+            if mountinfo.find(mp) is not None and _alive(mp):
+                continue
+            try:
+                self.ensure(sn, info)
+                n += 1
+            except FusesnapError as e:
+                log.warning("%s", e)
         return n

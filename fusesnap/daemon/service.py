@@ -64,7 +64,7 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
         if removed:
             log.warning("removed %d leftovers of interrupted work", len(removed))
         if binds is not None:
-            n = binds.recover(self._sn().list())
+            n = binds.recover(self._sn())
             if n:
                 log.warning("mounted %d snapshots again whose mounts were gone", n)
 
@@ -136,7 +136,7 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
             mounts = sn.view(request.key, request.parent, labels)
         if self.binds is not None:
             try:
-                mounts = self.binds.ensure(sn.stat(request.key))
+                mounts = self.binds.ensure(sn, sn.stat(request.key))
             except BaseException:
                 try:
                     sn.remove(request.key)   # no snapshot without its mount
@@ -149,7 +149,7 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
         sn = self._sn()
         mounts = sn.mounts(key)
         if self.binds is not None:
-            mounts = self.binds.ensure(sn.stat(key))
+            mounts = self.binds.ensure(sn, sn.stat(key))
         return mounts
 
     def _release(self, sn: Snapshotter, key: str) -> None:

@@ -45,6 +45,13 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         _raise()
 
 
+def mount(source: str, target: str | bytes, fstype: str, flags: int, data: str) -> None:
+    """mount(2) (needs CAP_SYS_ADMIN in the user namespace owning the mount namespace)."""
+    if _libc.mount(os.fsencode(source), os.fsencode(target), fstype.encode(), ctypes.c_ulong(flags),
+                   data.encode()) != 0:
+        _raise(target)
+
+
 def umount2(path: bytes | str, flags: int = 0) -> None:
     """umount2(2): what `umount` runs, without starting a program (needs CAP_SYS_ADMIN
     in the mount's user namespace)."""

@@ -16,6 +16,7 @@ they are imported (fs/fuse/mount.py says why).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -24,8 +25,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator
 
+from ..crashpoints import crash_point
 from ..errors import FusesnapError, InUse, InvalidInput
-from ..linux import flock, libc, mountinfo
+from ..linux import flock, fuseconn, libc, mountinfo
 from ..linux.mountinfo import is_mountpoint
 
 if TYPE_CHECKING:
@@ -153,16 +155,27 @@ def mount_snapshot(sn: "Snapshotter", key: str, mountpoint: str | os.PathLike, *
     info = sn.stat(key)
     if info.kind == "committed":
         raise InvalidInput(f"snapshot {key!r} is committed: mount a view or an active snapshot of it")
+    conn = fuseconn.connection_fd(mountpoint)
+    if conn is not None:
+        # a connection mounted already (libfuse's /dev/fd/N): kept clear of stdin/stdout/stderr,
+        # which the daemon points at /dev/null once it is live
+        if not fuseconn.is_connection(conn):
+            raise InvalidInput(f"{mountpoint} is not an open FUSE connection (/dev/fuse)")
+        if conn < 3:
+            conn = fcntl.fcntl(conn, fcntl.F_DUPFD_CLOEXEC, 3)
+        mountpoint = f"/dev/fd/{conn}"
+        crash_point("connection-taken")
+    elif not Path(mountpoint).is_dir():
+        raise InvalidInput(f"mount point {os.fspath(mountpoint)!r} is not a directory")
     mp = Path(mountpoint)
-    if not mp.is_dir():
-        raise InvalidInput(f"mount point {str(mp)!r} is not a directory")
     rec = sn.record(key)
     opts = parse_options(list(options))
     opts.fsname = fsname_for(sn, rec.id)
     upper = work = None
     lock = daemon_lock(sn, rec.id, key, info.kind == "active")
     if info.kind == "active":
-        check_not_mounted(sn, rec.id, key, "mount")  # fail early; the daemon's lock decides
+        if conn is None:   # (a connection is in the mount table already, under this snapshot's name)
+            check_not_mounted(sn, rec.id, key, "mount")  # fail early; the daemon's lock decides
         d = sn.snapshot_dir(rec.id)
         upper, work = d / "upper", d / "work"
         opts.upperdir, opts.workdir = str(upper), str(work)
@@ -173,9 +186,10 @@ def mount_snapshot(sn: "Snapshotter", key: str, mountpoint: str | os.PathLike, *
 
         opts.record_layers = record_layers(sn.store, rec.parent_chain)
     if daemon is not None and not foreground:
-        from ..fs.fuse.mount import TreeUnavailable
+        from ..fs.fuse.mount import TreeUnavailable, serving_here
 
-        spec = _tree_spec(sn, rec.parent_chain)
+        # a daemon forked before the connection was set aside above does not have it
+        spec = _tree_spec(sn, rec.parent_chain) if conn is None or serving_here() else None
         if spec is not None:
             try:
                 return daemon.start(spec, upper, work, mp, opts, lock)

@@ -29,11 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterable
 
+from ..crashpoints import crash_point
 from ..digest import chain_id as compute_chain_id, is_digest
 from ..errors import AlreadyExists, FusesnapError, InUse, InvalidInput, NotFound
 from ..store.fsck import database_problem, set_database_aside
 from ..store.layerstore import NAME_LABEL, LayerInfo, LayerStore
-from ..store.layout import StoreLayout, crash_point, rmtree
+from ..store.layout import StoreLayout, rmtree
 from ..store.recovery import FsckReport
 from . import changeset
 from .filters import info_adaptor, match_any, parse_filters

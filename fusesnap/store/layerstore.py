@@ -38,7 +38,8 @@ from .exporter import export_layer
 from .extract import Extractor, feed_member
 from .fsck import fsck, missing_database
 from .layerrecord import LayerRecord
-from .layout import ENTRIES, TAR_SPLIT, StoreLayout, crash_point, fsync_dir, rmtree, sync_tree
+from ..crashpoints import crash_point
+from .layout import ENTRIES, TAR_SPLIT, StoreLayout, fsync_dir, rmtree, sync_tree
 from .locks import FileLock
 from .pipeline import ExtractPipeline
 from .recovery import FsckReport, check_leftovers, recover, replay_intents

@@ -23,6 +23,7 @@ import shutil
 import stat
 from pathlib import Path
 
+from ..crashpoints import crash_point
 from ..digest import hex_of
 from ..linux import libc
 from .locks import FileLock
@@ -50,12 +51,6 @@ def host_dir_mode(mode: int) -> int:
 
 def no_sync() -> bool:
     return os.environ.get("FUSESNAP_NO_SYNC") == "1"
-
-
-def crash_point(name: str) -> None:
-    """Test hook: FUSESNAP_CRASH_AT=<name> kills this process with SIGKILL at that point."""
-    if os.environ.get("FUSESNAP_CRASH_AT") == name:
-        os.kill(os.getpid(), 9)
 
 
 def syncfs(path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import stat
@@ -20,10 +21,14 @@ REF = "containerd.io/snapshot.ref"
 
 
 class Served:
-    def __init__(self, tmp: Path, mounts: str = "bind", env: dict[str, str] | None = None) -> None:
+    def __init__(self, tmp: Path, mounts: str = "bind", env: dict[str, str] | None = None,
+                 log: Path | None = None) -> None:
+        """log: -vv, its stderr to that file (a pipe nobody reads would fill up)."""
         self.root, self.sock = tmp / "root", tmp / "run" / "fusesnap.sock"
-        self.proc = subprocess.Popen([script("fusesnap"), "--root", str(self.root), "serve", "--mounts", mounts,
-                                      "--address", str(self.sock)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        self.log = log
+        self.proc = subprocess.Popen([script("fusesnap"), "--root", str(self.root), *(["-vv"] if log else []),
+                                      "serve", "--mounts", mounts, "--address", str(self.sock)],
+                                     stdout=subprocess.PIPE, stderr=open(log, "wb") if log else subprocess.PIPE,
                                      env=None if env is None else {**os.environ, **env})
         self.client = RemoteSnapshotter(self.sock)
         self.client.wait_ready(30)
@@ -40,7 +45,7 @@ class Served:
         self.channel.close()
         self.proc.send_signal(sig)
         _, err = self.proc.communicate(timeout=60)
-        return self.proc.returncode, err.decode()
+        return self.proc.returncode, self.log.read_text() if self.log else err.decode()
 
 
 @pytest.fixture
@@ -286,6 +291,87 @@ def test_bind_mode_mounts_with_and_without_a_mount_server(shared_tmp, server):
             c.commit(f"c{i}", f"k{i}")
         assert [i.name for i in c.list("kind==active")] == []
         assert s.stop()[0] == 0
+    finally:
+        if s.proc.poll() is None:
+            s.stop()
+
+
+def _fuse_mount_of(mp: str) -> str | None:
+    """The fstype of what is mounted at mp, from the mount table (a stat could wait on it)."""
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        f = line.split()
+        if f[4] == mp:
+            return f[f.index("-") + 1]
+    return None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the daemon mounts FUSE with mount(2) only as root")
+def test_bind_mode_mounts_ahead_of_the_daemon_that_serves(shared_tmp):
+    """As root the daemon mounts the FUSE connection itself and hands it to a worker of the mount
+    server: Prepare returns with the mount in place while the worker is still starting. The first
+    mount of a chain (whose lower tree the worker builds, which can fail) waits instead."""
+    s = Served(shared_tmp, log=shared_tmp / "serve.log")
+    try:
+        c = s.client
+        c.prepare("w")
+        c.commit("base", "w")
+        sources = {}
+        for key in ("k0", "k1"):
+            mounts = c.prepare(key, "base")
+            sources[key] = mounts[0].source
+            assert _fuse_mount_of(mounts[0].source) == "fuse.fusesnap"    # in place on return
+            mp = shared_tmp / key
+            mp.mkdir()
+            perform(c.mounts(key), mp)
+            (mp / "f").write_text(key)
+            assert sorted(os.listdir(mp)) == ["f"]
+            subprocess.run(["umount", str(mp)], check=True)
+        # k1's mount was made ahead and is served by a fork of the mount server showing its mountpoint
+        pid, cmdline = _fuse_daemons(os.fsencode(sources["k1"]))[0]
+        assert cmdline[-2:] == [b"k1", os.fsencode(sources["k1"])] and _parent_comm(pid) == "fusesnap-mountd"
+        c.commit("c1", "k1")
+        c.remove("k0")
+        rc, log = s.stop()
+        assert rc == 0
+        ahead = {ln.split("'")[1] for ln in log.splitlines() if "mounted with mount(2)" in ln}
+        assert ahead == {"w", "k1"}, log[-3000:]      # (w has no parent: no lower tree to build)
+    finally:
+        if s.proc.poll() is None:
+            s.stop()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the daemon mounts FUSE with mount(2) only as root")
+def test_a_mount_made_ahead_whose_worker_dies_is_made_again_at_mounts(shared_tmp):
+    """The worker is killed as it takes the connection (FUSESNAP_CRASH_AT, which only the
+    worker reaches): the connection is aborted, the daemon logs why, and the next Mounts mounts
+    the snapshot again, waiting for it this time, so a container gets a live mount."""
+    s = Served(shared_tmp, env={"FUSESNAP_CRASH_AT": "connection-taken"}, log=shared_tmp / "serve.log")
+    try:
+        c = s.client
+        c.prepare("w")
+        c.commit("base", "w")
+        c.prepare("k0", "base")           # the chain's first mount waits (and so builds its tree)
+        source = c.prepare("k1", "base")[0].source
+        deadline = time.monotonic() + 30
+        while True:                       # the worker dies: requests then fail instead of waiting
+            try:
+                os.statvfs(source)
+            except OSError as e:
+                assert e.errno == errno.ENOTCONN
+                break
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        mp = shared_tmp / "mp"
+        mp.mkdir()
+        perform(c.mounts("k1"), mp)
+        (mp / "f").write_text("alive")
+        assert (mp / "f").read_text() == "alive"
+        subprocess.run(["umount", str(mp)], check=True)
+        c.remove("k1")
+        c.remove("k0")
+        rc, log = s.stop()
+        assert rc == 0
+        assert "mounting snapshot 'k1':" in log and "its next Mounts mounts it again" in log, log[-3000:]
     finally:
         if s.proc.poll() is None:
             s.stop()

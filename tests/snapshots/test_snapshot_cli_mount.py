@@ -268,3 +268,66 @@ def test_mounts_json_works_with_the_fuse3_mount_helper(shared_tmp):
     assert tarfile.open(fileobj=io.BytesIO(e.stdout)).extractfile("hello").read() == b"via mount.fuse3"
     bad = subprocess.run([script("fusesnap"), "fusesnap", str(mp), "-o", "rw"], capture_output=True)
     assert bad.returncode != 0 and b"snapshot=KEY" in bad.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mount(2) of a FUSE connection needs root")
+@pytest.mark.parametrize("server", ["mount server", "own process"])
+def test_mount_serves_a_connection_mounted_ahead(shared_tmp, server):
+    """libfuse's /dev/fd/N: `fusesnap mount KEY /dev/fd/N` serves a connection another process
+    mounted (as `fusesnap serve` does, and mount.fuse3 -o drop_privileges); requests made before
+    it answers INIT wait in the kernel."""
+    from fusesnap.fs.fuse.mount import planned_fuse_options
+    from fusesnap.fs.options import parse_options
+    from fusesnap.linux import fuseconn
+    from fusesnap.snapshots.mounting import fsname_for
+    from fusesnap.snapshots.snapshotter import Snapshotter
+
+    env = {**os.environ, "FUSESNAP_MOUNT_SERVER": "0" if server == "own process" else "1"}
+    root, mp = shared_tmp / "root", shared_tmp / "mp"
+    mp.mkdir()
+    assert fusesnap(root, "prepare", "w").returncode == 0
+    assert fusesnap(root, "commit", "base", "w").returncode == 0
+    assert fusesnap(root, "prepare", "k", "base").returncode == 0
+    with Snapshotter(root) as sn:
+        opts = parse_options([])
+        opts.fsname = fsname_for(sn, sn.record("k").id)
+    fd = fuseconn.mount(str(mp), planned_fuse_options(opts, False))
+    try:
+        # (from the mount table: a stat of mp would wait for the daemon, like the request below)
+        assert str(mp) in [ln.split()[4] for ln in Path("/proc/self/mountinfo").read_text().splitlines()]
+        # a request now waits for the daemon (started below) instead of failing
+        early = subprocess.Popen(["sh", "-c", f"echo early > {mp}/early"])
+        r = fusesnap(root, "mount", "k", "/dev/fd/0", stdin=fd, env=env)
+        assert r.returncode == 0, r.stderr
+    finally:
+        os.close(fd)
+    assert early.wait(30) == 0
+    (mp / "late").write_text("late\n")
+    assert sorted(os.listdir(mp)) == ["early", "late"]
+    line = next(ln.split() for ln in Path("/proc/self/mountinfo").read_text().splitlines()
+                if ln.split()[4] == str(mp))
+    assert line[line.index("-") + 2] == opts.fsname and {"nosuid", "nodev"} <= set(line[5].split(","))
+    busy = fusesnap(root, "mount", "k", str(shared_tmp))       # the worker holds the snapshot's lock
+    assert busy.returncode != 0 and b"mounted" in busy.stderr
+    pids = daemons_for(mp) if server == "mount server" else []
+    u = fusesnap(root, "umount", str(mp))
+    assert u.returncode == 0, u.stderr
+    assert wait_gone(pids)
+    c = fusesnap(root, "commit", "c", "k")
+    assert c.returncode == 0, c.stderr
+    assert fusesnap(root, "view", "v", "c").returncode == 0
+    assert fusesnap(root, "mount", "v", str(mp)).returncode == 0
+    try:
+        assert (mp / "early").read_text() == "early\n" and (mp / "late").read_text() == "late\n"
+    finally:
+        assert fusesnap(root, "umount", str(mp)).returncode == 0
+
+
+def test_mount_refuses_a_descriptor_that_is_no_connection(shared_tmp):
+    root = shared_tmp / "root"
+    assert fusesnap(root, "prepare", "k").returncode == 0
+    with open(shared_tmp / "plain", "w+b") as f:
+        r = fusesnap(root, "mount", "k", "/dev/fd/0", stdin=f.fileno())
+    assert r.returncode != 0
+    assert r.stderr.decode().strip().splitlines() == ["fusesnap: error: /dev/fd/0 is not an open FUSE connection (/dev/fuse)"]
+    assert fusesnap(root, "remove", "k").returncode == 0

@@ -22,8 +22,9 @@ import sys
 from typing import TYPE_CHECKING, Any, Callable
 
 from fusesnap.errors import FusesnapError
+from fusesnap.fs.core.permissions import Permissions
 from fusesnap.fs.options import MountOptions
-from fusesnap.linux import flock
+from fusesnap.linux import flock, fuseconn, libc
 from fusesnap.linux.kernel import in_initial_user_namespace
 
 if TYPE_CHECKING:
@@ -55,6 +56,19 @@ class TreeUnavailable(FusesnapError):
 
 
 def fuse_options(union: Union, opts: MountOptions) -> set[str]:
+    """The FUSE mount options of a Union built with opts."""
+    return _fuse_options(opts, union.readonly, union.kernel_checks_permissions)
+
+
+def planned_fuse_options(opts: MountOptions, readonly: bool) -> set[str]:
+    """What fuse_options() will give the Union that opts build (readonly: a view), known
+    before it is built: for a process that mounts the connection (fs/fuseconn.py) while
+    the daemon that serves it is still starting."""
+    perms = Permissions(os.geteuid(), bool(opts.allow_other), bool(opts.default_permissions))
+    return _fuse_options(opts, readonly or opts.read_only, perms.kernel_checks)
+
+
+def _fuse_options(opts: MountOptions, readonly: bool, kernel_checks: bool) -> set[str]:
     """The FUSE mount options: nodev,nosuid and no allow_other unless asked for.
 
     Root of the initial user namespace gets the same defaults as everyone: an
@@ -67,11 +81,11 @@ def fuse_options(union: Union, opts: MountOptions) -> set[str]:
     # admits only that namespace's processes, lets setuid reach only its ids, ignores devices
     confined = os.geteuid() == 0 and not in_initial_user_namespace()
     asked = set(opts.fuse_options)
-    if union.kernel_checks_permissions:
+    if kernel_checks:
         o.add("default_permissions")
     if opts.allow_other if opts.allow_other is not None else confined:
         o.add("allow_other")
-    if union.readonly:
+    if readonly:
         o.add("ro")
     if not opts.keep_atime and "atime" not in asked:
         # as fuse-overlayfs: reads through the mount would otherwise invalidate every
@@ -85,6 +99,12 @@ def fuse_options(union: Union, opts: MountOptions) -> set[str]:
     return o
 
 
+def mountable(mountpoint: str) -> bool:
+    """A directory, or `/dev/fd/N` naming a FUSE connection mounted already (fuseconn)."""
+    fd = fuseconn.connection_fd(mountpoint)
+    return os.path.isdir(mountpoint) if fd is None else fuseconn.is_connection(fd)
+
+
 def mount(tree: LowerTree, upper: Path | str | None, work: Path | str | None,
           mountpoint: Path | str, opts: MountOptions | None = None, foreground: bool = False,
           lock: Lock | None = None) -> int:
@@ -95,7 +115,7 @@ def mount(tree: LowerTree, upper: Path | str | None, work: Path | str | None,
     opts = opts or MountOptions()
     mountpoint = os.path.abspath(mountpoint)
     try:
-        if not os.path.isdir(mountpoint):
+        if not mountable(mountpoint):
             raise FusesnapError(f"mountpoint {mountpoint!r} does not exist or is not a directory")
         from fusesnap.fs.fuse.operations import Operations
         from fusesnap.fs.core.union import Union
@@ -238,7 +258,7 @@ class HereDaemon:
 
         opts = opts or MountOptions()
         mountpoint = os.path.abspath(mountpoint)
-        if not os.path.isdir(mountpoint):
+        if not mountable(mountpoint):
             print(f"fusesnap: cannot mount {mountpoint}: mountpoint {mountpoint!r} does not exist "
                   "or is not a directory", file=sys.stderr)
             return 1
@@ -285,7 +305,7 @@ class PendingDaemon:
             raise RuntimeError("PendingDaemon.start() called twice")
         opts = opts or MountOptions()
         mountpoint = os.path.abspath(mountpoint)
-        if not os.path.isdir(mountpoint):
+        if not mountable(mountpoint):
             self.cancel()
             print(f"fusesnap: cannot mount {mountpoint}: mountpoint {mountpoint!r} does not exist "
                   "or is not a directory", file=sys.stderr)
@@ -487,11 +507,12 @@ def _go_live(ops: Operations, mountpoint: str, fopts: set[str], note: Callable[[
             return failed(lock[2])
         _held_locks.append(fd)
     before = fastloop.fuse_fds()
+    conn = fuseconn.connection_fd(mountpoint)   # mounted already: libfuse serves that descriptor
     try:
         pyfuse3.init(ops, mountpoint, fopts)
     except Exception as e:
         return failed(f"{e} (options: {','.join(sorted(fopts))})")
-    new = fastloop.fuse_fds() - before
+    new = {conn} if conn is not None else fastloop.fuse_fds() - before
     if len(new) == 1 and os.environ.get("FUSESNAP_STOCK_LOOP") != "1":
         busy = ops.union.opts.busy_poll_us
         fastloop.install(new.pop(), busy_poll_us=fastloop.default_busy_poll_us() if busy is None else busy)
@@ -515,6 +536,9 @@ def _serve_live(ops: Operations, mountpoint: str, debug: bool) -> int:
 
     gc.enable()      # off while a pending daemon was starting up
     state = {"signalled": False}
+    where: str | bytes | None = mountpoint
+    if fuseconn.connection_fd(mountpoint) is not None:    # mounted by another process: find it
+        where = fuseconn.mountpoint_of(ops.union.opts.fsname, "fuse.fusesnap")
 
     async def main() -> None:
         async with trio.open_nursery() as n:
@@ -533,7 +557,8 @@ def _serve_live(ops: Operations, mountpoint: str, debug: bool) -> int:
                     kb = read_ahead_that_splices(DEFAULT_KB, ops.splice_max)
                 for delay in (0.05, 0.5):
                     await trio.sleep(delay)
-                    set_read_ahead(mountpoint, kb)
+                    if where is not None:
+                        set_read_ahead(where, kb)
             n.start_soon(readahead)
             await pyfuse3.main(1, 8)
             n.cancel_scope.cancel()
@@ -552,6 +577,11 @@ def _serve_live(ops: Operations, mountpoint: str, debug: bool) -> int:
             pyfuse3.close(unmount=state["signalled"])
         except Exception:
             pass
+        if state["signalled"] and where is not None and where != mountpoint:
+            try:     # libfuse knows only /dev/fd/N: the mount itself goes here
+                libc.umount2(where, 2)   # MNT_DETACH
+            except OSError:
+                pass
         # the mount is gone: let commit and remove in at once, not when this process is
         while _held_locks:
             os.close(_held_locks.pop())
