@@ -317,13 +317,14 @@ class BindMounts:
             with self._guard:
                 self._starting.pop(key, None)    # its worker, if still starting, finds the mount gone
                 self._failed.discard(key)
-            mine = mountinfo.find(mp)
+            table = mountinfo.mounts()
+            at = mountinfo.canonical(mp)
+            mine = next((m for m in reversed(table) if m.mountpoint == at), None)
             if mine is not None:
-                others = [m.mountpoint for m in mountinfo.mounts()
-                          if m.device == mine.device and m.mount_id != mine.mount_id]
+                others = [m.mountpoint for m in table if m.device == mine.device and m.mount_id != mine.mount_id]
                 if others:
                     raise InUse(f"snapshot {key!r} is still mounted at {os.fsdecode(others[0])}")
-                umount(mp)
+                umount(mp, known_mounted=True)
             try:
                 mp.rmdir()
             except FileNotFoundError:

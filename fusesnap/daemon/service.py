@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import threading
 import time
 from pathlib import Path
@@ -60,6 +61,12 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
         self._local = threading.local()
         self._all: list[Snapshotter] = []
         self._lock = threading.Lock()
+        # Removed snapshots' directories, deleted after the Remove returned (containerd waits
+        # for each Remove of `ctr run --rm`); None stops the thread. A crash leaves their
+        # intents, which the start-up cleanup finishes.
+        self._doomed: queue.Queue[tuple[Path, int] | None] = queue.Queue()
+        self._deleter = threading.Thread(target=self._delete_doomed, name="deleter", daemon=True)
+        self._deleter.start()
         removed = self._cleanup()   # opens (creates) the store now: a bad root fails at start
         if removed:
             log.warning("removed %d leftovers of interrupted work", len(removed))
@@ -77,8 +84,17 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
                 self._all.append(sn)
         return sn
 
+    def _delete_doomed(self) -> None:
+        while (job := self._doomed.get()) is not None:
+            try:
+                self._sn().delete_given_up(*job)
+            except Exception as e:   # noqa: BLE001 -- the intent stays: Cleanup tries again
+                log.warning("deleting %s: %s", job[0], e)
+
     def close(self) -> None:
         """Close every thread's Snapshotter (after the server stopped calling in)."""
+        self._doomed.put(None)
+        self._deleter.join()
         with self._lock:
             for sn in self._all:
                 sn.close()
@@ -160,7 +176,7 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
     def _remove(self, key: str) -> None:
         sn = self._sn()
         self._release(sn, key)
-        sn.remove(key)
+        sn.remove(key, later=lambda path, intent: self._doomed.put((path, intent)))
 
     def _commit(self, request: pb.CommitSnapshotRequest) -> None:
         sn = self._sn()

@@ -210,7 +210,8 @@ class Snapshotter:
         """Record (inside a transaction) that a snapshot directory is to be deleted."""
         return self.store.db.add_intent(t, self.store.layout.relative(path), why)
 
-    def _delete_now(self, path: Path, intent: int) -> None:
+    def delete_given_up(self, path: Path, intent: int) -> None:
+        """Delete a directory given up in a transaction (_give_up), and its intent."""
         self.store.layout.trash(path)
         with self.store.db.tx() as t:
             self.store.db.drop_intent(t, intent)
@@ -386,7 +387,7 @@ class Snapshotter:
             finally:
                 cs.restore()
             crash_point("commit-after-tx")
-            self._delete_now(d, intent)
+            self.delete_given_up(d, intent)
         return self.stat(name)
 
     def _swap_records(self, t: Any, rec: Record, name: str, chain: str, holder: str,
@@ -405,8 +406,12 @@ class Snapshotter:
             sdb.drop_ref(t, rec.parent_chain, rec.holder, "ref")
         return self._give_up(t, self.snapshot_dir(rec.id), "commit")
 
-    def remove(self, key: str) -> None:
-        """Remove a snapshot; refused while another snapshot or layer builds on it."""
+    def remove(self, key: str, later: Callable[[Path, int], None] | None = None) -> None:
+        """Remove a snapshot; refused while another snapshot or layer builds on it.
+
+        later(path, intent): an active snapshot's directory is deleted by that (a
+        background worker calling delete_given_up) instead of before this returns;
+        the snapshot is gone either way, and the intent finishes the job after a crash."""
         rec = self.db.get(key)
         if rec is None:
             self._remove_layer_snapshot(key)
@@ -431,7 +436,7 @@ class Snapshotter:
                     intent = self._give_up(t, self.snapshot_dir(rec.id), "remove")
             if intent is not None:
                 crash_point("remove-after-tx")
-                self._delete_now(self.snapshot_dir(rec.id), intent)
+                (later or self.delete_given_up)(self.snapshot_dir(rec.id), intent)
         if rec.kind == "committed":
             assert rec.chain_id
             self._maybe_remove_layer(rec.chain_id)
