@@ -138,10 +138,14 @@ class StoreDB:
         self.path = Path(path)
         self._lock = threading.RLock()
         self._q = Tx(self)
+        # Owner-only from the start. Only a file that is not there yet is opened here: closing
+        # any descriptor of the database drops every POSIX lock this process holds on it, so
+        # other threads' open transactions would lose theirs (SQLite then reports a lock that
+        # never frees, or a disk I/O error).
         try:
-            os.close(os.open(self.path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))  # owner-only from the start
+            os.close(os.open(self.path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
         except OSError:
-            pass  # sqlite3 reports it below
+            pass  # there already (or sqlite3 reports why below)
         try:
             self.conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as e:
