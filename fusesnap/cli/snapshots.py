@@ -316,7 +316,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Mount snapshot KEY at MOUNTPOINT. Returns once the mount is live; the "
                        "daemon exits when it is unmounted (fusesnap umount or fusermount3 -u).")
     p.add_argument("key", metavar="KEY")
-    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT",
+                   help="a directory, or /dev/fd/N: serve the FUSE connection open as descriptor N that "
+                   "another process mounted already (as libfuse takes it; root's `fusesnap serve` does this)")
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground until unmounted")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPT",
                    help="FUSE mount option (repeatable, comma-separated)")
