@@ -48,6 +48,7 @@ from ..snapshots.snapshotter import Info, Mount, Snapshotter
 log = logging.getLogger(__name__)
 
 REFILL_DELAY = 0.25   # seconds after a mount before the pool starts its replacement
+OUTCOME_WAIT = 60.0   # seconds Mounts waits for the worker of a mount made ahead to report
 
 
 class WarmPool:
@@ -225,8 +226,11 @@ class BindMounts:
         bind = [Mount(type="bind", source=str(mp), options=["rbind", "rw" if info.kind == "active" else "ro"])]
         with self._lock(info.name):
             starting = self._starting.get(info.name)
-            if starting is not None and not starting.is_set():
-                return bind
+            if starting is not None:
+                # Mounts of a snapshot whose worker is starting: its outcome first, so that a
+                # worker that failed is replaced below (`ctr run` waits for it regardless: it
+                # reads the image's /etc/group through the snapshot right after Prepare)
+                starting.wait(OUTCOME_WAIT)
             try:
                 mp.mkdir(mode=0o755)
                 mounted = None              # a directory made just now has nothing on it
@@ -248,7 +252,7 @@ class BindMounts:
     def _mount_direct(self, sn: Snapshotter, info: Info, mp: Path) -> bool:
         """Mount the snapshot's FUSE connection here with mount(2) (fuseconn) and hand it to a
         worker of the mount server, which serves it once started: the Prepare does not wait
-        for that start (~10 ms), the container's first request does, if it comes sooner.
+        for that start (~10 ms); a Mounts call, or the first request on the mount, does.
         False (nothing mounted) where that cannot be done: then the caller mounts and waits."""
         if not self._direct or self._pool is not None or info.name in self._failed:
             return False
