@@ -269,18 +269,22 @@ class BindMounts:
             log.info("mounting snapshot %r with mount(2): %s; through the mount command instead", info.name, e)
             return False
         argv = _mount_argv(self.root, info.name, "/dev/fd/0")      # the connection is its stdin
+        sock = None
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         try:
-            shown = _shown(_mount_argv(self.root, info.name, str(mp)))
-            sock = mountclient.submit("fusesnap", argv, stdio=(fd, null, err_w), orig_argv=shown)
+            null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                shown = _shown(_mount_argv(self.root, info.name, str(mp)))
+                sock = mountclient.submit("fusesnap", argv, stdio=(fd, null, err_w), orig_argv=shown)
+            finally:
+                os.close(null)
+                os.close(err_w)
         finally:
-            os.close(null)
-            os.close(err_w)
-        if sock is None:       # no server to take it: undo, and mount the ordinary way
-            os.close(err_r)
-            os.close(fd)
-            umount(mp)
+            if sock is None:   # no server took it (or submitting failed): undo, mount the ordinary way
+                os.close(err_r)
+                os.close(fd)
+                umount(mp)
+        if sock is None:
             return False
         done = threading.Event()
         self._starting[info.name] = done
