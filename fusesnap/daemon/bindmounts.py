@@ -192,7 +192,7 @@ class BindMounts:
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
         # Mounts made here with mount(2) whose worker is still starting (key -> set when it
-        # has reported): the kernel queues their requests meanwhile, so they are handed out.
+        # has reported): the kernel queues their requests meanwhile; Mounts waits for it.
         self._starting: dict[str, threading.Event] = {}
         self._direct = os.geteuid() == 0     # may mount FUSE itself; off after the first EPERM
         self._failed: set[str] = set()       # keys whose worker failed that way: mounted waiting next
@@ -283,7 +283,7 @@ class BindMounts:
             if sock is None:   # no server took it (or submitting failed): undo, mount the ordinary way
                 os.close(err_r)
                 os.close(fd)
-                umount(mp)
+                umount(mp, known_mounted=True)
         if sock is None:
             return False
         done = threading.Event()
@@ -310,12 +310,12 @@ class BindMounts:
             mine = self._starting.get(key) is done
             if mine:
                 del self._starting[key]
+                if rc != 0:     # before done is set: a Mounts waiting on it must then mount and wait
+                    self._failed.add(key)
         done.set()
         if rc != 0 and mine:            # (a released snapshot's worker just found its mount gone)
             why = "the mount server did not take it" if rc in (None, "retry") else _last_line(err, rc)
             log.warning("mounting snapshot %r: %s (its next Mounts mounts it again and waits)", key, why)
-            with self._guard:
-                self._failed.add(key)
 
     def release(self, key: str) -> None:
         """Unmount the daemon's mount of `key` before its snapshot is committed or removed;

@@ -187,7 +187,6 @@ class Snapshotter:
             raise NotFound(f"snapshot {key!r} does not exist")
         return rec
 
-
     def exists(self, key: str) -> bool:
         """True when `key` names a snapshot (a record, or a stored layer's chainID)."""
         return self.db.get(key) is not None or (is_digest(key) and self.store.exists(key))

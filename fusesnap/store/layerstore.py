@@ -25,6 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from ..crashpoints import crash_point
 from ..digest import chain_id as compute_chain_id, is_digest
 from ..errors import DamagedStore, InUse, IntegrityError, InvalidInput, NotFound
 from ..layerentry import LayerEntry
@@ -38,7 +39,6 @@ from .exporter import export_layer
 from .extract import Extractor, feed_member
 from .fsck import fsck, missing_database
 from .layerrecord import LayerRecord
-from ..crashpoints import crash_point
 from .layout import ENTRIES, TAR_SPLIT, StoreLayout, fsync_dir, rmtree, sync_tree
 from .locks import FileLock
 from .pipeline import ExtractPipeline
