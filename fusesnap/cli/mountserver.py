@@ -80,11 +80,13 @@ BASE = (
     "fusesnap.fs.fuse.fastloop", "fusesnap.fs.fuse.readahead", "fusesnap.fs.fuse.splicing",
     "fusesnap.fs.core.lowertree", "fusesnap.fs.core.lower",
 )
+PLANNED = "fusesnap-planned"   # a mount `fusesnap serve` planned and mounted (cmd_mount_planned)
 PRELOAD = {
     "fusesnap-overlay": ("fusesnap.cli.overlay", "fusesnap.fs.core.lazytree"),
     "fusesnap": ("fusesnap.cli.main", "fusesnap.cli.snapshots", "fusesnap.snapshots.snapshotter",
                  "fusesnap.snapshots.mounting", "fusesnap.snapshots.treecache", "fusesnap.store.layerstore",
                  "json"),
+    PLANNED: ("fusesnap.cli.main", "fusesnap.cli.snapshots", "fusesnap.snapshots.mounting", "json"),
 }
 
 
@@ -491,6 +493,13 @@ def _run(kind: str, argv: list[str]) -> int:
         return overlay.main(argv)
     from fusesnap.cli import main
 
+    if kind == PLANNED:      # [plan as JSON, /dev/fd/N]: see cli/snapshots.py cmd_mount_planned
+        from types import SimpleNamespace
+
+        from fusesnap.cli import snapshots
+
+        return main.run(SimpleNamespace(func=snapshots.cmd_mount_planned, plan=argv[0], mountpoint=argv[1],
+                                        foreground=False))
     return main.main(argv)
 
 

@@ -212,6 +212,17 @@ def cmd_mount(args: argparse.Namespace) -> int:
                                   daemon=daemon)
 
 
+def cmd_mount_planned(args: argparse.Namespace) -> int:
+    """A mount server's worker given a connection `fusesnap serve` mounted and the plan of
+    what it is (snapshots.mounting.mount_plan): no store to open before serving."""
+    import json
+
+    with _daemon(args) as daemon:
+        from ..snapshots.mounting import mount_planned
+
+        return mount_planned(json.loads(args.plan), args.mountpoint, daemon)
+
+
 # Options of `mount -t fuse3.fusesnap` that describe the snapshot rather than the FUSE mount.
 _SNAPSHOT_OPTS = ("root", "snapshot", "upperdir", "workdir", "chain")
 # Generic mount(8) options mount.fuse3 passes along; meaningless for the daemon.

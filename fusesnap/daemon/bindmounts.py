@@ -38,11 +38,12 @@ import threading
 from pathlib import Path
 
 from ..cli import mountclient
+from ..cli.mountserver import PLANNED
 from ..errors import FusesnapError, InUse
 from ..fs.fuse.mount import planned_fuse_options
 from ..fs.options import parse_options
 from ..linux import fuseconn, mountinfo
-from ..snapshots.mounting import container_options, fsname_for, umount
+from ..snapshots.mounting import container_options, mount_plan, umount
 from ..snapshots.snapshotter import Info, Mount, Snapshotter
 
 log = logging.getLogger(__name__)
@@ -256,11 +257,12 @@ class BindMounts:
         False (nothing mounted) where that cannot be done: then the caller mounts and waits."""
         if not self._direct or self._pool is not None or info.name in self._failed:
             return False
-        rec = sn.record(info.name)
-        if rec.parent_chain and not sn.trees.path(rec.parent_chain).exists():
+        plan = mount_plan(sn, info.name, container_options())
+        if plan is None:
             return False        # the worker builds the chain's lower tree first, which may fail: wait
-        opts = parse_options(container_options())
-        opts.fsname = fsname_for(sn, rec.id)
+        sn.note_mount(info.name)    # (the worker would: it is of this process's namespaces)
+        opts = parse_options(plan["options"])
+        opts.fsname = plan["fsname"]
         try:
             fd = fuseconn.mount(str(mp), planned_fuse_options(opts, info.kind == "view"))
         except (OSError, ValueError) as e:
@@ -268,14 +270,14 @@ class BindMounts:
                 self._direct = False
             log.info("mounting snapshot %r with mount(2): %s; through the mount command instead", info.name, e)
             return False
-        argv = _mount_argv(self.root, info.name, "/dev/fd/0")      # the connection is its stdin
+        argv = [json.dumps(plan), "/dev/fd/0"]      # the connection is its stdin
         sock = None
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         try:
             null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
             try:
                 shown = _shown(_mount_argv(self.root, info.name, str(mp)))
-                sock = mountclient.submit("fusesnap", argv, stdio=(fd, null, err_w), orig_argv=shown)
+                sock = mountclient.submit(PLANNED, argv, stdio=(fd, null, err_w), orig_argv=shown)
             finally:
                 os.close(null)
                 os.close(err_w)

@@ -32,6 +32,7 @@ from ..linux.mountinfo import is_mountpoint
 
 if TYPE_CHECKING:
     from ..fs.fuse.mount import PendingDaemon
+    from ..fs.options import MountOptions
     from .snapshotter import Snapshotter
 
 log = logging.getLogger(__name__)
@@ -150,37 +151,19 @@ def mount_snapshot(sn: "Snapshotter", key: str, mountpoint: str | os.PathLike, *
     loads the chain's cached lower tree itself and mounts; it is cancelled if
     anything fails here first.
     """
-    from ..fs.options import parse_options
-
     info = sn.stat(key)
     if info.kind == "committed":
         raise InvalidInput(f"snapshot {key!r} is committed: mount a view or an active snapshot of it")
-    conn = fuseconn.connection_fd(mountpoint)
-    if conn is not None:
-        # a connection mounted already (libfuse's /dev/fd/N): kept clear of stdin/stdout/stderr,
-        # which the daemon points at /dev/null once it is live
-        if not fuseconn.is_connection(conn):
-            raise InvalidInput(f"{mountpoint} is not an open FUSE connection (/dev/fuse)")
-        if conn < 3:
-            conn = fcntl.fcntl(conn, fcntl.F_DUPFD_CLOEXEC, 3)
-        mountpoint = f"/dev/fd/{conn}"
-        crash_point("connection-taken")
-    elif not Path(mountpoint).is_dir():
-        raise InvalidInput(f"mount point {os.fspath(mountpoint)!r} is not a directory")
-    mp = Path(mountpoint)
+    conn, mountpoint = _mount_target(mountpoint)
     rec = sn.record(key)
-    opts = parse_options(list(options))
-    opts.fsname = fsname_for(sn, rec.id)
-    upper = work = None
-    lock = daemon_lock(sn, rec.id, key, info.kind == "active")
+    plan = {"key": key, "kind": info.kind, "fsname": fsname_for(sn, rec.id), "options": list(options),
+            "lock": daemon_lock(sn, rec.id, key, info.kind == "active")}
     if info.kind == "active":
         if conn is None:   # (a connection is in the mount table already, under this snapshot's name)
             check_not_mounted(sn, rec.id, key, "mount")  # fail early; the daemon's lock decides
         d = sn.snapshot_dir(rec.id)
-        upper, work = d / "upper", d / "work"
-        opts.upperdir, opts.workdir = str(upper), str(work)
-    else:
-        opts.read_only = True
+        plan["upper"], plan["work"] = str(d / "upper"), str(d / "work")
+    opts = _planned_options(plan)
     if opts.record:     # --record / -o record=FILE: the log names the chain's layers
         from .recorder import record_layers
 
@@ -192,7 +175,8 @@ def mount_snapshot(sn: "Snapshotter", key: str, mountpoint: str | os.PathLike, *
         spec = _tree_spec(sn, rec.parent_chain) if conn is None or serving_here() else None
         if spec is not None:
             try:
-                return daemon.start(spec, upper, work, mp, opts, lock)
+                return daemon.start(spec, plan.get("upper"), plan.get("work"), Path(mountpoint), opts,
+                                    plan["lock"])
             except TreeUnavailable as e:   # e.g. the cache file went bad: rebuild it here
                 log.info("mounting %s: cached lower tree unusable (%s); rebuilding it", key, e)
         daemon.cancel()
@@ -200,7 +184,81 @@ def mount_snapshot(sn: "Snapshotter", key: str, mountpoint: str | os.PathLike, *
 
     tree = sn.trees.get(rec.parent_chain)
     # fs.mount double-forks: the daemon is init's child, no zombie is left to reap here
-    return mount(tree, upper, work, mp, opts, foreground, lock)
+    return mount(tree, plan.get("upper"), plan.get("work"), Path(mountpoint), opts, foreground, plan["lock"])
+
+
+def mount_plan(sn: "Snapshotter", key: str, options: Iterable[str] = ()) -> dict | None:
+    """All that mounting `key` reads from the store, for mount_planned() in a process that
+    then need not open the store (~3 ms of a mount server worker's start, on the path
+    of a container's first file access); None when the mount needs the store itself
+    (the chain's lower tree is not cached yet, or it records accesses)."""
+    info = sn.stat(key)
+    if info.kind == "committed":
+        raise InvalidInput(f"snapshot {key!r} is committed: mount a view or an active snapshot of it")
+    rec = sn.record(key)
+    tree: tuple = ("empty",)
+    if rec.parent_chain:
+        path = sn.trees.path(rec.parent_chain)
+        if not path.exists():
+            return None
+        tree = ("cache", str(path))
+    plan = {"root": str(sn.root), "key": key, "kind": info.kind, "fsname": fsname_for(sn, rec.id),
+            "options": list(options), "lock": daemon_lock(sn, rec.id, key, info.kind == "active"),
+            "tree": tree}
+    if info.kind == "active":
+        d = sn.snapshot_dir(rec.id)
+        plan["upper"], plan["work"] = str(d / "upper"), str(d / "work")
+    if _planned_options(plan).record:
+        return None
+    return plan
+
+
+def mount_planned(plan: dict, mountpoint: str, daemon: "PendingDaemon") -> int:
+    """Mount what mount_plan() described at a connection mounted already (/dev/fd/N), as
+    mount_snapshot() would; a cached tree that turns out unusable is rebuilt from the
+    store as there."""
+    from ..fs.fuse.mount import TreeUnavailable
+
+    conn, mountpoint = _mount_target(mountpoint)
+    if conn is None:
+        raise InvalidInput(f"{mountpoint}: a planned mount takes a FUSE connection (/dev/fd/N)")
+    try:
+        return daemon.start(tuple(plan["tree"]), plan.get("upper"), plan.get("work"), Path(mountpoint),
+                            _planned_options(plan), tuple(plan["lock"]))
+    except TreeUnavailable as e:
+        log.info("mounting %s: cached lower tree unusable (%s); rebuilding it", plan["key"], e)
+    from .snapshotter import Snapshotter
+
+    with Snapshotter(plan["root"]) as sn:
+        return mount_snapshot(sn, plan["key"], mountpoint, options=plan["options"], daemon=daemon)
+
+
+def _mount_target(mountpoint: str | os.PathLike) -> tuple[int | None, str]:
+    """(the connection, where to mount): a connection mounted already (libfuse's /dev/fd/N)
+    is kept clear of stdin/stdout/stderr, which the daemon points at /dev/null once it is live."""
+    conn = fuseconn.connection_fd(mountpoint)
+    if conn is None:
+        if not Path(mountpoint).is_dir():
+            raise InvalidInput(f"mount point {os.fspath(mountpoint)!r} is not a directory")
+        return None, os.fspath(mountpoint)
+    if not fuseconn.is_connection(conn):
+        raise InvalidInput(f"{os.fspath(mountpoint)} is not an open FUSE connection (/dev/fuse)")
+    if conn < 3:
+        conn = fcntl.fcntl(conn, fcntl.F_DUPFD_CLOEXEC, 3)
+    crash_point("connection-taken")
+    return conn, f"/dev/fd/{conn}"
+
+
+def _planned_options(plan: dict) -> "MountOptions":
+    from ..fs.options import parse_options
+
+    opts = parse_options(list(plan["options"]))
+    opts.fsname = plan["fsname"]
+    if plan["kind"] == "active":
+        opts.upperdir, opts.workdir = plan["upper"], plan["work"]
+    else:
+        opts.read_only = True
+    return opts
 
 
 def _tree_spec(sn: "Snapshotter", chain: str | None) -> tuple | None:

@@ -377,6 +377,41 @@ def test_a_mount_made_ahead_whose_worker_dies_is_made_again_at_mounts(shared_tmp
             s.stop()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="the daemon mounts FUSE with mount(2) only as root")
+def test_a_mount_made_ahead_over_a_damaged_tree_cache_rebuilds_it(shared_tmp):
+    """The daemon plans a mount made ahead (its worker does not open the store) from the chain's
+    cached lower tree; a cache file that turns out damaged when the worker reads it sends the
+    worker to the store, which rebuilds it: the mount serves the image all the same."""
+    s = Served(shared_tmp, log=shared_tmp / "serve.log")
+    try:
+        c = s.client
+        src = Path(c.prepare("w")[0].source)
+        (src / "etc").mkdir()
+        (src / "etc" / "group").write_text("root:x:0:\n")
+        c.commit("base", "w")
+        c.prepare("k0", "base")           # builds the chain's lower tree cache
+        caches = list((s.root / "cache" / "lowertrees").iterdir())
+        assert len(caches) == 1
+        caches[0].write_bytes(b"not a lower tree")
+        mounts = c.prepare("k1", "base")
+        mp = shared_tmp / "mp"
+        mp.mkdir()
+        perform(c.mounts("k1"), mp)
+        assert (mp / "etc" / "group").read_text() == "root:x:0:\n"
+        (mp / "f").write_text("k1")
+        subprocess.run(["umount", str(mp)], check=True)
+        assert (Path(mounts[0].source) / "f").read_text() == "k1"
+        assert caches[0].read_bytes() != b"not a lower tree"      # rebuilt
+        c.remove("k1")
+        c.remove("k0")
+        rc, log = s.stop()
+        assert rc == 0
+        assert "snapshot 'k1' mounted with mount(2)" in log and "mounting snapshot 'k1':" not in log, log[-3000:]
+    finally:
+        if s.proc.poll() is None:
+            s.stop()
+
+
 def _in_namespace(ns: str) -> list[tuple[int, str, int]]:
     """(pid, comm, parent pid) of the processes in mount namespace ns."""
     out = []

@@ -536,9 +536,17 @@ def _serve_live(ops: Operations, mountpoint: str, debug: bool) -> int:
 
     gc.enable()      # off while a pending daemon was starting up
     state = {"signalled": False}
-    where: str | bytes | None = mountpoint
-    if fuseconn.connection_fd(mountpoint) is not None:    # mounted by another process: find it
-        where = fuseconn.mountpoint_of(ops.union.opts.fsname, "fuse.fusesnap")
+    found: list[str | bytes | None] = []
+
+    def where() -> str | bytes | None:
+        """The mount point: a connection another process mounted is looked up in the mount
+        table when first needed, not before the first request is answered."""
+        if not found:
+            at: str | bytes | None = mountpoint
+            if fuseconn.connection_fd(mountpoint) is not None:
+                at = fuseconn.mountpoint_of(ops.union.opts.fsname, "fuse.fusesnap")
+            found.append(at)
+        return found[0]
 
     async def main() -> None:
         async with trio.open_nursery() as n:
@@ -557,8 +565,12 @@ def _serve_live(ops: Operations, mountpoint: str, debug: bool) -> int:
                     kb = read_ahead_that_splices(DEFAULT_KB, ops.splice_max)
                 for delay in (0.05, 0.5):
                     await trio.sleep(delay)
-                    if where is not None:
-                        set_read_ahead(where, kb)
+                    try:
+                        at = where()
+                    except OSError:     # no mount table to read: the default readahead stays
+                        return
+                    if at is not None:
+                        set_read_ahead(at, kb)
             n.start_soon(readahead)
             await pyfuse3.main(1, 8)
             n.cancel_scope.cancel()
@@ -574,12 +586,16 @@ def _serve_live(ops: Operations, mountpoint: str, debug: bool) -> int:
         state["signalled"] = True
     finally:
         try:
+            at = where() if state["signalled"] else None
+        except OSError:
+            at = None
+        try:
             pyfuse3.close(unmount=state["signalled"])
         except Exception:
             pass
-        if state["signalled"] and where is not None and where != mountpoint:
+        if at is not None and at != mountpoint:
             try:     # libfuse knows only /dev/fd/N: the mount itself goes here
-                libc.umount2(where, 2)   # MNT_DETACH
+                libc.umount2(at, 2)   # MNT_DETACH
             except OSError:
                 pass
         # the mount is gone: let commit and remove in at once, not when this process is
