@@ -17,6 +17,12 @@ forks the next spare. A worker that loaded a lower-tree cache file names it
 to the server, which loads it too and forks a new spare that has it: the next
 mount of that chain loads nothing.
 
+A request's KIND names the command: `fusesnap` or `fusesnap-overlay` (a
+command line, run as its console script would), or `fusesnap-planned`: a
+connection `fusesnap serve` mounted itself and the plan of what it is
+(snapshots/mounting.py, mount_plan), which the worker serves without opening
+the store.
+
 Only peers of the same context are served (linux/procctx.py): same user,
 groups, capabilities, namespaces, cgroup, root, limits and LSM label, checked
 on the sending process the kernel names (SCM_CREDENTIALS) while it is still

@@ -151,28 +151,20 @@ def mount_snapshot(sn: "Snapshotter", key: str, mountpoint: str | os.PathLike, *
     loads the chain's cached lower tree itself and mounts; it is cancelled if
     anything fails here first.
     """
-    info = sn.stat(key)
-    if info.kind == "committed":
-        raise InvalidInput(f"snapshot {key!r} is committed: mount a view or an active snapshot of it")
+    plan, parent_chain, sid = _plan(sn, key, options)
     conn, mountpoint = _mount_target(mountpoint)
-    rec = sn.record(key)
-    plan = {"key": key, "kind": info.kind, "fsname": fsname_for(sn, rec.id), "options": list(options),
-            "lock": daemon_lock(sn, rec.id, key, info.kind == "active")}
-    if info.kind == "active":
-        if conn is None:   # (a connection is in the mount table already, under this snapshot's name)
-            check_not_mounted(sn, rec.id, key, "mount")  # fail early; the daemon's lock decides
-        d = sn.snapshot_dir(rec.id)
-        plan["upper"], plan["work"] = str(d / "upper"), str(d / "work")
+    if plan["kind"] == "active" and conn is None:   # (a connection is in the mount table already)
+        check_not_mounted(sn, sid, key, "mount")  # fail early; the daemon's lock decides
     opts = _planned_options(plan)
     if opts.record:     # --record / -o record=FILE: the log names the chain's layers
         from .recorder import record_layers
 
-        opts.record_layers = record_layers(sn.store, rec.parent_chain)
+        opts.record_layers = record_layers(sn.store, parent_chain)
     if daemon is not None and not foreground:
         from ..fs.fuse.mount import TreeUnavailable, serving_here
 
         # a daemon forked before the connection was set aside above does not have it
-        spec = _tree_spec(sn, rec.parent_chain) if conn is None or serving_here() else None
+        spec = _tree_spec(sn, parent_chain) if conn is None or serving_here() else None
         if spec is not None:
             try:
                 return daemon.start(spec, plan.get("upper"), plan.get("work"), Path(mountpoint), opts,
@@ -182,35 +174,40 @@ def mount_snapshot(sn: "Snapshotter", key: str, mountpoint: str | os.PathLike, *
         daemon.cancel()
     from ..fs.fuse.mount import mount
 
-    tree = sn.trees.get(rec.parent_chain)
+    tree = sn.trees.get(parent_chain)
     # fs.mount double-forks: the daemon is init's child, no zombie is left to reap here
     return mount(tree, plan.get("upper"), plan.get("work"), Path(mountpoint), opts, foreground, plan["lock"])
 
 
 def mount_plan(sn: "Snapshotter", key: str, options: Iterable[str] = ()) -> dict | None:
     """All that mounting `key` reads from the store, for mount_planned() in a process that
-    then need not open the store (~3 ms of a mount server worker's start, on the path
-    of a container's first file access); None when the mount needs the store itself
-    (the chain's lower tree is not cached yet, or it records accesses)."""
+    then need not open the store (a mount server worker's start is on the path of a
+    container's first file access); None when the mount needs the store itself (the
+    chain's lower tree is not cached yet, or it records accesses)."""
+    plan, parent_chain, _ = _plan(sn, key, options)
+    plan["tree"] = ("empty",)
+    if parent_chain:
+        path = sn.trees.path(parent_chain)
+        if not path.exists():
+            return None
+        plan["tree"] = ("cache", str(path))
+    if _planned_options(plan).record:
+        return None
+    return plan
+
+
+def _plan(sn: "Snapshotter", key: str, options: Iterable[str]) -> tuple[dict, str | None, int]:
+    """(what a mount of `key` needs to know, its parent chain, its snapshot id)."""
     info = sn.stat(key)
     if info.kind == "committed":
         raise InvalidInput(f"snapshot {key!r} is committed: mount a view or an active snapshot of it")
     rec = sn.record(key)
-    tree: tuple = ("empty",)
-    if rec.parent_chain:
-        path = sn.trees.path(rec.parent_chain)
-        if not path.exists():
-            return None
-        tree = ("cache", str(path))
     plan = {"root": str(sn.root), "key": key, "kind": info.kind, "fsname": fsname_for(sn, rec.id),
-            "options": list(options), "lock": daemon_lock(sn, rec.id, key, info.kind == "active"),
-            "tree": tree}
+            "options": list(options), "lock": daemon_lock(sn, rec.id, key, info.kind == "active")}
     if info.kind == "active":
         d = sn.snapshot_dir(rec.id)
         plan["upper"], plan["work"] = str(d / "upper"), str(d / "work")
-    if _planned_options(plan).record:
-        return None
-    return plan
+    return plan, rec.parent_chain, rec.id
 
 
 def mount_planned(plan: dict, mountpoint: str, daemon: "PendingDaemon") -> int:
