@@ -18,6 +18,12 @@ the command, then b"R<exit status>"; a server that will not serve this peer
 answers b"N<reason>". Nothing has run before b"S", so a connection that ends
 earlier (a server exiting on idle) is retried with a new server, and a client
 that gave up waiting makes sure no b"S" can reach it first (shutdown).
+
+A standby request (kind `fusesnap-planned`, argv ["-"]: cli/mountserver.py's
+PLANNED and STANDBY) gets a worker that starts (b"S") and then
+waits for the command itself: marshal((argv, orig_argv)) with SCM_RIGHTS
+[one descriptor], sent by hand_over(); the worker sees it as /dev/fd/N at the
+end of argv. A standby closed unused ends without running anything.
 """
 
 import _sha256
@@ -89,14 +95,30 @@ def submit(kind: str, argv: list[str], stdio: tuple[int, int, int] | None = None
         os.close(fds[3])
 
 
-def finish(sock: _socket.socket, on_start=None) -> int | str | None:
+def finish(sock: _socket.socket, on_start=None, started: bool = False) -> int | str | None:
     """Wait for a submitted command: its exit status, "retry" (the server went away
     before starting it: nothing ran, submit again) or None (refused: nothing ran).
-    on_start() is called once a worker has taken the command (and its descriptors)."""
+    on_start() is called once a worker has taken the command (and its descriptors);
+    started: it has (a standby that was handed its command)."""
     try:
-        return _receive(sock, on_start)
+        return _receive(sock, on_start, started)
     finally:
         sock.close()
+
+
+def wait_started(sock: _socket.socket, timeout: float) -> bool:
+    """Wait up to timeout seconds for a submitted standby's worker to start (b"S")."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    try:
+        return bool(poller.poll(timeout * 1000)) and sock.recv(4096) == b"S"
+    except OSError:
+        return False
+
+
+def hand_over(sock: _socket.socket, argv: list[str], orig_argv: list[str], fd: int) -> bool:
+    """Give a started standby its command and descriptor; False if it is gone (nothing ran)."""
+    return _send(sock, marshal.dumps((list(argv), list(orig_argv))), [fd])
 
 
 def keep_alive(kind: str) -> bool:
@@ -207,10 +229,9 @@ def _send(sock: _socket.socket, payload: bytes, fds: list[int]) -> bool:
     return True
 
 
-def _receive(sock: _socket.socket, on_start) -> int | str | None:
+def _receive(sock: _socket.socket, on_start, started: bool) -> int | str | None:
     """Wait for the worker's answers: exit status, "retry" (the server went away before
     starting anything) or None (refused: nothing ran)."""
-    started = False
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLIN)
     try:

@@ -21,7 +21,9 @@ A request's KIND names the command: `fusesnap` or `fusesnap-overlay` (a
 command line, run as its console script would), or `fusesnap-planned`: a
 connection `fusesnap serve` mounted itself and the plan of what it is
 (snapshots/mounting.py, mount_plan), which the worker serves without opening
-the store.
+the store. A standby request (argv ["-"]) starts its worker at once and sends
+the command later (cli/mountclient.py): `fusesnap serve` keeps one so that its
+next mount skips the connect, the peer check and the worker's set-up.
 
 Only peers of the same context are served (linux/procctx.py): same user,
 groups, capabilities, namespaces, cgroup, root, limits and LSM label, checked
@@ -87,6 +89,7 @@ BASE = (
     "fusesnap.fs.core.lowertree", "fusesnap.fs.core.lower",
 )
 PLANNED = "fusesnap-planned"   # a mount `fusesnap serve` planned and mounted (cmd_mount_planned)
+STANDBY = "-"                  # a PLANNED request's argv when its command comes later (mountclient.hand_over)
 PRELOAD = {
     "fusesnap-overlay": ("fusesnap.cli.overlay", "fusesnap.fs.core.lazytree"),
     "fusesnap": ("fusesnap.cli.main", "fusesnap.cli.snapshots", "fusesnap.snapshots.snapshotter",
@@ -431,6 +434,13 @@ def _worker(conn, notes_w: int, request: tuple, fds: list[int]) -> None:
             conn.send(b"S")
         except OSError:
             os._exit(0)              # the client gave up: run nothing
+        if kind == PLANNED and argv == [STANDBY]:
+            command = _command_of_standby(conn)
+            if command is None:
+                os._exit(0)          # let go unused: nothing ran
+            argv, orig_argv = command
+            sys.argv = list(orig_argv[1:2]) + list(argv)
+            set_title(orig_argv, os.path.basename(sys.argv[0]) if sys.argv else None)
 
         def live(code: int) -> None:
             _report(conn, code)
@@ -458,6 +468,34 @@ def _worker(conn, notes_w: int, request: tuple, fds: list[int]) -> None:
 
         served = mount.serve_pending()      # the command is done; its mount lives on here
         os._exit(rc if served is None else served)
+
+
+def _command_of_standby(conn) -> tuple[list[str], list[str]] | None:
+    """Wait for a standby's command (cli/mountclient.py, hand_over): (argv ending in
+    /dev/fd/N for the descriptor that came with it, orig_argv), None if the client
+    closed the connection or sent something else."""
+    import marshal
+    import socket
+
+    try:
+        # (the connection passes credentials too: SO_PASSCRED, inherited from the listener)
+        msg, anc, flags, _ = conn.recvmsg(1 << 20, socket.CMSG_SPACE(4) + socket.CMSG_SPACE(12),
+                                          socket.MSG_CMSG_CLOEXEC)
+    except OSError:
+        return None
+    fds = [int.from_bytes(data[i:i + 4], sys.byteorder) for level, kind, data in anc
+           if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS for i in range(0, len(data) - 3, 4)]
+    try:
+        argv, orig_argv = marshal.loads(msg)
+        ok = len(fds) == 1 and not flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC)
+        ok = ok and all(isinstance(a, str) for a in [*argv, *orig_argv])
+    except (EOFError, ValueError, TypeError):
+        ok = False
+    if not ok:
+        for fd in fds:
+            os.close(fd)
+        return None
+    return [*argv, f"/dev/fd/{fds[0]}"], orig_argv
 
 
 def _report(conn, code: int) -> None:

@@ -45,6 +45,7 @@ from ..fs.options import parse_options
 from ..linux import fuseconn, mountinfo
 from ..snapshots.mounting import container_options, mount_plan, umount
 from ..snapshots.snapshotter import Info, Mount, Snapshotter
+from .standby import Standby
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +198,9 @@ class BindMounts:
         self._starting: dict[str, threading.Event] = {}
         self._direct = os.geteuid() == 0     # may mount FUSE itself; off after the first EPERM
         self._failed: set[str] = set()       # keys whose worker failed that way: mounted waiting next
+        # a worker started ahead for the next mount made here (standby.py)
+        self._standby = Standby(_shown(["--root", str(root), "mount", "(standby)"])) \
+            if self._direct and self._pool is None else None
 
     def _keep_server(self, every: float) -> None:
         while not self._stop.wait(every):
@@ -268,43 +272,66 @@ class BindMounts:
         except (OSError, ValueError) as e:
             if getattr(e, "errno", None) == errno.EPERM:
                 self._direct = False
+                if self._standby is not None:
+                    self._standby.close()
             log.info("mounting snapshot %r with mount(2): %s; through the mount command instead", info.name, e)
             return False
-        argv = [json.dumps(plan), "/dev/fd/0"]      # the connection is its stdin
-        sock = None
+        shown = _shown(_mount_argv(self.root, info.name, str(mp)))
+        got = None
+        try:
+            if self._standby is not None:
+                got = self._standby.hand_over([json.dumps(plan)], shown, fd)
+            if got is not None:
+                how = "its standby worker serves it"
+                os.close(fd)     # it is in the message, in flight or with the worker already
+                fd = -1
+            else:
+                how = "a worker of the mount server starts serving it"
+                got = self._submit(plan, shown, fd)
+        finally:
+            if got is None:   # no server took it (or submitting failed): undo, mount the ordinary way
+                os.close(fd)
+                umount(mp, known_mounted=True)
+        if got is None:
+            return False
+        sock, err_r = got
+        done = threading.Event()
+        self._starting[info.name] = done
+        threading.Thread(target=self._follow, args=(info.name, sock, fd, err_r, done), daemon=True).start()
+        log.debug("snapshot %r mounted with mount(2); %s", info.name, how)
+        return True
+
+    @staticmethod
+    def _submit(plan: dict, shown: list[str], fd: int) -> tuple[object, int] | None:
+        """A mount server's worker for the planned mount on connection fd (its stdin):
+        (the connection to it, the read end of its stderr), None if no server took it."""
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        sock = None
         try:
             null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
             try:
-                shown = _shown(_mount_argv(self.root, info.name, str(mp)))
-                sock = mountclient.submit(PLANNED, argv, stdio=(fd, null, err_w), orig_argv=shown)
+                sock = mountclient.submit(PLANNED, [json.dumps(plan), "/dev/fd/0"], stdio=(fd, null, err_w),
+                                          orig_argv=shown)
             finally:
                 os.close(null)
                 os.close(err_w)
         finally:
-            if sock is None:   # no server took it (or submitting failed): undo, mount the ordinary way
+            if sock is None:
                 os.close(err_r)
-                os.close(fd)
-                umount(mp, known_mounted=True)
-        if sock is None:
-            return False
-        done = threading.Event()
-        self._starting[info.name] = done
-        threading.Thread(target=self._follow, args=(info.name, sock, fd, err_r, done), daemon=True).start()
-        log.debug("snapshot %r mounted with mount(2); a worker of the mount server starts serving it", info.name)
-        return True
+        return None if sock is None else (sock, err_r)
 
     def _follow(self, key: str, sock: object, fd: int, err_r: int, done: threading.Event) -> None:
         """Wait for the worker serving a mount made by _mount_direct. The connection's descriptor
-        here is closed as soon as the worker has its own: if the worker fails, the connection
-        is then aborted (requests fail with ENOTCONN) and the next Mounts mounts it again."""
-        held = [fd]
+        here (fd; -1: given to a standby already) is closed as soon as the worker has its own:
+        if the worker fails, the connection is then aborted (requests fail with ENOTCONN) and
+        the next Mounts mounts it again."""
+        held = [fd] if fd >= 0 else []
 
         def let_go() -> None:
             if held:
                 os.close(held.pop())
         try:
-            rc = mountclient.finish(sock, let_go)   # type: ignore[arg-type]
+            rc = mountclient.finish(sock, let_go, started=fd < 0)   # type: ignore[arg-type]
         finally:
             let_go()
         err = _written(err_r)
@@ -344,6 +371,8 @@ class BindMounts:
 
     def close(self) -> None:
         self._stop.set()            # the server then goes after its idle time
+        if self._standby is not None:
+            self._standby.close()
         if self._pool is not None:
             self._pool.close()
 

@@ -412,6 +412,67 @@ def test_a_mount_made_ahead_over_a_damaged_tree_cache_rebuilds_it(shared_tmp):
             s.stop()
 
 
+def _standbys(root: Path) -> list[int]:
+    """Pids of the standby workers a daemon of store root keeps (their command line says so)."""
+    want = [b"--root", os.fsencode(root), b"mount", b"(standby)"]
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                cmd = Path(f"/proc/{d}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+            except OSError:
+                continue
+            if cmd[-4:] == want:
+                out.append(int(d))
+    return out
+
+
+def _wait(pred, what: str, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while not (got := pred()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+    return got
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the daemon mounts FUSE with mount(2) only as root")
+def test_a_standby_worker_serves_the_next_mount_and_goes_with_the_daemon(shared_tmp):
+    """The daemon keeps one mount-server worker started ahead; a mount made ahead is handed to it
+    (plan and connection over its open socket) and a new one is started after. One that died
+    while waiting only sends the next mount the ordinary way. None outlives the daemon."""
+    s = Served(shared_tmp, log=shared_tmp / "serve.log")
+    try:
+        c = s.client
+        src = Path(c.prepare("w")[0].source)
+        (src / "f").write_text("base")
+        c.commit("base", "w")
+        c.prepare("k0", "base")           # the chain's first mount waits (and builds its tree)
+        first, = _wait(lambda: _standbys(s.root), "a standby")
+        mp = shared_tmp / "mp"
+        mp.mkdir()
+        for key in ("k1", "k2"):
+            c.prepare(key, "base")
+            perform(c.mounts(key), mp)
+            assert (mp / "f").read_text() == "base"
+            (mp / "f").write_text(key)
+            subprocess.run(["umount", str(mp)], check=True)
+            if key == "k1":
+                assert first not in _standbys(s.root)     # it serves k1 now
+                again, = _wait(lambda: _standbys(s.root), "the next standby")
+                os.kill(again, signal.SIGKILL)
+                _wait(lambda: not _standbys(s.root), "the killed standby to go")
+        assert _wait(lambda: _standbys(s.root), "a standby after the fallback")
+        rc, log = s.stop()
+        assert rc == 0
+        assert "snapshot 'k1' mounted with mount(2); its standby worker serves it" in log, log[-3000:]
+        assert "snapshot 'k2' mounted with mount(2); a worker of the mount server starts" in log, log[-3000:]
+        assert "mounting snapshot" not in log, log[-3000:]      # no worker failed
+        _wait(lambda: not _standbys(s.root), "the standby to go with its daemon", 10)
+    finally:
+        if s.proc.poll() is None:
+            s.stop()
+
+
 def _in_namespace(ns: str) -> list[tuple[int, str, int]]:
     """(pid, comm, parent pid) of the processes in mount namespace ns."""
     out = []
