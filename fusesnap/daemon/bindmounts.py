@@ -216,6 +216,8 @@ class BindMounts:
                 if self._pool is None:
                     log.warning("no mount server for this daemon; starting mount processes instead")
                     self._pool = WarmPool(self.root)
+                    if self._standby is not None:    # (mounts made ahead need the server too)
+                        self._standby.close()
         return self._pool.mount(key, mountpoint)
 
     def path(self, key: str) -> Path:
