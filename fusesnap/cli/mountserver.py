@@ -321,12 +321,10 @@ def _take(conn, notes_w: int, own: bytes) -> None:
     msg, anc, flags = b"", [], 0
     if ready:
         msg, anc, flags, _ = conn.recvmsg(1 << 20, socket.CMSG_SPACE(4 * 4) + socket.CMSG_SPACE(12))
-    fds: list[int] = []
+    fds = _passed_fds(anc)
     cred = None
     for level, kind, data in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds += [int.from_bytes(data[i:i + 4], sys.byteorder) for i in range(0, len(data) - 3, 4)]
-        elif level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
             cred = struct.unpack("3i", data[:12])
     request = _decode(msg)
     _note(notes_w, b"T%d %s" % (os.getpid(), request[1].encode() if request else b""))
@@ -470,6 +468,14 @@ def _worker(conn, notes_w: int, request: tuple, fds: list[int]) -> None:
         os._exit(rc if served is None else served)
 
 
+def _passed_fds(anc: list) -> list[int]:
+    """The descriptors a message's ancillary data (recvmsg) carried (SCM_RIGHTS)."""
+    import socket
+
+    return [int.from_bytes(data[i:i + 4], sys.byteorder) for level, kind, data in anc
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS for i in range(0, len(data) - 3, 4)]
+
+
 def _command_of_standby(conn) -> tuple[list[str], list[str]] | None:
     """Wait for a standby's command (cli/mountclient.py, hand_over): (argv ending in
     /dev/fd/N for the descriptor that came with it, orig_argv), None if the client
@@ -483,8 +489,7 @@ def _command_of_standby(conn) -> tuple[list[str], list[str]] | None:
                                           socket.MSG_CMSG_CLOEXEC)
     except OSError:
         return None
-    fds = [int.from_bytes(data[i:i + 4], sys.byteorder) for level, kind, data in anc
-           if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS for i in range(0, len(data) - 3, 4)]
+    fds = _passed_fds(anc)
     try:
         argv, orig_argv = marshal.loads(msg)
         ok = len(fds) == 1 and not flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC)

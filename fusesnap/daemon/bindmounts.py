@@ -41,9 +41,8 @@ from ..cli import mountclient
 from ..cli.mountserver import PLANNED
 from ..errors import FusesnapError, InUse
 from ..fs.fuse.mount import planned_fuse_options
-from ..fs.options import parse_options
 from ..linux import fuseconn, mountinfo
-from ..snapshots.mounting import container_options, mount_plan, umount
+from ..snapshots.mounting import container_options, mount_plan, plan_options, umount
 from ..snapshots.snapshotter import Info, Mount, Snapshotter
 from .standby import Standby
 
@@ -267,10 +266,8 @@ class BindMounts:
         if plan is None:
             return False        # the worker builds the chain's lower tree first, which may fail: wait
         sn.note_mount(info.name)    # (the worker would: it is of this process's namespaces)
-        opts = parse_options(plan["options"])
-        opts.fsname = plan["fsname"]
         try:
-            fd = fuseconn.mount(str(mp), planned_fuse_options(opts, info.kind == "view"))
+            fd = fuseconn.mount(str(mp), planned_fuse_options(plan_options(plan), info.kind == "view"))
         except (OSError, ValueError) as e:
             if getattr(e, "errno", None) == errno.EPERM:
                 self._direct = False

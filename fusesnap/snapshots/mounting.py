@@ -155,7 +155,7 @@ def mount_snapshot(sn: "Snapshotter", key: str, mountpoint: str | os.PathLike, *
     conn, mountpoint = _mount_target(mountpoint)
     if plan["kind"] == "active" and conn is None:   # (a connection is in the mount table already)
         check_not_mounted(sn, sid, key, "mount")  # fail early; the daemon's lock decides
-    opts = _planned_options(plan)
+    opts = plan_options(plan)
     if opts.record:     # --record / -o record=FILE: the log names the chain's layers
         from .recorder import record_layers
 
@@ -191,7 +191,7 @@ def mount_plan(sn: "Snapshotter", key: str, options: Iterable[str] = ()) -> dict
         if not path.exists():
             return None
         plan["tree"] = ("cache", str(path))
-    if _planned_options(plan).record:
+    if plan_options(plan).record:
         return None
     return plan
 
@@ -221,7 +221,7 @@ def mount_planned(plan: dict, mountpoint: str, daemon: "PendingDaemon") -> int:
         raise InvalidInput(f"{mountpoint}: a planned mount takes a FUSE connection (/dev/fd/N)")
     try:
         return daemon.start(tuple(plan["tree"]), plan.get("upper"), plan.get("work"), Path(mountpoint),
-                            _planned_options(plan), tuple(plan["lock"]))
+                            plan_options(plan), tuple(plan["lock"]))
     except TreeUnavailable as e:
         log.info("mounting %s: cached lower tree unusable (%s); rebuilding it", plan["key"], e)
     from .snapshotter import Snapshotter
@@ -246,7 +246,8 @@ def _mount_target(mountpoint: str | os.PathLike) -> tuple[int | None, str]:
     return conn, f"/dev/fd/{conn}"
 
 
-def _planned_options(plan: dict) -> "MountOptions":
+def plan_options(plan: dict) -> "MountOptions":
+    """The mount options a plan (_plan) stands for."""
     from ..fs.options import parse_options
 
     opts = parse_options(list(plan["options"]))
