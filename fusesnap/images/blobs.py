@@ -27,8 +27,10 @@ CHUNK = 1 << 20
 class VerifyingReader:
     """read() that hashes what passes and fails at the end unless digest and size match.
 
-    The failure comes from the read that returns the last bytes' end, so a layer
-    import consuming this stream aborts before it commits anything.
+    The failure comes from the read at the end of the stream, so a layer import
+    consuming it aborts before it commits anything. A consumer that fails first
+    (damaged compression) calls `blame()`: a blob that is not what its digest
+    says is the cause to report, whichever byte the consumer tripped over.
     """
 
     def __init__(self, raw: BinaryIO, digest: str, size: int | None, what: str,
@@ -53,6 +55,11 @@ class VerifyingReader:
         elif n != 0:
             self.check()
         return b
+
+    def blame(self) -> None:
+        """Read the rest (no further than the declared size) and raise if the digest does not match."""
+        while self.read(CHUNK):
+            pass
 
     def check(self) -> None:
         if self.size is not None and self.count != self.size:

@@ -258,6 +258,12 @@ class Puller:
             reader = FollowingReader(dl, f"layer {i} ({d.digest})")
             try:
                 info = self.store.import_tar(reader, parent, retain=holder)  # type: ignore[arg-type]
+            except InvalidInput:
+                # damaged content: if the download proves the blob is not what its digest says, that is the cause
+                err = fut.exception()
+                if isinstance(err, IntegrityError):
+                    raise err from None
+                raise
             finally:
                 reader.close()
             path = fut.result()
@@ -275,7 +281,11 @@ class Puller:
             with src.open_blob(d) as f:
                 reader = VerifyingReader(f, d.digest, d.size, f"layer {i}", tee,
                                          lambda n: self.events.advance(i, n))
-                info = self.store.import_tar(reader, parent, retain=holder)  # type: ignore[arg-type]
+                try:
+                    info = self.store.import_tar(reader, parent, retain=holder)  # type: ignore[arg-type]
+                except InvalidInput:
+                    reader.blame()
+                    raise
         except BaseException:
             if tee is not None:
                 tee.close()

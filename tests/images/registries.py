@@ -118,8 +118,8 @@ class FaultProxy:
     """A plain-HTTP proxy in front of a registry that breaks the answers a test chooses.
 
     rules: (regex on the request path, action) where action is ("status", CODE),
-    ("truncate", BYTES) (the body stops early and the connection closes), ("corrupt",)
-    (one byte of the body flipped) or ("slow", BYTES_PER_SECOND)."""
+    ("truncate", BYTES) (the body stops early and the connection closes), ("corrupt", [AT])
+    (the byte at AT, by default the last, flipped) or ("slow", BYTES_PER_SECOND)."""
 
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream
@@ -169,7 +169,8 @@ class FaultProxy:
                     self.close_connection = True
                     return
                 if rule and rule[0] == "corrupt" and data:
-                    data = data[:-1] + bytes([data[-1] ^ 0xFF])
+                    at = (rule[1] if len(rule) > 1 else -1) % len(data)
+                    data = data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:]
                 if rule and rule[0] == "slow":
                     step = max(1, rule[1] // 20)
                     for i in range(0, len(data), step):

@@ -3,6 +3,7 @@ no new layer, no record); an interrupted pull (kill -9) resumes."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import secrets
@@ -50,10 +51,20 @@ def test_blob_digest_mismatch(layout, shared_tmp):
     data[4] ^= 0xFF  # the gzip header's mtime: decompresses as before, but another digest
     p.write_bytes(bytes(data))
     assert_refused(shared_tmp / "root", ["pull", f"oci:{layout.layout}"], layout.layer_digests[2], "does not match")
-    data = bytearray(good)
-    data[len(data) // 2] ^= 0xFF  # inside the deflate stream: the decompressor notices first
-    p.write_bytes(bytes(data))
-    assert_refused(shared_tmp / "root", ["pull", f"oci:{layout.layout}"], layout.layer_digests[2], "corrupt gzip")
+    for at in (len(good) // 2, len(good) - 1):  # inside the deflate stream, in the trailer
+        data = bytearray(good)
+        data[at] ^= 0xFF  # the decompressor trips over it, but the digest is the cause to report
+        p.write_bytes(bytes(data))
+        assert_refused(shared_tmp / "root", ["pull", f"oci:{layout.layout}"], layout.layer_digests[2],
+                       "does not match")
+
+
+def test_damaged_blob_with_its_own_digest(shared_tmp):
+    tars = layer_tars("-honest")
+    damaged = bytearray(gzip.compress(tars[2]))
+    damaged[len(damaged) // 2] ^= 0xFF
+    img = write_layout(shared_tmp / "layout", tars, blobs_override={2: bytes(damaged)})
+    assert_refused(shared_tmp / "root", ["pull", f"oci:{img.layout}"], img.layer_digests[2], "corrupt gzip")
 
 
 def test_truncated_blob(layout, shared_tmp):
@@ -124,6 +135,7 @@ def proxied(registry, shared_tmp):
     (("status", 401), ["401"]),
     (("status", 500), ["500"]),
     (("corrupt",), ["does not match"]),
+    (("corrupt", 1000), ["does not match"]),
     (("truncate", 4000), ["failed"]),
 ])
 def test_broken_registry_answers(proxied, shared_tmp, rule, words):
