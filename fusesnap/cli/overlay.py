@@ -46,6 +46,10 @@ options (fuse-overlayfs' vocabulary):
   busy_poll=US          spin up to US microseconds for the next request before
                         sleeping (default 50 with two CPUs or more, else 0)
   read_ahead_kb=N       the mount's read-ahead (root only; default 1024)
+  readdirplus=always|auto   listings carry every entry's attributes (always,
+                        the default: a walk that stats what it lists sends no
+                        lookups) or only where entries get looked up (auto:
+                        cheaper for huge directories only listed by name)
   allow_other           let other users use the mount (off by default)
   suid, dev             honour setuid bits and device nodes (off by default)
   default_permissions, fsname=NAME, and the mount flags

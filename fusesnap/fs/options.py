@@ -66,6 +66,7 @@ class MountOptions:
     fsname: str = "fusesnap-overlay"
     keep_atime: bool = False                 # relatime/strictatime given: do not add noatime
     read_ahead_kb: int | None = None         # read_ahead_kb=N: the mount's read-ahead (root only); None: default
+    readdirplus_auto: bool = False           # readdirplus=auto: plain READDIR for listings nobody stats (off: see ARCHITECTURE)
     busy_poll_us: int | None = None          # busy_poll=N: spin N us for the next request (0: never); None: auto (fs/fastloop.py)
     record: str | None = None                # record=FILE: log the files a workload touches (fs/core/recording.py)
     # the lower layers for that log, bottom first: (directory holding the layer's data, chainID or None);
@@ -177,6 +178,10 @@ def parse_options(opt_strings: list[str], opts: MountOptions | None = None,
                 if not val:
                     raise InvalidInput("invalid record=: a file name is needed")
                 o.record = os.path.abspath(val)
+            elif key == "readdirplus":
+                if val not in ("auto", "always"):
+                    raise InvalidInput(f"invalid readdirplus={val!r}: expected auto or always")
+                o.readdirplus_auto = val == "auto"
             elif key == "busy_poll":
                 o.busy_poll_us = _int(key, val)
                 if o.busy_poll_us < 0:

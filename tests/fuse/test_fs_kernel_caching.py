@@ -131,8 +131,10 @@ BIG_DIR_ENTRIES = 3000
 @pytest.fixture(params=[False])
 def counted_mount(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """A fusesnap-overlay mount (two lowers, upper) whose daemon logs its requests;
-    parametrized True, the first lower also holds big/ with BIG_DIR_ENTRIES files + sub/."""
+    parametrized True, the first lower also holds big/ with BIG_DIR_ENTRIES files + sub/
+    (a string: that too, mounted with the string as an extra option)."""
     requests = count_requests(tmp_path, monkeypatch)
+    extra = [request.param] if isinstance(request.param, str) else []
     with scratch("fusesnap-kcache-") as base:
         (l0, l1), upper, work, mnt = layout(base, 2)
         mkfile(l0 / "d" / "a", b"a")
@@ -140,13 +142,13 @@ def counted_mount(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: p
         mkfile(l1 / "d" / "c", b"c")
         mkdir(l1 / "links")
         os.symlink("t1", l1 / "links" / "s")
-        if request.param:
+        if request.param:         # True or an option
             big = l0 / "big"
             big.mkdir()
             for k in range(BIG_DIR_ENTRIES):
                 (big / f"entry-with-a-longer-name-{k:05d}").write_bytes(b"x" * (k % 7))
             (big / "sub").mkdir()
-        u = mount_union(FUSESNAP, mnt, [l0, l1], upper, work)
+        u = mount_union(FUSESNAP, mnt, [l0, l1], upper, work, extra)
         try:
             yield u, requests
         finally:
@@ -363,9 +365,24 @@ def test_warm_read_of_unchanged_files_sends_no_request(counted_mount: tuple[Unio
 
 
 @pytest.mark.parametrize("counted_mount", [True], indirect=True)
+def test_a_walk_that_stats_what_it_lists_sends_no_lookups(counted_mount: tuple[Union, Requests]) -> None:
+    """By default every listing is READDIRPLUS: a walker that reads all names before it
+    stats any (find, tar, podman's diff) finds every entry's attributes in the kernel."""
+    u, requests = counted_mount
+    names = os.listdir(u.p("big"))
+    assert len(names) == BIG_DIR_ENTRIES + 1
+    listed = requests()
+    for name in names:
+        os.lstat(u.p("big", name))
+    n = requests()
+    assert n["readdir-plain"] == 0 and n["readdir"] >= 2, n
+    assert n["lookup"] == listed["lookup"] and n["getattr"] == listed["getattr"], n
+
+
+@pytest.mark.parametrize("counted_mount", ["readdirplus=auto"], indirect=True)
 def test_listing_a_big_directory_uses_plain_readdir(counted_mount: tuple[Union, Requests]) -> None:
-    """Listing names only: after the first chunk the kernel asks for plain READDIR (no
-    dentry and inode per entry); d_ino and d_type stay right, and stat still works."""
+    """readdirplus=auto, listing names only: after the first chunk the kernel asks for plain
+    READDIR (no dentry and inode per entry); d_ino and d_type stay right, and stat still works."""
     u, requests = counted_mount
     names = os.listdir(u.p("big"))
     assert len(names) == BIG_DIR_ENTRIES + 1

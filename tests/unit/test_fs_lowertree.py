@@ -123,6 +123,11 @@ def test_options_parse_fuse_overlayfs_vocabulary(tmp_path, capsys):
     assert split_lowerdir("a::b") == ["a", "b"]
     with pytest.raises(InvalidInput):
         IdMap.parse("1:2", "uidmapping")
+    assert not o.readdirplus_auto
+    assert parse_options(["readdirplus=auto"]).readdirplus_auto
+    assert not parse_options(["readdirplus=auto,readdirplus=always"]).readdirplus_auto
+    with pytest.raises(InvalidInput, match="readdirplus"):
+        parse_options(["readdirplus=sometimes"])
 
 
 def test_override_stat_format_round_trips():

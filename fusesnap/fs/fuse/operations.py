@@ -101,9 +101,8 @@ class Operations(pyfuse3.Operations):
     enable_symlink_cache = True     # honoured by a pyfuse3 that knows FUSE_CAP_CACHE_SYMLINKS
     # Zero-message opendir (pyfuse3 patch 0004); pyfuse3 resets it when the kernel lacks it.
     readdir_without_opendir = True
-    # Plain READDIR where entries are only listed (pyfuse3 patch 0006): the kernel
-    # then instantiates no dentry and inode per entry of a big listing.
-    readdirplus_auto = True
+    # Plain READDIR where entries are only listed (pyfuse3 patch 0006); per mount (readdirplus=).
+    readdirplus_auto = False
 
     def __init__(self, union: Union) -> None:
         super().__init__()
@@ -114,6 +113,14 @@ class Operations(pyfuse3.Operations):
         # checks permissions itself: a daemon that checks them does so at OPEN.
         self.files_without_open = union.kernel_checks_permissions
         self.noxattrs = union.opts.noxattrs
+        # readdirplus=auto (pyfuse3 patch 0006): the kernel asks for plain READDIR after
+        # a directory's first chunk until a listed entry is looked up, and then looks up
+        # every entry a walk stats: a LOOKUP round trip each, as most walkers read all
+        # names before they stat any (find, tar, Go's filepath.Walk in podman's diff).
+        # Always READDIRPLUS (the default) gives every entry its attributes; a cold
+        # listing of 100k names then costs the kernel a dentry and inode each
+        # (docs/BENCHMARKS.md, "Attributes with every listing").
+        self.readdirplus_auto = union.opts.readdirplus_auto
         self.fsync_enabled = union.opts.fsync
         # writeback=1: the kernel merges small writes into big WRITEs (untar, builds), and
         # then owns mtime, size and dirty pages the host file does not have yet. Off by
