@@ -49,6 +49,9 @@ for name in ("opendir", "readdir", "releasedir", "readlink", "lookup", "getattr"
              "statfs"):
     setattr(fo.Operations, name, counted(name, getattr(fo.Operations, name)))
 
+if "FUSESNAP_ATTRS_IN_LISTING" in os.environ:
+    fo.ATTRS_IN_LISTING = int(os.environ["FUSESNAP_ATTRS_IN_LISTING"])
+
 from fusesnap.cli.overlay import main
 sys.exit(main())
 '''
@@ -377,6 +380,35 @@ def test_a_walk_that_stats_what_it_lists_sends_no_lookups(counted_mount: tuple[U
     n = requests()
     assert n["readdir-plain"] == 0 and n["readdir"] >= 2, n
     assert n["lookup"] == listed["lookup"] and n["getattr"] == listed["getattr"], n
+
+
+@pytest.mark.parametrize("counted_mount", [True], indirect=True)
+def test_a_listing_gives_attributes_to_its_first_entries_only(
+        counted_mount: tuple[Union, Requests], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past ATTRS_IN_LISTING entries a READDIRPLUS reply holds names only (patch 0011):
+    no dentry and inode per entry of a huge listing, a LOOKUP when one is stat'ed. Once
+    an entry was looked up, that directory's listings carry attributes again (`ls -l`)."""
+    u, requests = counted_mount
+    monkeypatch.setenv("FUSESNAP_ATTRS_IN_LISTING", "1000")
+    u.remount()
+    with os.scandir(u.p("big")) as it:
+        ents = {e.name: (e.inode(), e.is_dir(follow_symlinks=False)) for e in it}
+    assert len(ents) == BIG_DIR_ENTRIES + 1
+    listed = requests()
+    for name, (ino, is_dir) in ents.items():
+        st = os.lstat(u.p("big", name))
+        assert (st.st_ino, S_ISDIR(st.st_mode)) == (ino, is_dir), name
+    n = requests() - listed
+    assert n["lookup"] == BIG_DIR_ENTRIES + 1 - 1000 and listed["readdir-plain"] == 0, (listed, n)
+
+    # The same on a fresh mount, stat'ing each entry as the listing goes.
+    u.remount()
+    before = requests()
+    with os.scandir(u.p("big")) as it:
+        for e in it:
+            assert os.lstat(e.path).st_ino == e.inode()
+    n = requests() - before
+    assert 0 < n["lookup"] < 500 and n["readdir-plain"] == 0, n
 
 
 @pytest.mark.parametrize("counted_mount", ["readdirplus=auto"], indirect=True)

@@ -13,7 +13,7 @@ import pytest
 def test_patched_pyfuse3_has_every_feature_and_its_own_version() -> None:
     import pyfuse3
 
-    for flag in ("OPENDIR_FILEINFO", "NO_OPENDIR", "NO_OPEN", "READDIRPLUS_AUTO", "READ_FD"):
+    for flag in ("OPENDIR_FILEINFO", "NO_OPENDIR", "NO_OPEN", "READDIRPLUS_AUTO", "READ_FD", "READDIRPLUS_NAMES"):
         assert getattr(pyfuse3, flag, False) is True, flag
     assert hasattr(pyfuse3.Operations, "fallocate") and hasattr(pyfuse3.Operations, "lseek")
     assert hasattr(pyfuse3.Operations, "handle_killpriv_v2") and callable(pyfuse3.killpriv_v2_active)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install pyfuse3 3.5.0 with fusesnap's patches (0001-0010) into the venv $1
+# Install pyfuse3 3.5.0 with fusesnap's patches (0001-0011) into the venv $1
 # (see README.md here). Idempotent: does nothing when the venv already has this
 # build; reuses a wheel built earlier for the same patch from $2 (cache dir).
 set -euo pipefail
@@ -7,7 +7,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 venv=$1
 cache=${2:-$(dirname "$venv")/wheels}
 upstream=3.5.0
-local_tag=fusesnap8
+local_tag=fusesnap9
 version="$upstream+$local_tag"
 
 have=$("$venv/bin/python" - <<'PY' 2>/dev/null || true

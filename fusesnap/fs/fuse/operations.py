@@ -42,7 +42,17 @@ PATCHES: dict[str, Callable[[Any], bool]] = {
     "0008 HANDLE_KILLPRIV_V2": lambda m: hasattr(m, "killpriv_v2_active"),
     "0009 read from an fd": lambda m: hasattr(m, "READ_FD"),
     "0010 request waiter hook": lambda m: hasattr(m, "set_request_waiter"),
+    "0011 READDIRPLUS entries without attributes": lambda m: hasattr(m, "READDIRPLUS_NAMES"),
 }
+
+# A READDIRPLUS reply gives attributes (and a lookup reference) to a directory's first
+# ATTRS_IN_LISTING entries and only names past them, until an entry of that directory
+# is looked up. A walker that stats what it lists then needs no LOOKUP in directories of
+# ordinary size, and one that stats as it lists (`ls -l`) one LOOKUP per chunk of a huge
+# one, while a cold listing of a huge directory by name does not make the kernel
+# instantiate a dentry and an inode per entry (a 100k-name `ls` took 3.1x plain with
+# attributes throughout; docs/BENCHMARKS.md, "Attributes with every listing").
+ATTRS_IN_LISTING = 4096
 
 
 def missing_patches(module: Any) -> list[str]:
@@ -121,6 +131,11 @@ class Operations(pyfuse3.Operations):
         # listing of 100k names then costs the kernel a dentry and inode each
         # (docs/BENCHMARKS.md, "Attributes with every listing").
         self.readdirplus_auto = union.opts.readdirplus_auto
+        # Directories listed past ATTRS_IN_LISTING with names only, and those of them
+        # whose entries were looked up since: their listings carry attributes throughout,
+        # as the kernel's own auto mode switches to READDIRPLUS after a lookup (`ls -l`).
+        self._names_only: set[int] = set()
+        self._stated: set[int] = set()
         self.fsync_enabled = union.opts.fsync
         # writeback=1: the kernel merges small writes into big WRITEs (untar, builds), and
         # then owns mtime, size and dirty pages the host file does not have yet. Off by
@@ -223,6 +238,8 @@ class Operations(pyfuse3.Operations):
     # ------------------------------------------------------------------ lookups
     @_fuse_errors
     async def lookup(self, parent_inode, name, ctx=None):
+        if parent_inode in self._names_only:
+            self._stated.add(parent_inode)      # its listing's entries get stat'ed: attributes from now on
         i = self.union.lookup(self._inode(parent_inode), name)
         if i is None:
             return self.union.negative_attr()
@@ -275,28 +292,33 @@ class Operations(pyfuse3.Operations):
         ents, cookies = li.ents, li.cookies
         attr, get = u.attr, kids.get
         start = li.index(start_id - 2)
-        if not token.plus:
-            # plain READDIR: inode number and type only, no lookup reference
-            a = pyfuse3.EntryAttributes()
-            for idx in range(start, len(ents)):
+        end = len(ents)
+        if token.plus:
+            with_attrs = end if d.ino in self._stated else min(end, max(start, ATTRS_IN_LISTING))
+            if with_attrs < end:
+                self._names_only.add(d.ino)
+            for idx in range(start, with_attrs):
                 name, i = ents[idx]
                 if get(name) is not i:
                     continue
-                a.st_ino = i.ino
-                a.st_mode = i.kind
-                if not reply(token, name, a, (idx if cookies is None else cookies[idx]) + 3):
+                off = (idx if cookies is None else cookies[idx]) + 3
+                # u.attr's cached lower attributes, without the call
+                a = i.attr if not i.upper else None
+                if not reply(token, name, a if a is not None else attr(i), off):
                     return
-            return
-        for idx in range(start, len(ents)):
+                i.lookups += 1
+            start = with_attrs
+        # Inode number and type only (plain READDIR, or READDIRPLUS past
+        # ATTRS_IN_LISTING entries: patch 0011), no lookup reference.
+        a = pyfuse3.EntryAttributes()
+        for idx in range(start, end):
             name, i = ents[idx]
             if get(name) is not i:
                 continue
-            off = (idx if cookies is None else cookies[idx]) + 3
-            # u.attr's cached lower attributes, without the call
-            a = i.attr if not i.upper else None
-            if not reply(token, name, a if a is not None else attr(i), off):
+            a.st_ino = i.ino
+            a.st_mode = i.kind
+            if not reply(token, name, a, (idx if cookies is None else cookies[idx]) + 3, False):
                 return
-            i.lookups += 1
 
     async def releasedir(self, fh):
         pass
