@@ -308,6 +308,8 @@ class Operations(pyfuse3.Operations):
                     return
                 i.lookups += 1
             start = with_attrs
+            if start >= end:
+                return
         # Inode number and type only (plain READDIR, or READDIRPLUS past
         # ATTRS_IN_LISTING entries: patch 0011), no lookup reference.
         a = pyfuse3.EntryAttributes()
