@@ -170,7 +170,8 @@ class Operations(pyfuse3.Operations):
             # the plain ones, so recording costs nothing where it is off. The kernel opens
             # files without asking (no OPEN), so a file counts as touched at the first request
             # for its content: READ (read, execute and mmap all fault pages in through it),
-            # WRITE, CREATE/MKNOD; an empty file, which no READ ever reaches, at LOOKUP.
+            # WRITE, CREATE/MKNOD; an empty file, which no READ ever reaches, at LOOKUP
+            # (one listed with its attributes needs none: unrecorded, and nothing to warm).
             # Later accesses hit the kernel's caches and send nothing, recorded or not.
             self.read = self._read_recorded
             self.write = self._write_recorded
