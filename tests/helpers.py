@@ -92,6 +92,21 @@ def unmount(path: str | os.PathLike, timeout: float = 10.0) -> None:
     raise RuntimeError(f"could not unmount {path}")
 
 
+def wait_for(pred, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
+    """pred()'s first true value, polled every 50 ms; RuntimeError naming `what` (and the
+    tail of `log`) after `timeout` seconds, or as soon as `proc` has exited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        if proc is not None and proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
+    raise RuntimeError(f"{what} did not happen within {timeout}s\n{tail}")
+
+
 def wait_mounted(path: str | os.PathLike, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

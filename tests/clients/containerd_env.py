@@ -19,7 +19,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from helpers import script
+from helpers import script, wait_for
 from registry import Registry
 from tarbuild import TarBuilder
 
@@ -40,19 +40,6 @@ def missing_tools() -> str | None:
         return "/dev/fuse is missing"
     return None
 
-
-
-def wait_for(pred, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        if proc is not None and proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
-    raise RuntimeError(f"{what} did not happen within {timeout}s\n{tail}")
 
 
 # -- an image built offline --------------------------------------------------------------------------

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from containerd_env import FusesnapServe, fuse_daemons, store_mounts, wait_for
+from containerd_env import FusesnapServe, fuse_daemons, store_mounts
+from helpers import wait_for
 from fusesnap.daemon.client import RemoteSnapshotter
 from fusesnap.errors import FusesnapError, NotFound
 from fusesnap.daemon.client import perform

@@ -15,7 +15,7 @@ import pytest
 
 from fusesnap.daemon.client import RemoteSnapshotter, perform
 from fusesnap.daemon.pb import snapshots_pb2 as pb, snapshots_pb2_grpc as pb_grpc
-from helpers import run_as, script, user_env
+from helpers import run_as, script, user_env, wait_for
 
 REF = "containerd.io/snapshot.ref"
 
@@ -427,14 +427,6 @@ def _standbys(root: Path) -> list[int]:
     return out
 
 
-def _wait(pred, what: str, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while not (got := pred()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-    return got
-
-
 @pytest.mark.skipif(os.geteuid() != 0, reason="the daemon mounts FUSE with mount(2) only as root")
 def test_a_standby_worker_serves_the_next_mount_and_goes_with_the_daemon(shared_tmp):
     """The daemon keeps one mount-server worker started ahead; a mount made ahead is handed to it
@@ -447,7 +439,7 @@ def test_a_standby_worker_serves_the_next_mount_and_goes_with_the_daemon(shared_
         (src / "f").write_text("base")
         c.commit("base", "w")
         c.prepare("k0", "base")           # the chain's first mount waits (and builds its tree)
-        first, = _wait(lambda: _standbys(s.root), "a standby")
+        first, = wait_for(lambda: _standbys(s.root), 30, "a standby")
         mp = shared_tmp / "mp"
         mp.mkdir()
         for key in ("k1", "k2"):
@@ -458,16 +450,16 @@ def test_a_standby_worker_serves_the_next_mount_and_goes_with_the_daemon(shared_
             subprocess.run(["umount", str(mp)], check=True)
             if key == "k1":
                 assert first not in _standbys(s.root)     # it serves k1 now
-                again, = _wait(lambda: _standbys(s.root), "the next standby")
+                again, = wait_for(lambda: _standbys(s.root), 30, "the next standby")
                 os.kill(again, signal.SIGKILL)
-                _wait(lambda: not _standbys(s.root), "the killed standby to go")
-        assert _wait(lambda: _standbys(s.root), "a standby after the fallback")
+                wait_for(lambda: not _standbys(s.root), 30, "the killed standby to go")
+        assert wait_for(lambda: _standbys(s.root), 30, "a standby after the fallback")
         rc, log = s.stop()
         assert rc == 0
         assert "snapshot 'k1' mounted with mount(2); its standby worker serves it" in log, log[-3000:]
         assert "snapshot 'k2' mounted with mount(2); a worker of the mount server starts" in log, log[-3000:]
         assert "mounting snapshot" not in log, log[-3000:]      # no worker failed
-        _wait(lambda: not _standbys(s.root), "the standby to go with its daemon", 10)
+        wait_for(lambda: not _standbys(s.root), 10, "the standby to go with its daemon")
     finally:
         if s.proc.poll() is None:
             s.stop()
