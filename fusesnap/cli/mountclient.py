@@ -95,6 +95,26 @@ def submit(kind: str, argv: list[str], stdio: tuple[int, int, int] | None = None
         os.close(fds[3])
 
 
+def submit_watched(kind: str, argv: list[str], stdin: int | None,
+                   orig_argv: list[str]) -> tuple[_socket.socket, int] | None:
+    """submit() with stdout to /dev/null and stderr into a new pipe: (the connection,
+    the read end of the command's stderr), or None when it was not handed over.
+    stdin None: /dev/null."""
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    sock = None
+    try:
+        null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            sock = submit(kind, argv, stdio=(null if stdin is None else stdin, null, err_w), orig_argv=orig_argv)
+        finally:
+            os.close(null)
+            os.close(err_w)
+    finally:
+        if sock is None:
+            os.close(err_r)
+    return None if sock is None else (sock, err_r)
+
+
 def finish(sock: _socket.socket, on_start=None, started: bool = False) -> int | str | None:
     """Wait for a submitted command: its exit status, "retry" (the server went away
     before starting it: nothing ran, submit again) or None (refused: nothing ran).

@@ -286,7 +286,7 @@ class BindMounts:
                 fd = -1
             else:
                 how = "a worker of the mount server starts serving it"
-                got = self._submit(plan, shown, fd)
+                got = mountclient.submit_watched(PLANNED, [json.dumps(plan), "/dev/fd/0"], fd, shown)
         finally:
             if got is None:   # no server took it (or submitting failed): undo, mount the ordinary way
                 os.close(fd)
@@ -299,25 +299,6 @@ class BindMounts:
         threading.Thread(target=self._follow, args=(info.name, sock, fd, err_r, done), daemon=True).start()
         log.debug("snapshot %r mounted with mount(2); %s", info.name, how)
         return True
-
-    @staticmethod
-    def _submit(plan: dict, shown: list[str], fd: int) -> tuple[object, int] | None:
-        """A mount server's worker for the planned mount on connection fd (its stdin):
-        (the connection to it, the read end of its stderr), None if no server took it."""
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        sock = None
-        try:
-            null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-            try:
-                sock = mountclient.submit(PLANNED, [json.dumps(plan), "/dev/fd/0"], stdio=(fd, null, err_w),
-                                          orig_argv=shown)
-            finally:
-                os.close(null)
-                os.close(err_w)
-        finally:
-            if sock is None:
-                os.close(err_r)
-        return None if sock is None else (sock, err_r)
 
     def _follow(self, key: str, sock: object, fd: int, err_r: int, done: threading.Event) -> None:
         """Wait for the worker serving a mount made by _mount_direct. The connection's descriptor

@@ -52,11 +52,9 @@ class Standby:
         if got is None:
             return None
         self._wanted.set()
-        sock, err_r = got
-        if mountclient.hand_over(sock, argv, orig_argv, fd):
+        if mountclient.hand_over(got[0], argv, orig_argv, fd):
             return got
-        sock.close()
-        os.close(err_r)
+        _let_go(got)
         return None
 
     def close(self) -> None:
@@ -66,8 +64,7 @@ class Standby:
             got, self._ready = self._ready, None
         self._wanted.set()
         if got is not None:
-            got[0].close()
-            os.close(got[1])
+            _let_go(got)
 
     def _keep(self) -> None:
         pause = 0.05
@@ -86,8 +83,7 @@ class Standby:
                 if not self._closing.is_set() and got is not None:
                     self._ready, got = got, None
             if got is not None:            # closed meanwhile
-                got[0].close()
-                os.close(got[1])
+                _let_go(got)
                 return
             if self._ready is None:        # no server took it: later, less and less often
                 if self._closing.wait(pause):
@@ -98,20 +94,18 @@ class Standby:
                 pause = 0.05
 
     def _start(self) -> tuple[socket.socket, int] | None:
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        sock = None
         try:
-            null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-            try:
-                sock = mountclient.submit(PLANNED, [STANDBY], stdio=(null, null, err_w), orig_argv=self._shown)
-            finally:
-                os.close(null)
-                os.close(err_w)
-            if sock is not None and mountclient.wait_started(sock, START_TIMEOUT):
-                return sock, err_r
+            got = mountclient.submit_watched(PLANNED, [STANDBY], None, self._shown)
         except OSError as e:
             log.debug("no standby mount worker: %s", e)
-        if sock is not None:
-            sock.close()
-        os.close(err_r)
-        return None
+            return None
+        if got is not None and not mountclient.wait_started(got[0], START_TIMEOUT):
+            _let_go(got)
+            return None
+        return got
+
+
+def _let_go(got: tuple[socket.socket, int]) -> None:
+    """Close a standby's connection (its worker then exits, unused) and its stderr pipe."""
+    got[0].close()
+    os.close(got[1])
