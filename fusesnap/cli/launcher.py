@@ -1,0 +1,123 @@
+"""Build and install fusesnap-overlay's launcher (cli/launcher.c) in place of its console script.
+
+`python -m fusesnap.cli.launcher BINDIR` (scripts/setup runs it for the venv)
+compiles the launcher for the interpreter running this, moves the console script
+pip wrote to BINDIR/fusesnap-overlay.py (what the launcher falls back on) and puts
+the launcher at BINDIR/fusesnap-overlay. A mount that goes to the mount server
+then starts no interpreter at all (docs/ARCHITECTURE.md, "The launcher").
+Reinstalling the package with pip puts the console script back, which works as
+before, only slower; running this again puts the launcher back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("launcher.c")
+COMMAND = "fusesnap-overlay"
+KEPT = COMMAND + ".py"          # the console script, next to the launcher that falls back on it
+
+
+class LauncherError(Exception):
+    """The launcher cannot be built or installed (one line for the user)."""
+
+
+def c_string(value: str) -> str:
+    """A C string literal of value's bytes, with everything but plain ASCII escaped."""
+    out = []
+    for b in os.fsencode(value):
+        out.append(chr(b) if 0x20 <= b < 0x7F and chr(b) not in '"\\?' else f"\\{b:03o}")
+    return '"' + "".join(out) + '"'
+
+
+def header(script: Path) -> str:
+    """launcher_build.h: the install this launcher belongs to, as the console script
+    `script` sees it (its interpreter, that interpreter's version and client module:
+    the parts of mountclient.socket_name's install identity)."""
+    line = script.read_bytes().split(b"\n", 1)[0]
+    python = os.fsdecode(line[2:].strip())
+    if not line.startswith(b"#!/") or " " in python:
+        raise LauncherError(f"{script}: not a console script's first line: {line[:80]!r}")
+    # -I: the module the script imports, not one in the current directory
+    probe = "import sys, fusesnap.cli.mountclient as m; print(sys.version); print(m.__file__)"
+    try:
+        p = subprocess.run([python, "-I", "-c", probe], capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise LauncherError(f"running {python}: {e}") from None
+    out = os.fsdecode(p.stdout).rstrip("\n").rsplit("\n", 1)
+    if p.returncode != 0 or len(out) != 2:
+        raise LauncherError(f"{python} cannot import fusesnap.cli.mountclient")
+    version, client = out
+    values = {"FUSESNAP_PYTHON": python, "FUSESNAP_PYVERSION": version, "FUSESNAP_CLIENT": client,
+              "FUSESNAP_SCRIPT": str(script)}
+    return "".join(f"#define {k} {c_string(v)}\n" for k, v in values.items())
+
+
+def build(out: Path, script: Path) -> None:
+    """Compile the launcher to out, for and falling back on the console script `script`."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise LauncherError("no C compiler (cc) found")
+    with tempfile.TemporaryDirectory(prefix="fusesnap-launcher-") as tmp:
+        Path(tmp, "launcher_build.h").write_text(header(script))
+        p = subprocess.run([cc, "-O2", "-Wall", "-I", tmp, "-o", str(out), str(SOURCE)],
+                           capture_output=True, text=True)
+    if p.returncode != 0:
+        last = (p.stderr.strip().splitlines() or [f"exit status {p.returncode}"])[-1]
+        raise LauncherError(f"compiling {SOURCE.name} failed: {last}")
+    out.chmod(0o755)
+
+
+def install(bindir: Path) -> Path:
+    """Put the launcher at bindir/fusesnap-overlay, the console script there (if it is
+    one) at bindir/fusesnap-overlay.py; the launcher's path."""
+    target, kept = bindir / COMMAND, bindir / KEPT
+    try:
+        with open(target, "rb") as f:
+            is_script = f.read(2) == b"#!"
+    except FileNotFoundError:
+        is_script = False
+    except OSError as e:
+        raise LauncherError(f"{target}: {e.strerror}") from None
+    if not is_script and not kept.exists():
+        raise LauncherError(f"{target} is not the console script pip installs, and {kept} does not exist")
+    tmp = bindir / f".{COMMAND}.launcher-{os.getpid()}"
+    try:
+        if is_script:
+            shutil.copyfile(target, tmp)
+            tmp.chmod(0o755)
+            os.replace(tmp, kept)
+        build(tmp, kept)
+        os.replace(tmp, target)
+    except OSError as e:
+        raise LauncherError(f"installing into {bindir}: {e.strerror or e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m fusesnap.cli.launcher",
+        description="Install fusesnap-overlay's compiled launcher into BINDIR (where pip put the console "
+                    "script): mounts handed to the mount server then start no Python interpreter. "
+                    "Needs a C compiler.")
+    p.add_argument("bindir", type=Path, help="the directory holding the fusesnap-overlay console script")
+    args = p.parse_args(argv)
+    try:
+        path = install(args.bindir)
+    except LauncherError as e:
+        print(f"fusesnap: launcher: {e}", file=sys.stderr)
+        return 1
+    print(f"fusesnap: launcher installed at {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""fusesnap-overlay's compiled launcher (cli/launcher.c, installed by cli/launcher.py).
+
+What must hold: scripts/setup put it in place of the console script; it finds the
+very server the Python client starts (same socket name: same context, same
+install), hands it the command, and reports its exit status; every command line it
+does not hand over (another kind of command, no server, FUSESNAP_MOUNT_SERVER=0,
+arguments it does not encode) runs through the console script, with the same
+result as the script alone. Its decisions are read from FUSESNAP_LAUNCHER_TRACE=1.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fusesnap.cli import launcher
+from fusesnap.cli.mountargs import overlay_daemonizes
+from helpers import fuse_daemon, is_mounted, is_root, script, unmount
+from unionmount import layout, overlay_opts
+
+pytestmark = pytest.mark.skipif(not is_root(), reason="mounts as root")
+
+SERVED = "fusesnap-overlay: launcher: served by the mount server"
+SERVER = "fusesnap-mountd"
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    """A launcher built from this checkout's installed console script, in a directory of its own."""
+    bindir = tmp_path_factory.mktemp("launcher")
+    installed = Path(script("fusesnap-overlay"))
+    kept = installed.with_name(launcher.KEPT)
+    shutil.copyfile(kept if kept.exists() else installed, bindir / launcher.COMMAND)
+    return launcher.install(bindir)
+
+
+def _layout(base: Path, name: str = "") -> tuple[str, Path]:
+    lowers, upper, work, mp = layout(base / f"m{name}")
+    (lowers[0] / "f").write_text("lower\n")
+    return overlay_opts(lowers, upper, work), mp
+
+
+def _run(prog: Path | str, args: list[str], env: dict[str, str] | None = None, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "FUSESNAP_LAUNCHER_TRACE": "1", **(env or {})}
+    return subprocess.run([str(prog), *args], capture_output=True, text=True, timeout=120, env=env, **kw)
+
+
+def _trace(r: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in r.stderr.splitlines() if line.startswith("fusesnap-overlay: launcher: ")]
+
+
+def _ppid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _comm(pid: int) -> str:
+    return Path(f"/proc/{pid}/comm").read_text().strip()
+
+
+def test_setup_installed_the_launcher_in_place_of_the_console_script():
+    installed = Path(script("fusesnap-overlay"))
+    assert installed.read_bytes()[:4] == b"\x7fELF", "fusesnap-overlay is not the launcher: run scripts/setup"
+    assert installed.with_name(launcher.KEPT).read_bytes()[:2] == b"#!"
+
+
+def test_a_mount_is_handed_to_the_server_the_python_client_started(built, shared_tmp):
+    """A new context (another oom_score_adj: part of procctx.context) has no server:
+    the launcher falls back, the console script starts one under the name it computes,
+    and the next mount finds that server from C."""
+    def other_context() -> None:
+        Path("/proc/self/oom_score_adj").write_text("7")
+
+    env = {"FUSESNAP_MOUNT_SERVER_IDLE": "3"}
+    (opts1, mp1), (opts2, mp2) = _layout(shared_tmp, "1"), _layout(shared_tmp, "2")
+    first = _run(built, ["-o", opts1, str(mp1)], env, preexec_fn=other_context)
+    try:
+        assert first.returncode == 0, first.stderr
+        assert _trace(first) == ["fusesnap-overlay: launcher: fallback: no mount server listening"]
+        second = _run(built, ["-o", opts2, str(mp2)], env, preexec_fn=other_context)
+        assert second.returncode == 0, second.stderr
+        assert _trace(second) == [SERVED]
+        d1, d2 = fuse_daemon(mp1), fuse_daemon(mp2)
+        server = _ppid(d2)
+        assert _comm(server) == SERVER and _ppid(d1) == server
+        assert Path(f"/proc/{server}/oom_score_adj").read_text().strip() == "7"
+        assert (mp2 / "f").read_text() == "lower\n"
+        # the daemon shows the command as a console script's process would
+        argv = Path(f"/proc/{d2}/cmdline").read_bytes().split(b"\0")
+        assert argv[1] == os.fsencode(built) and os.fsencode(opts2) in argv, argv
+    finally:
+        for mp in (mp1, mp2):
+            if is_mounted(mp):
+                unmount(mp)
+
+
+def test_cwd_environment_and_closed_stdin_reach_the_command(built, shared_tmp):
+    opts, mp = _layout(shared_tmp)
+    _run(built, ARGVS["mount"])          # a server runs from here on
+    rel = opts.replace(f"{shared_tmp}/m/", "")
+    r = _run(built, ["-o", rel, str(mp)], cwd=shared_tmp / "m", preexec_fn=lambda: os.close(0))
+    assert r.returncode == 0, r.stderr
+    try:
+        assert _trace(r) == [SERVED], r.stderr
+        assert (mp / "f").read_text() == "lower\n"
+    finally:
+        unmount(mp)
+
+
+ARGVS = {
+    "mount": ["-o", "lowerdir=/nonexistent/l,upperdir=/nonexistent/u,workdir=/nonexistent/w", "/nonexistent/m"],
+    "debug option": ["-o", "lowerdir=/nonexistent/l,debug", "/nonexistent/m"],
+    "attached debug option": ["-odebug,lowerdir=/nonexistent/l", "/nonexistent/m"],
+    "-d": ["-d", "-o", "lowerdir=/nonexistent/l", "/nonexistent/m"],
+    "version": ["--version"],
+    "help": ["-h"],
+    "nothing": [],
+    "non-ASCII": ["-o", "lowerdir=/nonexistent/lé,upperdir=/nonexistent/u,workdir=/nonexistent/w", "/nonexistent/m"],
+}
+
+
+@pytest.mark.parametrize("case", ARGVS)
+def test_what_goes_to_the_server_and_the_result_match_the_console_script(built, case):
+    argv = ARGVS[case]
+    _run(built, ARGVS["mount"])          # a server runs from here on
+    r = _run(built, argv)
+    alone = subprocess.run([str(built.with_name(launcher.KEPT)), *argv], capture_output=True, text=True,
+                           timeout=120, env={**os.environ, "FUSESNAP_MOUNT_SERVER": "0"})
+    served = _trace(r) == [SERVED]
+    assert served == (overlay_daemonizes(argv) and case != "non-ASCII"), _trace(r)
+    assert r.returncode == alone.returncode
+    assert [line for line in r.stderr.splitlines() if line not in _trace(r)] == alone.stderr.splitlines()
+    assert r.stdout == alone.stdout
+
+
+def test_the_switch_keeps_every_mount_out_of_the_server(built, shared_tmp):
+    opts, mp = _layout(shared_tmp)
+    r = _run(built, ["-o", opts, str(mp)], {"FUSESNAP_MOUNT_SERVER": "0"})
+    assert r.returncode == 0, r.stderr
+    try:
+        assert _trace(r) == ["fusesnap-overlay: launcher: fallback: FUSESNAP_MOUNT_SERVER=0"]
+        assert _comm(_ppid(fuse_daemon(mp))) != SERVER
+    finally:
+        unmount(mp)
+
+
+def test_install_keeps_the_console_script_and_refuses_anything_else(tmp_path, built):
+    assert launcher.install(built.parent) == built             # again: the kept script stays
+    assert built.with_name(launcher.KEPT).read_bytes()[:2] == b"#!"
+    (tmp_path / launcher.COMMAND).write_bytes(b"\x7fELF not a script")
+    with pytest.raises(launcher.LauncherError, match="is not the console script"):
+        launcher.install(tmp_path)
+    (tmp_path / launcher.COMMAND).write_text("#!/nonexistent/python\n")
+    with pytest.raises(launcher.LauncherError, match="running /nonexistent/python"):
+        launcher.install(tmp_path)
+    assert not (tmp_path / launcher.COMMAND).read_text().startswith("\x7fELF")
+    r = subprocess.run([sys.executable, "-I", "-m", "fusesnap.cli.launcher", str(tmp_path)],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and r.stderr.startswith("fusesnap: launcher: ")
+
+
+def test_c_string_escapes_everything_but_plain_ascii():
+    assert launcher.c_string('a"b\\c?\n\x7fé') == '"a\\042b\\134c\\077\\012\\177\\303\\251"'
