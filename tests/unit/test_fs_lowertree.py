@@ -181,3 +181,50 @@ def test_lazy_tree_over_directories_matches_the_eager_build(tmp_path):
     assert lazy.lookup(b"h1") is lazy.lookup(b"d/h2")
     assert sorted(lazy.link_paths(lazy.lookup(b"h1"))) == [b"d/h2", b"h1"]
     assert lazy.max_ino >= len(eager.by_ino) - 1
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_a_merged_directory_counts_its_subdirectories_without_merging(tmp_path, seed):
+    """A stat of a directory over several layers needs its link count: counted from
+    names and types (LazyLowerTree.subdir_count), equal to what the merge gives, and
+    the directory stays unmerged (random layers: files over directories and back,
+    whiteouts of both kinds, opaque markers and xattrs, symlinks and fifos)."""
+    import random
+
+    from fusesnap.fs.core.lazytree import _KIDS, LazyLowerTree
+    rnd = random.Random(seed)
+    layers = [tmp_path / f"l{i}" for i in range(4)]
+    pool = [f"n{i}" for i in range(12)]      # sparse: lower layers often add new names
+    for layer in layers:
+        for top in ("a", "b", "c"):
+            if rnd.random() < 0.2:
+                continue
+            d = layer / top
+            d.mkdir(parents=True)
+            if rnd.random() < 0.15:
+                (d / ".wh..wh..opq").write_bytes(b"")
+            if rnd.random() < 0.1:
+                os.setxattr(d, b"user.overlay.opaque", b"y")
+            for name in pool:
+                p, r = d / name, rnd.random()
+                if r < 0.2:
+                    p.mkdir()
+                elif r < 0.3:
+                    p.write_bytes(b"f")
+                elif r < 0.38:
+                    (d / f".wh.{name}").write_bytes(b"")
+                elif r < 0.43 and os.geteuid() == 0:
+                    os.mknod(p, stat.S_IFCHR | 0o600, 0)
+                elif r < 0.47:
+                    os.symlink("x", p)
+                elif r < 0.5:
+                    os.mkfifo(p)
+    layers = [p for p in layers if p.exists()] or [tmp_path]
+    counted, merged = LazyLowerTree(layers), LazyLowerTree(layers)
+    for top in counted.root.kids:
+        c, m = counted.lookup(top), merged.lookup(top)
+        if not stat.S_ISDIR(c.mode):
+            continue
+        n = c.nlink
+        assert _KIDS.__get__(c) is None, "counting merged the directory"
+        assert n == 2 + sum(1 for k in m.kids.values() if stat.S_ISDIR(k.mode)) == m.nlink, (seed, top)

@@ -26,7 +26,7 @@ _NLINK = LNode.__dict__["nlink"]
 class LazyDir(LNode):
     """A merged lower directory; `kids` and `nlink` are computed on first access."""
 
-    __slots__ = ("hostdirs", "tree")
+    __slots__ = ("hostdirs", "tree", "counted")
 
     @property
     def kids(self):
@@ -41,8 +41,13 @@ class LazyDir(LNode):
 
     @property
     def nlink(self):
-        if _KIDS.__get__(self) is None and len(self.hostdirs) == 1:
-            return _NLINK.__get__(self)          # one layer: the host's 2 + subdirs
+        if _KIDS.__get__(self) is None:
+            # one layer: the host's 2 + subdirs; several: counted from names, not merged
+            # (a stat of a wide directory over many layers then costs no merge)
+            if len(self.hostdirs) > 1 and not self.counted:
+                _NLINK.__set__(self, 2 + self.tree.subdir_count(self))
+                self.counted = True
+            return _NLINK.__get__(self)
         return 2 + sum(1 for k in self.kids.values() if S.S_ISDIR(k.mode))
 
     @nlink.setter
@@ -117,9 +122,39 @@ class LazyLowerTree:
                        upperformat.visible_xattrs(xattrs) or None, None)
         n.hostdirs = hostdirs
         n.tree = self
+        n.counted = False
         _NLINK.__set__(n, st.st_nlink)
         n.ino = self.new_ino()
         return n
+
+    def subdir_count(self, d: LazyDir) -> int:
+        """How many subdirectories d's merge (below) holds, from names and d_type alone:
+        the same layers, `.wh.` names and opaque markers, no lstat or xattrs. A char 0/0
+        whiteout needs no stat here: like any non-directory on top, it keeps the name's
+        lower directories out. An opaque subdirectory is still one."""
+        kinds: dict[bytes, bool] = {}      # name -> a directory, at its top-most occurrence
+        hidden: set[bytes] = set()
+        for _, hd in d.hostdirs:
+            layer_wh: list[bytes] = []
+            opaque = False
+            try:
+                it = os.scandir(short(hd))
+            except OSError:
+                continue
+            with it:
+                for de in it:
+                    name = de.name
+                    if name.startswith(b".wh."):
+                        if name == upperformat.OPQ_NAME:
+                            opaque = True
+                        else:
+                            layer_wh.append(name[4:])
+                    elif name not in kinds and name not in hidden:
+                        kinds[name] = de.is_dir(follow_symlinks=False)
+            hidden.update(layer_wh)
+            if opaque:
+                break
+        return sum(kinds.values())
 
     def _merge(self, d: LazyDir) -> dict[bytes, LNode]:
         kids: dict[bytes, LNode] = {}
