@@ -1,19 +1,20 @@
-/* fusesnap-overlay's launcher: the mount server's client without a Python interpreter.
+/* The console scripts' launcher: the mount server's client without a Python interpreter.
  *
- * A mount program's start is on every container's critical path (podman runs it
- * per container), and a Python interpreter takes 7-10 ms to start before the
- * client (cli/mountclient.py) can hand the command to the mount server. This
- * program speaks the same protocol for the commands that go to the server
- * (cli/mountargs.py, overlay_daemonizes) and execs the Python console script for
- * everything else: another command line, no server listening yet (the script
- * starts one), a refusal, non-ASCII arguments, a request too large, or any error
- * before the command was handed over. Nothing has run before the worker's "S",
- * so falling back before it is always safe.
+ * A mount program's start is on every container's critical path (podman runs
+ * `fusesnap-overlay` per container, containerd's mount.fuse3 runs `fusesnap`),
+ * and a Python interpreter takes 7-10 ms to start before the client
+ * (cli/mountclient.py) can hand the command to the mount server. This program
+ * speaks the same protocol for the command lines that go to the server
+ * (cli/mountargs.py, as cli/entry.py picks them) and execs the Python console
+ * script for everything else: another command line, no server listening yet (the
+ * script starts one), a refusal, non-ASCII arguments, a request too large, or any
+ * error before the command was handed over. Nothing has run before the worker's
+ * "S", so falling back before it is always safe.
  *
- * cli/launcher.py compiles it with launcher_build.h, which names the install it
- * belongs to: the interpreter, its version and the client module whose stat is
- * part of the server's socket name, and the Python script to fall back on.
- * FUSESNAP_LAUNCHER_TRACE=1 prints what it decided on stderr.
+ * cli/launcher.py compiles it once per command with launcher_build.h, which names
+ * the command and the install it belongs to: the interpreter, its version and the
+ * client module whose stat is part of the server's socket name, and the Python
+ * script to fall back on. FUSESNAP_LAUNCHER_TRACE=1 prints what it decided.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -31,7 +32,8 @@
 #include <sys/un.h>
 #include <unistd.h>
 
-#include "launcher_build.h"   /* FUSESNAP_PYTHON, FUSESNAP_PYVERSION, FUSESNAP_CLIENT, FUSESNAP_SCRIPT */
+#include "launcher_build.h"   /* FUSESNAP_KIND, FUSESNAP_PYTHON, FUSESNAP_PYVERSION, FUSESNAP_CLIENT,
+                                 FUSESNAP_SCRIPT */
 
 extern char **environ;
 
@@ -43,7 +45,7 @@ static int trace;
 static void note(const char *what)
 {
     if (trace)
-        fprintf(stderr, "fusesnap-overlay: launcher: %s\n", what);
+        fprintf(stderr, "%s: launcher: %s\n", FUSESNAP_KIND, what);
 }
 
 /* ---- a growable byte buffer ---- */
@@ -231,7 +233,7 @@ static int socket_name(const struct buf *status, struct sockaddr_un *addr, sockl
     return 0;
 }
 
-/* ---- which command lines go to the server (mountargs.overlay_daemonizes) ---- */
+/* ---- which command lines go to the server (cli/mountargs.py, cli/entry.py) ---- */
 
 static int has_debug_option(const char *opts)
 {
@@ -247,25 +249,77 @@ static int has_debug_option(const char *opts)
     }
 }
 
-static int daemonizes(int argc, char **argv)
+/* overlay_daemonizes: a `fusesnap-overlay` command line that mounts and daemonizes */
+static int overlay_daemonizes(int n, char **a)
 {
     static const char *const LOCAL[] = {"-f", "-d", "--debug", "-h", "--help", "-V", "--version", NULL};
-    if (argc < 2)
+    if (n < 1)
         return 0;
-    for (int i = 1; i < argc; i++)
+    for (int i = 0; i < n; i++)
         for (const char *const *l = LOCAL; *l; l++)
-            if (strcmp(argv[i], *l) == 0)
+            if (strcmp(a[i], *l) == 0)
                 return 0;
-    for (int i = 1; i < argc; i++) {
+    for (int i = 0; i < n; i++) {
         const char *opts = "";
-        if (strcmp(argv[i], "-o") == 0 && i + 1 < argc)
-            opts = argv[i + 1];
-        else if (strncmp(argv[i], "-o", 2) == 0)
-            opts = argv[i] + 2;
+        if (strcmp(a[i], "-o") == 0 && i + 1 < n)
+            opts = a[i + 1];
+        else if (strncmp(a[i], "-o", 2) == 0)
+            opts = a[i] + 2;
         if (has_debug_option(opts))
             return 0;
     }
     return 1;
+}
+
+/* helper_source: mount(8) may have turned the helper form's SOURCE `fusesnap` into an
+ * absolute path; a[i] then becomes "fusesnap" again */
+static void helper_source(int n, char **a)
+{
+    for (int i = 0; i < n; i++) {
+        if (strcmp(a[i], "--root") == 0)
+            continue;
+        if (a[i][0] != '-' && (i == 0 || strcmp(a[i - 1], "--root") != 0)) {
+            const char *slash = strrchr(a[i], '/');
+            if (a[i][0] == '/' && strcmp(slash + 1, "fusesnap") == 0)
+                a[i] = "fusesnap";
+            return;
+        }
+    }
+}
+
+/* plain_mount_args(...) is not None: `fusesnap [--root R] [-v] [--json] mount KEY MP
+ * [-o OPT]... [--json]` or the helper form `fusesnap ... fusesnap TARGET [-o OPTS]...` */
+static int plain_mount(int n, char **a)
+{
+    static const char *const GLOBAL[] = {"-v", "-vv", "-vvv", "--verbose", "--json", NULL};
+    int i = 0;
+    while (i < n && a[i][0] == '-') {
+        int known = 0;
+        for (const char *const *g = GLOBAL; *g; g++)
+            known = known || strcmp(a[i], *g) == 0;
+        if (strcmp(a[i], "--root") == 0 && i + 1 < n && a[i + 1][0] != '-')
+            i += 2;
+        else if ((strncmp(a[i], "--root=", 7) == 0 && a[i][7]) || known)
+            i += 1;
+        else
+            return 0;
+    }
+    if (i >= n || (strcmp(a[i], "mount") != 0 && strcmp(a[i], "fusesnap") != 0))
+        return 0;
+    int mount = strcmp(a[i], "mount") == 0, positional = 0;
+    for (int j = i + 1; j < n; j++) {
+        if (strcmp(a[j], "-o") == 0 && j + 1 < n && a[j + 1][0] != '-')
+            j++;
+        else if (strncmp(a[j], "-o", 2) == 0 && a[j][2] && a[j][2] != '=' && a[j][2] != '-')
+            continue;
+        else if (strcmp(a[j], "--json") == 0)
+            continue;
+        else if (a[j][0] == '-')
+            return 0;         /* -f, --help, anything argparse must judge */
+        else
+            positional++;
+    }
+    return positional == (mount ? 2 : 1);
 }
 
 /* ---- the request: marshal((1, kind, argv, orig_argv, environ, umask)) ---- */
@@ -293,17 +347,17 @@ static int ascii(const char *s)
     return 1;
 }
 
-static void request(struct buf *b, int argc, char **argv, int umask_)
+static void request(struct buf *b, int n, char **args, int argc, char **argv, int umask_)
 {
     put(b, "(", 1);
     m_int(b, 6);
     put(b, "i", 1);
     m_int(b, 1);
-    m_str(b, "fusesnap-overlay");
+    m_str(b, FUSESNAP_KIND);
     put(b, "[", 1);
-    m_int(b, argc - 1);
-    for (int i = 1; i < argc; i++)
-        m_str(b, argv[i]);
+    m_int(b, n);
+    for (int i = 0; i < n; i++)
+        m_str(b, args[i]);
     /* the command line a console script's process has: [interpreter, script, *args] */
     put(b, "[", 1);
     m_int(b, argc + 1);
@@ -405,7 +459,8 @@ static void on_interrupt(int sig)
     _exit(130);
 }
 
-static int through_server(int argc, char **argv)
+/* `args` (n of them): the command line as the server runs it; argv: as this process got it */
+static int through_server(int n, char **args, int argc, char **argv)
 {
     for (int fd = 0; fd < 3; fd++)   /* a closed stdio descriptor cannot be sent: give it /dev/null */
         if (fcntl(fd, F_GETFD) < 0 && open("/dev/null", O_RDWR) < 0)
@@ -419,7 +474,7 @@ static int through_server(int argc, char **argv)
         return FALLBACK;
     }
     struct buf req = {0};
-    request(&req, argc, argv, status_umask(&status));
+    request(&req, n, args, argc, argv, status_umask(&status));
     free(status.p);
     if (req.failed || req.len > MAX_REQUEST) {
         note("fallback: request too large");
@@ -465,26 +520,31 @@ int main(int argc, char **argv)
     int plain = 1;
     for (int i = 0; i < argc; i++)
         plain = plain && ascii(argv[i]);
+    int n = argc - 1;
+    char **args = calloc((size_t)argc + 2, sizeof *args);
+    if (!args)
+        return 1;
+    memcpy(args, argv + 1, (size_t)n * sizeof *args);
+    int overlay = strcmp(FUSESNAP_KIND, "fusesnap-overlay") == 0;
+    if (!overlay)
+        helper_source(n, args);
     if (!plain)
         note("fallback: non-ASCII arguments");
     else if (sw && strcmp(sw, "0") == 0)
         note("fallback: FUSESNAP_MOUNT_SERVER=0");
-    else if (!daemonizes(argc, argv))
-        note("fallback: not a mount that daemonizes");
+    else if (overlay ? !overlay_daemonizes(n, args) : !plain_mount(n, args))
+        note(overlay ? "fallback: not a mount that daemonizes" : "fallback: not a plain mount command");
     else {
-        int rc = through_server(argc, argv);
+        int rc = through_server(n, args, argc, argv);
         if (rc >= 0)
             return rc & 0xff;
     }
-    /* the console script: [interpreter, script, *args] */
-    char **args = calloc((size_t)argc + 2, sizeof *args);
-    if (!args)
-        return 1;
+    /* the console script: [interpreter, script, *argv[1:]] */
     args[0] = (char *)FUSESNAP_PYTHON;
     args[1] = (char *)FUSESNAP_SCRIPT;
-    for (int i = 1; i < argc; i++)
-        args[i + 1] = argv[i];
+    memcpy(args + 2, argv + 1, (size_t)n * sizeof *args);
+    args[argc + 1] = NULL;
     execv(FUSESNAP_PYTHON, args);
-    fprintf(stderr, "fusesnap-overlay: cannot run %s: %s\n", FUSESNAP_PYTHON, strerror(errno));
+    fprintf(stderr, "%s: cannot run %s: %s\n", FUSESNAP_KIND, FUSESNAP_PYTHON, strerror(errno));
     return 1;
 }

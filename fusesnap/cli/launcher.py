@@ -1,12 +1,13 @@
-"""Build and install fusesnap-overlay's launcher (cli/launcher.c) in place of its console script.
+"""Build and install the console scripts' launcher (cli/launcher.c) in their place.
 
-`python -m fusesnap.cli.launcher BINDIR` (scripts/setup runs it for the venv)
-compiles the launcher for the interpreter running this, moves the console script
-pip wrote to BINDIR/fusesnap-overlay.py (what the launcher falls back on) and puts
-the launcher at BINDIR/fusesnap-overlay. A mount that goes to the mount server
-then starts no interpreter at all (docs/ARCHITECTURE.md, "The launcher").
-Reinstalling the package with pip puts the console script back, which works as
-before, only slower; running this again puts the launcher back.
+`python -I -m fusesnap.cli.launcher BINDIR` (scripts/setup runs it for the venv)
+compiles the launcher once for `fusesnap` and once for `fusesnap-overlay`, for
+the interpreter each console script names, moves the script pip wrote to
+BINDIR/.fusesnap-scripts/COMMAND (what the launcher falls back on) and puts the
+launcher at BINDIR/COMMAND. A mount that goes to the mount server then starts no
+interpreter at all (docs/ARCHITECTURE.md, "The launcher"). Reinstalling the
+package with pip puts the console scripts back, which work as before, only
+slower; running this again puts the launchers back.
 """
 
 from __future__ import annotations
@@ -20,12 +21,19 @@ import tempfile
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("launcher.c")
-COMMAND = "fusesnap-overlay"
-KEPT = COMMAND + ".py"          # the console script, next to the launcher that falls back on it
+COMMANDS = ("fusesnap", "fusesnap-overlay")
+KEPT_DIR = ".fusesnap-scripts"
 
 
 class LauncherError(Exception):
     """The launcher cannot be built or installed (one line for the user)."""
+
+
+def kept(command_path: Path) -> Path:
+    """Where the console script goes: BINDIR/.fusesnap-scripts/COMMAND. Its own name, so
+    that the daemons it starts show it; in a directory of its own, because Python puts a
+    script's directory first on sys.path (a `fusesnap.py` beside it would hide the package)."""
+    return command_path.parent / KEPT_DIR / command_path.name
 
 
 def c_string(value: str) -> str:
@@ -36,10 +44,10 @@ def c_string(value: str) -> str:
     return '"' + "".join(out) + '"'
 
 
-def header(script: Path) -> str:
-    """launcher_build.h: the install this launcher belongs to, as the console script
-    `script` sees it (its interpreter, that interpreter's version and client module:
-    the parts of mountclient.socket_name's install identity)."""
+def header(command: str, script: Path) -> str:
+    """launcher_build.h: the command and the install this launcher belongs to, as the
+    console script `script` sees it (its interpreter, that interpreter's version and
+    client module: the parts of mountclient.socket_name's install identity)."""
     line = script.read_bytes().split(b"\n", 1)[0]
     python = os.fsdecode(line[2:].strip())
     if not line.startswith(b"#!/") or " " in python:
@@ -54,30 +62,32 @@ def header(script: Path) -> str:
     if p.returncode != 0 or len(out) != 2:
         raise LauncherError(f"{python} cannot import fusesnap.cli.mountclient")
     version, client = out
-    values = {"FUSESNAP_PYTHON": python, "FUSESNAP_PYVERSION": version, "FUSESNAP_CLIENT": client,
-              "FUSESNAP_SCRIPT": str(script)}
+    values = {"FUSESNAP_KIND": command, "FUSESNAP_PYTHON": python, "FUSESNAP_PYVERSION": version,
+              "FUSESNAP_CLIENT": client, "FUSESNAP_SCRIPT": str(script)}
     return "".join(f"#define {k} {c_string(v)}\n" for k, v in values.items())
 
 
-def build(out: Path, script: Path) -> None:
-    """Compile the launcher to out, for and falling back on the console script `script`."""
+def build(out: Path, command: str, script: Path) -> None:
+    """Compile the launcher of `command` to out, for and falling back on the console script `script`."""
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise LauncherError("no C compiler (cc) found")
     with tempfile.TemporaryDirectory(prefix="fusesnap-launcher-") as tmp:
-        Path(tmp, "launcher_build.h").write_text(header(script))
+        Path(tmp, "launcher_build.h").write_text(header(command, script))
         p = subprocess.run([cc, "-O2", "-Wall", "-I", tmp, "-o", str(out), str(SOURCE)],
                            capture_output=True, text=True)
     if p.returncode != 0:
-        last = (p.stderr.strip().splitlines() or [f"exit status {p.returncode}"])[-1]
-        raise LauncherError(f"compiling {SOURCE.name} failed: {last}")
+        lines = p.stderr.strip().splitlines() or [f"exit status {p.returncode}"]
+        first = next((line for line in lines if "error" in line), lines[-1])   # not gcc's caret lines
+        raise LauncherError(f"compiling {SOURCE.name} failed: {first.strip()}")
     out.chmod(0o755)
 
 
-def install(bindir: Path) -> Path:
-    """Put the launcher at bindir/fusesnap-overlay, the console script there (if it is
-    one) at bindir/fusesnap-overlay.py; the launcher's path."""
-    target, kept = bindir / COMMAND, bindir / KEPT
+def install(bindir: Path, command: str) -> Path:
+    """Put the launcher at bindir/command, the console script there (if it is one) at
+    kept(); the launcher's path."""
+    target = bindir / command
+    script = kept(target)
     try:
         with open(target, "rb") as f:
             is_script = f.read(2) == b"#!"
@@ -85,15 +95,16 @@ def install(bindir: Path) -> Path:
         is_script = False
     except OSError as e:
         raise LauncherError(f"{target}: {e.strerror}") from None
-    if not is_script and not kept.exists():
-        raise LauncherError(f"{target} is not the console script pip installs, and {kept} does not exist")
-    tmp = bindir / f".{COMMAND}.launcher-{os.getpid()}"
+    if not is_script and not script.exists():
+        raise LauncherError(f"{target} is not the console script pip installs, and {script} does not exist")
+    tmp = bindir / f".{command}.launcher-{os.getpid()}"
     try:
         if is_script:
+            script.parent.mkdir(mode=0o755, exist_ok=True)
             shutil.copyfile(target, tmp)
             tmp.chmod(0o755)
-            os.replace(tmp, kept)
-        build(tmp, kept)
+            os.replace(tmp, script)
+        build(tmp, command, script)
         os.replace(tmp, target)
     except OSError as e:
         raise LauncherError(f"installing into {bindir}: {e.strerror or e}") from None
@@ -104,19 +115,22 @@ def install(bindir: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m fusesnap.cli.launcher",
-        description="Install fusesnap-overlay's compiled launcher into BINDIR (where pip put the console "
-                    "script): mounts handed to the mount server then start no Python interpreter. "
-                    "Needs a C compiler.")
-    p.add_argument("bindir", type=Path, help="the directory holding the fusesnap-overlay console script")
+        prog="python -I -m fusesnap.cli.launcher",
+        description="Install the compiled launcher of fusesnap and fusesnap-overlay into BINDIR (where pip "
+                    "put their console scripts, kept in BINDIR/.fusesnap-scripts): mounts handed to the mount "
+                    "server then start no Python interpreter. Needs a C compiler.")
+    p.add_argument("bindir", type=Path, help="the directory holding the console scripts")
     args = p.parse_args(argv)
-    try:
-        path = install(args.bindir)
-    except LauncherError as e:
-        print(f"fusesnap: launcher: {e}", file=sys.stderr)
-        return 1
-    print(f"fusesnap: launcher installed at {path}", file=sys.stderr)
-    return 0
+    failed = False
+    for command in COMMANDS:
+        try:
+            path = install(args.bindir, command)
+        except LauncherError as e:
+            print(f"fusesnap: launcher of {command}: {e}", file=sys.stderr)
+            failed = True
+        else:
+            print(f"fusesnap: launcher installed at {path}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 
+from fusesnap.cli.launcher import kept
 from helpers import is_root, script
 from podmanclient import (BASE_IMAGE, FUSESNAP_FSTYPE, SHOW_MOUNTINFO, PodmanClient, assert_fusesnap_root,
                           base_entries, expected_tree, root_mount, sections, seen_tree)
@@ -305,7 +306,7 @@ def test_two_containers_at_once(pm):
             argv = [a.decode() for a in Path(f"/proc/{daemons[0]}/cmdline").read_bytes().split(b"\0")]
             # the command podman ran (the launcher), or its console script where the
             # launcher fell back on it (no mount server yet in podman's context)
-            assert argv[1] in (script("fusesnap-overlay"), script("fusesnap-overlay") + ".py"), argv
+            assert argv[1] in (script("fusesnap-overlay"), str(kept(Path(script("fusesnap-overlay"))))), argv
     finally:
         pm.podman("rm", "--force", "--time", "0", *names)
     for n in names:

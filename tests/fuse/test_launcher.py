@@ -1,9 +1,9 @@
-"""fusesnap-overlay's compiled launcher (cli/launcher.c, installed by cli/launcher.py).
+"""The console scripts' compiled launcher (cli/launcher.c, installed by cli/launcher.py).
 
-What must hold: scripts/setup put it in place of the console script; it finds the
-very server the Python client starts (same socket name: same context, same
-install), hands it the command, and reports its exit status; every command line it
-does not hand over (another kind of command, no server, FUSESNAP_MOUNT_SERVER=0,
+What must hold: scripts/setup put it in place of `fusesnap` and `fusesnap-overlay`;
+it finds the very server the Python client starts (same socket name: same context,
+same install), hands it the command lines cli/entry.py would hand it, and reports
+the exit status; every other command line (no server, FUSESNAP_MOUNT_SERVER=0,
 arguments it does not encode) runs through the console script, with the same
 result as the script alone. Its decisions are read from FUSESNAP_LAUNCHER_TRACE=1.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from fusesnap.cli import launcher
-from fusesnap.cli.mountargs import overlay_daemonizes
+from fusesnap.cli.mountargs import helper_source, overlay_daemonizes, plain_mount_args
 from helpers import fuse_daemon, is_mounted, is_root, script, unmount
 from unionmount import layout, overlay_opts
 
@@ -30,13 +30,21 @@ SERVER = "fusesnap-mountd"
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory) -> Path:
-    """A launcher built from this checkout's installed console script, in a directory of its own."""
+def launchers(tmp_path_factory) -> dict[str, Path]:
+    """Launchers built from this checkout's installed console scripts, in a directory of their own."""
     bindir = tmp_path_factory.mktemp("launcher")
-    installed = Path(script("fusesnap-overlay"))
-    kept = installed.with_name(launcher.KEPT)
-    shutil.copyfile(kept if kept.exists() else installed, bindir / launcher.COMMAND)
-    return launcher.install(bindir)
+    out = {}
+    for command in launcher.COMMANDS:
+        installed = Path(script(command))
+        kept = launcher.kept(installed)
+        shutil.copyfile(kept if kept.exists() else installed, bindir / command)
+        out[command] = launcher.install(bindir, command)
+    return out
+
+
+@pytest.fixture(scope="module")
+def built(launchers) -> Path:
+    return launchers["fusesnap-overlay"]
 
 
 def _layout(base: Path, name: str = "") -> tuple[str, Path]:
@@ -51,7 +59,7 @@ def _run(prog: Path | str, args: list[str], env: dict[str, str] | None = None, *
 
 
 def _trace(r: subprocess.CompletedProcess) -> list[str]:
-    return [line for line in r.stderr.splitlines() if line.startswith("fusesnap-overlay: launcher: ")]
+    return [line for line in r.stderr.splitlines() if ": launcher: " in line]
 
 
 def _ppid(pid: int) -> int:
@@ -62,10 +70,11 @@ def _comm(pid: int) -> str:
     return Path(f"/proc/{pid}/comm").read_text().strip()
 
 
-def test_setup_installed_the_launcher_in_place_of_the_console_script():
-    installed = Path(script("fusesnap-overlay"))
-    assert installed.read_bytes()[:4] == b"\x7fELF", "fusesnap-overlay is not the launcher: run scripts/setup"
-    assert installed.with_name(launcher.KEPT).read_bytes()[:2] == b"#!"
+@pytest.mark.parametrize("command", launcher.COMMANDS)
+def test_setup_installed_the_launcher_in_place_of_the_console_script(command):
+    installed = Path(script(command))
+    assert installed.read_bytes()[:4] == b"\x7fELF", f"{command} is not the launcher: run scripts/setup"
+    assert launcher.kept(installed).read_bytes()[:2] == b"#!"
 
 
 def test_a_mount_is_handed_to_the_server_the_python_client_started(built, shared_tmp):
@@ -123,18 +132,54 @@ ARGVS = {
 }
 
 
-@pytest.mark.parametrize("case", ARGVS)
-def test_what_goes_to_the_server_and_the_result_match_the_console_script(built, case):
-    argv = ARGVS[case]
-    _run(built, ARGVS["mount"])          # a server runs from here on
-    r = _run(built, argv)
-    alone = subprocess.run([str(built.with_name(launcher.KEPT)), *argv], capture_output=True, text=True,
+NOT_A_DIR = "/proc/version/r"      # a store root nothing can create: every mount fails at once
+FUSESNAP_ARGVS = {
+    "mount": ["--root", NOT_A_DIR, "mount", "k", "/nonexistent/m"],
+    "flags first": [f"--root={NOT_A_DIR}", "-v", "--json", "mount", "k", "/nonexistent/m", "-o", "ro"],
+    "helper form": ["fusesnap", "/nonexistent/m", "-o", f"root={NOT_A_DIR},snapshot=k"],
+    "helper form, source made absolute": ["/nonexistent/fusesnap", "/nonexistent/m", "-o",
+                                          f"root={NOT_A_DIR},snapshot=k"],
+    "foreground": ["--root", NOT_A_DIR, "mount", "k", "/nonexistent/m", "-f"],
+    "one positional": ["--root", NOT_A_DIR, "mount", "k"],
+    "another command": ["--root", NOT_A_DIR, "--help"],
+    "version": ["--version"],
+    "non-ASCII": ["--root", NOT_A_DIR, "mount", "ké", "/nonexistent/m"],
+}
+CASES = [("fusesnap-overlay", c) for c in ARGVS] + [("fusesnap", c) for c in FUSESNAP_ARGVS]
+
+
+@pytest.mark.parametrize("command,case", CASES)
+def test_what_goes_to_the_server_and_the_result_match_the_console_script(launchers, command, case):
+    prog = launchers[command]
+    argv = (ARGVS if command == "fusesnap-overlay" else FUSESNAP_ARGVS)[case]
+    _run(launchers["fusesnap-overlay"], ARGVS["mount"])          # a server runs from here on
+    r = _run(prog, argv)
+    alone = subprocess.run([str(launcher.kept(prog)), *argv], capture_output=True, text=True,
                            timeout=120, env={**os.environ, "FUSESNAP_MOUNT_SERVER": "0"})
-    served = _trace(r) == [SERVED]
-    assert served == (overlay_daemonizes(argv) and case != "non-ASCII"), _trace(r)
+    goes = overlay_daemonizes(argv) if command == "fusesnap-overlay" else \
+        plain_mount_args(helper_source(argv)) is not None
+    assert (_trace(r) == [f"{command}: launcher: served by the mount server"]) == (goes and case != "non-ASCII"), \
+        _trace(r)
     assert r.returncode == alone.returncode
     assert [line for line in r.stderr.splitlines() if line not in _trace(r)] == alone.stderr.splitlines()
     assert r.stdout == alone.stdout
+
+
+def test_a_store_mount_is_handed_to_the_server(launchers, shared_tmp):
+    root, mp = shared_tmp / "store", shared_tmp / "mp"
+    mp.mkdir()
+    fusesnap = launchers["fusesnap"]
+    assert subprocess.run([str(fusesnap), "--root", str(root), "prepare", "k"], capture_output=True).returncode == 0
+    _run(launchers["fusesnap-overlay"], ARGVS["mount"])          # a server runs from here on
+    r = _run(fusesnap, ["--root", str(root), "mount", "k", str(mp)])
+    assert r.returncode == 0, r.stderr
+    try:
+        assert _trace(r) == ["fusesnap: launcher: served by the mount server"]
+        assert _comm(_ppid(fuse_daemon(mp))) == SERVER
+        (mp / "x").write_text("in the store")
+        assert [p.read_text() for p in root.glob("snapshots/*/upper/x")] == ["in the store"]
+    finally:
+        unmount(mp)
 
 
 def test_the_switch_keeps_every_mount_out_of_the_server(built, shared_tmp):
@@ -149,18 +194,20 @@ def test_the_switch_keeps_every_mount_out_of_the_server(built, shared_tmp):
 
 
 def test_install_keeps_the_console_script_and_refuses_anything_else(tmp_path, built):
-    assert launcher.install(built.parent) == built             # again: the kept script stays
-    assert built.with_name(launcher.KEPT).read_bytes()[:2] == b"#!"
-    (tmp_path / launcher.COMMAND).write_bytes(b"\x7fELF not a script")
+    assert launcher.install(built.parent, built.name) == built             # again: the kept script stays
+    assert launcher.kept(built).read_bytes()[:2] == b"#!"
+    target = tmp_path / "fusesnap-overlay"
+    target.write_bytes(b"\x7fELF not a script")
     with pytest.raises(launcher.LauncherError, match="is not the console script"):
-        launcher.install(tmp_path)
-    (tmp_path / launcher.COMMAND).write_text("#!/nonexistent/python\n")
+        launcher.install(tmp_path, target.name)
+    target.write_text("#!/nonexistent/python\n")
     with pytest.raises(launcher.LauncherError, match="running /nonexistent/python"):
-        launcher.install(tmp_path)
-    assert not (tmp_path / launcher.COMMAND).read_text().startswith("\x7fELF")
+        launcher.install(tmp_path, target.name)
+    assert not target.read_text().startswith("\x7fELF")
     r = subprocess.run([sys.executable, "-I", "-m", "fusesnap.cli.launcher", str(tmp_path)],
                        capture_output=True, text=True)
-    assert r.returncode == 1 and r.stderr.count("\n") == 1 and r.stderr.startswith("fusesnap: launcher: ")
+    assert r.returncode == 1 and r.stderr.count("\n") == 2, r.stderr     # one line per command
+    assert all(line.startswith("fusesnap: launcher of ") for line in r.stderr.splitlines())
 
 
 def test_c_string_escapes_everything_but_plain_ascii():
