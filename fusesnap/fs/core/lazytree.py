@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import stat as S
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from fusesnap.fs.core import upperformat
 from fusesnap.fs.core.longpath import LIMIT, short
@@ -56,6 +56,31 @@ class LazyDir(LNode):
 
     def is_dir(self) -> bool:
         return True
+
+
+def _layers(hostdirs: Sequence[tuple[int, bytes]]) -> Iterator[tuple[int, bytes, list[os.DirEntry[bytes]],
+                                                                     list[bytes], bool]]:
+    """Each readable layer's part of a directory, top first: (layer, host dir, its entries
+    but the `.wh.` ones, the names those white out, whether an `.wh..wh..opq` marker
+    makes it opaque). A layer that cannot be read is skipped (a missing layer directory)."""
+    for layer, hd in hostdirs:
+        try:
+            it = os.scandir(short(hd))
+        except OSError:
+            continue
+        entries: list[os.DirEntry[bytes]] = []
+        whiteouts: list[bytes] = []
+        opaque = False
+        with it:
+            for de in it:
+                name = de.name
+                if not name.startswith(b".wh."):
+                    entries.append(de)
+                elif name == upperformat.OPQ_NAME:
+                    opaque = True
+                else:
+                    whiteouts.append(name[4:])
+        yield layer, hd, entries, whiteouts, opaque
 
 
 def _presented(st: os.stat_result, xattrs: dict[bytes, bytes] | None) -> tuple[int, int, int, int]:
@@ -134,23 +159,10 @@ class LazyLowerTree:
         lower directories out. An opaque subdirectory is still one."""
         kinds: dict[bytes, bool] = {}      # name -> a directory, at its top-most occurrence
         hidden: set[bytes] = set()
-        for _, hd in d.hostdirs:
-            layer_wh: list[bytes] = []
-            opaque = False
-            try:
-                it = os.scandir(short(hd))
-            except OSError:
-                continue
-            with it:
-                for de in it:
-                    name = de.name
-                    if name.startswith(b".wh."):
-                        if name == upperformat.OPQ_NAME:
-                            opaque = True
-                        else:
-                            layer_wh.append(name[4:])
-                    elif name not in kinds and name not in hidden:
-                        kinds[name] = de.is_dir(follow_symlinks=False)
+        for _, _, entries, layer_wh, opaque in _layers(d.hostdirs):
+            for de in entries:
+                if de.name not in kinds and de.name not in hidden:
+                    kinds[de.name] = de.is_dir(follow_symlinks=False)
             hidden.update(layer_wh)
             if opaque:
                 break
@@ -161,76 +173,63 @@ class LazyLowerTree:
         hidden: set[bytes] = set()
         subdirs: dict[bytes, list[tuple[int, bytes]]] = {}
         IFMT, IFREG, IFCHR = 0o170000, S.S_IFREG, S.S_IFCHR
-        for layer, hd in d.hostdirs:
-            layer_wh: list[bytes] = []
-            opaque = False
+        for layer, hd, entries, layer_wh, opaque in _layers(d.hostdirs):
             # NAME_MAX is 255: below this every child path is short as it is
             short_ok = len(hd) + 257 < LIMIT
-            try:
-                it = os.scandir(short(hd))
-            except OSError:
-                continue
-            with it:
-                for de in it:
-                    name = de.name
-                    if name.startswith(b".wh."):
-                        if name == upperformat.OPQ_NAME:
-                            opaque = True
+            for de in entries:
+                name = de.name
+                if name in kids or name in hidden:
+                    sub = subdirs.get(name)
+                    if sub is not None:
+                        if de.is_dir(follow_symlinks=False):
+                            full = hd + b"/" + name
+                            sub.append((layer, full))
+                            if upperformat.xattrs_say_opaque(upperformat.read_xattrs(short(full))):
+                                del subdirs[name]
                         else:
-                            layer_wh.append(name[4:])
-                        continue
-                    if name in kids or name in hidden:
-                        sub = subdirs.get(name)
-                        if sub is not None:
-                            if de.is_dir(follow_symlinks=False):
-                                full = hd + b"/" + name
-                                sub.append((layer, full))
-                                if upperformat.xattrs_say_opaque(upperformat.read_xattrs(short(full))):
-                                    del subdirs[name]
-                            else:
-                                del subdirs[name]   # a non-directory or a whiteout ends the merge of NAME
-                        continue
-                    st = de.stat(follow_symlinks=False)
-                    fmt = st.st_mode & IFMT
-                    if fmt == IFCHR and st.st_rdev == 0:
-                        layer_wh.append(name)
-                        continue
-                    full = hd + b"/" + name
-                    sp = full if short_ok else short(full)
-                    xattrs = upperformat.read_xattrs(sp)   # one listxattr; the values only when there are names
-                    if xattrs is None and fmt == IFREG and st.st_nlink == 1:
-                        # the common case (a plain file, no xattrs, no hard links): host metadata as is
-                        n = LNode(st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns,
-                                  0, None, full, None, None)
-                        n.ino = self._next
-                        self._next += 1
-                        kids[name] = n
-                        continue
-                    if fmt == S.S_IFDIR:
-                        hds = [(layer, full)]
-                        n = self._dir_node(st, xattrs, hds)
-                        if not upperformat.xattrs_say_opaque(xattrs):
-                            subdirs[name] = hds
-                        kids[name] = n
-                        continue
-                    mode, uid, gid, rdev = _presented(st, xattrs)
-                    key = (layer, st.st_dev, st.st_ino)
-                    if fmt == S.S_IFREG and st.st_nlink > 1:
-                        n = self.by_host.get(key)
-                        if n is not None:
-                            kids[name] = n
-                            continue
-                    n = LNode(S.S_IFMT(mode) | (mode & 0o7777), uid, gid,
-                              st.st_size if fmt in (S.S_IFREG, S.S_IFLNK) else 0, st.st_mtime_ns,
-                              rdev if S.S_IFMT(mode) in (S.S_IFCHR, S.S_IFBLK) else 0,
-                              os.readlink(short(full)) if fmt == S.S_IFLNK else None,
-                              full if fmt == S.S_IFREG else None,
-                              upperformat.visible_xattrs(xattrs) or None, None)
-                    n.ino = self.new_ino()
-                    if fmt == S.S_IFREG and st.st_nlink > 1:
-                        n.nlink = st.st_nlink
-                        self.by_host[key] = n
+                            del subdirs[name]   # a non-directory or a whiteout ends the merge of NAME
+                    continue
+                st = de.stat(follow_symlinks=False)
+                fmt = st.st_mode & IFMT
+                if fmt == IFCHR and st.st_rdev == 0:
+                    layer_wh.append(name)
+                    continue
+                full = hd + b"/" + name
+                sp = full if short_ok else short(full)
+                xattrs = upperformat.read_xattrs(sp)   # one listxattr; the values only when there are names
+                if xattrs is None and fmt == IFREG and st.st_nlink == 1:
+                    # the common case (a plain file, no xattrs, no hard links): host metadata as is
+                    n = LNode(st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns,
+                              0, None, full, None, None)
+                    n.ino = self._next
+                    self._next += 1
                     kids[name] = n
+                    continue
+                if fmt == S.S_IFDIR:
+                    hds = [(layer, full)]
+                    n = self._dir_node(st, xattrs, hds)
+                    if not upperformat.xattrs_say_opaque(xattrs):
+                        subdirs[name] = hds
+                    kids[name] = n
+                    continue
+                mode, uid, gid, rdev = _presented(st, xattrs)
+                key = (layer, st.st_dev, st.st_ino)
+                if fmt == S.S_IFREG and st.st_nlink > 1:
+                    n = self.by_host.get(key)
+                    if n is not None:
+                        kids[name] = n
+                        continue
+                n = LNode(S.S_IFMT(mode) | (mode & 0o7777), uid, gid,
+                          st.st_size if fmt in (S.S_IFREG, S.S_IFLNK) else 0, st.st_mtime_ns,
+                          rdev if S.S_IFMT(mode) in (S.S_IFCHR, S.S_IFBLK) else 0,
+                          os.readlink(short(full)) if fmt == S.S_IFLNK else None,
+                          full if fmt == S.S_IFREG else None,
+                          upperformat.visible_xattrs(xattrs) or None, None)
+                n.ino = self.new_ino()
+                if fmt == S.S_IFREG and st.st_nlink > 1:
+                    n.nlink = st.st_nlink
+                    self.by_host[key] = n
+                kids[name] = n
             # names in this layer are final; its whiteouts hide lower layers only
             for name in kids:
                 if name not in subdirs:
