@@ -199,3 +199,21 @@ async def test_request_errors_keep_their_errno(env, caplog):
         await ops.mkdir(env.root.ino, b"n", 0o755, None)   # no ctx: a bug, not a crash
     assert e.value.errno == errno.EIO
     assert "internal error" in caplog.text
+
+
+def test_a_lazy_tree_counts_a_looked_up_directory_and_merges_a_listed_ones_subdirectories(tmp_path):
+    """Over plain directories (the fuse-overlayfs front end) a stat of a directory in
+    several layers counts its subdirectories without merging it; listing its parent
+    merges it instead, as a walker lists it next. Link counts agree either way."""
+    from fusesnap.fs.core.lazytree import _KIDS, LazyLowerTree
+    a, b, up = tmp_path / "a", tmp_path / "b", tmp_path / "up"
+    for layer, sub in ((a, "x"), (b, "y")):
+        (layer / "d" / sub).mkdir(parents=True)
+        (layer / "e" / sub).mkdir(parents=True)
+    up.mkdir()
+    u = Union(LazyLowerTree([a, b]), up, None, MountOptions())
+    d = u.lookup(u.root, b"d")
+    assert u.attr(d).st_nlink == 4 and _KIDS.__get__(d.lower) is None
+    u.listing(u.root, True)
+    e = u.lookup(u.root, b"e")
+    assert u.attr(e).st_nlink == 4 and _KIDS.__get__(e.lower) is not None

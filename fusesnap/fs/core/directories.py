@@ -85,6 +85,9 @@ class Directories:
         li = self.listings.get(d.ino)
         if li is None or li.d is not d:
             li = self.listings[d.ino] = Listing(d, self.kids(d))
+            listed = getattr(d.lower, "listed", None) if not d.opaque else None
+            if listed is not None:
+                listed()        # a lazy lower tree's hint (lazytree.LazyDir.listed)
         elif restart:
             li.sync(self.kids(d))
         return li
