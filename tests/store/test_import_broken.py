@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import random
 import tarfile
 
 import pytest
@@ -35,7 +36,9 @@ def set_size(tar: bytes, size_field: bytes) -> bytes:
 GOOD = good_tar()
 CASES = {
     "empty": (b"", "empty input"),
-    "random": (os.urandom(4096), "checksum"),
+    # seeded: an unseeded draw starts with gzip's magic once in 65,536 runs (seen in CI)
+    # and is then read as a corrupt gzip stream, not as a tar header
+    "random": (random.Random(0x5EED).randbytes(4096), "checksum"),
     "truncated-data": (GOOD[:512 + 1000], "truncated"),
     "truncated-header": (GOOD[:300], "truncated"),
     "bad-checksum": (GOOD[:148] + b"0000000\0" + GOOD[156:], "checksum"),
