@@ -447,7 +447,7 @@ static int receive(int sock)
         if (n == 1 && msg[0] == 'S')
             started = 1;
         else if (msg[0] == 'R')
-            return atoi(msg + 1);
+            return atoi(msg + 1) & 0xff;     /* as _exit() would keep it; never < 0 (fallback) */
         else if (msg[0] == 'N' && !started)
             return FALLBACK;
     }

@@ -212,3 +212,47 @@ def test_install_keeps_the_console_script_and_refuses_anything_else(tmp_path, bu
 
 def test_c_string_escapes_everything_but_plain_ascii():
     assert launcher.c_string('a"b\\c?\n\x7fé') == '"a\\042b\\134c\\077\\012\\177\\303\\251"'
+
+
+def _other_context() -> None:
+    Path("/proc/self/oom_score_adj").write_text("9")
+
+
+@pytest.mark.parametrize("answer,status", [(b"R-1", 255), (b"R256", 0), (b"R3", 3)])
+def test_an_exit_status_is_kept_as_exit_would_keep_it_and_never_reruns_the_command(built, answer, status):
+    """The protocol's end, against a stand-in server on the launcher's socket name (in a
+    context of its own, so that no real server holds the name): whatever status a
+    worker reports, the launcher exits with it cut to 8 bits, as the Python client's
+    os._exit does, and never falls back on the script, which would run it again."""
+    import socket
+    import threading
+
+    python = launcher.kept(built).read_text().split("\n", 1)[0][2:]      # the script's, as the name has it
+    name = subprocess.run([python, "-I", "-c", "import sys\nfrom fusesnap.cli import mountclient\n"
+                           "sys.stdout.write(mountclient.socket_name().hex())"],
+                          capture_output=True, text=True, preexec_fn=_other_context, check=True).stdout
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    srv.bind(bytes.fromhex(name))
+    srv.listen(1)
+    got: list[bytes] = []
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        with conn:
+            msg, fds, _, _ = socket.recv_fds(conn, 1 << 20, 8)
+            got.append(msg)
+            for fd in fds:
+                os.close(fd)
+            conn.send(b"S")
+            conn.send(answer)
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        # (a launcher that wrongly fell back would start a real server here: gone in 1 s)
+        r = _run(built, ARGVS["mount"], {"FUSESNAP_MOUNT_SERVER_IDLE": "1"}, preexec_fn=_other_context)
+    finally:
+        t.join(10)
+        srv.close()
+    assert got and got[0][:1] == b"(", "the launcher did not send its request"
+    assert r.returncode == status
+    assert _trace(r) == [SERVED], r.stderr
