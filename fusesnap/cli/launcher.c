@@ -537,7 +537,7 @@ int main(int argc, char **argv)
     else {
         int rc = through_server(n, args, argc, argv);
         if (rc >= 0)
-            return rc & 0xff;
+            return rc;          /* 0-255 (receive) */
     }
     /* the console script: [interpreter, script, *argv[1:]] */
     args[0] = (char *)FUSESNAP_PYTHON;

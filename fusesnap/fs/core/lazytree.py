@@ -26,7 +26,7 @@ _NLINK = LNode.__dict__["nlink"]
 class LazyDir(LNode):
     """A merged lower directory; `kids` and `nlink` are computed on first access."""
 
-    __slots__ = ("hostdirs", "tree", "counted", "scanned", "in_listing")
+    __slots__ = ("hostdirs", "tree", "scanned", "in_listing")
 
     @property
     def kids(self):
@@ -43,10 +43,10 @@ class LazyDir(LNode):
     def nlink(self):
         if _KIDS.__get__(self) is None and not self.in_listing:
             # one layer: the host's 2 + subdirs; several: counted from names, not merged
-            # (a stat of a wide directory over many layers then costs no merge)
-            if len(self.hostdirs) > 1 and not self.counted:
+            # (a stat of a wide directory over many layers then costs no merge), once:
+            # a kept scan means the count is in the slot
+            if len(self.hostdirs) > 1 and self.scanned is None:
                 _NLINK.__set__(self, 2 + self.tree.subdir_count(self))
-                self.counted = True
             return _NLINK.__get__(self)
         return 2 + sum(1 for k in self.kids.values() if S.S_ISDIR(k.mode))
 
@@ -155,7 +155,6 @@ class LazyLowerTree:
                        upperformat.visible_xattrs(xattrs) or None, None)
         n.hostdirs = hostdirs
         n.tree = self
-        n.counted = False
         n.scanned = None
         n.in_listing = False
         _NLINK.__set__(n, st.st_nlink)
