@@ -35,14 +35,13 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 from ..cli import mountclient
 from ..cli.mountserver import PLANNED
 from ..errors import FusesnapError, InUse
 from ..fs.fuse.mount import planned_fuse_options
-from ..linux import flock, fuseconn, mountinfo
+from ..linux import fuseconn, mountinfo
 from ..snapshots.mounting import container_options, mount_plan, plan_options, umount
 from ..snapshots.snapshotter import Info, Mount, Snapshotter
 from .standby import Standby
@@ -51,7 +50,6 @@ log = logging.getLogger(__name__)
 
 REFILL_DELAY = 0.25   # seconds after a mount before the pool starts its replacement
 OUTCOME_WAIT = 60.0   # seconds Mounts waits for the worker of a mount made ahead to report
-EXIT_GRACE = 5.0      # seconds a retired mount's worker may take to exit after its unmount
 
 
 class WarmPool:
@@ -175,58 +173,6 @@ def _alive(mp: Path) -> bool:
     except OSError as e:
         return e.errno != errno.ENOTCONN
     return True
-
-
-def _only_mount(key: str, mp: Path) -> bool:
-    """Whether mp is mounted (the daemon's own mount of snapshot `key`); InUse when a bind
-    of that mount is still mounted elsewhere in the daemon's mount namespace."""
-    table = mountinfo.mounts()
-    at = mountinfo.canonical(mp)
-    mine = next((m for m in reversed(table) if m.mountpoint == at), None)
-    if mine is None:
-        return False
-    others = [m.mountpoint for m in table if m.device == mine.device and m.mount_id != mine.mount_id]
-    if others:
-        raise InUse(f"snapshot {key!r} is still mounted at {os.fsdecode(others[0])}")
-    return True
-
-
-def _rmdir(mp: Path) -> None:
-    try:
-        mp.rmdir()
-    except FileNotFoundError:
-        pass
-
-
-class Retiring:
-    """The daemon's mount of an active snapshot whose Remove went ahead of the unmount
-    (BindMounts.retire): finish() after the Remove, cancel() if the Remove failed."""
-
-    def __init__(self, binds: BindMounts, key: str, mp: Path, lock: threading.Lock, daemon_lock: Path) -> None:
-        self._binds, self._key, self._mp, self._lock, self._daemon_lock = binds, key, mp, lock, daemon_lock
-
-    def finish(self) -> None:
-        """Unmount, let the key go, and wait (up to EXIT_GRACE) for the mount's worker to let
-        the snapshot's lock go: its directory is deleted after it stopped writing there."""
-        try:
-            umount(self._mp, known_mounted=True)
-            _rmdir(self._mp)
-        finally:
-            self._let_go()
-        deadline = time.monotonic() + EXIT_GRACE
-        while (fd := flock.hold(self._daemon_lock)) is None and time.monotonic() < deadline:
-            time.sleep(0.001)
-        if fd is not None:
-            os.close(fd)
-
-    def cancel(self) -> None:
-        """The mount stays (the snapshot stays): let the key go."""
-        self._let_go()
-
-    def _let_go(self) -> None:
-        with self._binds._guard:
-            self._binds._locks.pop(self._key, None)
-        self._lock.release()
 
 
 class BindMounts:
@@ -388,33 +334,20 @@ class BindMounts:
             with self._guard:
                 self._starting.pop(key, None)    # its worker, if still starting, finds the mount gone
                 self._failed.discard(key)
-            if _only_mount(key, mp):
+            table = mountinfo.mounts()
+            at = mountinfo.canonical(mp)
+            mine = next((m for m in reversed(table) if m.mountpoint == at), None)
+            if mine is not None:
+                others = [m.mountpoint for m in table if m.device == mine.device and m.mount_id != mine.mount_id]
+                if others:
+                    raise InUse(f"snapshot {key!r} is still mounted at {os.fsdecode(others[0])}")
                 umount(mp, known_mounted=True)
-            _rmdir(mp)
+            try:
+                mp.rmdir()
+            except FileNotFoundError:
+                pass
         with self._guard:
             self._locks.pop(key, None)
-
-    def retire(self, key: str, daemon_lock: Path) -> Retiring | None:
-        """For a Remove of active snapshot `key` that need not wait for the unmount (~3 ms:
-        the kernel takes down the FUSE connection's writeback and RCU state): when the
-        daemon's mount of it is live and served (its worker holds `daemon_lock`, the
-        snapshot's exclusive lock, so no other daemon can serve it), refuse (InUse) while
-        a bind of it is still mounted, else hold `key` (a Prepare of the same key waits)
-        and hand back what unmounts it later. None when the mount is not in that state
-        (missing, its worker starting or failed, its daemon gone): release() then."""
-        mp = self.path(key)
-        lock = self._lock(key)
-        lock.acquire()
-        try:
-            with self._guard:
-                settled = key not in self._starting and key not in self._failed
-            if settled and _only_mount(key, mp) and _alive(mp):
-                return Retiring(self, key, mp, lock, daemon_lock)
-        except BaseException:
-            lock.release()
-            raise
-        lock.release()
-        return None
 
     def close(self) -> None:
         self._stop.set()            # the server then goes after its idle time
@@ -422,18 +355,6 @@ class BindMounts:
             self._standby.close()
         if self._pool is not None:
             self._pool.close()
-
-    def sweep(self, sn: Snapshotter) -> int:
-        """Unmount and delete the mount directories of snapshots that are gone (a daemon
-        killed between a Remove and its unmount, see retire), before the store's cleanup
-        deletes those snapshots' directories; how many there were."""
-        keep = {self.path(i.name).name for i in sn.list() if i.kind in ("active", "view")}
-        gone = [mp for mp in self.dir.iterdir() if mp.name not in keep]
-        for mp in gone:
-            if mountinfo.find(mp) is not None:
-                umount(mp, known_mounted=True)
-            _rmdir(mp)
-        return len(gone)
 
     def recover(self, sn: Snapshotter) -> int:
         """Mount again every snapshot whose mount directory survived but whose mount did not,

@@ -27,9 +27,7 @@ from typing import Any, Callable, Iterator, TypeVar
 import grpc
 from google.protobuf.empty_pb2 import Empty
 
-from ..crashpoints import crash_point
 from ..errors import AlreadyExists, InvalidInput
-from ..snapshots.mounting import lock_path
 from ..snapshots.snapshotter import Info, Snapshotter
 from . import convert
 from .bindmounts import BindMounts
@@ -63,18 +61,13 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
         self._local = threading.local()
         self._all: list[Snapshotter] = []
         self._lock = threading.Lock()
-        # What a Remove leaves to do after it returned (containerd waits for each Remove of
-        # `ctr run --rm`): the daemon's unmount of the snapshot, deleting its directory.
-        # None stops the thread. A crash leaves the directories' intents, which the start-up
-        # cleanup finishes, and mounts of removed snapshots, which it unmounts (sweep).
-        self._doomed: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        # Removed snapshots' directories, deleted after the Remove returned (containerd waits
+        # for each Remove of `ctr run --rm`); None stops the thread. A crash leaves their
+        # intents, which the start-up cleanup finishes.
+        self._doomed: queue.Queue[tuple[Path, int] | None] = queue.Queue()
         self._deleter = threading.Thread(target=self._delete_doomed, name="deleter", daemon=True)
         self._deleter.start()
-        if binds is not None:
-            n = binds.sweep(self._sn())   # opens (creates) the store now: a bad root fails at start
-            if n:
-                log.warning("unmounted %d mounts of snapshots removed before a crash", n)
-        removed = self._cleanup()
+        removed = self._cleanup()   # opens (creates) the store now: a bad root fails at start
         if removed:
             log.warning("removed %d leftovers of interrupted work", len(removed))
         if binds is not None:
@@ -94,12 +87,9 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
     def _delete_doomed(self) -> None:
         while (job := self._doomed.get()) is not None:
             try:
-                job()
-            except Exception as e:   # noqa: BLE001 -- an intent stays: Cleanup tries again
-                log.warning("after a remove: %s", e)
-
-    def _delete_later(self, path: Path, intent: int) -> None:
-        self._doomed.put(lambda: self._sn().delete_given_up(path, intent))
+                self._sn().delete_given_up(*job)
+            except Exception as e:   # noqa: BLE001 -- the intent stays: Cleanup tries again
+                log.warning("deleting %s: %s", job[0], e)
 
     def close(self) -> None:
         """Close every thread's Snapshotter (after the server stopped calling in)."""
@@ -185,28 +175,8 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
 
     def _remove(self, key: str) -> None:
         sn = self._sn()
-        rec = sn.db.get(key)
-        retiring = None
-        if self.binds is not None and rec is not None and rec.kind == "active":
-            retiring = self.binds.retire(key, lock_path(sn, rec.id))
-        if retiring is None:
-            self._release(sn, key)
-            sn.remove(key, later=self._delete_later)
-            return
-        # The snapshot goes now, its mount right after the Remove returned (retire).
-        given_up: list[tuple[Path, int]] = []
-        try:
-            sn.remove(key, later=lambda path, intent: given_up.append((path, intent)), served_by_caller=True)
-        except BaseException:
-            retiring.cancel()
-            raise
-        crash_point("remove-before-unmount")
-
-        def finish() -> None:
-            retiring.finish()
-            for path, intent in given_up:
-                self._sn().delete_given_up(path, intent)
-        self._doomed.put(finish)
+        self._release(sn, key)
+        sn.remove(key, later=lambda path, intent: self._doomed.put((path, intent)))
 
     def _commit(self, request: pb.CommitSnapshotRequest) -> None:
         sn = self._sn()

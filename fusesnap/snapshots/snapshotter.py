@@ -405,25 +405,18 @@ class Snapshotter:
             sdb.drop_ref(t, rec.parent_chain, rec.holder, "ref")
         return self._give_up(t, self.snapshot_dir(rec.id), "commit")
 
-    def remove(self, key: str, later: Callable[[Path, int], None] | None = None,
-               served_by_caller: bool = False) -> None:
+    def remove(self, key: str, later: Callable[[Path, int], None] | None = None) -> None:
         """Remove a snapshot; refused while another snapshot or layer builds on it.
 
         later(path, intent): an active snapshot's directory is deleted by that (a
         background worker calling delete_given_up) instead of before this returns;
-        the snapshot is gone either way, and the intent finishes the job after a crash.
-        served_by_caller: the caller's own mount is the active snapshot's only one, its
-        daemon holds the snapshot's lock, and the caller unmounts it before `later`
-        deletes the directory: the lock is then not waited for."""
+        the snapshot is gone either way, and the intent finishes the job after a crash."""
         rec = self.db.get(key)
         if rec is None:
             self._remove_layer_snapshot(key)
             return
-        if served_by_caller and (rec.kind != "active" or later is None):
-            raise InvalidInput("only an active snapshot's removal can go ahead of its unmount")
         # an active snapshot's or a view's daemon must not start meanwhile
-        guarded = rec.kind != "committed" and not served_by_caller
-        with not_mounted(self, rec.id, key, "remove") if guarded else nullcontext():
+        with not_mounted(self, rec.id, key, "remove") if rec.kind != "committed" else nullcontext():
             intent = None
             with self.store.db.tx() as t:
                 if self.db.get_id(rec.id) is None:

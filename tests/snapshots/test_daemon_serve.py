@@ -340,44 +340,6 @@ def test_bind_mode_mounts_ahead_of_the_daemon_that_serves(shared_tmp):
             s.stop()
 
 
-def test_a_remove_goes_ahead_of_its_unmount(served, shared_tmp):
-    """Removing a served active snapshot does not wait for the daemon's unmount of it: the
-    unmount follows, a Prepare of the same key meanwhile gets a fresh snapshot (never the old
-    mount), and a Remove while a container's bind of it is still mounted is refused as before."""
-    c = served.client
-    c.prepare("w")
-    c.commit("base", "w")
-    mp = shared_tmp / "mp"
-    mp.mkdir()
-    for round_ in range(3):
-        mounts = c.prepare("k", "base")
-        perform(mounts, mp)
-        assert os.listdir(mp) == [], round_          # not the previous round's upper
-        (mp / "old").write_text("x")
-        assert served.code("Remove", pb.RemoveSnapshotRequest(key="k")) == grpc.StatusCode.FAILED_PRECONDITION
-        subprocess.run(["umount", str(mp)], check=True)
-        c.remove("k")                                 # right after: Prepare the same key again
-    mounts = c.prepare("k", "base")
-    perform(mounts, mp)
-    try:
-        assert os.listdir(mp) == []
-    finally:
-        subprocess.run(["umount", str(mp)], check=True)
-    c.remove("k")
-    c.remove("base")
-    mounts_dir = Path(mounts[0].source).parent
-    wait_for(lambda: not _fuse_mounts_under(mounts_dir) and not any(mounts_dir.iterdir()), 10,
-             "the removed snapshots' mounts to go")
-    wait_for(lambda: not any((served.root / "snapshots").glob("[0-9]*")), 10, "their directories to go")
-    r = subprocess.run([script("fusesnap"), "--root", str(served.root), "fsck"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
-
-
-def _fuse_mounts_under(d: Path) -> list[str]:
-    return [ln.split()[4] for ln in Path("/proc/self/mountinfo").read_text().splitlines()
-            if ln.split()[4].startswith(f"{d}/")]
-
-
 @pytest.mark.skipif(os.geteuid() != 0, reason="the daemon mounts FUSE with mount(2) only as root")
 def test_a_mount_made_ahead_whose_worker_dies_is_made_again_at_mounts(shared_tmp):
     """The worker is killed as it takes the connection (FUSESNAP_CRASH_AT, which only the
