@@ -147,18 +147,17 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
             existing = self._existing_ref(sn, request.parent, labels)
             if existing is not None:
                 raise AlreadyExists(f"target snapshot {labels[REF_LABEL]!r} already exists as {existing!r}")
-            mounts = sn.prepare(request.key, request.parent, labels)
-        else:
-            mounts = sn.view(request.key, request.parent, labels)
-        if self.binds is not None:
+        info = sn.create(kind, request.key, request.parent, labels)
+        if self.binds is None:
+            return convert.mounts_to_pb(sn.mounts(request.key))
+        try:
+            mounts = self.binds.ensure(sn, info)
+        except BaseException:
             try:
-                mounts = self.binds.ensure(sn, sn.stat(request.key))
-            except BaseException:
-                try:
-                    sn.remove(request.key)   # no snapshot without its mount
-                except Exception as e:       # the mount's failure is what the caller must see
-                    log.warning("removing snapshot %r after its mount failed: %s", request.key, e)
-                raise
+                sn.remove(request.key)   # no snapshot without its mount
+            except Exception as e:       # the mount's failure is what the caller must see
+                log.warning("removing snapshot %r after its mount failed: %s", request.key, e)
+            raise
         return convert.mounts_to_pb(mounts)
 
     def _mounts(self, key: str) -> list:

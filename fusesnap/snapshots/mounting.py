@@ -198,13 +198,13 @@ def mount_plan(sn: "Snapshotter", key: str, options: Iterable[str] = ()) -> dict
 
 def _plan(sn: "Snapshotter", key: str, options: Iterable[str]) -> tuple[dict, str | None, int]:
     """(what a mount of `key` needs to know, its parent chain, its snapshot id)."""
-    info = sn.stat(key)
-    if info.kind == "committed":
+    rec = sn.db.get(key)
+    if rec is None or rec.kind == "committed":
+        sn.stat(key)            # NotFound where there is no snapshot at all (not even a store layer)
         raise InvalidInput(f"snapshot {key!r} is committed: mount a view or an active snapshot of it")
-    rec = sn.record(key)
-    plan = {"root": str(sn.root), "key": key, "kind": info.kind, "fsname": fsname_for(sn, rec.id),
-            "options": list(options), "lock": daemon_lock(sn, rec.id, key, info.kind == "active")}
-    if info.kind == "active":
+    plan = {"root": str(sn.root), "key": key, "kind": rec.kind, "fsname": fsname_for(sn, rec.id),
+            "options": list(options), "lock": daemon_lock(sn, rec.id, key, rec.kind == "active")}
+    if rec.kind == "active":
         d = sn.snapshot_dir(rec.id)
         plan["upper"], plan["work"] = str(d / "upper"), str(d / "work")
     return plan, rec.parent_chain, rec.id

@@ -228,44 +228,32 @@ class Snapshotter:
 
     def prepare(self, key: str, parent: str = "", labels: dict[str, str] | None = None) -> list[Mount]:
         """A new active (writable) snapshot on top of committed `parent` ('' for an empty base)."""
-        return self._create("active", key, parent, labels)
+        self.create("active", key, parent, labels)
+        return self.mounts(key)
 
     def view(self, key: str, parent: str = "", labels: dict[str, str] | None = None) -> list[Mount]:
         """A new read-only view of committed `parent`."""
-        return self._create("view", key, parent, labels)
+        self.create("view", key, parent, labels)
+        return self.mounts(key)
 
-    def _create(self, kind: Kind, key: str, parent: str, labels: dict[str, str] | None) -> list[Mount]:
+    def create(self, kind: Kind, key: str, parent: str = "", labels: dict[str, str] | None = None) -> Info:
+        """A new active snapshot or view (prepare, view without their mounts), and its Info."""
+        if kind == "committed":
+            raise InvalidInput("a committed snapshot is made by commit, not created")
         _check_key(key)
-        parent = parent or ""
-        parent_chain: str | None = None
-        if parent:
-            pinfo = self.stat(parent) if self.exists(parent) else None
-            if pinfo is None:
-                # A layer reference the store understands (one of its names, a unique hex prefix):
-                # the parent is then that layer's own snapshot, named by its chainID.
-                try:
-                    parent = self.store.get(parent).chain_id
-                except (NotFound, InvalidInput):
-                    raise NotFound(f"parent snapshot {parent!r} does not exist") from None
-                pinfo = self.stat(parent)
-            if pinfo.kind != "committed":
-                raise InvalidInput(f"parent snapshot {parent!r} is {pinfo.kind}, not committed")
-            parent_chain = pinfo.chain_id
-            assert parent_chain
-            self.store.check_present(parent_chain)
-        if self.exists(key):
-            raise AlreadyExists(f"snapshot {key!r} already exists")
         holder = _new_holder()
         labels = dict(labels or {})
         ts = now_ns()
         made: Path | None = None
         try:
+            # every check reads inside the transaction: one lock for all (in rollback-journal
+            # mode each statement outside one takes and drops the lock and looks for a hot
+            # journal), and nothing can change between a check and the insert
             with self.store.db.tx() as t:
-                if self.db.get(key) is not None:
+                parent, parent_chain = self._committed_parent(parent or "")
+                if self.exists(key):
                     raise AlreadyExists(f"snapshot {key!r} already exists")
                 if parent_chain:
-                    if not self.store.db.has_layer(parent_chain):
-                        raise NotFound(f"parent snapshot {parent!r} was removed meanwhile")
                     self.store.db.add_ref(t, parent_chain, holder, "ref")
                 sid = SnapshotDB.insert(t, key, kind, parent, parent_chain, None, holder, labels, ts)
                 if kind == "active":
@@ -285,7 +273,26 @@ class Snapshotter:
             if made is not None:
                 rmtree(made)
             raise
-        return self.mounts(key)
+        return Info(key, kind, parent, labels, ts, ts, None)
+
+    def _committed_parent(self, parent: str) -> tuple[str, str | None]:
+        """(the parent's snapshot name, its chainID) for a new snapshot on `parent` ('': none)."""
+        if not parent:
+            return "", None
+        pinfo = self.stat(parent) if self.exists(parent) else None
+        if pinfo is None:
+            # A layer reference the store understands (one of its names, a unique hex prefix):
+            # the parent is then that layer's own snapshot, named by its chainID.
+            try:
+                parent = self.store.get(parent).chain_id
+            except (NotFound, InvalidInput):
+                raise NotFound(f"parent snapshot {parent!r} does not exist") from None
+            pinfo = self.stat(parent)
+        if pinfo.kind != "committed":
+            raise InvalidInput(f"parent snapshot {parent!r} is {pinfo.kind}, not committed")
+        assert pinfo.chain_id
+        self.store.check_present(pinfo.chain_id)
+        return parent, pinfo.chain_id
 
     def mounts(self, key: str) -> list[Mount]:
         """The mount a client performs for snapshot `key` (see mount_all)."""
