@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib.build import DEFAULT_CACHE, SCALES, build, describe  # noqa: E402
+from benchlib.build import DEFAULT_CACHE, SCALES, build, build_rootfs, describe  # noqa: E402
 from benchlib.profile import find_pyspy, summarize  # noqa: E402
 from benchlib.report import as_json, table  # noqa: E402
 from benchlib.runner import Cell, Options, Runner, log  # noqa: E402
@@ -39,7 +39,7 @@ from benchlib.sysutil import BenchError, is_root, rmtree  # noqa: E402
 from benchlib.startup_bench import STARTUP_WORKLOADS, startup_titles  # noqa: E402
 from benchlib.targets import ALL_TARGETS, EXTRA_TARGETS, find_program, make_targets  # noqa: E402
 from benchlib.workloads import WORKLOADS, titles_for, walk  # noqa: E402
-from benchlib.images_bench import IMAGE_WORKLOADS, image_titles  # noqa: E402
+from benchlib.images_bench import IMAGE_WORKLOADS, image_titles, rootfs_layout  # noqa: E402
 from benchlib.podman_bench import PODMAN_WORKLOADS  # noqa: E402
 from benchlib.recorder_bench import RECORDER_WORKLOADS  # noqa: E402
 
@@ -168,6 +168,19 @@ def rerender(path: Path) -> int:
     return 0
 
 
+def containerd(args: argparse.Namespace) -> int:
+    """The containerd table; its rootfs-image row uses the workload cache's rootfs (built if missing)."""
+    from benchlib.containerd_bench import run as containerd_rows
+
+    try:
+        rootfs = build_rootfs(args.cache, SCALES[args.scale], args.mirror)
+        layout: Path | None = rootfs_layout(rootfs.tars, args.cache / "image-oci")
+    except (BenchError, PermissionError) as e:
+        log(f"no rootfs-image row: building the rootfs: {e}")
+        layout = None
+    return containerd_rows(args.runs, args.scale, layout)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.list:
@@ -176,10 +189,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.from_json:
         return rerender(args.from_json)
-    if args.containerd:
-        from benchlib.containerd_bench import run as containerd_rows
-
-        return containerd_rows(args.runs, args.scale)
     args.cache.mkdir(parents=True, exist_ok=True)
     lock = open(args.cache / ".lock", "w")
     try:
@@ -187,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     except BlockingIOError:
         print(f"bench: error: another bench.py is using {args.cache} (use --cache)", file=sys.stderr)
         return 1
+    if args.containerd:
+        return containerd(args)
     try:
         ws = build(args.cache, SCALES[args.scale], args.mirror)
     except BenchError as e:

@@ -295,6 +295,10 @@ def _synthetic_base(tmp: Path) -> None:
     os.link(tmp / "usr/bin/tool0", tmp / "usr/bin/tool0-hardlink")
     os.chmod(tmp / "usr/bin/tool1", 0o4755)
     (tmp / "etc/apt/sources.list").write_text("deb http://deb.debian.org/debian bookworm main\n")
+    busybox = shutil.which("busybox")   # busybox-static: something a container of this rootfs can run
+    if busybox:
+        shutil.copy(busybox, tmp / "usr/bin/true")
+        os.chmod(tmp / "usr/bin/true", 0o755)
 
 
 def _synthetic_layer(base: Path, tmp: Path) -> None:
@@ -364,8 +368,8 @@ def _tree(tmp: Path, dirs: int, per_dir: int, size: int) -> None:
 # ---------------------------------------------------------------- entry point
 
 
-def build(root: Path, scale: Scale, mirror: str | None = None) -> Workset:
-    """Build what is missing under root and describe it."""
+def _claim(root: Path, scale: Scale) -> tuple[Path, Path]:
+    """Make root a cache of `scale` workloads (one scale per cache): (its tars, its scratch)."""
     root.mkdir(parents=True, exist_ok=True)
     marker = root / "scale"
     if marker.exists() and marker.read_text().strip() != scale.name:
@@ -375,11 +379,16 @@ def build(root: Path, scale: Scale, mirror: str | None = None) -> Workset:
     tars.mkdir(exist_ok=True)
     scratch = root / "scratch-build"
     scratch.mkdir(exist_ok=True)
+    return tars, scratch
 
-    def tar_of(layer: Path, name: str) -> Path:
-        return _cached(tars / f"{name}.tar", lambda t: dir_to_layer_tar(layer, t))
 
-    # rootfs: two layers
+def _tar_of(tars: Path, layer: Path, name: str) -> Path:
+    return _cached(tars / f"{name}.tar", lambda t: dir_to_layer_tar(layer, t))
+
+
+def build_rootfs(root: Path, scale: Scale, mirror: str | None = None) -> Stack:
+    """Only the two-layer rootfs (a Debian one at full scale), for rows that need no other workload."""
+    tars, scratch = _claim(root, scale)
     rfs = root / "rootfs"
     rfs.mkdir(exist_ok=True)
     if scale.rootfs == "debootstrap":
@@ -390,12 +399,22 @@ def build(root: Path, scale: Scale, mirror: str | None = None) -> Workset:
         base = _cached(rfs / "base", lambda t: (t.mkdir(), _synthetic_base(t)))
         l2 = _cached(rfs / "layer2", lambda t: _synthetic_layer(base, t))
     log("rootfs layers ready; writing OCI tars and the flat copy")
-    rootfs_tars = [tar_of(base, "rootfs-base"), tar_of(l2, "rootfs-layer2")]
+    rootfs_tars = [_tar_of(tars, base, "rootfs-base"), _tar_of(tars, l2, "rootfs-layer2")]
     flat = _cached(rfs / "flat", lambda t: copy_merged([l2, base], t, scratch))
+    return Stack("rootfs", [str(base), str(l2)], [str(p) for p in rootfs_tars], str(flat))
+
+
+def build(root: Path, scale: Scale, mirror: str | None = None) -> Workset:
+    """Build what is missing under root and describe it."""
+    rootfs = build_rootfs(root, scale, mirror)
+    tars, scratch = _claim(root, scale)
+
+    def tar_of(layer: Path, name: str) -> Path:
+        return _tar_of(tars, layer, name)
 
     stacks: dict[str, Stack] = {
-        "rootfs": Stack("rootfs", [str(base), str(l2)], [str(p) for p in rootfs_tars], str(flat)),
-        "base": Stack("base", [str(base)], [str(rootfs_tars[0])], str(base)),
+        "rootfs": rootfs,
+        "base": Stack("base", [rootfs.layers[0]], [rootfs.tars[0]], rootfs.layers[0]),
     }
 
     big = _cached(root / "big", lambda t: _big(t, scale.big_bytes))
@@ -437,7 +456,7 @@ def build(root: Path, scale: Scale, mirror: str | None = None) -> Workset:
         stacks=stacks,
         big_file="big.bin",
         chain_bottom_files=[f"common/f000_{j:04d}" for j in range(per)],
-        rootfs_tar=str(rootfs_tars[0]),
+        rootfs_tar=rootfs.tars[0],
     )
     (root / "manifest.json").write_text(json.dumps(asdict(ws), indent=1, default=str) + "\n")
     return ws

@@ -6,6 +6,9 @@ tests/clients/containerd_env.py), and an image built offline. Measured, with
 the snapshotters alternating inside each repetition:
 
 - `ctr run --rm IMG true`, whole command (prepare, mount, runc, unmount, remove);
+- the same with the benchmark's two-layer rootfs as an OCI image (Debian at full
+  scale, from the workload cache): `native` copies the whole image at every
+  Prepare, which a 2 MB busybox image hides;
 - Prepare+Mounts round trip through the gRPC API (what containerd's client pays
   per container before it mounts), p50 and p90, in both mount modes: fuse3
   (Prepare is bookkeeping; containerd starts the FUSE mount later) and bind
@@ -42,6 +45,8 @@ from .sysutil import mountpoints, unmount, with_mount_servers  # noqa: E402
 # fusesnap: `fusesnap serve` (bind mounts, the default); fusesnap-fuse3: `--mounts fuse3`
 SNAPSHOTTERS = ("fusesnap", "fusesnap-fuse3", "overlayfs", "native")
 IMAGE = "docker.io/fusesnap/bench:1"
+ROOTFS_IMAGE = "docker.io/fusesnap/rootfs"       # :latest, the layout's ref name
+ROOTFS_SNAPSHOTTERS = ("fusesnap", "overlayfs", "native")
 # (pull image MB, snapshots mounted at once) per --scale; tiny is for the smoke test
 SIZES = {"full": (60, 50), "tiny": (2, 5)}
 
@@ -70,8 +75,8 @@ def _pct(xs: list[float], q: float) -> float:
 
 
 class Bench:
-    def __init__(self, base: Path, runs: int, scale: str) -> None:
-        self.base, self.runs = base, runs
+    def __init__(self, base: Path, runs: int, scale: str, rootfs_layout: Path | None = None) -> None:
+        self.base, self.runs, self.rootfs_layout = base, runs, rootfs_layout
         self.pull_mb, self.concurrent_n = SIZES.get(scale, SIZES["full"])
         self.serve = FusesnapServe(base / "store", base / "fusesnap.sock", base / "fusesnap.log")
         self.serve3 = FusesnapServe(base / "store3", base / "fusesnap3.sock", base / "fusesnap3.log", "fuse3")
@@ -119,9 +124,33 @@ class Bench:
                           ", ".join(f"{s} {_ms(times[s])}" for s in SNAPSHOTTERS),
                           f"fusesnap {f / o:.2f}x overlayfs, {f / n:.2f}x native; "
                           f"fusesnap-fuse3 {f3 / o:.2f}x overlayfs"))
+        if self.rootfs_layout is not None:
+            self.rootfs_run()
         self.round_trips()
         self.concurrent()
         self.pull()
+
+    def rootfs_run(self) -> None:
+        """`ctr run --rm` of the rootfs image: one warm-up, then timed runs, alternating."""
+        assert self.rootfs_layout is not None
+        archive = self.base / "rootfs-image.tar"
+        subprocess.run(["tar", "-C", str(self.rootfs_layout), "-cf", str(archive), "."], check=True)
+        blobs = self.rootfs_layout / "blobs" / "sha256"
+        mb = sum(p.stat().st_size for p in blobs.iterdir()) / 1e6
+        image = f"{ROOTFS_IMAGE}:latest"
+        for sn in ROOTFS_SNAPSHOTTERS:
+            self.ctr("images", "import", f"--snapshotter={sn}", f"--base-name={ROOTFS_IMAGE}", str(archive))
+        archive.unlink()
+        times: dict[str, list[float]] = {sn: [] for sn in ROOTFS_SNAPSHOTTERS}
+        for i in range(self.runs + 1):
+            for sn in ROOTFS_SNAPSHOTTERS:
+                t = self.timed("run", "--rm", f"--snapshotter={sn}", image, f"r{i}-{sn}", "true")
+                if i:
+                    times[sn].append(t)
+        f, o, n = (statistics.median(times[s]) for s in ROOTFS_SNAPSHOTTERS)
+        self.rows.append((f"`ctr run --rm` of the rootfs image ({mb:.0f} MB compressed, 2 layers) `true`",
+                          ", ".join(f"{s} {_ms(times[s])}" for s in ROOTFS_SNAPSHOTTERS),
+                          f"fusesnap {f / o:.2f}x overlayfs, {f / n:.2f}x native"))
 
     def round_trips(self) -> None:
         """fuse3: back to back. bind: back to back (the ready mount processes run out after two)
@@ -225,15 +254,16 @@ class Bench:
                           f"fusesnap {med['fusesnap'] / med['overlayfs']:.2f}x overlayfs"))
 
 
-def run(runs: int, scale: str = "full") -> int:
-    """Measure and print the containerd table; 1 if containerd cannot run here."""
+def run(runs: int, scale: str = "full", rootfs_layout: Path | None = None) -> int:
+    """Measure and print the containerd table; 1 if containerd cannot run here.
+    rootfs_layout: the rootfs as an OCI layout (its row is left out without one)."""
     why = missing_tools()
     if why:
         print(f"bench: error: containerd rows: {why}", file=sys.stderr)
         return 1
     base = Path(tempfile.mkdtemp(prefix="fusesnap-bench-ctrd-", dir="/var/tmp"))
     try:
-        with Bench(base, runs, scale) as b:
+        with Bench(base, runs, scale, rootfs_layout) as b:
             log("containerd rows: ctr run, Prepare+Mounts, concurrent mounts, pull")
             b.run_rows()
     finally:

@@ -97,7 +97,7 @@ class ImageBench:
             return self
         if not shutil.which("skopeo"):
             raise BenchError("skopeo is not installed")
-        self.layout = _layout(ws, Path(ws.root) / "image-oci")
+        self.layout = rootfs_layout(ws.stacks["rootfs"].tars, Path(ws.root) / "image-oci")
         self.tmp = Path(tempfile.mkdtemp(prefix="fusesnap-bench-registries-"))
         atexit.register(self.close)
         self.src = _Registry(self.tmp, "src")
@@ -136,8 +136,8 @@ class ImageBench:
 BENCH = ImageBench()
 
 
-def _layout(ws: Workset, path: Path) -> Path:
-    """An OCI layout of the rootfs layers (gzip -6 -n), built once into the workload cache."""
+def rootfs_layout(tars: list[str], path: Path) -> Path:
+    """An OCI layout (gzip -6 -n) of the rootfs layers' tars, built once into the workload cache."""
     if (path / "index.json").exists():
         return path
     tmp = path.with_name(path.name + ".tmp")
@@ -151,7 +151,7 @@ def _layout(ws: Workset, path: Path) -> Path:
         return {"digest": "sha256:" + d, "size": len(data)}
 
     layers, diff_ids = [], []
-    for tar in ws.stacks["rootfs"].tars:
+    for tar in tars:
         with open(tar, "rb") as f:
             diff_ids.append("sha256:" + hashlib.file_digest(f, "sha256").hexdigest())
         gz = run(["gzip", "-6", "-n", "-c", tar], text=False, timeout=900).stdout

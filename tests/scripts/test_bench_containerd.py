@@ -17,14 +17,16 @@ BENCH = Path(__file__).resolve().parents[2] / "scripts" / "bench.py"
 pytestmark = pytest.mark.skipif(missing_tools() is not None, reason=str(missing_tools()))
 
 
-def test_containerd_rows():
-    p = subprocess.run([sys.executable, str(BENCH), "--containerd", "--runs", "1", "--scale", "tiny"],
-                       capture_output=True, text=True, timeout=600)
+def test_containerd_rows(tmp_path):
+    p = subprocess.run([sys.executable, str(BENCH), "--containerd", "--runs", "1", "--scale", "tiny",
+                        "--cache", str(tmp_path / "cache")], capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     rows = {line.split("|")[1].strip(): line for line in p.stdout.splitlines() if line.startswith("| ")}
     run = rows["`ctr run --rm IMG true`"]
     for sn in ("fusesnap", "fusesnap-fuse3", "overlayfs", "native"):
         assert f"{sn} " in run and " ms" in run
+    image = next(v for k, v in rows.items() if k.startswith("`ctr run --rm` of the rootfs image"))
+    assert all(f"{sn} " in image for sn in ("fusesnap", "overlayfs", "native")) and "x native" in image
     for row in ("fuse3 mounts, back to back", "bind mounts, back to back", "bind mounts, 0.4 s apart"):
         assert "p50" in rows[f"Prepare+Mounts round trip (gRPC), {row}"]
     assert "5/5 mounted" in rows["5 snapshots prepared and mounted at once"]
