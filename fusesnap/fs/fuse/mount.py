@@ -506,23 +506,26 @@ def _go_live(ops: Operations, mountpoint: str, fopts: set[str], note: Callable[[
         if fd is None:
             return failed(lock[2])
         _held_locks.append(fd)
-    before = fastloop.fuse_fds()
     conn = fuseconn.connection_fd(mountpoint)   # mounted already: libfuse serves that descriptor
+    before = fastloop.fuse_fds() if conn is None else set()
     try:
         pyfuse3.init(ops, mountpoint, fopts)
     except Exception as e:
         return failed(f"{e} (options: {','.join(sorted(fopts))})")
-    new = {conn} if conn is not None else fastloop.fuse_fds() - before
-    if len(new) == 1 and os.environ.get("FUSESNAP_STOCK_LOOP") != "1":
-        busy = ops.union.opts.busy_poll_us
-        fastloop.install(new.pop(), busy_poll_us=fastloop.default_busy_poll_us() if busy is None else busy)
     if note is not None:
+        # Live: the mount exists and the kernel queues its requests until the loop reads
+        # them. What follows only sets up how they are read (a listing of this process's
+        # descriptors, the cgroup's CPU quota: ~1 ms), after the command waiting on this.
         note(b"ok")
         if not debug:
             devnull = os.open(os.devnull, os.O_RDWR)
             for fd in (0, 1, 2):
                 os.dup2(devnull, fd)
             os.close(devnull)
+    new = {conn} if conn is not None else fastloop.fuse_fds() - before
+    if len(new) == 1 and os.environ.get("FUSESNAP_STOCK_LOOP") != "1":
+        busy = ops.union.opts.busy_poll_us
+        fastloop.install(new.pop(), busy_poll_us=fastloop.default_busy_poll_us() if busy is None else busy)
     return True
 
 
