@@ -7,7 +7,8 @@ BINDIR/.fusesnap-scripts/COMMAND (what the launcher falls back on) and puts the
 launcher at BINDIR/COMMAND. A mount that goes to the mount server then starts no
 interpreter at all (docs/ARCHITECTURE.md, "The launcher"). Reinstalling the
 package with pip puts the console scripts back, which work as before, only
-slower; running this again puts the launchers back.
+slower; running this again puts the launchers back. The kept scripts are added
+to the package's RECORD, so that `pip uninstall` takes them with it.
 """
 
 from __future__ import annotations
@@ -110,7 +111,28 @@ def install(bindir: Path, command: str) -> Path:
         raise LauncherError(f"installing into {bindir}: {e.strerror or e}") from None
     finally:
         tmp.unlink(missing_ok=True)
+    _record(target, script)
     return target
+
+
+def _record(target: Path, script: Path) -> None:
+    """Add the kept script to the RECORD of the installation whose console script `target`
+    was (this package's dist-info), unless it is there: `pip uninstall` then removes it
+    with the rest. Nothing is changed where no RECORD lists `target`."""
+    site = Path(__file__).resolve().parents[2]
+    for record in site.glob("fusesnap-*.dist-info/RECORD"):
+        try:
+            text = record.read_text()
+            rel = os.path.relpath(target, site)
+            listed = {line.split(",", 1)[0] for line in text.splitlines()}
+            if rel not in listed:
+                continue
+            kept_rel = os.path.relpath(script, site)
+            if kept_rel not in listed:
+                with open(record, "a") as f:
+                    f.write(("" if text.endswith("\n") or not text else "\n") + f"{kept_rel},,\n")
+        except OSError as e:
+            raise LauncherError(f"{record}: {e.strerror or e}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

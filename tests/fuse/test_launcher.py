@@ -210,6 +210,30 @@ def test_install_keeps_the_console_script_and_refuses_anything_else(tmp_path, bu
     assert all(line.startswith("fusesnap: launcher of ") for line in r.stderr.splitlines())
 
 
+def test_pip_uninstall_takes_the_launchers_and_the_kept_scripts(tmp_path):
+    """In a venv of its own: pip installs the package, the launchers go in, and
+    `pip uninstall` leaves nothing of fusesnap in bin/ (the kept scripts are in RECORD)."""
+    venv, wheels = tmp_path / "venv", tmp_path / "wheels"
+    repo = Path(__file__).resolve().parents[2]
+    base_python = getattr(sys, "_base_executable", sys.executable)
+
+    def run(*argv: object) -> None:
+        r = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+
+    run(base_python, "-m", "venv", venv)
+    run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", wheels, repo)
+    run(venv / "bin/pip", "install", "-q", "--no-deps", *wheels.glob("fusesnap-*.whl"))
+    run(venv / "bin/python", "-I", "-m", "fusesnap.cli.launcher", venv / "bin")
+    run(venv / "bin/python", "-I", "-m", "fusesnap.cli.launcher", venv / "bin")     # again: recorded once
+    bindir = venv / "bin"
+    assert sorted(p.name for p in (bindir / launcher.KEPT_DIR).iterdir()) == sorted(launcher.COMMANDS)
+    assert (bindir / "fusesnap").read_bytes()[:4] == b"\x7fELF"
+    run(venv / "bin/pip", "uninstall", "-y", "-q", "fusesnap")
+    left = [p.name for p in bindir.iterdir() if "fusesnap" in p.name]
+    assert left == [], left
+
+
 def test_c_string_escapes_everything_but_plain_ascii():
     assert launcher.c_string('a"b\\c?\n\x7fé') == '"a\\042b\\134c\\077\\012\\177\\303\\251"'
 
