@@ -433,6 +433,7 @@ def _worker(conn, notes_w: int, request: tuple, fds: list[int]) -> None:
         except OSError:
             os._exit(0)              # the client gave up: run nothing
         if kind == PLANNED and argv == [STANDBY]:
+            mount.warm_up()
             command = _command_of_standby(conn)
             if command is None:
                 os._exit(0)          # let go unused: nothing ran

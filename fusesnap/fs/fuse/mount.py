@@ -238,6 +238,19 @@ def _reason(msg: bytes) -> str:
     return msg.decode(errors="replace").strip() or "the filesystem daemon exited before the mount was live"
 
 
+def warm_up() -> None:
+    """Build a union and its operations over an empty tree, and drop them: in a worker
+    waiting for its mount (a standby), the copy-on-write faults and first calls of that
+    code are then paid before the mount waits on them."""
+    from fusesnap.fs.core.union import Union
+    from fusesnap.fs.fuse.operations import Operations
+
+    opts = MountOptions()
+    union = Union(_build_tree(("empty",)), None, None, opts)
+    fuse_options(union, opts)
+    Operations(union)
+
+
 def spawn_daemon() -> "PendingDaemon | HereDaemon":
     """Fork a daemon now; it imports pyfuse3/trio while the caller prepares the mount
     (in a mount server's worker: this process will serve, see serve_here).
