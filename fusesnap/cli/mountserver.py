@@ -88,6 +88,9 @@ BASE = (
     "fusesnap.fs.fuse.fastloop", "fusesnap.fs.fuse.readahead", "fusesnap.fs.fuse.splicing",
     "fusesnap.fs.core.lowertree", "fusesnap.fs.core.lower",
 )
+# How long a new spare waits for a connection before it warms up the mount code too: it is
+# forked as its predecessor takes a connection, whose mount should not share the CPUs with it.
+SPARE_WARM_DELAY_MS = 100
 PLANNED = "fusesnap-planned"   # a mount `fusesnap serve` planned and mounted (cmd_mount_planned)
 STANDBY = "-"                  # a PLANNED request's argv when its command comes later (mountclient.hand_over)
 PRELOAD = {
@@ -264,8 +267,15 @@ def _spare(sock, retire_r: int, notes_w: int, server: int) -> None:
         poller.register(sock.fileno(), select.POLLIN)
         poller.register(retire_r, select.POLLIN)
         sock.setblocking(False)
+        wait_ms = SPARE_WARM_DELAY_MS
         while True:
-            ready = dict(poller.poll())
+            ready = dict(poller.poll(wait_ms))
+            if not ready:               # idle: the mount code's own warm-up (fs.fuse.mount.warm_up)
+                from fusesnap.fs.fuse import mount
+
+                mount.warm_up()
+                wait_ms = -1
+                continue
             if sock.fileno() in ready:
                 try:
                     conn, _ = sock.accept()

@@ -185,13 +185,15 @@ def test_requests_are_served_while_a_big_copy_up_runs_in_a_thread(shared_tmp):
         unmount(mnt)
 
 
-def test_warm_up_leaves_nothing_behind():
-    """A standby worker's warm-up (a union and its operations over an empty tree) opens
-    nothing it keeps and records no lower tree as loaded or used."""
+def test_warm_up_leaves_nothing_behind(monkeypatch):
+    """The warm-up of an idle spare or a standby worker (a union and its operations over
+    an empty tree) opens nothing it keeps and records no lower tree as loaded or used."""
     from fusesnap.fs.fuse import mount as mounting
 
+    monkeypatch.setattr(mounting, "_warmed", False)
     fds = sorted(os.listdir("/proc/self/fd"))
     loaded, used = list(mounting.loaded_from_disk), list(mounting.used_kept)
     mounting.warm_up()
+    assert mounting._warmed
     assert sorted(os.listdir("/proc/self/fd")) == fds
     assert (mounting.loaded_from_disk, mounting.used_kept) == (loaded, used)

@@ -139,6 +139,7 @@ def mount(tree: LowerTree, upper: Path | str | None, work: Path | str | None,
     return 1
 
 
+_warmed = False     # warm_up() ran in this process
 # Set in a mount server's worker: called with 0 once its mount is live (serve_here).
 _report_live: Callable[[int], None] | None = None
 # The mount that went live in this process and waits to be served (serve_here).
@@ -239,9 +240,14 @@ def _reason(msg: bytes) -> str:
 
 
 def warm_up() -> None:
-    """Build a union and its operations over an empty tree, and drop them: in a worker
-    waiting for its mount (a standby), the copy-on-write faults and first calls of that
-    code are then paid before the mount waits on them."""
+    """Build a union and its operations over an empty tree, and drop them (once per
+    process): in a mount server's idle spare or a standby worker waiting for its mount,
+    the copy-on-write faults and first calls of that code are then paid before a mount
+    waits on them."""
+    global _warmed
+    if _warmed:
+        return
+    _warmed = True
     from fusesnap.fs.core.union import Union
     from fusesnap.fs.fuse.operations import Operations
 
