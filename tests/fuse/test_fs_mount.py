@@ -189,11 +189,21 @@ def test_warm_up_leaves_nothing_behind(monkeypatch):
     """The warm-up of an idle spare or a standby worker (a union and its operations over
     an empty tree) opens nothing it keeps and records no lower tree as loaded or used."""
     from fusesnap.fs.fuse import mount as mounting
+    from fusesnap.fs.fuse.operations import Operations
+
+    built = []
+    real_init = Operations.__init__
+
+    def spy(self, union):
+        real_init(self, union)
+        built.append(union)
 
     monkeypatch.setattr(mounting, "_warmed", False)
+    monkeypatch.setattr(Operations, "__init__", spy)
     fds = sorted(os.listdir("/proc/self/fd"))
     loaded, used = list(mounting.loaded_from_disk), list(mounting.used_kept)
     mounting.warm_up()
-    assert mounting._warmed
+    mounting.warm_up()                      # once per process
+    assert len(built) == 1 and built[0].readonly
     assert sorted(os.listdir("/proc/self/fd")) == fds
     assert (mounting.loaded_from_disk, mounting.used_kept) == (loaded, used)

@@ -248,13 +248,16 @@ def warm_up() -> None:
     if _warmed:
         return
     _warmed = True
-    from fusesnap.fs.core.union import Union
-    from fusesnap.fs.fuse.operations import Operations
+    try:
+        from fusesnap.fs.core.union import Union
+        from fusesnap.fs.fuse.operations import Operations
 
-    opts = MountOptions()
-    union = Union(_build_tree(("empty",)), None, None, opts)
-    fuse_options(union, opts)
-    Operations(union)
+        opts = MountOptions()
+        union = Union(_build_tree(("empty",)), None, None, opts)
+        fuse_options(union, opts)
+        Operations(union)
+    except Exception:   # noqa: BLE001 -- only a head start: the mount itself reports what fails
+        pass
 
 
 def spawn_daemon() -> "PendingDaemon | HereDaemon":
