@@ -80,7 +80,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--list", action="store_true", help="list workloads and exit")
     p.add_argument("--containerd", action="store_true",
                    help="instead of the workloads: fusesnap serve under a real containerd beside its overlayfs "
-                        "and native snapshotters (benchlib/containerd_bench.py)")
+                        "and native snapshotters (benchlib/containerd_bench.py); its rootfs-image row uses the "
+                        "rootfs of --cache, built there first if missing")
     args = p.parse_args(argv)
     if args.runs is None:
         args.runs = 3 if args.quick else 7
