@@ -162,10 +162,9 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
 
     def _mounts(self, key: str) -> list:
         sn = self._sn()
-        mounts = sn.mounts(key)
-        if self.binds is not None:
-            mounts = self.binds.ensure(sn, sn.stat(key))
-        return mounts
+        if self.binds is None:
+            return sn.mounts(key)
+        return self.binds.ensure(sn, sn.mountable(key))   # (the fuse3 mounts are not computed to be dropped)
 
     def _release(self, sn: Snapshotter, key: str) -> None:
         """Before a commit or remove: the daemon's own mount of the snapshot goes first."""

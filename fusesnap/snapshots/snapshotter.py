@@ -294,11 +294,16 @@ class Snapshotter:
         self.store.check_present(pinfo.chain_id)
         return parent, pinfo.chain_id
 
-    def mounts(self, key: str) -> list[Mount]:
-        """The mount a client performs for snapshot `key` (see mount_all)."""
+    def mountable(self, key: str) -> Info:
+        """The Info of `key`, an active snapshot or a view (InvalidInput for a committed one)."""
         info = self.stat(key)
         if info.kind == "committed":
             raise InvalidInput(f"snapshot {key!r} is committed: create a view or an active snapshot to mount it")
+        return info
+
+    def mounts(self, key: str) -> list[Mount]:
+        """The mount a client performs for snapshot `key` (see mount_all)."""
+        info = self.mountable(key)
         rec = self.record(key)
         opts = ["rw" if info.kind == "active" else "ro", *container_options(), f"root={self.root}",
                 f"snapshot={key}"]
