@@ -388,7 +388,10 @@ def _tar_of(tars: Path, layer: Path, name: str) -> Path:
 
 def build_rootfs(root: Path, scale: Scale, mirror: str | None = None) -> Stack:
     """Only the two-layer rootfs (a Debian one at full scale), for rows that need no other workload."""
-    tars, scratch = _claim(root, scale)
+    return _rootfs(root, scale, mirror, *_claim(root, scale))
+
+
+def _rootfs(root: Path, scale: Scale, mirror: str | None, tars: Path, scratch: Path) -> Stack:
     rfs = root / "rootfs"
     rfs.mkdir(exist_ok=True)
     if scale.rootfs == "debootstrap":
@@ -406,8 +409,8 @@ def build_rootfs(root: Path, scale: Scale, mirror: str | None = None) -> Stack:
 
 def build(root: Path, scale: Scale, mirror: str | None = None) -> Workset:
     """Build what is missing under root and describe it."""
-    rootfs = build_rootfs(root, scale, mirror)
     tars, scratch = _claim(root, scale)
+    rootfs = _rootfs(root, scale, mirror, tars, scratch)
 
     def tar_of(layer: Path, name: str) -> Path:
         return _tar_of(tars, layer, name)

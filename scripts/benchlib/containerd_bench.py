@@ -30,6 +30,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Sequence
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO / "tests"), str(REPO / "tests" / "clients")]
@@ -114,11 +115,7 @@ class Bench:
         archive = oci_archive(self.base / "img.tar", IMAGE, base_layers(), self.base)
         for sn in SNAPSHOTTERS:
             self.ctr("images", "import", f"--snapshotter={sn}", str(archive))
-        times: dict[str, list[float]] = {sn: [] for sn in SNAPSHOTTERS}
-        for i in range(self.runs):
-            for sn in SNAPSHOTTERS:
-                self.timed("run", "--rm", f"--snapshotter={sn}", IMAGE, f"warm-{sn}", "true")  # untimed warm-up
-                times[sn].append(self.timed("run", "--rm", f"--snapshotter={sn}", IMAGE, f"b{i}-{sn}", "true"))
+        times = self.run_times(IMAGE, SNAPSHOTTERS, "b")
         f, f3, o, n = (statistics.median(times[s]) for s in SNAPSHOTTERS)
         self.rows.append(("`ctr run --rm IMG true`",
                           ", ".join(f"{s} {_ms(times[s])}" for s in SNAPSHOTTERS),
@@ -130,8 +127,18 @@ class Bench:
         self.concurrent()
         self.pull()
 
+    def run_times(self, image: str, snapshotters: Sequence[str], tag: str) -> dict[str, list[float]]:
+        """`ctr run --rm IMAGE true` --runs times per snapshotter, alternating, each timed run
+        after an untimed one of the same snapshotter: seconds per snapshotter."""
+        times: dict[str, list[float]] = {sn: [] for sn in snapshotters}
+        for i in range(self.runs):
+            for sn in snapshotters:
+                self.timed("run", "--rm", f"--snapshotter={sn}", image, f"warm-{tag}-{sn}", "true")
+                times[sn].append(self.timed("run", "--rm", f"--snapshotter={sn}", image, f"{tag}{i}-{sn}", "true"))
+        return times
+
     def rootfs_run(self) -> None:
-        """`ctr run --rm` of the rootfs image: one warm-up, then timed runs, alternating."""
+        """`ctr run --rm` of the rootfs image, as the first row runs the small one."""
         assert self.rootfs_layout is not None
         archive = self.base / "rootfs-image.tar"
         subprocess.run(["tar", "-C", str(self.rootfs_layout), "-cf", str(archive), "."], check=True)
@@ -141,12 +148,7 @@ class Bench:
         for sn in ROOTFS_SNAPSHOTTERS:
             self.ctr("images", "import", f"--snapshotter={sn}", f"--base-name={ROOTFS_IMAGE}", str(archive))
         archive.unlink()
-        times: dict[str, list[float]] = {sn: [] for sn in ROOTFS_SNAPSHOTTERS}
-        for i in range(self.runs + 1):
-            for sn in ROOTFS_SNAPSHOTTERS:
-                t = self.timed("run", "--rm", f"--snapshotter={sn}", image, f"r{i}-{sn}", "true")
-                if i:
-                    times[sn].append(t)
+        times = self.run_times(image, ROOTFS_SNAPSHOTTERS, "r")
         f, o, n = (statistics.median(times[s]) for s in ROOTFS_SNAPSHOTTERS)
         self.rows.append((f"`ctr run --rm` of the rootfs image ({mb:.0f} MB compressed, 2 layers) `true`",
                           ", ".join(f"{s} {_ms(times[s])}" for s in ROOTFS_SNAPSHOTTERS),
