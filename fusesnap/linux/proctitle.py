@@ -19,11 +19,17 @@ _PR_SET_NAME = 15
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
+_area: tuple[int, int] | None = None     # read once: a forked child keeps its parent's
+
+
 def _argv_area() -> tuple[int, int]:
-    with open("/proc/self/stat", "rb") as f:
-        fields = f.read().rsplit(b")", 1)[1].split()
-    # fields 48 and 49 of proc(5), counted from field 3 (the state) here
-    return int(fields[45]), int(fields[46])
+    global _area
+    if _area is None:
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        # fields 48 and 49 of proc(5), counted from field 3 (the state) here
+        _area = int(fields[45]), int(fields[46])
+    return _area
 
 
 def set_title(args: list[bytes] | list[str], name: str | None = None) -> None:

@@ -140,6 +140,8 @@ def mount(tree: LowerTree, upper: Path | str | None, work: Path | str | None,
 
 
 _warmed = False     # warm_up() ran in this process
+# default_busy_poll_us() as warm_up() found it: its first call here reads the cgroup tree
+_busy_poll_default: int | None = None
 # Set in a mount server's worker: called with 0 once its mount is live (serve_here).
 _report_live: Callable[[int], None] | None = None
 # The mount that went live in this process and waits to be served (serve_here).
@@ -240,24 +242,40 @@ def _reason(msg: bytes) -> str:
 
 
 def warm_up() -> None:
-    """Build a union and its operations over an empty tree, and drop them (once per
-    process): in a mount server's idle spare or a standby worker waiting for its mount,
-    the copy-on-write faults and first calls of that code are then paid before a mount
+    """Build a union and its operations over an empty tree, and drop them; work out the
+    busy-poll default; run trio's loop once, as _serve_live starts it (once per process):
+    in a mount server's idle spare or a standby worker waiting for its mount, the
+    copy-on-write faults and first calls of that code are then paid before a mount
     waits on them."""
-    global _warmed
+    global _warmed, _busy_poll_default
     if _warmed:
         return
     _warmed = True
     try:
+        import trio
+
         from fusesnap.fs.core.union import Union
+        from fusesnap.fs.fuse import fastloop
         from fusesnap.fs.fuse.operations import Operations
 
         opts = MountOptions()
         union = Union(_build_tree(("empty",)), None, None, opts)
         fuse_options(union, opts)
         Operations(union)
+        _busy_poll_default = fastloop.default_busy_poll_us()
+        trio.run(_idle_loop)
     except Exception:   # noqa: BLE001 -- only a head start: the mount itself reports what fails
         pass
+
+
+async def _idle_loop() -> None:
+    """What _serve_live's trio loop sets up before its first request: a nursery and a
+    signal receiver (a signal that arrives meanwhile is delivered again when it closes)."""
+    import trio
+
+    async with trio.open_nursery():
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            await trio.sleep(0)
 
 
 def spawn_daemon() -> "PendingDaemon | HereDaemon":
@@ -547,7 +565,9 @@ def _go_live(ops: Operations, mountpoint: str, fopts: set[str], note: Callable[[
     new = {conn} if conn is not None else fastloop.fuse_fds() - before
     if len(new) == 1 and os.environ.get("FUSESNAP_STOCK_LOOP") != "1":
         busy = ops.union.opts.busy_poll_us
-        fastloop.install(new.pop(), busy_poll_us=fastloop.default_busy_poll_us() if busy is None else busy)
+        if busy is None:
+            busy = fastloop.default_busy_poll_us() if _busy_poll_default is None else _busy_poll_default
+        fastloop.install(new.pop(), busy_poll_us=busy)
     return True
 
 
