@@ -187,40 +187,26 @@ def test_requests_are_served_while_a_big_copy_up_runs_in_a_thread(shared_tmp):
 
 def test_warm_up_leaves_nothing_behind(monkeypatch):
     """The warm-up of an idle spare or a standby worker (a union and its operations over
-    an empty tree, the busy-poll default, one run of trio's loop) opens nothing it keeps,
-    records no lower tree as loaded or used and leaves the signal handlers as they were."""
-    import signal
-
+    an empty tree, the busy-poll default) opens nothing it keeps and records no lower
+    tree as loaded or used."""
     from fusesnap.fs.fuse import fastloop, mount as mounting
     from fusesnap.fs.fuse.operations import Operations
 
     built = []
-    loops = []
     real_init = Operations.__init__
-    real_loop = mounting._idle_loop
 
     def spy(self, union):
         real_init(self, union)
         built.append(union)
 
-    async def loop_spy():
-        loops.append(1)
-        await real_loop()
-
     monkeypatch.setattr(mounting, "_warmed", False)
     monkeypatch.setattr(mounting, "_busy_poll_default", None)
-    monkeypatch.setattr(mounting, "_idle_loop", loop_spy)
     monkeypatch.setattr(Operations, "__init__", spy)
     fds = sorted(os.listdir("/proc/self/fd"))
-    sigs = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-    handlers = [signal.getsignal(s) for s in sigs]
     loaded, used = list(mounting.loaded_from_disk), list(mounting.used_kept)
     mounting.warm_up()
     mounting.warm_up()                      # once per process
     assert len(built) == 1 and built[0].readonly
-    assert loops == [1]
     assert mounting._busy_poll_default == fastloop.default_busy_poll_us()
     assert sorted(os.listdir("/proc/self/fd")) == fds
-    assert [signal.getsignal(s) for s in sigs] == handlers
-    assert signal.set_wakeup_fd(-1) == -1   # (trio's wakeup descriptor is gone too)
     assert (mounting.loaded_from_disk, mounting.used_kept) == (loaded, used)

@@ -242,18 +242,16 @@ def _reason(msg: bytes) -> str:
 
 
 def warm_up() -> None:
-    """Build a union and its operations over an empty tree, and drop them; work out the
-    busy-poll default; run trio's loop once, as _serve_live starts it (once per process):
-    in a mount server's idle spare or a standby worker waiting for its mount, the
-    copy-on-write faults and first calls of that code are then paid before a mount
-    waits on them."""
+    """Build a union and its operations over an empty tree, and drop them, and work out
+    the busy-poll default (once per process): in a mount server's idle spare or a
+    standby worker waiting for its mount, the copy-on-write faults and first calls of
+    that code are then paid before a mount waits on them. (The spare has run trio's
+    loop once already: cli/mountserver.py, _warm_up.)"""
     global _warmed, _busy_poll_default
     if _warmed:
         return
     _warmed = True
     try:
-        import trio
-
         from fusesnap.fs.core.union import Union
         from fusesnap.fs.fuse import fastloop
         from fusesnap.fs.fuse.operations import Operations
@@ -263,19 +261,8 @@ def warm_up() -> None:
         fuse_options(union, opts)
         Operations(union)
         _busy_poll_default = fastloop.default_busy_poll_us()
-        trio.run(_idle_loop)
     except Exception:   # noqa: BLE001 -- only a head start: the mount itself reports what fails
         pass
-
-
-async def _idle_loop() -> None:
-    """What _serve_live's trio loop sets up before its first request: a nursery and a
-    signal receiver (a signal that arrives meanwhile is delivered again when it closes)."""
-    import trio
-
-    async with trio.open_nursery():
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            await trio.sleep(0)
 
 
 def spawn_daemon() -> "PendingDaemon | HereDaemon":
