@@ -75,6 +75,14 @@ def _pct(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
+def _paired(times: dict[str, list[float]], a: str, b: str) -> str:
+    """a's time over b's within each repetition (they ran side by side): the median and
+    interquartile range of those ratios, which the machine's drift between
+    repetitions does not widen as it does the ratio of two medians."""
+    r = [x / y for x, y in zip(times[a], times[b])]
+    return f"paired {statistics.median(r):.2f}x, IQR {_pct(r, 0.25):.2f}-{_pct(r, 0.75):.2f}"
+
+
 class Bench:
     def __init__(self, base: Path, runs: int, scale: str, rootfs_layout: Path | None = None) -> None:
         self.base, self.runs, self.rootfs_layout = base, runs, rootfs_layout
@@ -119,7 +127,8 @@ class Bench:
         f, f3, o, n = (statistics.median(times[s]) for s in SNAPSHOTTERS)
         self.rows.append(("`ctr run --rm IMG true`",
                           ", ".join(f"{s} {_ms(times[s])}" for s in SNAPSHOTTERS),
-                          f"fusesnap {f / o:.2f}x overlayfs, {f / n:.2f}x native; "
+                          f"fusesnap {f / o:.2f}x overlayfs ({_paired(times, 'fusesnap', 'overlayfs')}), "
+                          f"{f / n:.2f}x native; "
                           f"fusesnap-fuse3 {f3 / o:.2f}x overlayfs"))
         if self.rootfs_layout is not None:
             self.rootfs_run()
@@ -152,7 +161,8 @@ class Bench:
         f, o, n = (statistics.median(times[s]) for s in ROOTFS_SNAPSHOTTERS)
         self.rows.append((f"`ctr run --rm` of the rootfs image ({mb:.0f} MB compressed, 2 layers) `true`",
                           ", ".join(f"{s} {_ms(times[s])}" for s in ROOTFS_SNAPSHOTTERS),
-                          f"fusesnap {f / o:.2f}x overlayfs, {f / n:.2f}x native"))
+                          f"fusesnap {f / o:.2f}x overlayfs ({_paired(times, 'fusesnap', 'overlayfs')}), "
+                          f"{f / n:.2f}x native"))
 
     def round_trips(self) -> None:
         """fuse3: back to back. bind: back to back (the ready mount processes run out after two)

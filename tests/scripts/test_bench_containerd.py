@@ -25,6 +25,7 @@ def test_containerd_rows(tmp_path):
     run = rows["`ctr run --rm IMG true`"]
     for sn in ("fusesnap", "fusesnap-fuse3", "overlayfs", "native"):
         assert f"{sn} " in run and " ms" in run
+    assert "x overlayfs (paired " in run and "IQR " in run
     image = next(v for k, v in rows.items() if k.startswith("`ctr run --rm` of the rootfs image"))
     assert all(f"{sn} " in image for sn in ("fusesnap", "overlayfs", "native")) and "x native" in image
     for row in ("fuse3 mounts, back to back", "bind mounts, back to back", "bind mounts, 0.4 s apart"):
