@@ -223,28 +223,15 @@ def cmd_mount_planned(args: argparse.Namespace) -> int:
         return mount_planned(json.loads(args.plan), args.mountpoint, daemon)
 
 
-# Options of `mount -t fuse3.fusesnap` that describe the snapshot rather than the FUSE mount.
-_SNAPSHOT_OPTS = ("root", "snapshot", "upperdir", "workdir", "chain")
-# Generic mount(8) options mount.fuse3 passes along; meaningless for the daemon.
-_GENERIC_OPTS = {"rw", "ro", "defaults", "auto", "noauto", "user", "nouser", "users", "_netdev", "nofail"}
-
-
 def cmd_mount_helper(args: argparse.Namespace) -> int:
     """`mount -t fuse3.fusesnap fusesnap TARGET -o root=R,snapshot=KEY,...` (via mount.fuse3)."""
-    kv: dict[str, str] = {}
-    fuse_opts: list[str] = []
-    for text in args.options:
-        for item in text.split(","):
-            key, sep, val = item.partition("=")
-            if key in _SNAPSHOT_OPTS and sep:
-                kv[key] = val
-            elif item and item not in _GENERIC_OPTS:
-                fuse_opts.append(item)
+    from ..snapshots.mounting import mount_snapshot, split_mount_options
+
+    kv, fuse_opts = split_mount_options(args.options)
     if "snapshot" not in kv:
         raise InvalidInput("missing -o snapshot=KEY (use the options `fusesnap mounts KEY` prints)")
     root = kv.get("root") or args.root
     with _daemon(args) as daemon:
-        from ..snapshots.mounting import mount_snapshot
         from ..snapshots.snapshotter import Snapshotter
 
         with Snapshotter(root) as sn:

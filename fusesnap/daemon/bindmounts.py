@@ -42,9 +42,10 @@ from ..cli.mountserver import PLANNED
 from ..errors import FusesnapError, InUse
 from ..fs.fuse.mount import planned_fuse_options
 from ..linux import fuseconn, mountinfo
-from ..snapshots.mounting import container_options, mount_plan, plan_options, umount
+from ..snapshots.mounting import mount_plan, plan_options, umount
 from ..snapshots.snapshotter import Info, Mount, Snapshotter
 from .standby import Standby
+from .unpack import options_for
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ class WarmPool:
 
 
 def _mount_argv(root: Path, key: str, mountpoint: str) -> list[str]:
-    return ["--root", str(root), "mount", *(f"-o{o}" for o in container_options()), key, mountpoint]
+    return ["--root", str(root), "mount", *(f"-o{o}" for o in options_for(key)), key, mountpoint]
 
 
 def _shown(argv: list[str]) -> list[str]:
@@ -262,7 +263,7 @@ class BindMounts:
         False (nothing mounted) where that cannot be done: then the caller mounts and waits."""
         if not self._direct or self._pool is not None or info.name in self._failed:
             return False
-        plan = mount_plan(sn, info.name, container_options())
+        plan = mount_plan(sn, info.name, options_for(info.name))
         if plan is None:
             return False        # the worker builds the chain's lower tree first, which may fail: wait
         sn.note_mount(info.name)    # (the worker would: it is of this process's namespaces)

@@ -30,8 +30,9 @@ def main(argv: list[str]) -> int:
         return 2
     with spawn_daemon() as daemon:
         from ..errors import FusesnapError
-        from ..snapshots.mounting import container_options, mount_snapshot
+        from ..snapshots.mounting import mount_snapshot
         from ..snapshots.snapshotter import Snapshotter
+        from .unpack import options_for
 
         with Snapshotter(argv[0]) as sn:
             _ = sn.trees                 # what mounting imports (fs.core, the tree cache) loads
@@ -41,7 +42,7 @@ def main(argv: list[str]) -> int:
                 return 0
             try:
                 key, mountpoint = json.loads(line)
-                return mount_snapshot(sn, key, mountpoint, daemon=daemon, options=container_options())
+                return mount_snapshot(sn, key, mountpoint, daemon=daemon, options=options_for(key))
             except FusesnapError as e:
                 print(f"fusesnap: error: {e}", file=sys.stderr)
                 return 1

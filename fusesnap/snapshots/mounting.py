@@ -134,6 +134,27 @@ def daemon_lock(sn: "Snapshotter", sid: int, key: str, active: bool) -> tuple[st
     return (str(lock_path(sn, sid)), not active, busy)
 
 
+# Options of `mount -t fuse3.fusesnap` that describe the snapshot rather than the FUSE mount.
+SNAPSHOT_OPTS = ("root", "snapshot", "upperdir", "workdir", "chain")
+# Generic mount(8) options mount.fuse3 passes along; meaningless for the daemon.
+GENERIC_OPTS = {"rw", "ro", "defaults", "auto", "noauto", "user", "nouser", "users", "_netdev", "nofail"}
+
+
+def split_mount_options(items: Iterable[str]) -> tuple[dict[str, str], list[str]]:
+    """A fuse3.fusesnap mount's options (items may be comma lists): (the snapshot's, by
+    name; the mount's own, generic mount(8) options left out)."""
+    kv: dict[str, str] = {}
+    own: list[str] = []
+    for text in items:
+        for item in text.split(","):
+            key, sep, val = item.partition("=")
+            if key in SNAPSHOT_OPTS and sep:
+                kv[key] = val
+            elif item and item not in GENERIC_OPTS:
+                own.append(item)
+    return kv, own
+
+
 def container_options() -> list[str]:
     """Mount options for a snapshot a container runtime uses: its containers may run
     as users other than the mount's owner, so root asks for allow_other (a plain user

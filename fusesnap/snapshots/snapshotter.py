@@ -40,7 +40,7 @@ from . import changeset
 from .filters import info_adaptor, match_any, parse_filters
 from .idmap import IdMap, translation_for
 from .metadata import Kind, Record, SnapshotDB, format_ns, now_ns, parse_rfc3339_ns
-from .mounting import container_options, mount_snapshot, not_mounted, umount
+from .mounting import container_options, mount_snapshot, not_mounted, split_mount_options, umount
 
 if TYPE_CHECKING:
     from .treecache import TreeCache
@@ -713,11 +713,11 @@ def mount_all(mounts: Iterable["Mount"], target: str | os.PathLike) -> None:
     for m in mounts:
         if m.type != "fuse3.fusesnap":
             raise InvalidInput(f"unsupported mount type {m.type!r}")
-        kv = dict(o.partition("=")[::2] for o in m.options)
+        kv, own = split_mount_options(m.options)
         root, key = kv.get("root"), kv.get("snapshot")
         if not root or not key:
             raise InvalidInput("fusesnap mount lacks root= or snapshot= options")
         with Snapshotter(root) as sn:
-            rc = mount_snapshot(sn, key, target)
+            rc = mount_snapshot(sn, key, target, options=own)
         if rc != 0:
             raise FusesnapError(f"mounting snapshot {key!r} at {target} failed (exit {rc})")

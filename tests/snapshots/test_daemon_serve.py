@@ -296,6 +296,42 @@ def test_bind_mode_mounts_with_and_without_a_mount_server(shared_tmp, server):
             s.stop()
 
 
+@pytest.mark.parametrize("how", ["bind", "bind, started processes", "fuse3"])
+def test_an_unpack_snapshot_is_mounted_with_the_writeback_cache(shared_tmp, how):
+    """A snapshot containerd extracts a layer into (key `NS/ID/extract-...`) is mounted with the
+    kernel's writeback cache, in every way the daemon mounts: a write stays in the kernel
+    until close, and is in the upper after it. A container's snapshot sends each write at once."""
+    env = {"FUSESNAP_MOUNT_SERVER": "0"} if how == "bind, started processes" else {}
+    s = Served(shared_tmp, mounts="fuse3" if how == "fuse3" else "bind", env=env)
+    try:
+        c = s.client
+        for i, (key, cached) in enumerate([("default/7/extract-1234 sha256:" + "a" * 64, True),
+                                           ("default/8/container", False)]):
+            mounts = c.prepare(key)
+            if how == "fuse3":
+                assert ("writeback=1" in mounts[0].options) == cached, mounts
+                mp = shared_tmp / f"mp{i}"
+                mp.mkdir()
+                perform(mounts, mp)
+            else:
+                mp = Path(mounts[0].source)          # the daemon's own mount
+            fd = os.open(mp / f"f{i}", os.O_CREAT | os.O_WRONLY, 0o644)
+            try:
+                os.write(fd, b"x" * 4096)
+                upper, = (s.root / "snapshots").glob(f"*/upper/f{i}")
+                assert upper.stat().st_size == (0 if cached else 4096), key
+            finally:
+                os.close(fd)
+            assert upper.read_bytes() == b"x" * 4096
+            if how == "fuse3":
+                subprocess.run(["umount", str(mp)], check=True)
+            c.remove(key)
+        assert s.stop()[0] == 0
+    finally:
+        if s.proc.poll() is None:
+            s.stop()
+
+
 def _fuse_mount_of(mp: str) -> str | None:
     """The fstype of what is mounted at mp, from the mount table (a stat could wait on it)."""
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
