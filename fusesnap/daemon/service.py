@@ -28,7 +28,7 @@ import grpc
 from google.protobuf.empty_pb2 import Empty
 
 from ..errors import AlreadyExists, InvalidInput
-from ..snapshots.snapshotter import Info, Mount, Snapshotter
+from ..snapshots.snapshotter import Info, Snapshotter
 from . import convert, unpack
 from .bindmounts import BindMounts
 from .errmap import status_of
@@ -149,7 +149,7 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
                 raise AlreadyExists(f"target snapshot {labels[REF_LABEL]!r} already exists as {existing!r}")
         info = sn.create(kind, request.key, request.parent, labels)
         if self.binds is None:
-            return convert.mounts_to_pb(self._fuse3_mounts(sn, request.key))
+            return convert.mounts_to_pb(sn.mounts(request.key, unpack.mount_options(request.key)))
         try:
             mounts = self.binds.ensure(sn, info)
         except BaseException:
@@ -160,18 +160,10 @@ class SnapshotsService(pb_grpc.SnapshotsServicer):
             raise
         return convert.mounts_to_pb(mounts)
 
-    @staticmethod
-    def _fuse3_mounts(sn: Snapshotter, key: str) -> list[Mount]:
-        """The fuse3.fusesnap mount containerd performs, with an unpack's own options (unpack.py)."""
-        mounts = sn.mounts(key)
-        for m in mounts:
-            m.options += unpack.mount_options(key)
-        return mounts
-
     def _mounts(self, key: str) -> list:
         sn = self._sn()
         if self.binds is None:
-            return self._fuse3_mounts(sn, key)
+            return sn.mounts(key, unpack.mount_options(key))
         return self.binds.ensure(sn, sn.mountable(key))   # (the fuse3 mounts are not computed to be dropped)
 
     def _release(self, sn: Snapshotter, key: str) -> None:

@@ -301,11 +301,12 @@ class Snapshotter:
             raise InvalidInput(f"snapshot {key!r} is committed: create a view or an active snapshot to mount it")
         return info
 
-    def mounts(self, key: str) -> list[Mount]:
-        """The mount a client performs for snapshot `key` (see mount_all)."""
+    def mounts(self, key: str, options: Iterable[str] = ()) -> list[Mount]:
+        """The mount a client performs for snapshot `key` (see mount_all); options: the
+        mount's own beyond a container's."""
         info = self.mountable(key)
         rec = self.record(key)
-        opts = ["rw" if info.kind == "active" else "ro", *container_options(), f"root={self.root}",
+        opts = ["rw" if info.kind == "active" else "ro", *container_options(), *options, f"root={self.root}",
                 f"snapshot={key}"]
         if info.kind == "active":
             d = self.snapshot_dir(rec.id)
