@@ -5,7 +5,10 @@ started here under a temp dir (the harness the client tests use,
 tests/clients/containerd_env.py), and an image built offline. Measured, with
 the snapshotters alternating inside each repetition:
 
-- `ctr run --rm IMG true`, whole command (prepare, mount, runc, unmount, remove);
+- `ctr run --rm IMG true`, whole command (prepare, mount, runc, unmount, remove),
+  also through `proxy-floor`: the same daemon answering containers with kernel
+  overlay mounts (proxyfloor.py), which splits fusesnap's extra time into the
+  proxy's and the FUSE mount's;
 - the same with the benchmark's two-layer rootfs as an OCI image (Debian at full
   scale, from the workload cache): `native` copies the whole image at every
   Prepare, which a 2 MB busybox image hides;
@@ -43,8 +46,9 @@ from fusesnap.daemon.client import RemoteSnapshotter, perform  # noqa: E402
 from .runner import log  # noqa: E402
 from .sysutil import mountpoints, unmount, with_mount_servers  # noqa: E402
 
-# fusesnap: `fusesnap serve` (bind mounts, the default); fusesnap-fuse3: `--mounts fuse3`
-SNAPSHOTTERS = ("fusesnap", "fusesnap-fuse3", "overlayfs", "native")
+# fusesnap: `fusesnap serve` (bind mounts, the default); fusesnap-fuse3: `--mounts fuse3`;
+# proxy-floor: the same daemon answering containers with kernel overlay mounts (proxyfloor.py)
+SNAPSHOTTERS = ("fusesnap", "fusesnap-fuse3", "proxy-floor", "overlayfs", "native")
 IMAGE = "docker.io/fusesnap/bench:1"
 ROOTFS_IMAGE = "docker.io/fusesnap/rootfs"       # :latest, the layout's ref name
 ROOTFS_SNAPSHOTTERS = ("fusesnap", "overlayfs", "native")
@@ -89,14 +93,18 @@ class Bench:
         self.pull_mb, self.concurrent_n = SIZES.get(scale, SIZES["full"])
         self.serve = FusesnapServe(base / "store", base / "fusesnap.sock", base / "fusesnap.log")
         self.serve3 = FusesnapServe(base / "store3", base / "fusesnap3.sock", base / "fusesnap3.log", "fuse3")
+        self.floor = FusesnapServe(base / "store-floor", base / "floor.sock", base / "floor.log",
+                                   command=[sys.executable, str(Path(__file__).with_name("proxyfloor.py"))])
         (base / "containerd").mkdir()
         self.ctrd = Containerd(base / "containerd", self.serve.address,
-                               more_snapshotters={"fusesnap-fuse3": self.serve3.address})
+                               more_snapshotters={"fusesnap-fuse3": self.serve3.address,
+                                                  "proxy-floor": self.floor.address})
         self.rows: list[tuple[str, str, str]] = []
 
     def __enter__(self) -> "Bench":
         self.serve.start()
         self.serve3.start()
+        self.floor.start()
         self.ctrd.start()
         return self
 
@@ -106,7 +114,7 @@ class Bench:
                           or m.startswith(f"{self.base}/ov/")), key=len, reverse=True):
             unmount(mp)
         self.ctrd.stop()
-        for serve in (self.serve, self.serve3):
+        for serve in (self.serve, self.serve3, self.floor):
             serve.stop()
             for mp in store_mounts(serve.root):
                 unmount(mp)
@@ -123,18 +131,31 @@ class Bench:
         archive = oci_archive(self.base / "img.tar", IMAGE, base_layers(), self.base)
         for sn in SNAPSHOTTERS:
             self.ctr("images", "import", f"--snapshotter={sn}", str(archive))
+        self._check_floor()
         times = self.run_times(IMAGE, SNAPSHOTTERS, "b")
-        f, f3, o, n = (statistics.median(times[s]) for s in SNAPSHOTTERS)
+        f, f3, p, o, n = (statistics.median(times[s]) for s in SNAPSHOTTERS)
         self.rows.append(("`ctr run --rm IMG true`",
                           ", ".join(f"{s} {_ms(times[s])}" for s in SNAPSHOTTERS),
                           f"fusesnap {f / o:.2f}x overlayfs ({_paired(times, 'fusesnap', 'overlayfs')}), "
                           f"{f / n:.2f}x native; "
-                          f"fusesnap-fuse3 {f3 / o:.2f}x overlayfs"))
+                          f"fusesnap-fuse3 {f3 / o:.2f}x overlayfs; "
+                          f"proxy-floor (no FUSE) {p / o:.2f}x overlayfs ({_paired(times, 'proxy-floor', 'overlayfs')})"))
         if self.rootfs_layout is not None:
             self.rootfs_run()
         self.round_trips()
         self.concurrent()
         self.pull()
+
+    def _check_floor(self) -> None:
+        """The proxy-floor daemon answers a container's snapshot with a kernel overlay."""
+        c = RemoteSnapshotter(self.floor.address)
+        try:
+            kinds = [m.type for m in c.prepare("floor-check")]
+            c.remove("floor-check")
+        finally:
+            c.close()
+        if kinds != ["overlay"]:
+            raise RuntimeError(f"proxy-floor answered a container's snapshot with {kinds}, not an overlay")
 
     def run_times(self, image: str, snapshotters: Sequence[str], tag: str) -> dict[str, list[float]]:
         """`ctr run --rm IMAGE true` --runs times per snapshotter, alternating, each timed run

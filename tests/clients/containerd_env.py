@@ -138,10 +138,11 @@ class FusesnapServe:
     log: Path
     mounts: str = "bind"
     proc: subprocess.Popen | None = None
+    command: list[str] | None = None    # what runs `fusesnap`'s CLI (the console script if None)
 
     def start(self) -> None:
         self.address.unlink(missing_ok=True)
-        self.proc = subprocess.Popen([script("fusesnap"), "--root", str(self.root), "-vv", "serve",
+        self.proc = subprocess.Popen([*(self.command or [script("fusesnap")]), "--root", str(self.root), "-vv", "serve",
                                       "--address", str(self.address), "--mounts", self.mounts],
                                      stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"),
                                      start_new_session=True)
