@@ -6,9 +6,10 @@ tests/clients/containerd_env.py), and an image built offline. Measured, with
 the snapshotters alternating inside each repetition:
 
 - `ctr run --rm IMG true`, whole command (prepare, mount, runc, unmount, remove),
-  also through `proxy-floor`: the same daemon answering containers with kernel
-  overlay mounts (proxyfloor.py), which splits fusesnap's extra time into the
-  proxy's and the FUSE mount's;
+  also through two references (proxyfloor.py): the same daemon answering
+  containers with a kernel overlay (`proxy-floor`: the proxy's own cost) or
+  with a fuse-overlayfs it starts per container (`proxy-fuse-overlayfs`: a C
+  FUSE daemon in fusesnap's place);
 - the same with the benchmark's two-layer rootfs as an OCI image (Debian at full
   scale, from the workload cache): `native` copies the whole image at every
   Prepare, which a 2 MB busybox image hides;
@@ -42,13 +43,16 @@ from containerd_env import (Containerd, FusesnapServe, base_layers, fuse_daemons
                             oci_archive, push_archive, store_mounts)
 from registry import start_registry  # noqa: E402
 from fusesnap.daemon.client import RemoteSnapshotter, perform  # noqa: E402
+from fusesnap.linux import mountinfo  # noqa: E402
 
 from .runner import log  # noqa: E402
 from .sysutil import mountpoints, unmount, with_mount_servers  # noqa: E402
 
 # fusesnap: `fusesnap serve` (bind mounts, the default); fusesnap-fuse3: `--mounts fuse3`;
-# proxy-floor: the same daemon answering containers with kernel overlay mounts (proxyfloor.py)
-SNAPSHOTTERS = ("fusesnap", "fusesnap-fuse3", "proxy-floor", "overlayfs", "native")
+# proxy-floor, proxy-fuse-overlayfs: the same daemon answering containers with a kernel overlay,
+# or with a bind of a fuse-overlayfs it starts per container (proxyfloor.py)
+SNAPSHOTTERS = ("fusesnap", "fusesnap-fuse3", "proxy-floor", "proxy-fuse-overlayfs", "overlayfs", "native")
+FLOORS = {"proxy-floor": "overlay", "proxy-fuse-overlayfs": "fuse-overlayfs"}
 IMAGE = "docker.io/fusesnap/bench:1"
 ROOTFS_IMAGE = "docker.io/fusesnap/rootfs"       # :latest, the layout's ref name
 ROOTFS_SNAPSHOTTERS = ("fusesnap", "overlayfs", "native")
@@ -93,18 +97,21 @@ class Bench:
         self.pull_mb, self.concurrent_n = SIZES.get(scale, SIZES["full"])
         self.serve = FusesnapServe(base / "store", base / "fusesnap.sock", base / "fusesnap.log")
         self.serve3 = FusesnapServe(base / "store3", base / "fusesnap3.sock", base / "fusesnap3.log", "fuse3")
-        self.floor = FusesnapServe(base / "store-floor", base / "floor.sock", base / "floor.log",
-                                   command=[sys.executable, str(Path(__file__).with_name("proxyfloor.py"))])
+        floor = str(Path(__file__).with_name("proxyfloor.py"))
+        self.floors = {sn: FusesnapServe(base / f"store-{sn}", base / f"{sn}.sock", base / f"{sn}.log",
+                                         command=[sys.executable, floor, how])
+                       for sn, how in FLOORS.items()}
         (base / "containerd").mkdir()
         self.ctrd = Containerd(base / "containerd", self.serve.address,
                                more_snapshotters={"fusesnap-fuse3": self.serve3.address,
-                                                  "proxy-floor": self.floor.address})
+                                                  **{sn: f.address for sn, f in self.floors.items()}})
         self.rows: list[tuple[str, str, str]] = []
 
     def __enter__(self) -> "Bench":
         self.serve.start()
         self.serve3.start()
-        self.floor.start()
+        for f in self.floors.values():
+            f.start()
         self.ctrd.start()
         return self
 
@@ -114,7 +121,7 @@ class Bench:
                           or m.startswith(f"{self.base}/ov/")), key=len, reverse=True):
             unmount(mp)
         self.ctrd.stop()
-        for serve in (self.serve, self.serve3, self.floor):
+        for serve in (self.serve, self.serve3, *self.floors.values()):
             serve.stop()
             for mp in store_mounts(serve.root):
                 unmount(mp)
@@ -131,31 +138,40 @@ class Bench:
         archive = oci_archive(self.base / "img.tar", IMAGE, base_layers(), self.base)
         for sn in SNAPSHOTTERS:
             self.ctr("images", "import", f"--snapshotter={sn}", str(archive))
-        self._check_floor()
+        self._check_floors()
         times = self.run_times(IMAGE, SNAPSHOTTERS, "b")
-        f, f3, p, o, n = (statistics.median(times[s]) for s in SNAPSHOTTERS)
+        f, f3, p, pf, o, n = (statistics.median(times[s]) for s in SNAPSHOTTERS)
         self.rows.append(("`ctr run --rm IMG true`",
                           ", ".join(f"{s} {_ms(times[s])}" for s in SNAPSHOTTERS),
                           f"fusesnap {f / o:.2f}x overlayfs ({_paired(times, 'fusesnap', 'overlayfs')}), "
                           f"{f / n:.2f}x native; "
                           f"fusesnap-fuse3 {f3 / o:.2f}x overlayfs; "
-                          f"proxy-floor (no FUSE) {p / o:.2f}x overlayfs ({_paired(times, 'proxy-floor', 'overlayfs')})"))
+                          f"proxy-floor (no FUSE) {p / o:.2f}x overlayfs ({_paired(times, 'proxy-floor', 'overlayfs')}); "
+                          f"proxy-fuse-overlayfs {pf / o:.2f}x overlayfs "
+                          f"({_paired(times, 'proxy-fuse-overlayfs', 'overlayfs')})"))
         if self.rootfs_layout is not None:
             self.rootfs_run()
         self.round_trips()
         self.concurrent()
         self.pull()
 
-    def _check_floor(self) -> None:
-        """The proxy-floor daemon answers a container's snapshot with a kernel overlay."""
-        c = RemoteSnapshotter(self.floor.address)
-        try:
-            kinds = [m.type for m in c.prepare("floor-check")]
-            c.remove("floor-check")
-        finally:
-            c.close()
-        if kinds != ["overlay"]:
-            raise RuntimeError(f"proxy-floor answered a container's snapshot with {kinds}, not an overlay")
+    def _check_floors(self) -> None:
+        """Each reference daemon answers a container's snapshot (on the imported image) with
+        the mount it stands for: a kernel overlay, or a bind of a fuse-overlayfs mount."""
+        for sn, how in FLOORS.items():
+            c = RemoteSnapshotter(self.floors[sn].address)
+            try:
+                parent = next(i.name for i in c.list("kind==committed"))
+                got = c.prepare("floor-check", parent)
+                fstype = next((m.fstype for m in mountinfo.mounts()
+                               if os.fsdecode(m.mountpoint) == got[0].source), None)
+                c.remove("floor-check")
+            finally:
+                c.close()
+            want = ("overlay", None) if how == "overlay" else ("bind", "fuse.fuse-overlayfs")
+            if (got[0].type, fstype) != want:
+                raise RuntimeError(f"{sn} answered a container's snapshot with {got[0].type} "
+                                   f"of {fstype}, not {want}")
 
     def run_times(self, image: str, snapshotters: Sequence[str], tag: str) -> dict[str, list[float]]:
         """`ctr run --rm IMAGE true` --runs times per snapshotter, alternating, each timed run

@@ -23,10 +23,10 @@ def test_containerd_rows(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     rows = {line.split("|")[1].strip(): line for line in p.stdout.splitlines() if line.startswith("| ")}
     run = rows["`ctr run --rm IMG true`"]
-    for sn in ("fusesnap", "fusesnap-fuse3", "proxy-floor", "overlayfs", "native"):
+    for sn in ("fusesnap", "fusesnap-fuse3", "proxy-floor", "proxy-fuse-overlayfs", "overlayfs", "native"):
         assert f"{sn} " in run and " ms" in run
     assert "x overlayfs (paired " in run and "IQR " in run
-    assert "proxy-floor (no FUSE) " in run
+    assert "proxy-floor (no FUSE) " in run and "proxy-fuse-overlayfs " in run
     image = next(v for k, v in rows.items() if k.startswith("`ctr run --rm` of the rootfs image"))
     assert all(f"{sn} " in image for sn in ("fusesnap", "overlayfs", "native")) and "x native" in image
     for row in ("fuse3 mounts, back to back", "bind mounts, back to back", "bind mounts, 0.4 s apart"):
