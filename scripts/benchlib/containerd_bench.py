@@ -121,6 +121,11 @@ class Bench:
                           or m.startswith(f"{self.base}/ov/")), key=len, reverse=True):
             unmount(mp)
         self.ctrd.stop()
+        # the fuse-overlayfs mounts a reference made (named by no store; the containers that
+        # would have had them removed are gone)
+        left = tuple(f"{f.address}.mounts/" for f in self.floors.values())
+        for mp in (m for m in mountpoints() if m.startswith(left)):
+            unmount(mp)
         for serve in (self.serve, self.serve3, *self.floors.values()):
             serve.stop()
             for mp in store_mounts(serve.root):
@@ -146,7 +151,8 @@ class Bench:
                           f"fusesnap {f / o:.2f}x overlayfs ({_paired(times, 'fusesnap', 'overlayfs')}), "
                           f"{f / n:.2f}x native; "
                           f"fusesnap-fuse3 {f3 / o:.2f}x overlayfs; "
-                          f"proxy-floor (no FUSE) {p / o:.2f}x overlayfs ({_paired(times, 'proxy-floor', 'overlayfs')}); "
+                          f"proxy-floor (no FUSE) {p / o:.2f}x overlayfs "
+                          f"({_paired(times, 'proxy-floor', 'overlayfs')}); "
                           f"proxy-fuse-overlayfs {pf / o:.2f}x overlayfs "
                           f"({_paired(times, 'proxy-fuse-overlayfs', 'overlayfs')})"))
         if self.rootfs_layout is not None:
