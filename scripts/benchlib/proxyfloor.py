@@ -39,7 +39,7 @@ Mounter = Callable[[service.SnapshotsService, Snapshotter, str], list[Mount]]
 
 
 def _container(sn: Snapshotter, key: str) -> bool:
-    return not unpack.mount_options(key) and sn.stat(key).kind == "active"
+    return not unpack.is_unpack_key(key) and sn.stat(key).kind == "active"
 
 
 def _overlay_options(sn: Snapshotter, key: str) -> list[str]:
@@ -73,7 +73,7 @@ def install(mounter: Mounter) -> None:
     """Mount containers' snapshots with `mounter` in this process's daemon."""
     def create(self: service.SnapshotsService, kind: str, request: object) -> list:
         key = request.key    # type: ignore[attr-defined]
-        if kind != "active" or unpack.mount_options(key):
+        if kind != "active" or unpack.is_unpack_key(key):
             return _create(self, kind, request)
         sn = self._sn()
         sn.create("active", key, request.parent, dict(request.labels))    # type: ignore[attr-defined]
